@@ -1,0 +1,27 @@
+# The two commands of the README: 'make demo' and 'make test'.
+# Both install their dependencies first (Debian/Ubuntu, as root).
+
+GO ?= go
+# Static: the same binary runs on the host and as /init inside test VMs.
+export CGO_ENABLED = 0
+
+.PHONY: deps build demo test fuzz
+
+deps:
+	./scripts/install-deps.sh
+
+build:
+	$(GO) build -o bin/stitch ./cmd/stitch
+
+demo: deps build
+	./bin/stitch demo
+
+# Unit, integration and VM tests, then each fuzz target for a short time.
+test: deps
+	$(GO) vet ./...
+	$(GO) test -count=1 -timeout 80m ./...
+	$(MAKE) fuzz
+
+FUZZTIME ?= 20s
+fuzz:
+	./scripts/fuzz.sh $(FUZZTIME)

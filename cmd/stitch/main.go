@@ -1,0 +1,102 @@
+// Command stitch builds, verifies, applies and distributes live patches
+// for running Linux kernels. It only parses flags and calls the packages
+// under internal/; see README.md for the commands and their exit codes.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"sort"
+	"syscall"
+
+	"github.com/stitchpatch/stitch/internal/vm"
+)
+
+// command is one subcommand. run gets the arguments after the command's name.
+type command struct {
+	name    string
+	summary string
+	hidden  bool // internal plumbing, not listed in help
+	run     func(ctx context.Context, st *stdio, args []string) error
+}
+
+// stdio carries the process's streams so commands never reach for globals.
+type stdio struct {
+	out, err io.Writer
+	log      *slog.Logger
+}
+
+func commands() []command {
+	return []command{
+		{name: "vm", summary: "boot a kernel under QEMU and run a command in it", run: runVM},
+		{name: "apply", summary: "load a livepatch module and follow its transition", run: runApply},
+		{name: "revert", summary: "disable a livepatch, follow the reverse transition, unload it", run: runRevert},
+		{name: "status", summary: "show the kernel's livepatch state", run: runStatus},
+		{name: "list", summary: "same as status", run: runStatus, hidden: true},
+		{name: "demo", summary: "patch a real kernel live in a VM, then restore it", run: runDemo},
+		{name: "demo-guest", summary: "the guest side of demo", run: runDemoGuest, hidden: true},
+	}
+}
+
+func main() {
+	// Inside a stitch VM this binary is the guest's /init.
+	if os.Getpid() == 1 {
+		vm.GuestInit()
+		return
+	}
+	os.Exit(run(os.Args[1:]))
+}
+
+func run(args []string) int {
+	st := &stdio{out: os.Stdout, err: os.Stderr}
+	st.log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		usage(st.err)
+		if len(args) == 0 {
+			return exitUsage
+		}
+		return exitOK
+	}
+	for _, c := range commands() {
+		if c.name != args[0] {
+			continue
+		}
+		err := c.run(ctx, st, args[1:])
+		if err == nil {
+			return exitOK
+		}
+		if errors.Is(err, flag.ErrHelp) {
+			return exitOK
+		}
+		code := exitCode(err)
+		var silent silentExit
+		if !errors.As(err, &silent) {
+			fmt.Fprintf(st.err, "stitch %s: %v\n", c.name, err)
+		}
+		return code
+	}
+	fmt.Fprintf(st.err, "stitch: unknown command %q (run 'stitch help' for the list)\n", args[0])
+	return exitUsage
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintln(w, "usage: stitch COMMAND [flags] [args]\n\ncommands:")
+	cs := commands()
+	sort.Slice(cs, func(i, j int) bool { return cs[i].name < cs[j].name })
+	for _, c := range cs {
+		if !c.hidden {
+			fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
+		}
+	}
+	fmt.Fprintln(w, "\nRun 'stitch COMMAND -h' for a command's flags. Exit codes are listed in README.md.")
+}

@@ -1,0 +1,3 @@
+module github.com/stitchpatch/stitch
+
+go 1.24
