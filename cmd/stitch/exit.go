@@ -1,0 +1,72 @@
+package main
+
+import (
+	"errors"
+	"flag"
+
+	"github.com/stitchpatch/stitch/internal/kmod"
+	"github.com/stitchpatch/stitch/internal/livepatch"
+	"github.com/stitchpatch/stitch/internal/vm"
+)
+
+// Exit codes, documented in README.md. `stitch vm` exits with the guest
+// command's own status, or exitVMTimeout / exitVMFailed.
+const (
+	exitOK          = 0
+	exitFailed      = 1 // the operation failed (the kernel refused, I/O error, ...)
+	exitUsage       = 2 // bad input: flags, arguments, a file that is not what it should be
+	exitUnsupported = 3 // this system can't do it: no livepatch in the kernel, not root
+	exitBusy        = 4 // another livepatch transition is in progress
+	exitRolledBack  = 5 // the transition timed out and was rolled back
+	exitVMTimeout   = 124
+	exitVMFailed    = 125
+)
+
+// usageError marks bad command-line input.
+type usageError struct{ err error }
+
+func (u usageError) Error() string { return u.err.Error() }
+func (u usageError) Unwrap() error { return u.err }
+
+// silentExit carries an exit code whose reason was already printed.
+type silentExit struct{ code int }
+
+func (s silentExit) Error() string { return "exit status" }
+
+func exitCode(err error) int {
+	var silent silentExit
+	var usage usageError
+	switch {
+	case errors.As(err, &silent):
+		return silent.code
+	case errors.As(err, &usage), errors.Is(err, flag.ErrHelp):
+		return exitUsage
+	case errors.Is(err, livepatch.ErrTimeout):
+		return exitRolledBack
+	case errors.Is(err, livepatch.ErrBusy):
+		return exitBusy
+	case errors.Is(err, livepatch.ErrNotRoot), errors.Is(err, livepatch.ErrUnsupported):
+		return exitUnsupported
+	case isBadInput(err):
+		return exitUsage
+	case errors.Is(err, vm.ErrTimeout):
+		return exitVMTimeout
+	case errors.Is(err, vm.ErrNoExit), errors.Is(err, vm.ErrSetup):
+		return exitVMFailed
+	}
+	return exitFailed
+}
+
+// isBadInput tells the errors that mean the caller gave us something
+// unusable.
+func isBadInput(err error) bool {
+	for _, e := range []error{
+		kmod.ErrNotELF, kmod.ErrNotModule, kmod.ErrNotLivepatch, kmod.ErrVermagic,
+		livepatch.ErrUnknownPatch, livepatch.ErrAlreadyLoaded,
+	} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,190 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/stitchpatch/stitch/internal/livepatch"
+)
+
+func newFlagSet(st *stdio, name, args, about string) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(st.err)
+	fs.Usage = func() {
+		fmt.Fprintf(st.err, "usage: stitch %s [flags] %s\n\n%s\n\nflags:\n", name, args, about)
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
+// parseArgs parses flags and insists on exactly n positional arguments.
+func parseArgs(fs *flag.FlagSet, args []string, n int) error {
+	if err := fs.Parse(args); err != nil {
+		return usageError{err}
+	}
+	if fs.NArg() != n {
+		fs.Usage()
+		return usageError{fmt.Errorf("want %d argument(s), got %d", n, fs.NArg())}
+	}
+	return nil
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// progressPrinter prints one line per progress step to w.
+func progressPrinter(w io.Writer) func(livepatch.Progress) {
+	return func(p livepatch.Progress) {
+		line := fmt.Sprintf("%s: %-10s %6.1fs", p.Patch, p.Phase, p.Elapsed.Seconds())
+		if p.Pending > 0 {
+			line += fmt.Sprintf("  %d task(s) not yet switched", p.Pending)
+		}
+		fmt.Fprintln(w, line)
+	}
+}
+
+// applyReport is what apply and revert print with --json.
+type applyReport struct {
+	Patch    string                     `json:"patch"`
+	Action   string                     `json:"action"`
+	OK       bool                       `json:"ok"`
+	Error    string                     `json:"error,omitempty"`
+	Stalled  *livepatch.TransitionError `json:"stalled,omitempty"`
+	Progress []livepatch.Progress       `json:"progress"`
+	State    *livepatch.Patch           `json:"state,omitempty"`
+	Elapsed  time.Duration              `json:"elapsed_ns"`
+}
+
+func runApply(ctx context.Context, st *stdio, args []string) error {
+	fs := newFlagSet(st, "apply", "FILE.ko", "Loads a livepatch module and follows its transition; rolls back if it does not finish in time.")
+	var opts livepatch.ApplyOptions
+	jsonOut := fs.Bool("json", false, "print a JSON report")
+	fs.DurationVar(&opts.Timeout, "timeout", 60*time.Second, "roll back if the transition has not finished after this long")
+	fs.BoolVar(&opts.Force, "force", false, "DANGEROUS: on timeout, force the transition instead of rolling back; the module can then never be unloaded")
+	if err := parseArgs(fs, args, 1); err != nil {
+		return err
+	}
+	path := fs.Arg(0)
+	if _, err := os.Stat(path); err != nil {
+		return usageError{fmt.Errorf("%s: %w", path, errors.Unwrap(err))}
+	}
+	if opts.Force {
+		fmt.Fprintln(st.err, "WARNING: --force skips livepatch's consistency check for stalled tasks; the module can never be unloaded afterwards")
+	}
+	k := &livepatch.Kernel{Logger: st.log}
+	return runTransition(st, "apply", *jsonOut, &opts, func() (string, error) {
+		m, err := k.Apply(ctx, path, opts)
+		if m != nil {
+			return m.Name, err
+		}
+		return "", err
+	}, k)
+}
+
+func runRevert(ctx context.Context, st *stdio, args []string) error {
+	fs := newFlagSet(st, "revert", "NAME", "Disables a livepatch, follows the reverse transition, and unloads its module.")
+	var opts livepatch.ApplyOptions
+	jsonOut := fs.Bool("json", false, "print a JSON report")
+	fs.DurationVar(&opts.Timeout, "timeout", 60*time.Second, "give up waiting for the reverse transition after this long")
+	if err := parseArgs(fs, args, 1); err != nil {
+		return err
+	}
+	name := fs.Arg(0)
+	k := &livepatch.Kernel{Logger: st.log}
+	return runTransition(st, "revert", *jsonOut, &opts, func() (string, error) {
+		return name, k.Revert(ctx, name, opts)
+	}, k)
+}
+
+// runTransition runs apply or revert, streaming progress to stderr (or
+// collecting it for --json), and prints the outcome.
+func runTransition(st *stdio, action string, jsonOut bool, opts *livepatch.ApplyOptions, do func() (string, error), k *livepatch.Kernel) error {
+	rep := applyReport{Action: action, Progress: []livepatch.Progress{}}
+	print := progressPrinter(st.err)
+	opts.Progress = func(p livepatch.Progress) {
+		rep.Progress = append(rep.Progress, p)
+		if !jsonOut {
+			print(p)
+		}
+	}
+	start := time.Now()
+	name, err := do()
+	rep.Patch, rep.Elapsed, rep.OK = name, time.Since(start), err == nil
+	if err != nil {
+		rep.Error = err.Error()
+		errors.As(err, &rep.Stalled)
+	} else if action == "apply" {
+		rep.State, _ = k.Patch(name)
+	}
+	if jsonOut {
+		if perr := printJSON(st.out, rep); perr != nil {
+			return perr
+		}
+		if err != nil {
+			return silentExit{code: exitCode(err)}
+		}
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	verb := map[string]string{"apply": "applied", "revert": "reverted"}[action]
+	fmt.Fprintf(st.out, "%s %s in %.1fs\n", verb, name, rep.Elapsed.Seconds())
+	return nil
+}
+
+func runStatus(ctx context.Context, st *stdio, args []string) error {
+	fs := newFlagSet(st, "status", "", "Shows the kernel release, livepatch support, loaded patches and taint.")
+	jsonOut := fs.Bool("json", false, "print JSON")
+	if err := parseArgs(fs, args, 0); err != nil {
+		return err
+	}
+	k := &livepatch.Kernel{Logger: st.log}
+	s, err := k.Status()
+	if err != nil {
+		return err
+	}
+	if *jsonOut {
+		return printJSON(st.out, s)
+	}
+	w := st.out
+	fmt.Fprintf(w, "kernel:    %s\n", s.Release)
+	fmt.Fprintf(w, "livepatch: %s\n", map[bool]string{true: "supported", false: "NOT supported (no /sys/kernel/livepatch)"}[s.Livepatch])
+	fmt.Fprintf(w, "taint:     %d %s\n", s.Taint.Value, s.Taint)
+	for _, f := range s.Taint.Flags {
+		if f.Relevant {
+			fmt.Fprintf(w, "           %s: %s\n", f.Letter, f.Means)
+		}
+	}
+	if len(s.Patches) == 0 {
+		fmt.Fprintln(w, "patches:   none")
+	}
+	for _, p := range s.Patches {
+		state := "disabled"
+		if p.Enabled {
+			state = "enabled"
+		}
+		if p.Transition {
+			state += ", in transition"
+		}
+		fmt.Fprintf(w, "patch %s: %s\n", p.Name, state)
+		for _, o := range p.Objects {
+			var fns []string
+			for _, f := range o.Functions {
+				fns = append(fns, fmt.Sprintf("%s,%d", f.Name, f.Sympos))
+			}
+			fmt.Fprintf(w, "  %s (%s): %s\n", o.Name, map[bool]string{true: "patched", false: "not loaded"}[o.Patched], strings.Join(fns, " "))
+		}
+	}
+	return nil
+}

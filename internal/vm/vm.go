@@ -1,0 +1,350 @@
+// Package vm boots a Linux kernel under QEMU with an initramfs that Stitch
+// builds itself, runs one command in the guest, and returns what it
+// printed and its exit status. The stitch binary is the guest's /init and
+// is on the guest's PATH; kernel messages arrive on the first serial port
+// and the command's output on the second, so the two never mix.
+package vm
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"debug/elf"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// DefaultKernel is the distro kernel Stitch is tested on.
+const DefaultKernel = "/boot/vmlinuz-6.1.0-54-amd64"
+
+// Errors a caller can test for with errors.Is.
+var (
+	// ErrTimeout means the guest did not finish in time; QEMU was killed.
+	ErrTimeout = errors.New("vm timed out")
+	// ErrNoExit means the guest stopped without reporting an exit status
+	// (for example a kernel panic).
+	ErrNoExit = errors.New("guest stopped without reporting an exit status")
+	// ErrSetup means the VM could not be started: missing QEMU, kernel or
+	// a file to add.
+	ErrSetup = errors.New("vm setup")
+)
+
+// File is a host file to place in the guest.
+type File struct {
+	Src string // path on the host
+	Dst string // absolute path in the guest
+}
+
+// Options describe one VM run. Zero values pick the defaults.
+type Options struct {
+	Kernel  string        // kernel image; DefaultKernel if empty
+	Init    string        // static stitch binary for /init; the running executable if empty
+	Files   []File        // extra files for the guest
+	Args    []string      // the command to run in the guest
+	Env     []string      // extra environment for the command
+	UID     int           // user id the command runs as (0: root)
+	Append  string        // extra kernel command line
+	Memory  int           // MiB; 512 if zero
+	CPUs    int           // 2 if zero
+	Timeout time.Duration // 5 minutes if zero
+	QEMU    string        // emulator binary; qemu-system-x86_64 if empty
+
+	Output  io.Writer // receives the command's output as it arrives
+	Console io.Writer // receives the kernel console as it arrives
+	Logger  *slog.Logger
+}
+
+// Result is what a finished guest reported.
+type Result struct {
+	ExitCode int           `json:"exit_code"`
+	Output   string        `json:"output"`  // the command's stdout and stderr
+	Console  string        `json:"console"` // kernel messages
+	Duration time.Duration `json:"duration_ns"`
+	Accel    string        `json:"accel"` // kvm or tcg
+}
+
+// Run boots the VM, waits for the command to finish, and always stops
+// QEMU before returning. A non-zero exit status of the command is not an
+// error: it is in Result.ExitCode.
+func Run(ctx context.Context, opts Options) (*Result, error) {
+	opts = withDefaults(opts)
+	if len(opts.Args) == 0 {
+		return nil, fmt.Errorf("%w: no command to run in the guest", ErrSetup)
+	}
+	if _, err := os.Stat(opts.Kernel); err != nil {
+		return nil, fmt.Errorf("%w: kernel %s: %v (install linux-image-6.1.0-54-amd64 or pass --kernel)", ErrSetup, opts.Kernel, err)
+	}
+	qemu, err := exec.LookPath(opts.QEMU)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s not found (apt-get install qemu-system-x86)", ErrSetup, opts.QEMU)
+	}
+	if err := checkStatic(opts.Init); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrSetup, err)
+	}
+
+	dir, err := os.MkdirTemp("", "stitch-vm-")
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrSetup, err)
+	}
+	defer os.RemoveAll(dir)
+
+	initrd := filepath.Join(dir, "initramfs.cpio")
+	if err := writeInitramfs(initrd, opts); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrSetup, err)
+	}
+	sock := filepath.Join(dir, "output.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrSetup, err)
+	}
+	defer ln.Close()
+
+	accel := "tcg"
+	if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err == nil {
+		f.Close()
+		accel = "kvm"
+	}
+	args := []string{
+		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+		"-accel", accel,
+		"-m", strconv.Itoa(opts.Memory), "-smp", strconv.Itoa(opts.CPUs),
+		"-kernel", opts.Kernel, "-initrd", initrd,
+		"-append", strings.TrimSpace("console=ttyS0 quiet panic=-1 " + opts.Append),
+		"-serial", "stdio",
+		"-chardev", "socket,id=out,path=" + sock,
+		"-serial", "chardev:out",
+	}
+	if accel == "kvm" {
+		args = append(args, "-cpu", "host")
+	}
+
+	ctx, cancel := context.WithTimeout(ctx, opts.Timeout)
+	defer cancel()
+	cmd := exec.Command(qemu, args...)
+	console, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrSetup, err)
+	}
+	var qemuErr bytes.Buffer
+	cmd.Stderr = &qemuErr
+	opts.Logger.Debug("starting qemu", "args", args)
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("%w: start %s: %v", ErrSetup, qemu, err)
+	}
+	// Whatever happens below, QEMU does not outlive Run.
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	defer func() {
+		cmd.Process.Kill()
+		<-exited
+	}()
+
+	var consoleBuf, outBuf syncBuffer
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		copyLines(io.MultiWriter(&consoleBuf, opts.Console), console)
+	}()
+	go func() {
+		defer wg.Done()
+		conn, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		go func() { <-ctx.Done(); conn.Close() }()
+		copyLines(io.MultiWriter(&outBuf, &markerFilter{out: opts.Output}), conn)
+	}()
+
+	var waitErr error
+	select {
+	case waitErr = <-exited:
+		exited <- waitErr // for the deferred kill
+	case <-ctx.Done():
+	}
+	ln.Close()
+	cmd.Process.Kill()
+	wg.Wait()
+
+	res := &Result{Console: consoleBuf.String(), Duration: time.Since(start), Accel: accel}
+	output, code, ok := splitExit(outBuf.String())
+	res.Output = output
+	res.ExitCode = code
+	switch {
+	case ok:
+		return res, nil
+	case ctx.Err() != nil:
+		return res, fmt.Errorf("%w after %s (the guest's last console lines:\n%s)", ErrTimeout, opts.Timeout, tail(res.Console, 15))
+	default:
+		return res, fmt.Errorf("%w: qemu: %v %s; last console lines:\n%s", ErrNoExit, waitErr, strings.TrimSpace(qemuErr.String()), tail(res.Console, 15))
+	}
+}
+
+func withDefaults(o Options) Options {
+	if o.Kernel == "" {
+		o.Kernel = DefaultKernel
+	}
+	if o.Init == "" {
+		if exe, err := os.Executable(); err == nil {
+			o.Init = exe
+		}
+	}
+	if o.Memory == 0 {
+		o.Memory = 512
+	}
+	if o.CPUs == 0 {
+		o.CPUs = 2
+	}
+	if o.Timeout == 0 {
+		o.Timeout = 5 * time.Minute
+	}
+	if o.QEMU == "" {
+		o.QEMU = "qemu-system-x86_64"
+	}
+	if o.Output == nil {
+		o.Output = io.Discard
+	}
+	if o.Console == nil {
+		o.Console = io.Discard
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	return o
+}
+
+// checkStatic refuses an init binary that needs a dynamic loader: the
+// initramfs has no libc.
+func checkStatic(path string) error {
+	f, err := elf.Open(path)
+	if err != nil {
+		return fmt.Errorf("init binary %s: %v", path, err)
+	}
+	defer f.Close()
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP {
+			return fmt.Errorf("init binary %s is dynamically linked; build it with CGO_ENABLED=0", path)
+		}
+	}
+	return nil
+}
+
+func writeInitramfs(path string, opts Options) error {
+	r := NewInitramfs()
+	for _, d := range []string{"/proc", "/sys", "/dev", "/tmp", "/etc"} {
+		if err := r.AddDir(d); err != nil {
+			return err
+		}
+	}
+	if err := r.AddCharDev("/dev/console", 5, 1, 0o600); err != nil {
+		return err
+	}
+	if err := r.AddFile(guestBinPath, opts.Init, 0o755); err != nil {
+		return err
+	}
+	if err := r.AddSymlink("/init", guestBinPath); err != nil {
+		return err
+	}
+	cfg, err := json.Marshal(guestConfig{Args: opts.Args, Env: opts.Env, UID: opts.UID})
+	if err != nil {
+		return err
+	}
+	if err := r.AddData(guestConfigPath, cfg, 0o644); err != nil {
+		return err
+	}
+	for _, f := range opts.Files {
+		if err := r.AddFile(f.Dst, f.Src, 0o755); err != nil {
+			return err
+		}
+	}
+	out, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := r.WriteTo(out); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
+}
+
+// copyLines copies r to w a line at a time, dropping the carriage returns
+// the guest's tty adds, so callers see output as it arrives.
+func copyLines(w io.Writer, r io.Reader) {
+	br := bufio.NewReader(r)
+	for {
+		line, err := br.ReadBytes('\n')
+		if len(line) > 0 {
+			line = bytes.ReplaceAll(line, []byte("\r\n"), []byte("\n"))
+			line = bytes.TrimSuffix(line, []byte("\r"))
+			w.Write(line)
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// markerFilter passes the command's output through but holds back the
+// exit marker line, which is for the host only.
+type markerFilter struct{ out io.Writer }
+
+func (m *markerFilter) Write(p []byte) (int, error) {
+	if bytes.HasPrefix(p, []byte(exitMarker)) {
+		return len(p), nil
+	}
+	return m.out.Write(p)
+}
+
+// splitExit finds the exit marker in the raw output.
+func splitExit(raw string) (output string, code int, ok bool) {
+	i := strings.LastIndex(raw, "\n"+exitMarker)
+	if i < 0 {
+		return raw, -1, false
+	}
+	rest := strings.TrimSpace(raw[i+1+len(exitMarker):])
+	code, err := strconv.Atoi(rest)
+	if err != nil {
+		return raw, -1, false
+	}
+	return raw[:i], code, true
+}
+
+func tail(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// syncBuffer is a bytes.Buffer safe for one writer and a later reader.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
