@@ -1,0 +1,298 @@
+package livepatch_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/stitchpatch/stitch/internal/livepatch"
+	"github.com/stitchpatch/stitch/internal/testutils"
+	"github.com/stitchpatch/stitch/internal/vm"
+)
+
+// TestVM builds the test modules with kbuild on the host, then boots the
+// real kernel and runs the TestGuest* tests below inside it.
+func TestVM(t *testing.T) {
+	testutils.RequireVM(t)
+	kos := testutils.BuildModules(t, "testdata/modules", "lp_cmdline", "stall_helper", "lp_stall", "plain_mod")
+	dir := t.TempDir()
+	good, err := os.ReadFile(kos["lp_cmdline"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Bad inputs made from a good module.
+	bad := map[string][]byte{
+		"truncated.ko": good[:len(good)/2],
+		"notelf.ko":    []byte("this is not a kernel module\n"),
+		"vermagic.ko":  bytes.ReplaceAll(good, []byte("vermagic="+testutils.Release), []byte("vermagic=6.1.0-99-amd64")),
+	}
+	if bytes.Equal(bad["vermagic.ko"], good) {
+		t.Fatal("vermagic not found in lp_cmdline.ko")
+	}
+	var files []vm.File
+	for name, data := range bad {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		files = append(files, vm.File{Src: p, Dst: "/" + name})
+	}
+	for name, ko := range kos {
+		files = append(files, vm.File{Src: ko, Dst: "/" + name + ".ko"})
+	}
+	testutils.RunGuestTests(t, "^TestGuest", files...)
+}
+
+// stitch runs the stitch CLI in the guest and returns its exit code, its
+// standard output, and its standard error.
+func stitch(t *testing.T, uid int, args ...string) (int, string, string) {
+	t.Helper()
+	cmd := exec.Command("stitch", args...)
+	if uid != 0 {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid)}}
+	}
+	var stdout, stderr strings.Builder
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	var exitErr *exec.ExitError
+	if err != nil && !errors.As(err, &exitErr) {
+		t.Errorf("run stitch %v: %v", args, err)
+		return -1, "", ""
+	}
+	t.Logf("$ stitch %s\n%s%s", strings.Join(args, " "), stdout.String(), stderr.String())
+	return cmd.ProcessState.ExitCode(), stdout.String(), stderr.String()
+}
+
+func cmdline(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// snapshot is the kernel state a refused command must leave untouched.
+func snapshot(t *testing.T) string {
+	t.Helper()
+	mods, err := os.ReadFile("/proc/modules")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, l := range strings.Split(string(mods), "\n") {
+		if f := strings.Fields(l); len(f) > 0 {
+			names = append(names, f[0])
+		}
+	}
+	patches, _ := os.ReadDir("/sys/kernel/livepatch")
+	for _, p := range patches {
+		names = append(names, "patch:"+p.Name())
+	}
+	return strings.Join(names, " ") + " | " + cmdline(t)
+}
+
+func TestGuestApplyStatusRevert(t *testing.T) {
+	testutils.RequireGuest(t)
+	before := cmdline(t)
+
+	code, out, _ := stitch(t, 0, "apply", "--json", "/lp_cmdline.ko")
+	if code != 0 {
+		t.Fatalf("apply: exit %d", code)
+	}
+	var rep struct {
+		OK       bool
+		Patch    string
+		Progress []livepatch.Progress
+	}
+	if err := json.Unmarshal([]byte(out), &rep); err != nil || !rep.OK || rep.Patch != "lp_cmdline" {
+		t.Fatalf("apply report: %v %+v", err, rep)
+	}
+	if got := cmdline(t); got != "stitch-test: cmdline patched\n" {
+		t.Fatalf("/proc/cmdline after apply = %q", got)
+	}
+
+	code, out, _ = stitch(t, 0, "status", "--json")
+	if code != 0 {
+		t.Fatalf("status: exit %d", code)
+	}
+	var st livepatch.Status
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatal(err)
+	}
+	if !st.Livepatch || st.Release != testutils.Release || len(st.Patches) != 1 {
+		t.Fatalf("status: %+v", st)
+	}
+	p := st.Patches[0]
+	if p.Name != "lp_cmdline" || !p.Enabled || p.Transition || len(p.Objects) != 1 ||
+		p.Objects[0].Name != "vmlinux" || !p.Objects[0].Patched ||
+		len(p.Objects[0].Functions) != 1 || p.Objects[0].Functions[0].Name != "cmdline_proc_show" {
+		t.Fatalf("status patch: %+v", p)
+	}
+	if !strings.Contains(st.Taint.String(), "K") {
+		t.Errorf("taint %q lacks K (live patched)", st.Taint)
+	}
+
+	if code, _, _ = stitch(t, 0, "revert", "lp_cmdline"); code != 0 {
+		t.Fatalf("revert: exit %d", code)
+	}
+	if got := cmdline(t); got != before {
+		t.Fatalf("/proc/cmdline after revert = %q, want %q", got, before)
+	}
+	if _, err := os.Stat("/sys/module/lp_cmdline"); err == nil {
+		t.Error("lp_cmdline still loaded after revert")
+	}
+	if _, err := os.Stat("/sys/kernel/livepatch/lp_cmdline"); err == nil {
+		t.Error("lp_cmdline still in /sys/kernel/livepatch after revert")
+	}
+}
+
+func TestGuestBadInput(t *testing.T) {
+	testutils.RequireGuest(t)
+	cases := []struct {
+		name string
+		uid  int
+		args []string
+		code int
+		want string
+	}{
+		{"missing file", 0, []string{"apply", "/nonexistent.ko"}, 2, "no such file"},
+		{"truncated", 0, []string{"apply", "/truncated.ko"}, 2, "truncated"},
+		{"not ELF", 0, []string{"apply", "/notelf.ko"}, 2, "not an ELF file"},
+		{"not a module", 0, []string{"apply", "/bin/stitch"}, 2, "not a kernel module"},
+		{"not livepatch", 0, []string{"apply", "/plain_mod.ko"}, 2, "livepatch=Y"},
+		{"wrong vermagic", 0, []string{"apply", "/vermagic.ko"}, 2, "6.1.0-99-amd64"},
+		{"not root", 1000, []string{"apply", "/lp_cmdline.ko"}, 3, "root"},
+		{"unknown patch", 0, []string{"revert", "no_such_patch"}, 2, "no such livepatch"},
+		{"no args", 0, []string{"apply"}, 2, "usage"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			before := snapshot(t)
+			code, _, stderr := stitch(t, c.uid, c.args...)
+			if code != c.code {
+				t.Errorf("exit %d, want %d", code, c.code)
+			}
+			if !strings.Contains(strings.ToLower(stderr), strings.ToLower(c.want)) {
+				t.Errorf("output lacks %q", c.want)
+			}
+			if after := snapshot(t); after != before {
+				t.Errorf("kernel state changed:\n before %s\n after  %s", before, after)
+			}
+		})
+	}
+}
+
+// TestGuestStall loads a module whose kthread sleeps in the function a
+// patch replaces: the transition cannot finish, so apply must name the
+// thread and roll back. While it waits, a second apply is refused as busy.
+func TestGuestStall(t *testing.T) {
+	testutils.RequireGuest(t)
+	f, err := os.Open("/stall_helper.ko")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.FinitModule(int(f.Fd()), "", 0); err != nil {
+		t.Fatalf("load stall_helper: %v", err)
+	}
+	f.Close()
+	t.Cleanup(func() {
+		if err := unix.DeleteModule("stall_helper", 0); err != nil {
+			t.Errorf("unload stall_helper: %v", err)
+		}
+	})
+	before := snapshot(t)
+
+	type result struct {
+		code int
+		out  string
+	}
+	done := make(chan result)
+	go func() {
+		code, out, _ := stitch(t, 0, "apply", "--json", "--timeout", "6s", "/lp_stall.ko")
+		done <- result{code, out}
+	}()
+
+	// Wait for the transition to start, then try a second patch.
+	k := &livepatch.Kernel{}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		p, err := k.Patch("lp_stall")
+		if err == nil && p.Transition {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("lp_stall transition never started")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	code, _, stderr := stitch(t, 0, "apply", "/lp_cmdline.ko")
+	if code != 4 || !strings.Contains(stderr, "lp_stall") {
+		t.Errorf("apply during a transition: exit %d, want 4 naming lp_stall", code)
+	}
+
+	r := <-done
+	if r.code != 5 {
+		t.Fatalf("stalled apply: exit %d, want 5", r.code)
+	}
+	var rep struct {
+		Stalled livepatch.TransitionError
+	}
+	if err := json.Unmarshal([]byte(r.out), &rep); err != nil {
+		t.Fatal(err)
+	}
+	var holder *livepatch.Task
+	for i, h := range rep.Stalled.Holders {
+		if h.Comm == "stitch-stall" {
+			holder = &rep.Stalled.Holders[i]
+		}
+	}
+	if holder == nil {
+		t.Fatalf("stalled report does not name the stitch-stall thread: %+v", rep.Stalled.Holders)
+	}
+	if !strings.Contains(strings.Join(holder.Stack, "\n"), "stall_helper_wait") {
+		t.Errorf("holder's stack lacks stall_helper_wait: %q", holder.Stack)
+	}
+	if !rep.Stalled.RolledBack {
+		t.Error("report does not say it rolled back")
+	}
+	if after := snapshot(t); after != before {
+		t.Errorf("rollback left the kernel changed:\n before %s\n after  %s", before, after)
+	}
+}
+
+// TestGuestApplyContextCancel checks that an apply cancelled by its
+// caller (Ctrl-C) during a stalled transition rolls back too.
+func TestGuestApplyContextCancel(t *testing.T) {
+	testutils.RequireGuest(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	f, err := os.Open("/stall_helper.ko")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.FinitModule(int(f.Fd()), "", 0); err != nil {
+		t.Fatalf("load stall_helper: %v", err)
+	}
+	f.Close()
+	defer unix.DeleteModule("stall_helper", 0)
+	k := &livepatch.Kernel{}
+	_, err = k.Apply(ctx, "/lp_stall.ko", livepatch.ApplyOptions{Timeout: time.Minute})
+	var te *livepatch.TransitionError
+	if !errors.As(err, &te) || !te.RolledBack {
+		t.Fatalf("cancelled apply: %v, want a rolled-back TransitionError", err)
+	}
+	if _, err := os.Stat("/sys/module/lp_stall"); err == nil {
+		t.Error("lp_stall still loaded after a cancelled apply")
+	}
+}

@@ -1,0 +1,188 @@
+// Package testutils holds what Stitch's tests share: finding the real
+// kernel, QEMU and headers (skipping without them on a developer machine,
+// failing without them in CI), building static binaries and kernel
+// modules, and running a package's tests inside a VM.
+package testutils
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/vm"
+)
+
+// Release is the distro kernel the tests run against.
+const Release = "6.1.0-54-amd64"
+
+// Unavailable skips the test, or fails it when CI is set: CI must run
+// every test, so a missing dependency there is a bug in .ci/run.
+func Unavailable(t testing.TB, format string, args ...any) {
+	t.Helper()
+	msg := fmt.Sprintf(format, args...)
+	if os.Getenv("CI") != "" {
+		t.Fatalf("%s (CI must install this: see scripts/install-deps.sh)", msg)
+	}
+	t.Skipf("skipped: %s (run scripts/install-deps.sh as root to enable)", msg)
+}
+
+// RequireVM returns the kernel image to boot, or skips/fails when QEMU or
+// the kernel is missing.
+func RequireVM(t testing.TB) string {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("skipped in -short mode: boots a VM")
+	}
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		Unavailable(t, "qemu-system-x86_64 not installed")
+	}
+	if _, err := os.Stat(vm.DefaultKernel); err != nil {
+		Unavailable(t, "kernel image %s not installed", vm.DefaultKernel)
+	}
+	return vm.DefaultKernel
+}
+
+// RequireHeaders returns the linux-headers tree of Release.
+func RequireHeaders(t testing.TB) string {
+	t.Helper()
+	dir := kbuild.HeadersDir(Release)
+	if _, err := os.Stat(filepath.Join(dir, "Makefile")); err != nil {
+		Unavailable(t, "kernel headers %s not installed", dir)
+	}
+	return dir
+}
+
+// InGuest reports whether this process runs inside a stitch VM.
+func InGuest() bool { return os.Getenv("STITCH_IN_VM") == "1" }
+
+// RequireGuest skips a test that must run inside the VM (the host side
+// starts it there).
+func RequireGuest(t testing.TB) {
+	t.Helper()
+	if !InGuest() {
+		t.Skip("runs inside the VM only; started by the host-side test")
+	}
+}
+
+// ModuleRoot is the repository's root directory.
+func ModuleRoot(t testing.TB) string {
+	t.Helper()
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil || strings.TrimSpace(string(out)) == "" {
+		t.Fatalf("find module root: %v", err)
+	}
+	return filepath.Dir(strings.TrimSpace(string(out)))
+}
+
+// StitchBinary builds a static stitch binary for the host and the guest.
+func StitchBinary(t testing.TB) string {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "stitch")
+	goBuild(t, ModuleRoot(t), "build", "-o", out, "./cmd/stitch")
+	return out
+}
+
+// TestBinary compiles the calling package's tests into a static binary
+// that can run inside the guest.
+func TestBinary(t testing.TB) string {
+	t.Helper()
+	wd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), filepath.Base(wd)+".test")
+	goBuild(t, wd, "test", "-c", "-o", out, ".")
+	return out
+}
+
+func goBuild(t testing.TB, dir string, args ...string) {
+	t.Helper()
+	cmd := exec.Command("go", args...)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
+// BuildModules copies the kbuild directory src to a temporary directory,
+// builds it against the headers of Release, and returns the path of each
+// named module's .ko.
+func BuildModules(t testing.TB, src string, names ...string) map[string]string {
+	t.Helper()
+	headers := RequireHeaders(t)
+	dir := t.TempDir()
+	if err := os.CopyFS(dir, os.DirFS(src)); err != nil {
+		t.Fatalf("copy %s: %v", src, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	kos := map[string]string{}
+	for i, name := range names {
+		var ko string
+		var err error
+		if i == 0 {
+			// One kbuild run builds every module in the directory.
+			ko, err = kbuild.BuildModule(ctx, headers, dir, name, nil)
+		} else {
+			ko = filepath.Join(dir, name+".ko")
+			_, err = os.Stat(ko)
+		}
+		if err != nil {
+			t.Fatalf("build %s: %v", name, err)
+		}
+		kos[name] = ko
+	}
+	return kos
+}
+
+// RunGuestTests boots the VM with the calling package's test binary and
+// the stitch binary, runs the tests matching run inside it, and fails t if
+// any of them fail. Each guest output line is logged as it arrives.
+func RunGuestTests(t *testing.T, run string, files ...vm.File) *vm.Result {
+	t.Helper()
+	kernel := RequireVM(t)
+	bin := TestBinary(t)
+	stitch := StitchBinary(t)
+	files = append(files, vm.File{Src: bin, Dst: "/guest.test"})
+	pr, pw := io.Pipe()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		sc := bufio.NewScanner(pr)
+		for sc.Scan() {
+			t.Log("guest: " + sc.Text())
+		}
+	}()
+	var console strings.Builder
+	res, err := vm.Run(context.Background(), vm.Options{
+		Kernel:  kernel,
+		Init:    stitch,
+		Files:   files,
+		Args:    []string{"/guest.test", "-test.v", "-test.count=1", "-test.run", run},
+		Output:  pw,
+		Console: &console,
+		Timeout: 10 * time.Minute,
+	})
+	pw.Close()
+	<-done
+	if err != nil {
+		t.Fatalf("VM: %v", err)
+	}
+	if res.ExitCode != 0 {
+		t.Fatalf("guest tests failed (exit %d); kernel console:\n%s", res.ExitCode, console.String())
+	}
+	if !strings.Contains(res.Output, "--- PASS") {
+		t.Fatalf("guest ran no test matching %q", run)
+	}
+	t.Logf("guest tests passed in a %s VM that ran %.1fs", res.Accel, res.Duration.Seconds())
+	return res
+}
