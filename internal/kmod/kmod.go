@@ -86,7 +86,9 @@ func Read(r io.ReaderAt) (m *Module, err error) {
 	}
 	f, err := elf.NewFile(r)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrNotELF, err)
+		// The magic matched, so this is a damaged ELF file, most often a
+		// truncated download.
+		return nil, fmt.Errorf("%w: truncated or corrupt ELF file: %v", ErrNotModule, err)
 	}
 	if f.Type != elf.ET_REL {
 		return nil, fmt.Errorf("%w: ELF type is %v, a module is ET_REL", ErrNotModule, f.Type)
@@ -103,7 +105,7 @@ func Read(r io.ReaderAt) (m *Module, err error) {
 	}
 	data, err := sec.Data()
 	if err != nil {
-		return nil, fmt.Errorf("%w: read .modinfo: %v (truncated file?)", ErrNotModule, err)
+		return nil, fmt.Errorf("%w: truncated or corrupt ELF file: read .modinfo: %v", ErrNotModule, err)
 	}
 	// Make sure the whole file is there: a truncated copy can still have
 	// intact headers and .modinfo.
@@ -113,7 +115,7 @@ func Read(r io.ReaderAt) (m *Module, err error) {
 		}
 		var b [1]byte
 		if _, err := r.ReadAt(b[:], int64(s.Offset+s.Size-1)); err != nil {
-			return nil, fmt.Errorf("%w: section %s extends past the end of the file (truncated?)", ErrNotModule, s.Name)
+			return nil, fmt.Errorf("%w: truncated or corrupt ELF file: section %s extends past the end of the file", ErrNotModule, s.Name)
 		}
 	}
 	m = &Module{Info: ParseModinfo(data)}

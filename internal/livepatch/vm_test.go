@@ -166,8 +166,8 @@ func TestGuestBadInput(t *testing.T) {
 		code int
 		want string
 	}{
-		{"missing file", 0, []string{"apply", "/nonexistent.ko"}, 2, "no such file"},
-		{"truncated", 0, []string{"apply", "/truncated.ko"}, 2, "truncated"},
+		{"missing file", 0, []string{"apply", "/nonexistent.ko"}, 2, "/nonexistent.ko: no such file"},
+		{"truncated", 0, []string{"apply", "/truncated.ko"}, 2, "truncated or corrupt ELF"},
 		{"not ELF", 0, []string{"apply", "/notelf.ko"}, 2, "not an ELF file"},
 		{"not a module", 0, []string{"apply", "/bin/stitch"}, 2, "not a kernel module"},
 		{"not livepatch", 0, []string{"apply", "/plain_mod.ko"}, 2, "livepatch=Y"},

@@ -1,0 +1,160 @@
+package vm_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stitchpatch/stitch/internal/testutils"
+	"github.com/stitchpatch/stitch/internal/vm"
+)
+
+func TestInitramfsExtractsWithCpio(t *testing.T) {
+	if _, err := exec.LookPath("cpio"); err != nil {
+		testutils.Unavailable(t, "cpio not installed")
+	}
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src")
+	if err := os.WriteFile(src, []byte("module bytes"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r := vm.NewInitramfs()
+	must(t, r.AddFile("/lib/modules/x.ko", src, 0o640))
+	must(t, r.AddData("/etc/odd", []byte("abc"), 0o600)) // length not a multiple of 4
+	must(t, r.AddSymlink("/init", "/bin/stitch"))
+	must(t, r.AddDir("/proc"))
+	if err := r.AddData("/etc/odd", nil, 0o600); err == nil {
+		t.Error("adding a path twice succeeded")
+	}
+	if err := r.AddData("/init/x", nil, 0o600); err == nil {
+		t.Error("adding a file under a symlink succeeded")
+	}
+	archive := filepath.Join(dir, "initramfs.cpio")
+	f, err := os.Create(archive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.WriteTo(f); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	out := filepath.Join(dir, "out")
+	must(t, os.Mkdir(out, 0o755))
+	in, _ := os.Open(archive)
+	defer in.Close()
+	cmd := exec.Command("cpio", "-id", "--quiet")
+	cmd.Dir, cmd.Stdin = out, in
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("cpio -id: %v\n%s", err, b)
+	}
+	check := func(p, want string, perm os.FileMode) {
+		t.Helper()
+		b, err := os.ReadFile(filepath.Join(out, p))
+		if err != nil || string(b) != want {
+			t.Errorf("%s = %q, %v; want %q", p, b, err, want)
+			return
+		}
+		if fi, _ := os.Stat(filepath.Join(out, p)); fi.Mode().Perm() != perm {
+			t.Errorf("%s mode %v, want %v", p, fi.Mode().Perm(), perm)
+		}
+	}
+	check("lib/modules/x.ko", "module bytes", 0o640)
+	check("etc/odd", "abc", 0o600)
+	if target, err := os.Readlink(filepath.Join(out, "init")); err != nil || target != "/bin/stitch" {
+		t.Errorf("init -> %q, %v", target, err)
+	}
+	if fi, err := os.Stat(filepath.Join(out, "proc")); err != nil || !fi.IsDir() {
+		t.Errorf("proc: %v", err)
+	}
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestRunRefusesDynamicInit(t *testing.T) {
+	_, err := vm.Run(context.Background(), vm.Options{Init: "/bin/ls", Args: []string{"x"}, Kernel: "/bin/ls", QEMU: "true"})
+	if !errors.Is(err, vm.ErrSetup) || !strings.Contains(err.Error(), "CGO_ENABLED=0") {
+		t.Errorf("Run with a dynamic init = %v, want a setup error naming CGO_ENABLED=0", err)
+	}
+}
+
+func TestRunRefusesMissingKernel(t *testing.T) {
+	_, err := vm.Run(context.Background(), vm.Options{Kernel: "/nonexistent/vmlinuz", Args: []string{"x"}})
+	if !errors.Is(err, vm.ErrSetup) || !strings.Contains(err.Error(), "/nonexistent/vmlinuz") {
+		t.Errorf("Run with a missing kernel = %v", err)
+	}
+}
+
+// TestBoot boots the real kernel and checks what the guest sees and what
+// the host gets back: output, exit status, console, user id.
+func TestBoot(t *testing.T) {
+	kernel := testutils.RequireVM(t)
+	stitch := testutils.StitchBinary(t)
+	ctx := context.Background()
+	extra := filepath.Join(t.TempDir(), "extra.txt")
+	must(t, os.WriteFile(extra, []byte("x"), 0o644))
+
+	res, err := vm.Run(ctx, vm.Options{Kernel: kernel, Init: stitch, Args: []string{"stitch", "status", "--json"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st struct {
+		Release   string `json:"release"`
+		Livepatch bool   `json:"livepatch_supported"`
+	}
+	if res.ExitCode != 0 || json.Unmarshal([]byte(res.Output), &st) != nil {
+		t.Fatalf("status in guest: exit %d, output %q", res.ExitCode, res.Output)
+	}
+	if st.Release != testutils.Release || !st.Livepatch {
+		t.Errorf("guest status = %+v", st)
+	}
+	if !strings.Contains(res.Console, "Power down") {
+		t.Errorf("console lacks the power-off message:\n%s", res.Console)
+	}
+	t.Logf("boot, status, power-off: %.1fs (%s)", res.Duration.Seconds(), res.Accel)
+
+	// A failing command's status comes back; added files are in the guest;
+	// --uid drops root.
+	res, err = vm.Run(ctx, vm.Options{
+		Kernel: kernel, Init: stitch, UID: 1000,
+		Files: []vm.File{{Src: extra, Dst: "/extra.txt"}},
+		Args:  []string{"stitch", "apply", "/extra.txt"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.ExitCode != 3 || !strings.Contains(res.Output, "not running as root") {
+		t.Errorf("apply as uid 1000: exit %d, output %q; want 3, not root", res.ExitCode, res.Output)
+	}
+}
+
+func TestBootTimeoutKillsQEMU(t *testing.T) {
+	kernel := testutils.RequireVM(t)
+	stitch := testutils.StitchBinary(t)
+	start := time.Now()
+	_, err := vm.Run(context.Background(), vm.Options{
+		Kernel: kernel, Init: stitch, Timeout: 2 * time.Second,
+		Args: []string{"stitch", "status"}, // the boot alone takes longer than 2s
+	})
+	if !errors.Is(err, vm.ErrTimeout) {
+		t.Fatalf("Run = %v, want ErrTimeout", err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("timeout of 2s took %s", d)
+	}
+	out, _ := exec.Command("pgrep", "-f", "stitch-vm-.*initramfs").Output()
+	if len(strings.TrimSpace(string(out))) > 0 {
+		t.Errorf("QEMU still running after Run returned: pids %s", out)
+	}
+}
