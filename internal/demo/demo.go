@@ -29,6 +29,7 @@ const moduleName = "stitch_demo"
 type Options struct {
 	Release string // kernel release; 6.1.0-54-amd64 if empty
 	Kernel  string // kernel image; /boot/vmlinuz-<release> if empty
+	Stitch  string // static stitch binary for the guest; the running one if empty
 	Out     io.Writer
 	Console io.Writer // kernel console of the VM, if wanted
 }
@@ -62,6 +63,7 @@ func Run(ctx context.Context, o Options) error {
 	fmt.Fprintf(o.Out, "== booting %s under QEMU\n", o.Kernel)
 	res, err := vm.Run(ctx, vm.Options{
 		Kernel:  o.Kernel,
+		Init:    o.Stitch,
 		Files:   []vm.File{{Src: ko, Dst: "/" + moduleName + ".ko"}},
 		Args:    []string{"stitch", "demo-guest", "/" + moduleName + ".ko"},
 		Output:  o.Out,
