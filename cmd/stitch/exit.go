@@ -18,6 +18,7 @@ const (
 	exitUnsupported = 3 // this system can't do it: no livepatch in the kernel, not root
 	exitBusy        = 4 // another livepatch transition is in progress
 	exitRolledBack  = 5 // the transition timed out and was rolled back
+	exitTrouble     = 6 // the kernel warned or oopsed after patching; reverted
 	exitVMTimeout   = 124
 	exitVMFailed    = 125
 )
@@ -43,6 +44,8 @@ func exitCode(err error) int {
 		return exitUsage
 	case errors.Is(err, livepatch.ErrTimeout):
 		return exitRolledBack
+	case errors.Is(err, livepatch.ErrKernelTrouble):
+		return exitTrouble
 	case errors.Is(err, livepatch.ErrBusy):
 		return exitBusy
 	case errors.Is(err, livepatch.ErrNotRoot), errors.Is(err, livepatch.ErrUnsupported):

@@ -60,6 +60,7 @@ type applyReport struct {
 	OK       bool                       `json:"ok"`
 	Error    string                     `json:"error,omitempty"`
 	Stalled  *livepatch.TransitionError `json:"stalled,omitempty"`
+	Trouble  *livepatch.TroubleError    `json:"trouble,omitempty"`
 	Progress []livepatch.Progress       `json:"progress"`
 	State    *livepatch.Patch           `json:"state,omitempty"`
 	Elapsed  time.Duration              `json:"elapsed_ns"`
@@ -70,6 +71,7 @@ func runApply(ctx context.Context, st *stdio, args []string) error {
 	var opts livepatch.ApplyOptions
 	jsonOut := fs.Bool("json", false, "print a JSON report")
 	fs.DurationVar(&opts.Timeout, "timeout", 60*time.Second, "roll back if the transition has not finished after this long")
+	fs.DurationVar(&opts.Watch, "watch", 0, "after the transition, watch the kernel this long and revert on a new warning, oops or soft lockup")
 	fs.BoolVar(&opts.Force, "force", false, "DANGEROUS: on timeout, force the transition instead of rolling back; the module can then never be unloaded")
 	if err := parseArgs(fs, args, 1); err != nil {
 		return err
@@ -123,6 +125,7 @@ func runTransition(st *stdio, action string, jsonOut bool, opts *livepatch.Apply
 	if err != nil {
 		rep.Error = err.Error()
 		errors.As(err, &rep.Stalled)
+		errors.As(err, &rep.Trouble)
 	} else if action == "apply" {
 		rep.State, _ = k.Patch(name)
 	}

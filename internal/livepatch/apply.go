@@ -28,7 +28,35 @@ var (
 	// ErrTimeout means a transition did not finish in time. Apply rolls
 	// it back; see TransitionError for what held it up.
 	ErrTimeout = errors.New("transition timed out")
+	// ErrKernelTrouble means the kernel warned, oopsed or locked up while
+	// Apply watched it after patching; see TroubleError.
+	ErrKernelTrouble = errors.New("kernel reported trouble after patching")
 )
+
+// TroubleError reports what the kernel said after a patch went in.
+type TroubleError struct {
+	Patch      string   `json:"patch"`
+	NewTaint   string   `json:"new_taint"` // taint letters that appeared, e.g. "W"
+	Log        []string `json:"log"`       // kernel log lines that tell of trouble
+	RolledBack bool     `json:"rolled_back"`
+}
+
+func (e *TroubleError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "kernel trouble after applying %s", e.Patch)
+	if e.NewTaint != "" {
+		fmt.Fprintf(&b, " (new taint %s)", e.NewTaint)
+	}
+	for _, l := range e.Log {
+		b.WriteString("\n    " + l)
+	}
+	if e.RolledBack {
+		b.WriteString("\n  rolled back: the patch is disabled and its module unloaded")
+	}
+	return b.String()
+}
+
+func (e *TroubleError) Unwrap() error { return ErrKernelTrouble }
 
 // Task is a task that has not reached a transition's target state yet.
 type Task struct {
@@ -95,6 +123,9 @@ type ApplyOptions struct {
 	// instead of rolling back. It breaks the consistency model and makes
 	// the module impossible to unload; never the default.
 	Force bool
+	// Watch, if positive, keeps watching the kernel that long after the
+	// transition; a new warning, oops or soft lockup reverts the patch.
+	Watch time.Duration
 	// Progress, if set, is called as the work advances.
 	Progress func(Progress)
 }
@@ -169,8 +200,14 @@ func (k *Kernel) Apply(ctx context.Context, path string, opts ApplyOptions) (*km
 		return nil, err
 	}
 	start := time.Now()
+	taint, err := k.Taint()
+	if err != nil {
+		return nil, err
+	}
+	kmsg := openKmsg()
+	defer kmsg.Close()
 	opts.report(Progress{Patch: m.Name, Phase: "load"})
-	if err := k.load(path); err != nil {
+	if err := k.load(path, kmsg); err != nil {
 		return nil, err
 	}
 	k.log().Info("module loaded", "module", m.Name, "elapsed", time.Since(start))
@@ -178,10 +215,16 @@ func (k *Kernel) Apply(ctx context.Context, path string, opts ApplyOptions) (*km
 	err = k.waitTransition(ctx, m.Name, true, opts, start)
 	var te *TransitionError
 	if !errors.As(err, &te) {
-		if err == nil {
-			opts.report(Progress{Patch: m.Name, Phase: "done", Elapsed: time.Since(start)})
+		if err != nil {
+			return m, err
 		}
-		return m, err
+		if opts.Watch > 0 {
+			if err := k.watch(ctx, m.Name, taint, kmsg, opts, start); err != nil {
+				return m, err
+			}
+		}
+		opts.report(Progress{Patch: m.Name, Phase: "done", Elapsed: time.Since(start)})
+		return m, nil
 	}
 	if opts.Force {
 		k.log().Warn("forcing the livepatch transition: tasks are marked patched without a safety check", "patch", m.Name)
@@ -335,15 +378,14 @@ func readStack(path string) []string {
 }
 
 // load asks the kernel to load the module; module init calls
-// klp_enable_patch, which starts the transition.
-func (k *Kernel) load(path string) error {
+// klp_enable_patch, which starts the transition. On failure the error
+// quotes what the kernel logged since kmsg was opened.
+func (k *Kernel) load(path string, kmsg *kmsg) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	kmsg := openKmsg()
-	defer kmsg.Close()
 	err = unix.FinitModule(int(f.Fd()), "", 0)
 	if err == nil {
 		return nil
@@ -364,6 +406,57 @@ func (k *Kernel) load(path string) error {
 		hint += "\n  kernel log:\n    " + strings.ReplaceAll(strings.TrimSpace(msg), "\n", "\n    ")
 	}
 	return fmt.Errorf("%w: load %s: %v%s", ErrLoad, path, err, hint)
+}
+
+// troubleTaint are the taint bits that tell of a kernel in trouble:
+// W (warning), D (oops or BUG), L (soft lockup).
+const troubleTaint = 1<<9 | 1<<7 | 1<<14
+
+// troubleMarkers start the kernel log lines of warnings, oopses and
+// lockups.
+var troubleMarkers = []string{"WARNING:", "BUG:", "Oops", "general protection fault", "soft lockup", "Kernel panic"}
+
+// watch polls taint and the kernel log for the Watch period after a
+// transition. On trouble it reverts the patch.
+func (k *Kernel) watch(ctx context.Context, name string, before Taint, kmsg *kmsg, opts ApplyOptions, start time.Time) error {
+	opts.report(Progress{Patch: name, Phase: "watching", Elapsed: time.Since(start)})
+	end := time.Now().Add(opts.Watch)
+	te := &TroubleError{Patch: name}
+	for {
+		for _, l := range strings.Split(kmsg.ReadNew(), "\n") {
+			for _, m := range troubleMarkers {
+				if strings.Contains(l, m) {
+					te.Log = append(te.Log, l)
+					break
+				}
+			}
+		}
+		now, err := k.Taint()
+		if err != nil {
+			return err
+		}
+		if added := now.Value &^ before.Value & troubleTaint; added != 0 {
+			te.NewTaint = DecodeTaint(added).String()
+		}
+		if te.NewTaint != "" || len(te.Log) > 0 {
+			break
+		}
+		if time.Now().After(end) || ctx.Err() != nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(k.poll()):
+		}
+	}
+	k.log().Warn("kernel trouble after patching; reverting", "patch", name, "taint", te.NewTaint)
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), opts.timeout())
+	defer cancel()
+	if err := k.disableAndUnload(rctx, name, ApplyOptions{Timeout: opts.timeout(), Progress: opts.Progress}); err != nil {
+		return fmt.Errorf("%v\n  REVERT FAILED: %w", te, err)
+	}
+	te.RolledBack = true
+	return te
 }
 
 // unload removes the module once livepatch has let go of it: after a

@@ -24,7 +24,7 @@ import (
 // real kernel and runs the TestGuest* tests below inside it.
 func TestVM(t *testing.T) {
 	testutils.RequireVM(t)
-	kos := testutils.BuildModules(t, "testdata/modules", "lp_cmdline", "stall_helper", "lp_stall", "plain_mod")
+	kos := testutils.BuildModules(t, "testdata/modules", "lp_cmdline", "stall_helper", "lp_stall", "plain_mod", "lp_warn")
 	dir := t.TempDir()
 	good, err := os.ReadFile(kos["lp_cmdline"])
 	if err != nil {
@@ -294,5 +294,59 @@ func TestGuestApplyContextCancel(t *testing.T) {
 	}
 	if _, err := os.Stat("/sys/module/lp_stall"); err == nil {
 		t.Error("lp_stall still loaded after a cancelled apply")
+	}
+}
+
+// TestGuestWarningRevertsPatch applies a patch whose new function warns,
+// calls it while apply --watch is watching, and expects the patch reverted
+// and the warning reported.
+func TestGuestWarningRevertsPatch(t *testing.T) {
+	testutils.RequireGuest(t)
+	before := cmdline(t)
+	type result struct {
+		code int
+		out  string
+	}
+	done := make(chan result)
+	go func() {
+		code, out, _ := stitch(t, 0, "apply", "--json", "--watch", "30s", "/lp_warn.ko")
+		done <- result{code, out}
+	}()
+	k := &livepatch.Kernel{}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		p, err := k.Patch("lp_warn")
+		if err == nil && p.Enabled && !p.Transition {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("lp_warn never finished its transition")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if got := cmdline(t); got != "stitch-test: warned\n" {
+		t.Errorf("/proc/cmdline with lp_warn = %q", got)
+	}
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("apply --watch did not notice the warning")
+	}
+	if r.code != 6 {
+		t.Fatalf("apply --watch after a warning: exit %d, want 6", r.code)
+	}
+	var rep struct{ Trouble livepatch.TroubleError }
+	if err := json.Unmarshal([]byte(r.out), &rep); err != nil {
+		t.Fatal(err)
+	}
+	if !rep.Trouble.RolledBack || !strings.Contains(strings.Join(rep.Trouble.Log, "\n"), "WARNING:") {
+		t.Errorf("trouble report = %+v, want the WARNING line and rolled_back", rep.Trouble)
+	}
+	if got := cmdline(t); got != before {
+		t.Errorf("/proc/cmdline after the revert = %q, want %q", got, before)
+	}
+	if _, err := os.Stat("/sys/module/lp_warn"); err == nil {
+		t.Error("lp_warn still loaded")
 	}
 }
