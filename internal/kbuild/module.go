@@ -22,9 +22,10 @@ func HeadersDir(release string) string {
 
 // BuildModule builds the external module name (its Kbuild file in dir
 // says `obj-m := name.o`) against the headers tree and returns the path
-// of name.ko. kbuild's output goes to progress as it runs; on failure the
-// error quotes the compiler's last lines.
-func BuildModule(ctx context.Context, headers, dir, name string, progress io.Writer) (string, error) {
+// of name.ko. makeVars are extra make variables (e.g.
+// KBUILD_MODPOST_WARN=1). kbuild's output goes to progress as it runs; on
+// failure the error quotes the compiler's last lines.
+func BuildModule(ctx context.Context, headers, dir, name string, progress io.Writer, makeVars ...string) (string, error) {
 	if _, err := os.Stat(filepath.Join(headers, "Makefile")); err != nil {
 		return "", fmt.Errorf("%w: %s (install the linux-headers package of the target kernel)", ErrNoHeaders, headers)
 	}
@@ -36,7 +37,8 @@ func BuildModule(ctx context.Context, headers, dir, name string, progress io.Wri
 		progress = io.Discard
 	}
 	var out bytes.Buffer
-	cmd := exec.CommandContext(ctx, "make", "-C", headers, "M="+abs, "modules")
+	args := append([]string{"-C", headers, "M=" + abs}, makeVars...)
+	cmd := exec.CommandContext(ctx, "make", append(args, "modules")...)
 	cmd.Stdout = io.MultiWriter(&out, progress)
 	cmd.Stderr = cmd.Stdout
 	if err := cmd.Run(); err != nil {
@@ -55,4 +57,30 @@ func lastLines(s string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// Symvers maps each symbol the kernel exports to the module that exports
+// it ("vmlinux" for the kernel itself), from a Module.symvers file.
+type Symvers map[string]string
+
+// ReadSymvers reads the Module.symvers of a headers tree: lines of
+// "crc<TAB>symbol<TAB>module<TAB>export type<TAB>namespace".
+func ReadSymvers(headers string) (Symvers, error) {
+	path := filepath.Join(headers, "Module.symvers")
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrNoHeaders, err)
+	}
+	sv := Symvers{}
+	for i, line := range strings.Split(string(b), "\n") {
+		if line == "" {
+			continue
+		}
+		f := strings.Split(line, "\t")
+		if len(f) < 3 {
+			return nil, fmt.Errorf("%s:%d: malformed line %q", path, i+1, line)
+		}
+		sv[f[1]] = f[2]
+	}
+	return sv, nil
 }

@@ -1,0 +1,72 @@
+package klpmod
+
+import (
+	"context"
+	"debug/elf"
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+	"strings"
+
+	"github.com/stitchpatch/stitch/internal/kbuild"
+)
+
+// ErrUnresolved means the module refers to a symbol that is neither
+// exported by the kernel nor a klp symbol: it could not load.
+var ErrUnresolved = errors.New("module refers to symbols the kernel does not export")
+
+// Link builds the livepatch module name from dir (its Kbuild file and
+// sources written by the caller) against the headers tree, checks that
+// every undefined symbol is exported or a klp symbol, and turns the klp
+// symbols into klp relocations (rename: see ConvertKlpSyms). It returns
+// the .ko's path and how many relocations each patched object got.
+func Link(ctx context.Context, headers, dir, name string, rename map[string]string, progress io.Writer) (string, map[string]int, error) {
+	symvers, err := kbuild.ReadSymvers(headers)
+	if err != nil {
+		return "", nil, err
+	}
+	// modpost would stop at the klp symbols it cannot find; checkUndefined
+	// below is the stricter check.
+	ko, err := kbuild.BuildModule(ctx, headers, dir, name, progress, "KBUILD_MODPOST_WARN=1")
+	if err != nil {
+		return "", nil, err
+	}
+	if err := checkUndefined(ko, symvers, rename); err != nil {
+		return "", nil, err
+	}
+	moved, err := ConvertKlpSyms(ko, rename)
+	if err != nil {
+		return "", nil, err
+	}
+	return ko, moved, nil
+}
+
+func checkUndefined(ko string, symvers kbuild.Symvers, rename map[string]string) error {
+	f, err := elf.Open(ko)
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrBadModule, err)
+	}
+	defer f.Close()
+	syms, err := f.Symbols()
+	if err != nil {
+		return fmt.Errorf("%w: %s: %v", ErrBadModule, ko, err)
+	}
+	var missing []string
+	for _, s := range syms {
+		if s.Section != elf.SHN_UNDEF || s.Name == "" || strings.HasPrefix(s.Name, KlpSymPrefix) {
+			continue
+		}
+		if _, ok := rename[s.Name]; ok {
+			continue
+		}
+		if _, ok := symvers[s.Name]; !ok {
+			missing = append(missing, s.Name)
+		}
+	}
+	if len(missing) > 0 {
+		sort.Strings(missing)
+		return fmt.Errorf("%s: %w: %s", ko, ErrUnresolved, strings.Join(missing, ", "))
+	}
+	return nil
+}
