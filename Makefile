@@ -17,9 +17,11 @@ demo: deps build
 	./bin/stitch demo
 
 # Unit, integration and VM tests, then each fuzz target for a short time.
+# -p 1: one package at a time, so that no two QEMU guests share the two
+# cores (under TCG they starve each other).
 test: deps
 	$(GO) vet ./...
-	$(GO) test -count=1 -timeout 80m ./...
+	$(GO) test -p 1 -count=1 -timeout 80m ./...
 	$(MAKE) fuzz
 
 FUZZTIME ?= 20s

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -143,8 +144,9 @@ func TestBootTimeoutKillsQEMU(t *testing.T) {
 	kernel := testutils.RequireVM(t)
 	stitch := testutils.StitchBinary(t)
 	start := time.Now()
+	marker := fmt.Sprintf("stitch.test=%d", time.Now().UnixNano())
 	_, err := vm.Run(context.Background(), vm.Options{
-		Kernel: kernel, Init: stitch, Timeout: 2 * time.Second,
+		Kernel: kernel, Init: stitch, Timeout: 2 * time.Second, Append: marker,
 		Args: []string{"stitch", "status"}, // the boot alone takes longer than 2s
 	})
 	if !errors.Is(err, vm.ErrTimeout) {
@@ -153,7 +155,7 @@ func TestBootTimeoutKillsQEMU(t *testing.T) {
 	if d := time.Since(start); d > 10*time.Second {
 		t.Errorf("timeout of 2s took %s", d)
 	}
-	out, _ := exec.Command("pgrep", "-f", "stitch-vm-.*initramfs").Output()
+	out, _ := exec.Command("pgrep", "-f", marker).Output()
 	if len(strings.TrimSpace(string(out))) > 0 {
 		t.Errorf("QEMU still running after Run returned: pids %s", out)
 	}
