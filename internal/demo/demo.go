@@ -92,10 +92,11 @@ func Guest(ctx context.Context, ko string, out io.Writer) error {
 		fmt.Fprintf(out, "   %s: %s %.2fs\n", p.Patch, p.Phase, p.Elapsed.Seconds())
 	}
 	start := time.Now()
-	if _, err := k.Apply(ctx, ko, livepatch.ApplyOptions{Progress: progress}); err != nil {
+	m, err := k.Apply(ctx, ko, livepatch.ApplyOptions{Progress: progress})
+	if err != nil {
 		return err
 	}
-	fmt.Fprintf(out, "-- applied %s in %.2fs\n", moduleName, time.Since(start).Seconds())
+	fmt.Fprintf(out, "-- applied %s in %.2fs\n", m.Name, time.Since(start).Seconds())
 	after, err := readCmdline()
 	if err != nil {
 		return err
@@ -103,10 +104,10 @@ func Guest(ctx context.Context, ko string, out io.Writer) error {
 	fmt.Fprintf(out, "-- /proc/cmdline patched:  %s\n", after)
 
 	start = time.Now()
-	if err := k.Revert(ctx, moduleName, livepatch.ApplyOptions{Progress: progress}); err != nil {
+	if err := k.Revert(ctx, m.Name, livepatch.ApplyOptions{Progress: progress}); err != nil {
 		return err
 	}
-	fmt.Fprintf(out, "-- reverted %s in %.2fs\n", moduleName, time.Since(start).Seconds())
+	fmt.Fprintf(out, "-- reverted %s in %.2fs\n", m.Name, time.Since(start).Seconds())
 	restored, err := readCmdline()
 	if err != nil {
 		return err

@@ -1,0 +1,151 @@
+package klpmod
+
+import (
+	"bytes"
+	"debug/elf"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// kernelCFLAGS are the code-generation flags of an x86-64 kernel build
+// that shape the objects Stitch reads.
+var kernelCFLAGS = []string{
+	"-O2", "-mcmodel=kernel", "-fno-pic", "-mno-red-zone", "-pg", "-mfentry", "-mrecord-mcount",
+	"-ffunction-sections", "-fdata-sections", "-fno-common", "-c",
+}
+
+func compile(t *testing.T, src string) []byte {
+	t.Helper()
+	cc, err := exec.LookPath("gcc")
+	if err != nil {
+		t.Skip("gcc not installed")
+	}
+	out := filepath.Join(t.TempDir(), "out.o")
+	cmd := exec.Command(cc, append(kernelCFLAGS, "-o", out, src)...)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("gcc: %v\n%s", err, b)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// exportedOnly is a resolver for a kernel that exports the names given.
+func exportedOnly(names ...string) Resolver {
+	return func(name string, local bool) (Ref, error) {
+		if !local && slices.Contains(names, name) {
+			return Ref{Exported: true}, nil
+		}
+		return Ref{Object: "vmlinux"}, nil
+	}
+}
+
+func TestWriteObject(t *testing.T) {
+	post := compile(t, "testdata/writer/fix.c")
+	in := &ObjectInput{
+		Object:  "vmlinux",
+		Post:    post,
+		Funcs:   []Func{{Name: "changed"}},
+		Resolve: exportedOnly("exported_thing", "printf", "__fentry__"),
+	}
+	out, alias, err := WriteObject(in, "__stitch_fn_0_")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if alias["changed"] != "__stitch_fn_0_0" {
+		t.Errorf("aliases = %v", alias)
+	}
+	f, err := elf.NewFile(bytes.NewReader(out))
+	if err != nil {
+		t.Fatalf("output is not ELF: %v", err)
+	}
+	var secs []string
+	for _, s := range f.Sections {
+		secs = append(secs, s.Name)
+	}
+	for _, want := range []string{".text.changed", "__mcount_loc"} {
+		if !slices.Contains(secs, want) {
+			t.Errorf("output lacks %s; has %v", want, secs)
+		}
+	}
+	for _, unwanted := range []string{".text.helper", ".init.text", ".text.uses_init", ".bss.counter"} {
+		if slices.Contains(secs, unwanted) {
+			t.Errorf("output carries %s, which the fix did not change", unwanted)
+		}
+	}
+	syms, _ := f.Symbols()
+	undef := map[string]bool{}
+	defined := map[string]elf.Symbol{}
+	for _, s := range syms {
+		if s.Section == elf.SHN_UNDEF {
+			undef[s.Name] = true
+		} else if s.Name != "" {
+			defined[s.Name] = s
+		}
+	}
+	for name := range undef {
+		if strings.Contains(name, "__func__") {
+			t.Errorf("constant %s referenced, not carried", name)
+		}
+	}
+	for _, want := range []string{
+		".klp.sym.vmlinux.counter,0", ".klp.sym.vmlinux.helper,0", ".klp.sym.vmlinux.hidden_global,0",
+		"exported_thing", "__fentry__",
+	} {
+		if !undef[want] {
+			t.Errorf("no undefined symbol %s; have %v", want, undef)
+		}
+	}
+	if a, ok := defined["__stitch_fn_0_0"]; !ok || elf.ST_BIND(a.Info) != elf.STB_GLOBAL || f.Sections[a.Section].Name != ".text.changed" {
+		t.Errorf("alias symbol = %+v", a)
+	}
+	if c, ok := defined["changed"]; !ok || elf.ST_BIND(c.Info) != elf.STB_LOCAL {
+		t.Errorf("carried function must be local: %+v", c)
+	}
+	// Every relocation of the carried code must survive, pointing at the
+	// same place: same count as in the post object.
+	postF, _ := elf.NewFile(bytes.NewReader(post))
+	if n, m := relaCount(postF, ".rela.text.changed"), relaCount(f, ".rela.text.changed"); n != m || n == 0 {
+		t.Errorf("relocations of changed: %d in the post object, %d in the output", n, m)
+	}
+}
+
+func relaCount(f *elf.File, name string) int {
+	s := f.Section(name)
+	if s == nil {
+		return 0
+	}
+	return int(s.Size / 24)
+}
+
+func TestWriteObjectRefusesInitReference(t *testing.T) {
+	in := &ObjectInput{
+		Object:  "vmlinux",
+		Post:    compile(t, "testdata/writer/fix.c"),
+		Funcs:   []Func{{Name: "uses_init"}},
+		Resolve: exportedOnly("__fentry__"),
+	}
+	_, _, err := WriteObject(in, "__stitch_fn_0_")
+	if !errors.Is(err, ErrUnpatchable) {
+		t.Fatalf("WriteObject = %v, want ErrUnpatchable", err)
+	}
+	t.Log(err)
+}
+
+func TestWriteObjectUnknownFunction(t *testing.T) {
+	in := &ObjectInput{Object: "vmlinux", Post: compile(t, "testdata/writer/fix.c"), Funcs: []Func{{Name: "nope"}}, Resolve: exportedOnly()}
+	if _, _, err := WriteObject(in, "x"); !errors.Is(err, ErrUnpatchable) {
+		t.Errorf("WriteObject(nope) = %v", err)
+	}
+	in.Post = []byte("garbage")
+	if _, _, err := WriteObject(in, "x"); err == nil {
+		t.Error("WriteObject accepted garbage")
+	}
+}
