@@ -1,0 +1,125 @@
+// Package build turns a source fix into a livepatch module for one distro
+// kernel: it compiles the touched objects before and after the fix, diffs
+// them, locates each object in the running kernel, proves the pre-fix
+// code is the kernel's own (run-pre matching), writes the module with
+// klpmod, and records all of it in a manifest.
+package build
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"path"
+	"regexp"
+	"sort"
+	"strings"
+)
+
+// ErrBadFix means the fix is not a usable unified diff.
+var ErrBadFix = errors.New("bad fix")
+
+// Fix is a source fix: a unified diff against the kernel source tree,
+// as `patch -p1` takes it.
+type Fix struct {
+	Name        string   `json:"name"`
+	Hash        string   `json:"sha256"`
+	Description string   `json:"description,omitempty"`
+	CVEs        []string `json:"cves,omitempty"`
+	Files       []string `json:"files"` // source files changed, relative to the tree's root
+	Diff        []byte   `json:"-"`
+}
+
+var cveRE = regexp.MustCompile(`CVE-\d{4}-\d{4,}`)
+
+// ParseFix reads a unified diff. The description is taken from a
+// "Subject:" line (git format-patch) or else the first line of the text
+// before the diff; CVE ids from anywhere in that text.
+func ParseFix(name string, diff []byte) (*Fix, error) {
+	sum := sha256.Sum256(diff)
+	f := &Fix{Name: name, Hash: hex.EncodeToString(sum[:]), Diff: diff}
+	seen := map[string]bool{}
+	var header []string
+	inHeader := true
+	sc := bufio.NewScanner(bytes.NewReader(diff))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		switch {
+		case strings.HasPrefix(line, "--- "):
+			inHeader = false
+		case strings.HasPrefix(line, "+++ "):
+			p, err := diffPath(strings.TrimPrefix(line, "+++ "))
+			if err != nil {
+				return nil, fmt.Errorf("%w: %s: %v", ErrBadFix, name, err)
+			}
+			if p != "" && !seen[p] {
+				seen[p] = true
+				f.Files = append(f.Files, p)
+			}
+		case inHeader && strings.HasPrefix(line, "diff --git "):
+			inHeader = false
+		case inHeader:
+			header = append(header, line)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("%w: %s: %v", ErrBadFix, name, err)
+	}
+	if len(f.Files) == 0 {
+		return nil, fmt.Errorf("%w: %s has no '+++ b/<file>' lines: not a unified diff", ErrBadFix, name)
+	}
+	sort.Strings(f.Files)
+	text := strings.Join(header, "\n")
+	for _, l := range header {
+		if s, ok := strings.CutPrefix(l, "Subject: "); ok {
+			f.Description = strings.TrimSpace(strings.TrimPrefix(s, "[PATCH] "))
+			break
+		}
+	}
+	if f.Description == "" {
+		for _, l := range header {
+			if l = strings.TrimSpace(l); l != "" && !strings.HasPrefix(l, "From ") {
+				f.Description = l
+				break
+			}
+		}
+	}
+	for _, c := range cveRE.FindAllString(text, -1) {
+		if !contains(f.CVEs, c) {
+			f.CVEs = append(f.CVEs, c)
+		}
+	}
+	return f, nil
+}
+
+// diffPath turns "b/fs/proc/cmdline.c\t2024-..." into "fs/proc/cmdline.c"
+// (one leading component stripped, as patch -p1 does). /dev/null (a
+// deleted file) gives "".
+func diffPath(s string) (string, error) {
+	s, _, _ = strings.Cut(s, "\t")
+	s = strings.TrimSpace(s)
+	if s == "/dev/null" {
+		return "", nil
+	}
+	_, rest, ok := strings.Cut(s, "/")
+	if !ok || rest == "" {
+		return "", fmt.Errorf("path %q has no leading component to strip (want a/… and b/…)", s)
+	}
+	clean := path.Clean(rest)
+	if strings.HasPrefix(clean, "../") || clean == ".." || path.IsAbs(clean) {
+		return "", fmt.Errorf("path %q leaves the source tree", s)
+	}
+	return clean, nil
+}
+
+func contains(ss []string, s string) bool {
+	for _, x := range ss {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}

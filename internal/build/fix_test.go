@@ -1,0 +1,94 @@
+package build
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+func TestParseFixFormatPatch(t *testing.T) {
+	diff := `From 1234 Mon Sep 17 00:00:00 2001
+From: A Developer <a@example.org>
+Subject: [PATCH] proc: fix a leak in cmdline (CVE-2099-12345)
+
+Fixes CVE-2099-12345 and CVE-2099-54321.
+
+diff --git a/fs/proc/cmdline.c b/fs/proc/cmdline.c
+--- a/fs/proc/cmdline.c
++++ b/fs/proc/cmdline.c
+@@ -1 +1 @@
+-a
++b
+--- a/include/linux/x.h	2024-01-01
++++ b/include/linux/x.h	2024-01-01
+@@ -1 +1 @@
+-a
++b
+`
+	f, err := ParseFix("x.patch", []byte(diff))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.Description != "proc: fix a leak in cmdline (CVE-2099-12345)" {
+		t.Errorf("description = %q", f.Description)
+	}
+	if want := []string{"CVE-2099-12345", "CVE-2099-54321"}; !reflect.DeepEqual(f.CVEs, want) {
+		t.Errorf("CVEs = %v, want %v", f.CVEs, want)
+	}
+	if want := []string{"fs/proc/cmdline.c", "include/linux/x.h"}; !reflect.DeepEqual(f.Files, want) {
+		t.Errorf("files = %v, want %v", f.Files, want)
+	}
+	if len(f.Hash) != 64 {
+		t.Errorf("hash = %q", f.Hash)
+	}
+}
+
+func TestParseFixCorpus(t *testing.T) {
+	dir := "../../../shared/corpus/fixes"
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Skipf("no corpus: %v", err)
+	}
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := ParseFix(e.Name(), b)
+		if err != nil {
+			t.Errorf("%s: %v", e.Name(), err)
+			continue
+		}
+		// Corpus names are the file's path with / turned into _.
+		want := strings.TrimSuffix(e.Name(), ".patch")
+		if len(f.Files) != 1 || strings.NewReplacer("/", "_", ".c", "").Replace(f.Files[0]) != want {
+			t.Errorf("%s: files %v", e.Name(), f.Files)
+		}
+	}
+}
+
+func TestParseFixBad(t *testing.T) {
+	for name, diff := range map[string]string{
+		"empty":        "",
+		"no diff":      "just some text\n",
+		"escapes tree": "--- a/../etc/passwd\n+++ b/../etc/passwd\n",
+		"no prefix":    "--- x.c\n+++ x.c\n",
+	} {
+		if _, err := ParseFix(name, []byte(diff)); !errors.Is(err, ErrBadFix) {
+			t.Errorf("%s: err = %v, want ErrBadFix", name, err)
+		}
+	}
+}
+
+func FuzzParseFix(f *testing.F) {
+	f.Add([]byte("--- a/x.c\n+++ b/x.c\n@@ -1 +1 @@\n-a\n+b\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		fix, err := ParseFix("fuzz", data)
+		if err == nil && len(fix.Files) == 0 {
+			t.Fatal("accepted a fix that changes no file")
+		}
+	})
+}
