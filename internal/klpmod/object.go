@@ -325,10 +325,11 @@ func (b *builder) resolve(r rela) (target, error) {
 }
 
 // anonymousData tells the read-only sections that may be copied into the
-// patch when no symbol names what is referenced (string literals, constant
-// pools): a copy of a constant is as good as the original.
+// patch when no symbol names what is referenced: string literals and
+// constant pools (a copy of a constant is as good as the original), and
+// the replacement code of alternatives, which belongs to the carried code.
 func anonymousData(sec string) bool {
-	return strings.HasPrefix(sec, ".rodata")
+	return strings.HasPrefix(sec, ".rodata") || sec == ".altinstr_replacement"
 }
 
 // external makes a reference to a symbol the patch does not carry.
