@@ -161,7 +161,7 @@ func runStatus(ctx context.Context, st *stdio, args []string) error {
 		return printJSON(st.out, s)
 	}
 	w := st.out
-	fmt.Fprintf(w, "kernel:    %s\n", s.Release)
+	fmt.Fprintf(w, "kernel:    %s (build-id %s)\n", s.Release, s.BuildID)
 	fmt.Fprintf(w, "livepatch: %s\n", map[bool]string{true: "supported", false: "NOT supported (no /sys/kernel/livepatch)"}[s.Livepatch])
 	fmt.Fprintf(w, "taint:     %d %s\n", s.Taint.Value, s.Taint)
 	for _, f := range s.Taint.Flags {

@@ -7,6 +7,8 @@ package kmod
 import (
 	"bytes"
 	"debug/elf"
+	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -184,3 +186,30 @@ func first(v []string) string {
 	}
 	return v[0]
 }
+
+// ErrNoBuildID means ELF notes hold no GNU build-id.
+var ErrNoBuildID = errors.New("no GNU build-id note")
+
+// BuildID returns the GNU build-id (hex) from a block of ELF notes: a
+// .note.gnu.build-id or .notes section, or the running kernel's
+// /sys/kernel/notes.
+func BuildID(notes []byte) (string, error) {
+	const ntGNUBuildID = 3
+	for len(notes) >= 12 {
+		namesz := int(binary.LittleEndian.Uint32(notes[0:]))
+		descsz := int(binary.LittleEndian.Uint32(notes[4:]))
+		typ := binary.LittleEndian.Uint32(notes[8:])
+		nameEnd := 12 + align4(namesz)
+		descEnd := nameEnd + align4(descsz)
+		if namesz < 0 || descsz < 0 || nameEnd > len(notes) || descEnd > len(notes) || nameEnd+descsz > len(notes) {
+			break
+		}
+		if typ == ntGNUBuildID && namesz == 4 && string(notes[12:15]) == "GNU" {
+			return hex.EncodeToString(notes[nameEnd : nameEnd+descsz]), nil
+		}
+		notes = notes[descEnd:]
+	}
+	return "", ErrNoBuildID
+}
+
+func align4(n int) int { return (n + 3) &^ 3 }

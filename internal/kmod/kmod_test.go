@@ -2,8 +2,11 @@ package kmod
 
 import (
 	"bytes"
+	"debug/elf"
 	"errors"
 	"os"
+	"os/exec"
+	"strings"
 	"reflect"
 	"testing"
 
@@ -92,5 +95,37 @@ func FuzzRead(f *testing.F) {
 		if err == nil && (m.Name == "" || m.Vermagic == "") {
 			t.Fatalf("accepted a module without name or vermagic: %+v", m)
 		}
+	})
+}
+
+func TestBuildIDOfRealModule(t *testing.T) {
+	readReal(t)
+	f, err := elf.Open(realModule)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	notes, err := f.Section(".note.gnu.build-id").Data()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := BuildID(notes)
+	if err != nil || len(id) != 40 {
+		t.Fatalf("BuildID = %q, %v; want 20 bytes of hex", id, err)
+	}
+	// readelf must agree.
+	out, err := exec.Command("readelf", "-n", realModule).Output()
+	if err == nil && !strings.Contains(string(out), id) {
+		t.Errorf("readelf -n does not show build-id %s:\n%s", id, out)
+	}
+	if _, err := BuildID(notes[:len(notes)-3]); !errors.Is(err, ErrNoBuildID) {
+		t.Errorf("truncated notes: %v", err)
+	}
+}
+
+func FuzzBuildID(f *testing.F) {
+	f.Add([]byte("\x04\x00\x00\x00\x02\x00\x00\x00\x03\x00\x00\x00GNU\x00\xab\xcd\x00\x00"))
+	f.Fuzz(func(t *testing.T, notes []byte) {
+		BuildID(notes) // must not panic
 	})
 }

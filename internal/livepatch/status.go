@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/stitchpatch/stitch/internal/kmod"
 )
 
 // Kernel is the running kernel, seen through its pseudo filesystems.
@@ -33,6 +35,7 @@ type Kernel struct {
 // Status is the kernel's livepatch state, as `stitch status` reports it.
 type Status struct {
 	Release   string  `json:"release"`
+	BuildID   string  `json:"build_id"` // GNU build-id of the running kernel image
 	Livepatch bool    `json:"livepatch_supported"`
 	Patches   []Patch `json:"patches"`
 	Taint     Taint   `json:"taint"`
@@ -84,6 +87,20 @@ func Release() (string, error) {
 	return unix.ByteSliceToString(u.Release[:]), nil
 }
 
+// BuildID returns the running kernel's GNU build-id, from
+// /sys/kernel/notes: what a patch's manifest must name.
+func (k *Kernel) BuildID() (string, error) {
+	notes, err := os.ReadFile(k.path("/sys/kernel/notes"))
+	if err != nil {
+		return "", fmt.Errorf("read kernel build-id: %w", err)
+	}
+	id, err := kmod.BuildID(notes)
+	if err != nil {
+		return "", fmt.Errorf("read kernel build-id from %s: %w", k.path("/sys/kernel/notes"), err)
+	}
+	return id, nil
+}
+
 // Status reads the whole livepatch state.
 func (k *Kernel) Status() (*Status, error) {
 	st := &Status{Patches: []Patch{}}
@@ -92,6 +109,9 @@ func (k *Kernel) Status() (*Status, error) {
 		return nil, err
 	}
 	if st.Taint, err = k.Taint(); err != nil {
+		return nil, err
+	}
+	if st.BuildID, err = k.BuildID(); err != nil {
 		return nil, err
 	}
 	if k.Supported() != nil {

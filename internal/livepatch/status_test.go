@@ -29,6 +29,10 @@ func TestStatusFromCapture(t *testing.T) {
 	if !reflect.DeepEqual(st.Patches, want) {
 		t.Errorf("patches:\n got %+v\nwant %+v", st.Patches, want)
 	}
+	// The .notes of the 6.1.0-54-amd64 image, as readelf -n shows them.
+	if st.BuildID != "887cd47f03581c5baf735611814b0308637cd7f2" {
+		t.Errorf("build-id = %q", st.BuildID)
+	}
 	if got := st.Taint.String(); got != "OEK" || st.Taint.Value != 45056 {
 		t.Errorf("taint = %d %q, want 45056 OEK", st.Taint.Value, got)
 	}

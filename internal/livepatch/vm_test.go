@@ -130,7 +130,7 @@ func TestGuestApplyStatusRevert(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &st); err != nil {
 		t.Fatal(err)
 	}
-	if !st.Livepatch || st.Release != testutils.Release || len(st.Patches) != 1 {
+	if !st.Livepatch || st.Release != testutils.Release || len(st.BuildID) != 40 || len(st.Patches) != 1 {
 		t.Fatalf("status: %+v", st)
 	}
 	p := st.Patches[0]
