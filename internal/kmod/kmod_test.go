@@ -6,8 +6,8 @@ import (
 	"errors"
 	"os"
 	"os/exec"
-	"strings"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/stitchpatch/stitch/internal/testutils"
