@@ -1,0 +1,67 @@
+package build
+
+import (
+	"encoding/json"
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/stitchpatch/stitch/internal/fingerprint"
+)
+
+func validManifest() *Manifest {
+	return &Manifest{
+		Version: ManifestVersion, Name: "fix_cmdline", Module: "fix_cmdline.ko",
+		ModuleHash: strings.Repeat("ab", 32),
+		Kernel:     Kernel{Release: "6.1.0-54-amd64", BuildID: "887cd47f03581c5baf735611814b0308637cd7f2"},
+		Fixes:      []Fix{{Name: "cmdline.patch", Hash: strings.Repeat("cd", 32), Files: []string{"fs/proc/cmdline.c"}}},
+		Objects: []Object{{Name: "vmlinux", Functions: []Function{{
+			Name: "cmdline_proc_show", Fingerprint: fingerprint.Fingerprint{Size: 42, Masked: [][2]int{{0, 5}}, SHA256: strings.Repeat("ef", 32)},
+		}}}},
+	}
+}
+
+func TestManifestRoundTrip(t *testing.T) {
+	m := validManifest()
+	b, err := json.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := ParseManifest(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Objects[0].Functions[0].Fingerprint.Masked[0] != [2]int{0, 5} || got.Kernel != m.Kernel {
+		t.Errorf("round trip lost data: %+v", got)
+	}
+}
+
+func TestManifestRefusesIncomplete(t *testing.T) {
+	for name, mutate := range map[string]func(*Manifest){
+		"version":     func(m *Manifest) { m.Version = 99 },
+		"no build-id": func(m *Manifest) { m.Kernel.BuildID = "" },
+		"no objects":  func(m *Manifest) { m.Objects = nil },
+		"no hash":     func(m *Manifest) { m.ModuleHash = "x" },
+		"no fingerprint": func(m *Manifest) {
+			m.Objects[0].Functions[0].Fingerprint = fingerprint.Fingerprint{}
+		},
+	} {
+		m := validManifest()
+		mutate(m)
+		b, _ := json.Marshal(m)
+		if _, err := ParseManifest(b); !errors.Is(err, ErrBadManifest) {
+			t.Errorf("%s: %v, want ErrBadManifest", name, err)
+		}
+	}
+	if _, err := ParseManifest([]byte("{")); !errors.Is(err, ErrBadManifest) {
+		t.Errorf("truncated JSON: %v", err)
+	}
+}
+
+func FuzzParseManifest(f *testing.F) {
+	b, _ := json.Marshal(validManifest())
+	f.Add(b)
+	f.Fuzz(func(t *testing.T, data []byte) {
+		ParseManifest(data) // must not panic
+	})
+}
