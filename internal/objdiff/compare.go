@@ -1,0 +1,267 @@
+package objdiff
+
+import (
+	"bytes"
+	"debug/elf"
+	"strconv"
+	"strings"
+
+	"golang.org/x/arch/x86/x86asm"
+
+	"github.com/stitchpatch/stitch/internal/elfobj"
+)
+
+// side is one object of the comparison with the correlation seen from it.
+type side struct {
+	obj  *elfobj.Object
+	c    *correlation
+	post bool
+}
+
+// counterpart returns the symbol on the other side, or nil.
+func (s side) counterpart(sym *elfobj.Symbol) *elfobj.Symbol {
+	if s.post {
+		return s.c.post2pre[sym]
+	}
+	return s.c.pre2post[sym]
+}
+
+// ident names what a relocation points to in terms that mean the same in
+// both objects: the post-side name of a correlated symbol plus the offset
+// into it, the text of a string literal, or an external symbol's name.
+func (s side) ident(r elfobj.Reloc) string {
+	t, off := r.Target()
+	if t == nil {
+		return "?"
+	}
+	o := strconv.FormatInt(off, 10)
+	if t.Section != nil && t.Section.Strings() {
+		// A string literal, possibly through a local label (.LC0):
+		// only its text identifies it.
+		place := int64(t.Value) + off
+		if elfobj.PCRelative(r.Type) {
+			place += 4
+		}
+		if str, ok := t.Section.String(place); ok {
+			return "str:" + strconv.Quote(str) + "+" + strconv.FormatInt(int64(t.Value)+off-place, 10)
+		}
+	}
+	if t.Type == elf.STT_SECTION {
+		sec := t.Section
+		if sec == nil {
+			return "sec:" + t.Name + "+" + o
+		}
+		place := off
+		if elfobj.PCRelative(r.Type) {
+			place += 4
+		}
+		if sec.Name == ".altinstr_replacement" {
+			// Offsets into the replacement pool move when any
+			// alternative of the file changes; the entry's own bytes
+			// say which replacement it is.
+			return "altinstr_replacement"
+		}
+		if sec.Flags&elf.SHF_MERGE != 0 && sec.Entsize > 0 && place >= 0 && uint64(place)+sec.Entsize <= uint64(len(sec.Data)) {
+			return "const:" + string(sec.Data[place:uint64(place)+sec.Entsize]) + "+" + strconv.FormatInt(off-place, 10)
+		}
+		return "sec:" + baseName(sec.Name) + "+" + o
+	}
+	if !t.Defined() {
+		return "ext:" + t.Name + "+" + o
+	}
+	if !candidate(t) {
+		return "sym:" + t.Name + "+" + o
+	}
+	name := t.Name
+	if s.post {
+		if s.c.post2pre[t] == nil {
+			return "new:" + name + "+" + o
+		}
+	} else {
+		m := s.c.pre2post[t]
+		if m == nil {
+			return "gone:" + name + "+" + o
+		}
+		name = m.Name
+	}
+	return "sym:" + name + "+" + o
+}
+
+// masked returns data with every relocation field zeroed. Objects already
+// have zeros there, except REL-style leftovers, so this is cheap insurance.
+func masked(data []byte, relocs []elfobj.Reloc, base uint64) []byte {
+	out := bytes.Clone(data)
+	for _, r := range relocs {
+		o := r.Offset - base
+		for i := 0; i < elfobj.SizeOf(r.Type) && o+uint64(i) < uint64(len(out)); i++ {
+			out[o+uint64(i)] = 0
+		}
+	}
+	return out
+}
+
+// sameRelocs compares two relocation lists by position, type and target.
+func sameRelocs(a side, ra []elfobj.Reloc, baseA uint64, b side, rb []elfobj.Reloc, baseB uint64) bool {
+	if len(ra) != len(rb) {
+		return false
+	}
+	for i := range ra {
+		x, y := ra[i], rb[i]
+		if x.Offset-baseA != y.Offset-baseB || x.Type != y.Type || a.ident(x) != b.ident(y) {
+			return false
+		}
+	}
+	return true
+}
+
+// funcDiff is the outcome of comparing one pair of functions.
+type funcDiff int
+
+const (
+	same funcDiff = iota
+	lineOnly
+	changed
+)
+
+func compareFunc(a side, fa *elfobj.Symbol, b side, fb *elfobj.Symbol) funcDiff {
+	da, db := fa.Bytes(), fb.Bytes()
+	if da == nil || db == nil || len(da) != len(db) {
+		return changed
+	}
+	ra := fa.Section.RelocsIn(fa.Value, fa.Value+fa.Size)
+	rb := fb.Section.RelocsIn(fb.Value, fb.Value+fb.Size)
+	if !sameRelocs(a, ra, fa.Value, b, rb, fb.Value) {
+		return changed
+	}
+	ma, mb := masked(da, ra, fa.Value), masked(db, rb, fb.Value)
+	if bytes.Equal(ma, mb) {
+		return same
+	}
+	if onlyLines(a, fa, ma, ra, mb) {
+		return lineOnly
+	}
+	return changed
+}
+
+// lineTakers are kernel functions that take __FILE__/__LINE__-style
+// arguments, for call sites that pass no file name string.
+var lineTakers = map[string]bool{
+	"__might_sleep": true, "__might_resched": true, "__might_fault": true,
+	"__cant_sleep": true, "__cant_migrate": true, "__warn_printk": true,
+	"warn_slowpath_fmt": true, "lockdep_rcu_suspicious": true, "__might_resched_noirq": true,
+}
+
+// argRegs32 are the 32-bit views of the argument registers of the x86-64
+// calling convention, where a __LINE__ is passed.
+var argRegs32 = map[x86asm.Reg]bool{
+	x86asm.EDI: true, x86asm.ESI: true, x86asm.EDX: true,
+	x86asm.ECX: true, x86asm.R8L: true, x86asm.R9L: true,
+}
+
+// onlyLines tells whether two function bodies of the same length, with
+// equal relocations, differ only in __LINE__ immediates: `mov $line, %reg`
+// into an argument register in a call sequence that also passes a source
+// file name or calls a function known to take a line number.
+func onlyLines(s side, f *elfobj.Symbol, a []byte, relocs []elfobj.Reloc, b []byte) bool {
+	type insn struct {
+		off, end int
+		lineArg  bool
+	}
+	var insns []insn
+	var diffs []int
+	for off := 0; off < len(a); {
+		x, errA := x86asm.Decode(a[off:], 64)
+		y, errB := x86asm.Decode(b[off:], 64)
+		if errA != nil || errB != nil || x.Len != y.Len {
+			return false
+		}
+		in := insn{off: off, end: off + x.Len}
+		if !bytes.Equal(a[off:in.end], b[off:in.end]) {
+			if !isLineMov(x) || !isLineMov(y) {
+				return false
+			}
+			diffs = append(diffs, len(insns))
+		}
+		insns = append(insns, in)
+		off = in.end
+	}
+	if len(diffs) == 0 {
+		return false
+	}
+	for _, d := range diffs {
+		// The call sequence: from after the previous call to the end of
+		// the next call (or jump, for tail calls).
+		start, end := 0, len(a)
+		for i := d - 1; i >= 0; i-- {
+			if isCall(a[insns[i].off:insns[i].end]) {
+				start = insns[i].end
+				break
+			}
+		}
+		for i := d + 1; i < len(insns); i++ {
+			if isCall(a[insns[i].off:insns[i].end]) {
+				end = insns[i].end
+				break
+			}
+		}
+		if !lineContext(f.Section.RelocsIn(f.Value+uint64(start), f.Value+uint64(end))) {
+			return false
+		}
+	}
+	return true
+}
+
+func isLineMov(in x86asm.Inst) bool {
+	if in.Op != x86asm.MOV || len(in.Args) < 2 {
+		return false
+	}
+	r, ok := in.Args[0].(x86asm.Reg)
+	imm, ok2 := in.Args[1].(x86asm.Imm)
+	return ok && ok2 && argRegs32[r] && imm > 0 && imm < 1<<20
+}
+
+func isCall(code []byte) bool {
+	in, err := x86asm.Decode(code, 64)
+	return err == nil && (in.Op == x86asm.CALL || in.Op == x86asm.JMP && len(code) == 5)
+}
+
+func lineContext(relocs []elfobj.Reloc) bool {
+	for _, r := range relocs {
+		t, off := r.Target()
+		if t == nil {
+			continue
+		}
+		if lineTakers[t.Name] {
+			return true
+		}
+		if t.Section == nil || !t.Section.Strings() {
+			continue
+		}
+		place := int64(t.Value) + off
+		if elfobj.PCRelative(r.Type) {
+			place += 4
+		}
+		if str, ok := t.Section.String(place); ok && (strings.HasSuffix(str, ".c") || strings.HasSuffix(str, ".h")) {
+			return true
+		}
+	}
+	return false
+}
+
+// compareData compares a correlated pair of data objects: size, contents
+// and what their relocations point to.
+func compareData(a side, da *elfobj.Symbol, b side, db *elfobj.Symbol) (sizeChanged, contentChanged bool) {
+	if da.Size != db.Size {
+		return true, false
+	}
+	ra := da.Section.RelocsIn(da.Value, da.Value+da.Size)
+	rb := db.Section.RelocsIn(db.Value, db.Value+db.Size)
+	if !sameRelocs(a, ra, da.Value, b, rb, db.Value) {
+		return false, true
+	}
+	ba, bb := da.Bytes(), db.Bytes()
+	if (ba == nil) != (bb == nil) {
+		return false, true
+	}
+	return false, !bytes.Equal(masked(ba, ra, da.Value), masked(bb, rb, db.Value))
+}

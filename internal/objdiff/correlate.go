@@ -1,0 +1,185 @@
+package objdiff
+
+import (
+	"debug/elf"
+	"sort"
+	"strings"
+
+	"github.com/stitchpatch/stitch/internal/elfobj"
+)
+
+// correlation pairs the defined symbols of the pre and post objects.
+type correlation struct {
+	pre2post map[*elfobj.Symbol]*elfobj.Symbol
+	post2pre map[*elfobj.Symbol]*elfobj.Symbol
+}
+
+func (c *correlation) pair(a, b *elfobj.Symbol) {
+	c.pre2post[a] = b
+	c.post2pre[b] = a
+}
+
+// candidate tells whether a symbol takes part in correlation: defined,
+// named, in a loaded section, and not a section or file symbol.
+func candidate(s *elfobj.Symbol) bool {
+	if s.Section == nil || s.Name == "" || !s.Section.Alloc() || s.Section.Strings() || strings.HasPrefix(s.Name, ".L") {
+		return false
+	}
+	switch s.Type {
+	case elf.STT_FUNC, elf.STT_OBJECT, elf.STT_NOTYPE, elf.STT_TLS:
+		return true
+	}
+	return false
+}
+
+// class separates functions from data so that a variable never pairs with
+// a function of the same name.
+func class(s *elfobj.Symbol) string {
+	if s.Type == elf.STT_FUNC || s.Section.Executable() {
+		return "f:"
+	}
+	return "d:"
+}
+
+// baseName strips the numbers the compiler and the preprocessor put into
+// names, which an edit elsewhere in the file renumbers: foo.constprop.0,
+// bar.isra.1, count.3 (a static local), __UNIQUE_ID_ddebug412, __key.12.
+func baseName(name string) string {
+	parts := strings.Split(name, ".")
+	out := parts[:1]
+	for _, p := range parts[1:] {
+		if p != "" && strings.Trim(p, "0123456789") == "" {
+			continue
+		}
+		out = append(out, p)
+	}
+	b := strings.Join(out, ".")
+	if strings.HasPrefix(b, "__UNIQUE_ID_") {
+		b = strings.TrimRight(b, "0123456789")
+	}
+	return b
+}
+
+// correlate pairs symbols: first those whose names are unique on both
+// sides, then, within groups of the same base name, by which functions
+// use them, and last by order of appearance when the groups are the same
+// size.
+func correlate(pre, post *elfobj.Object) *correlation {
+	c := &correlation{pre2post: map[*elfobj.Symbol]*elfobj.Symbol{}, post2pre: map[*elfobj.Symbol]*elfobj.Symbol{}}
+	byName := func(o *elfobj.Object) map[string][]*elfobj.Symbol {
+		m := map[string][]*elfobj.Symbol{}
+		for _, s := range o.Symbols {
+			if candidate(s) {
+				k := class(s) + s.Name
+				m[k] = append(m[k], s)
+			}
+		}
+		return m
+	}
+	a, b := byName(pre), byName(post)
+	for k, as := range a {
+		if bs := b[k]; len(as) == 1 && len(bs) == 1 {
+			c.pair(as[0], bs[0])
+		}
+	}
+
+	groups := func(o *elfobj.Object, paired map[*elfobj.Symbol]*elfobj.Symbol) (map[string][]*elfobj.Symbol, []string) {
+		m := map[string][]*elfobj.Symbol{}
+		var keys []string
+		for _, s := range o.Symbols {
+			if !candidate(s) || paired[s] != nil {
+				continue
+			}
+			k := class(s) + baseName(s.Name)
+			if m[k] == nil {
+				keys = append(keys, k)
+			}
+			m[k] = append(m[k], s)
+		}
+		return m, keys
+	}
+	ga, keys := groups(pre, c.pre2post)
+	gb, _ := groups(post, c.post2pre)
+	var usersA, usersB map[*elfobj.Symbol]string
+	for _, k := range keys {
+		as, bs := ga[k], gb[k]
+		if len(bs) == 0 {
+			continue
+		}
+		if len(as) == 1 && len(bs) == 1 {
+			c.pair(as[0], bs[0])
+			continue
+		}
+		if usersA == nil {
+			usersA, usersB = users(pre, c, true), users(post, c, false)
+		}
+		// Pair those whose set of users is unique on both sides.
+		sa, sb := map[string][]*elfobj.Symbol{}, map[string][]*elfobj.Symbol{}
+		for _, s := range as {
+			sa[usersA[s]] = append(sa[usersA[s]], s)
+		}
+		for _, s := range bs {
+			sb[usersB[s]] = append(sb[usersB[s]], s)
+		}
+		for sig, x := range sa {
+			y := sb[sig]
+			if len(x) == len(y) {
+				// Same users, same count: the order of definition is
+				// the order in the source, which an unrelated edit
+				// does not change.
+				for i := range x {
+					c.pair(x[i], y[i])
+				}
+			}
+		}
+		var restA, restB []*elfobj.Symbol
+		for _, s := range as {
+			if c.pre2post[s] == nil {
+				restA = append(restA, s)
+			}
+		}
+		for _, s := range bs {
+			if c.post2pre[s] == nil {
+				restB = append(restB, s)
+			}
+		}
+		if len(restA) == len(restB) && len(restA) > 0 && k[0] == 'f' {
+			for i := range restA {
+				c.pair(restA[i], restB[i])
+			}
+		}
+	}
+	return c
+}
+
+// users maps each defined symbol to a canonical list of the functions
+// that refer to it (by their base names), which identifies a static local
+// by the function it belongs to.
+func users(o *elfobj.Object, c *correlation, pre bool) map[*elfobj.Symbol]string {
+	sets := map[*elfobj.Symbol]map[string]bool{}
+	for _, f := range o.Symbols {
+		if f.Type != elf.STT_FUNC || f.Section == nil {
+			continue
+		}
+		for _, r := range f.Section.RelocsIn(f.Value, f.Value+f.Size) {
+			t, _ := r.Target()
+			if t == nil || t.Type == elf.STT_SECTION || t == f {
+				continue
+			}
+			if sets[t] == nil {
+				sets[t] = map[string]bool{}
+			}
+			sets[t][baseName(f.Name)] = true
+		}
+	}
+	out := make(map[*elfobj.Symbol]string, len(sets))
+	for s, set := range sets {
+		names := make([]string, 0, len(set))
+		for n := range set {
+			names = append(names, n)
+		}
+		sort.Strings(names)
+		out[s] = strings.Join(names, ",")
+	}
+	return out
+}

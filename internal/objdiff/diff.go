@@ -1,0 +1,220 @@
+package objdiff
+
+import (
+	"debug/elf"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+
+	"github.com/stitchpatch/stitch/internal/elfobj"
+)
+
+// DiffFiles reads and compares two object files.
+func DiffFiles(prePath, postPath string) (*Result, error) {
+	pre, err := elfobj.Open(prePath)
+	if err != nil {
+		return nil, fmt.Errorf("%w: pre: %w", ErrNoObject, err)
+	}
+	post, err := elfobj.Open(postPath)
+	if err != nil {
+		return nil, fmt.Errorf("%w: post: %w", ErrNoObject, err)
+	}
+	return Diff(pre, post), nil
+}
+
+// Diff compares a pre and a post object.
+func Diff(pre, post *elfobj.Object) *Result {
+	c := correlate(pre, post)
+	a, b := side{obj: pre, c: c}, side{obj: post, c: c, post: true}
+	res := &Result{}
+	var changed []*elfobj.Symbol
+	unchanged := map[*elfobj.Symbol]bool{} // post functions
+
+	for _, fb := range post.Symbols {
+		if !candidate(fb) || fb.Type != elf.STT_FUNC {
+			continue
+		}
+		fa := c.post2pre[fb]
+		if fa == nil {
+			res.New = append(res.New, describe(b, fb, nil))
+			if isInit(fb) {
+				res.unsafe(KindInit, fb.Name, fmt.Sprintf("new function %s is in %s: init and exit code has already run (or never will) in the running kernel, so a livepatch cannot apply it", fb.Name, fb.Section.Name))
+			}
+			continue
+		}
+		switch compareFunc(a, fa, b, fb) {
+		case same:
+			unchanged[fb] = true
+			continue
+		case lineOnly:
+			unchanged[fb] = true
+			res.LineOnly = append(res.LineOnly, fb.Name)
+			continue
+		}
+		changed = append(changed, fb)
+		res.Changed = append(res.Changed, describe(b, fb, fa))
+		switch {
+		case isInit(fa) || isInit(fb):
+			res.unsafe(KindInit, fb.Name, fmt.Sprintf("%s is %s code (section %s): it has already run or runs only at unload, so patching it has no effect; move the fix out of init/exit code or handle the state it sets up in a callback", fb.Name, initKind(fb), fb.Section.Name))
+		case !hasFentry(fb):
+			res.unsafe(KindNoFentry, fb.Name, fmt.Sprintf("%s changed but has no __fentry__ call (notrace, or the compiler built it without ftrace instrumentation), so ftrace cannot redirect it; patch its callers instead", fb.Name))
+		}
+	}
+	for _, fa := range pre.Symbols {
+		if candidate(fa) && fa.Type == elf.STT_FUNC && c.pre2post[fa] == nil {
+			res.Removed = append(res.Removed, fa.Name)
+		}
+	}
+
+	for _, db := range post.Symbols {
+		if !candidate(db) || class(db) != "d:" || db.Type == elf.STT_NOTYPE {
+			continue
+		}
+		da := c.post2pre[db]
+		if da == nil {
+			res.NewData = append(res.NewData, Data{Name: db.Name, Section: db.Section.Name, Local: db.Local(), Size: db.Size})
+			if sibling := unmatchedSibling(pre, c, db); sibling != nil {
+				res.unsafe(KindUncorrelated, db.Name, fmt.Sprintf("static variable %s is new but %s of the pre object (same name, different number) has no counterpart: cannot tell whether it is the same variable, whose state the patch would lose", db.Name, sibling.Name))
+			}
+			continue
+		}
+		sizeChanged, contentChanged := compareData(a, da, b, db)
+		kind := KindData
+		what := "variable"
+		if db.Local() && baseName(db.Name) != db.Name {
+			kind, what = KindStaticLocal, "static local variable"
+		}
+		switch {
+		case sizeChanged:
+			res.unsafe(kind, db.Name, fmt.Sprintf("%s %s changed size from %d to %d bytes: the running kernel keeps the old layout, which unchanged code still uses", what, db.Name, da.Size, db.Size))
+		case contentChanged && kind == KindStaticLocal:
+			res.unsafe(kind, db.Name, fmt.Sprintf("%s %s has a new initial value: the running kernel's copy holds state the patch would not reproduce; keep the initialiser, or use a shadow variable", what, db.Name))
+		case contentChanged:
+			res.unsafe(kind, db.Name, fmt.Sprintf("initialised data %s (section %s) changed: a livepatch replaces functions, not data already in memory; change it from code (a callback) or leave it alone", db.Name, db.Section.Name))
+		}
+	}
+
+	ga, gb := entryGroups(a), entryGroups(b)
+	for fb := range unchanged {
+		ea, eb := ga[c.post2pre[fb]], gb[fb]
+		if slices.Equal(ea, eb) {
+			continue
+		}
+		var tables []string
+		for _, e := range append(slices.Clone(ea), eb...) {
+			if n := specialName(e); !slices.Contains(tables, n) {
+				tables = append(tables, n)
+			}
+		}
+		sort.Strings(tables)
+		res.unsafe(KindSpecial, fb.Name, fmt.Sprintf("the code of %s is unchanged but its entries in %s changed; a livepatch cannot update the tables of code it does not replace", fb.Name, strings.Join(tables, ", ")))
+	}
+
+	if len(res.Changed)+len(res.New) > 0 || len(res.Unsafe) > 0 {
+		dwarfChecks(pre, post, res, changed, unchanged)
+	}
+	res.sort()
+	return res
+}
+
+func (r *Result) unsafe(kind, sym, reason string) {
+	r.Unsafe = append(r.Unsafe, Problem{Kind: kind, Symbol: sym, Reason: reason})
+}
+
+func (r *Result) sort() {
+	// Empty lists, not null, in JSON.
+	r.Changed = nonNil(r.Changed)
+	r.New = nonNil(r.New)
+	r.Removed = nonNil(r.Removed)
+	r.NewData = nonNil(r.NewData)
+	r.LineOnly = nonNil(r.LineOnly)
+	r.Unsafe = nonNil(r.Unsafe)
+	r.Explanations = nonNil(r.Explanations)
+	byName := func(x, y Func) int { return strings.Compare(x.Name, y.Name) }
+	slices.SortFunc(r.Changed, byName)
+	slices.SortFunc(r.New, byName)
+	slices.SortFunc(r.NewData, func(x, y Data) int { return strings.Compare(x.Name, y.Name) })
+	sort.Strings(r.Removed)
+	sort.Strings(r.LineOnly)
+	slices.SortFunc(r.Unsafe, func(x, y Problem) int {
+		if c := strings.Compare(x.Kind, y.Kind); c != 0 {
+			return c
+		}
+		return strings.Compare(x.Symbol, y.Symbol)
+	})
+}
+
+func isInit(f *elfobj.Symbol) bool { return initKind(f) != "" }
+
+func initKind(f *elfobj.Symbol) string {
+	n := f.Section.Name
+	switch {
+	case strings.HasPrefix(n, ".init.") || n == ".head.text":
+		return "__init"
+	case strings.HasPrefix(n, ".exit."):
+		return "__exit"
+	}
+	return ""
+}
+
+// hasFentry tells whether the function calls __fentry__ in its first
+// instructions (after an endbr64 when IBT is on), where ftrace hooks it.
+func hasFentry(f *elfobj.Symbol) bool {
+	for _, r := range f.Section.RelocsIn(f.Value, f.Value+16) {
+		if r.Symbol != nil && r.Symbol.Name == "__fentry__" {
+			return true
+		}
+	}
+	return false
+}
+
+// unmatchedSibling returns a pre symbol with the same base name as the
+// static local s that correlation left unpaired, or nil.
+func unmatchedSibling(pre *elfobj.Object, c *correlation, s *elfobj.Symbol) *elfobj.Symbol {
+	base := baseName(s.Name)
+	if base == s.Name || !s.Local() {
+		return nil
+	}
+	for _, p := range pre.Symbols {
+		if candidate(p) && class(p) == "d:" && c.pre2post[p] == nil && baseName(p.Name) == base {
+			return p
+		}
+	}
+	return nil
+}
+
+// describe builds the Func entry of a changed (pa != nil) or new function.
+func describe(s side, f, pa *elfobj.Symbol) Func {
+	fn := Func{Name: f.Name, Section: f.Section.Name, Local: f.Local(), Size: f.Size, Refs: []Ref{}}
+	if pa != nil && pa.Name != f.Name {
+		fn.PreName = pa.Name
+	}
+	seen := map[string]bool{}
+	for _, r := range f.Section.RelocsIn(f.Value, f.Value+f.Size) {
+		t, _ := r.Target()
+		if t == nil || t == f || t.Index == 0 {
+			continue
+		}
+		ref := Ref{Name: t.Name, Local: t.Local(), Defined: t.Defined(), Func: t.Type == elf.STT_FUNC}
+		if t.Type == elf.STT_SECTION {
+			ref.Section = true
+		} else if t.Defined() && candidate(t) && s.c.post2pre[t] == nil {
+			ref.New = true
+		}
+		if seen[ref.Name] {
+			continue
+		}
+		seen[ref.Name] = true
+		fn.Refs = append(fn.Refs, ref)
+	}
+	slices.SortFunc(fn.Refs, func(x, y Ref) int { return strings.Compare(x.Name, y.Name) })
+	return fn
+}
+
+func nonNil[T any](s []T) []T {
+	if s == nil {
+		return []T{}
+	}
+	return s
+}

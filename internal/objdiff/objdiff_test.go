@@ -1,0 +1,217 @@
+package objdiff
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/stitchpatch/stitch/internal/elfobj"
+)
+
+// kernelFlags are the code-generation flags of an x86-64 kernel build that
+// matter to the differ.
+var kernelFlags = []string{
+	"-O2", "-mfentry", "-pg", "-mrecord-mcount", "-ffunction-sections", "-fdata-sections",
+	"-fno-pic", "-fno-PIE", "-mcmodel=kernel", "-mno-red-zone", "-fno-strict-aliasing",
+	"-fno-common", "-mno-sse", "-mno-mmx", "-fno-asynchronous-unwind-tables",
+}
+
+// compiler returns gcc-12 (the kernel's compiler) or gcc.
+func compiler(t testing.TB) string {
+	for _, cc := range []string{"gcc-12", "gcc"} {
+		if p, err := exec.LookPath(cc); err == nil {
+			return p
+		}
+	}
+	if os.Getenv("CI") != "" {
+		t.Fatal("no gcc in PATH")
+	}
+	t.Skip("no gcc in PATH")
+	return ""
+}
+
+// compileCase builds testdata/<name>/{pre,post}.c and returns the objects.
+func compileCase(t *testing.T, name string) (pre, post string) {
+	t.Helper()
+	cc := compiler(t)
+	dir := filepath.Join("testdata", name)
+	flags := slices.Clone(kernelFlags)
+	if extra, err := os.ReadFile(filepath.Join(dir, "cflags")); err == nil {
+		flags = append(flags, strings.Fields(string(extra))...)
+	}
+	inc, err := filepath.Abs("testdata")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := t.TempDir()
+	// Both versions are compiled as the same file name, as a kernel
+	// build compiles them, so that __FILE__ strings agree.
+	build := func(which string) string {
+		src, err := os.ReadFile(filepath.Join(dir, which+".c"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		work := filepath.Join(out, which)
+		if err := os.MkdirAll(work, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(work, name+".c"), src, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		args := append(slices.Clone(flags), "-I", inc, "-c", name+".c", "-o", name+".o")
+		cmd := exec.Command(cc, args...)
+		cmd.Dir = work
+		if b, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("%s %s: %v\n%s", cc, strings.Join(args, " "), err, b)
+		}
+		return filepath.Join(work, name+".o")
+	}
+	return build("pre"), build("post")
+}
+
+func names(fs []Func) []string {
+	out := []string{}
+	for _, f := range fs {
+		out = append(out, f.Name)
+	}
+	return out
+}
+
+func kinds(ps []Problem) []string {
+	out := []string{}
+	for _, p := range ps {
+		out = append(out, p.Kind+":"+p.Symbol)
+	}
+	return out
+}
+
+func TestFixtures(t *testing.T) {
+	tests := []struct {
+		name     string
+		changed  []string
+		new      []string
+		newData  []string
+		lineOnly []string
+		unsafe   []string
+		explain  map[string][]string
+	}{
+		{name: "body", changed: []string{"add"}},
+		{name: "newhelper", changed: []string{"handle"}, new: []string{"check"}},
+		// first gains a static local (renumbering the others); counter
+		// changes but keeps its own.
+		{name: "staticlocal", changed: []string{"counter", "first"}, newData: []string{"seen.2"}},
+		{name: "staticlocal_init", unsafe: []string{KindStaticLocal + ":calls.0"}},
+		{name: "constprop", changed: []string{"scale.constprop.0"}},
+		{name: "line", lineOnly: []string{"checked"}},
+		{name: "init", changed: []string{"setup"}, unsafe: []string{KindInit + ":setup"}},
+		{name: "data", changed: []string{"count"}, newData: []string{"limit"}, unsafe: []string{KindData + ":table"}},
+		{name: "layout", changed: []string{"conn_get"}, unsafe: []string{KindTypeLayout + ":struct conn"}},
+		{name: "notrace", changed: []string{"fast"}, unsafe: []string{KindNoFentry + ":fast"}},
+		{name: "inline", changed: []string{"set_a", "set_b"}, explain: map[string][]string{"clamp": {"set_a", "set_b"}}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			pre, post := compileCase(t, tt.name)
+			res, err := DiffFiles(pre, post)
+			if err != nil {
+				t.Fatal(err)
+			}
+			check := func(what string, got, want []string) {
+				t.Helper()
+				if want == nil {
+					want = []string{}
+				}
+				if got == nil {
+					got = []string{}
+				}
+				if !slices.Equal(got, want) {
+					t.Errorf("%s = %q, want %q", what, got, want)
+				}
+			}
+			check("changed", names(res.Changed), tt.changed)
+			check("new", names(res.New), tt.new)
+			var nd []string
+			for _, d := range res.NewData {
+				nd = append(nd, d.Name)
+			}
+			check("new data", nd, tt.newData)
+			check("line-only", res.LineOnly, tt.lineOnly)
+			check("unsafe", kinds(res.Unsafe), tt.unsafe)
+			explained := map[string][]string{}
+			for _, e := range res.Explanations {
+				explained[e.Inlined] = e.Changed
+			}
+			for callee, want := range tt.explain {
+				check("explanation of "+callee, explained[callee], want)
+			}
+			for _, p := range res.Unsafe {
+				if !strings.Contains(p.Reason, p.Symbol) && !strings.Contains(p.Reason, strings.TrimPrefix(p.Symbol, "struct ")) {
+					t.Errorf("reason %q does not name %s", p.Reason, p.Symbol)
+				}
+			}
+			if res.Patchable() != (len(tt.unsafe) == 0) {
+				t.Errorf("Patchable() = %v with unsafe %v", res.Patchable(), res.Unsafe)
+			}
+			if _, err := json.Marshal(res); err != nil {
+				t.Fatal(err)
+			}
+			if t.Failed() {
+				b, _ := json.MarshalIndent(res, "", "  ")
+				t.Logf("result: %s", b)
+			}
+		})
+	}
+}
+
+// The same object against itself differs in nothing.
+func TestIdentical(t *testing.T) {
+	pre, _ := compileCase(t, "inline")
+	res, err := DiffFiles(pre, pre)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Changed)+len(res.New)+len(res.Removed)+len(res.NewData)+len(res.Unsafe) != 0 {
+		t.Fatalf("object differs from itself: %+v", res)
+	}
+}
+
+// A changed function lists what it refers to, local or not, as the module
+// generator needs it.
+func TestRefs(t *testing.T) {
+	pre, post := compileCase(t, "newhelper")
+	res, err := DiffFiles(pre, post)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Changed) != 1 {
+		t.Fatalf("changed: %+v", res.Changed)
+	}
+	refs := map[string]Ref{}
+	for _, r := range res.Changed[0].Refs {
+		refs[r.Name] = r
+	}
+	if r, ok := refs["check"]; !ok || !r.Local || !r.Defined || !r.Func || !r.New {
+		t.Errorf("ref to check = %+v, want local defined new function", r)
+	}
+	if r, ok := refs["sink"]; !ok || r.Local || r.Defined {
+		t.Errorf("ref to sink = %+v, want external global", r)
+	}
+	if _, ok := refs["__fentry__"]; !ok {
+		t.Errorf("no __fentry__ ref: %+v", res.Changed[0].Refs)
+	}
+}
+
+func TestNotObject(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "x.o")
+	if err := os.WriteFile(p, []byte("not an object"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err := DiffFiles(p, p)
+	if !errorsIs(err, ErrNoObject) || !errorsIs(err, elfobj.ErrNotObject) {
+		t.Fatalf("err = %v, want ErrNoObject and elfobj.ErrNotObject", err)
+	}
+}

@@ -1,0 +1,102 @@
+// Package objdiff compares a pre-fix and a post-fix build of one kernel
+// object (both compiled with -ffunction-sections -fdata-sections) and says
+// what the fix changed at the machine-code level: which functions changed,
+// which are new, which data is new, and which changes a livepatch cannot
+// carry, each with the reason.
+//
+// The vocabulary follows the kernel's livepatch documentation and
+// objtool's klp diff: symbols of the two objects are correlated first
+// (by name, seeing through compiler-made suffixes and numbered static
+// locals), then each correlated function is compared by its bytes and by
+// what its relocations point to, never by raw section offsets.
+package objdiff
+
+import "errors"
+
+// ErrNoObject means an input could not be read as an object; the wrapped
+// error from elfobj says why.
+var ErrNoObject = errors.New("cannot read object")
+
+// Result is the difference between a pre and a post object. It is meant
+// to be stored in build manifests, so it marshals to JSON as is.
+type Result struct {
+	Changed []Func `json:"changed"`
+	New     []Func `json:"new"`
+	// Removed are functions of the pre object with no counterpart.
+	Removed []string `json:"removed"`
+	NewData []Data   `json:"new_data"`
+	// LineOnly are functions whose code differs only in __LINE__
+	// constants (a WARN or BUG moved); they are not changes.
+	LineOnly []string `json:"line_only"`
+	// Unsafe lists every change a livepatch cannot carry.
+	Unsafe       []Problem     `json:"unsafe"`
+	Explanations []Explanation `json:"explanations"`
+}
+
+// Patchable tells whether every change can be live-patched.
+func (r *Result) Patchable() bool { return len(r.Unsafe) == 0 }
+
+// Func is a changed or new function, as the module generator needs it.
+type Func struct {
+	// Name is the symbol in the post object.
+	Name string `json:"name"`
+	// PreName is the symbol in the pre object when it differs (a
+	// renumbered .constprop clone, say).
+	PreName string `json:"pre_name,omitempty"`
+	Section string `json:"section"`
+	Local   bool   `json:"local"`
+	Size    uint64 `json:"size"`
+	// Refs are the symbols the function's relocations point to.
+	Refs []Ref `json:"refs"`
+}
+
+// Ref is a symbol a changed or new function refers to.
+type Ref struct {
+	Name string `json:"name"`
+	// Local: a file-local symbol of the object. Unless the patch carries
+	// it, the livepatch module reaches it through a klp relocation.
+	Local bool `json:"local"`
+	// Defined: defined in this object (otherwise an external symbol).
+	Defined bool `json:"defined"`
+	// Func: the symbol is a function.
+	Func bool `json:"func"`
+	// Section: a reference to a section with no symbol at that place
+	// (string literals, jump tables); Name is the section's name.
+	Section bool `json:"section,omitempty"`
+	// New: the symbol has no counterpart in the pre object, so the patch
+	// must carry it.
+	New bool `json:"new,omitempty"`
+}
+
+// Data is a data object the post object adds.
+type Data struct {
+	Name    string `json:"name"`
+	Section string `json:"section"`
+	Local   bool   `json:"local"`
+	Size    uint64 `json:"size"`
+}
+
+// Kinds of unsafe change.
+const (
+	KindData         = "changed-data"    // initialised data or a variable's size changed
+	KindStaticLocal  = "static-local"    // a function's static variable changed
+	KindInit         = "init-code"       // __init or __exit code changed
+	KindNoFentry     = "no-fentry"       // changed function without a __fentry__ call
+	KindSpecial      = "special-section" // special-section entries of an unchanged function changed
+	KindTypeLayout   = "type-layout"     // a struct or union changed layout
+	KindUncorrelated = "uncorrelated"    // a symbol could not be matched with certainty
+)
+
+// Problem is one change that cannot be live-patched.
+type Problem struct {
+	Kind   string `json:"kind"`
+	Symbol string `json:"symbol"`
+	Reason string `json:"reason"`
+}
+
+// Explanation says that changed functions changed because a function
+// inlined into them changed.
+type Explanation struct {
+	Inlined string   `json:"inlined"`
+	Changed []string `json:"changed"`
+}

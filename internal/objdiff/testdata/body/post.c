@@ -1,0 +1,3 @@
+#include "common.h"
+int add(int x) { return sink(x + 2); }
+int other(int x) { return sink(x * 3); }

@@ -1,0 +1,13 @@
+/* Kernel-like helpers for the fixtures, without the kernel's headers. */
+#define noinline __attribute__((noinline))
+#define notrace __attribute__((no_instrument_function))
+#define __init __attribute__((section(".init.text"), cold))
+extern int sink(int);
+extern void warn_file_line(const char *file, int line);
+/* x86's BUG_ON(): ud2 plus a __bug_table entry holding __LINE__. */
+#define BUG_ON(c) do { if (c) asm volatile("1: ud2\n" \
+	".pushsection __bug_table,\"aw\"\n" \
+	"2: .long 1b - 2b\n .long %c0 - 2b\n .word %c1\n .word 0\n" \
+	".popsection" :: "i" (__FILE__), "i" (__LINE__)); } while (0)
+/* A WARN that passes __FILE__ and __LINE__ as arguments. */
+#define WARN_ON(c) do { if (c) warn_file_line(__FILE__, __LINE__); } while (0)

@@ -1,0 +1,3 @@
+#include "common.h"
+int __init setup(void) { return sink(1); }
+int run(int x) { return sink(x); }

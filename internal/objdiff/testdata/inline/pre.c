@@ -1,0 +1,5 @@
+#include "common.h"
+static inline int clamp(int x) { return x > 255 ? 255 : x; }
+int set_a(int x) { return sink(clamp(x)); }
+int set_b(int x) { return sink(clamp(x) + 1); }
+int set_c(int x) { return sink(x * 2); }
