@@ -1,0 +1,191 @@
+package build
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/stitchpatch/stitch/internal/elfobj"
+	"github.com/stitchpatch/stitch/internal/objdiff"
+)
+
+// Step is a progress report: one step of the build started or ended.
+type Step struct {
+	Name    string        `json:"step"`
+	Detail  string        `json:"detail,omitempty"`
+	Done    bool          `json:"done"`
+	Elapsed time.Duration `json:"elapsed_ns,omitempty"`
+}
+
+// Source compiles objects of the target kernel's source, before and after
+// the fixes. Each pair is one object the fixes touch.
+type Source interface {
+	Headers() string
+	CompilePair(ctx context.Context, fixes []*Fix) ([]Pair, error)
+}
+
+// Pair is one object compiled before and after the fixes.
+type Pair struct {
+	Source    string // source file, relative to the tree
+	Pre, Post []byte
+}
+
+// Locator tells which object of the target a compiled object belongs to.
+type Locator interface {
+	Target
+	// ObjectOf returns "vmlinux" or the module whose symbols include the
+	// given functions of one compiled object.
+	ObjectOf(funcs []string) (string, error)
+}
+
+// Options of a build.
+type Options struct {
+	Out      string // directory for the module and its manifest
+	Name     string // module name; derived from the first fix if empty
+	Work     string // scratch directory; a temporary one if empty
+	KeepWork bool
+	// Description and CVEs add to what the fixes' headers say.
+	Description string
+	CVEs        []string
+	Progress    func(Step)
+	Logger      *slog.Logger
+}
+
+// Result is a finished build.
+type Result struct {
+	Module       string    `json:"module"`
+	ManifestPath string    `json:"manifest"`
+	Manifest     *Manifest `json:"-"`
+	Work         string    `json:"work,omitempty"` // kept scratch directory
+}
+
+// Build turns fixes into a livepatch module for the target.
+func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options) (*Result, error) {
+	report := func(s Step) {
+		if o.Progress != nil {
+			o.Progress(s)
+		}
+	}
+	step := func(name, detail string) func() {
+		start := time.Now()
+		report(Step{Name: name, Detail: detail})
+		return func() { report(Step{Name: name, Detail: detail, Done: true, Elapsed: time.Since(start)}) }
+	}
+	if len(fixes) == 0 {
+		return nil, fmt.Errorf("%w: no fix given", ErrBadFix)
+	}
+	name := o.Name
+	if name == "" {
+		name = moduleName(fixes[0])
+	}
+	work := o.Work
+	if work == "" {
+		var err error
+		if work, err = os.MkdirTemp("", "stitch-build-"); err != nil {
+			return nil, err
+		}
+	}
+	if !o.KeepWork {
+		defer os.RemoveAll(work)
+	}
+
+	done := step("compile", "objects the fixes touch, before and after")
+	pairs, err := src.CompilePair(ctx, fixes)
+	if err != nil {
+		return nil, err
+	}
+	done()
+
+	var objs []compiled
+	for _, p := range pairs {
+		done := step("diff", p.Source)
+		pre, err := elfobj.Parse(p.Pre)
+		if err != nil {
+			return nil, fmt.Errorf("%s: pre-fix object: %w", p.Source, err)
+		}
+		post, err := elfobj.Parse(p.Post)
+		if err != nil {
+			return nil, fmt.Errorf("%s: post-fix object: %w", p.Source, err)
+		}
+		d := objdiff.Diff(pre, post)
+		done()
+		if len(d.Changed) == 0 && len(d.Unsafe) == 0 {
+			continue
+		}
+		done = step("locate", p.Source)
+		var names []string
+		for _, f := range d.Changed {
+			names = append(names, f.Name)
+		}
+		object, err := loc.ObjectOf(names)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", p.Source, err)
+		}
+		done()
+		objs = append(objs, compiled{Source: p.Source, Object: object, Pre: p.Pre, Post: p.Post, Diff: d})
+	}
+	if len(objs) == 0 {
+		return nil, ErrNothing
+	}
+
+	done = step("module", name)
+	dir := filepath.Join(work, "module")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	ko, m, err := assemble(ctx, src.Headers(), dir, name, fixes, objs, loc, nil)
+	if err != nil {
+		return nil, err
+	}
+	done()
+	if o.Description != "" {
+		m.Description = o.Description
+	}
+	for _, c := range o.CVEs {
+		if !contains(m.CVEs, c) {
+			m.CVEs = append(m.CVEs, c)
+		}
+	}
+
+	if err := os.MkdirAll(o.Out, 0o755); err != nil {
+		return nil, err
+	}
+	res := &Result{Module: filepath.Join(o.Out, filepath.Base(ko)), ManifestPath: filepath.Join(o.Out, name+".json"), Manifest: m}
+	b, err := os.ReadFile(ko)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(res.Module, b, 0o644); err != nil {
+		return nil, err
+	}
+	mj, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(res.ManifestPath, append(mj, '\n'), 0o644); err != nil {
+		return nil, err
+	}
+	if o.KeepWork {
+		res.Work = work
+	}
+	return res, nil
+}
+
+var notIdent = regexp.MustCompile(`[^A-Za-z0-9_]+`)
+
+// moduleName derives a module name from a fix: "stitch_" and the fix's
+// file name, short enough for the kernel's module name limit.
+func moduleName(f *Fix) string {
+	base := strings.TrimSuffix(filepath.Base(f.Name), filepath.Ext(f.Name))
+	n := "stitch_" + strings.Trim(notIdent.ReplaceAllString(base, "_"), "_")
+	if len(n) > 40 {
+		n = n[:40]
+	}
+	return n
+}
