@@ -191,7 +191,7 @@ func runPre(t Target, c compiled, fn string, sympos int) (fingerprint.Fingerprin
 func resolver(t Target, object string, near []string) klpmod.Resolver {
 	return func(name string, local bool) (klpmod.Ref, error) {
 		if !local {
-			if exp, ok := t.Exported(name); ok && exp != object {
+			if exp, ok := t.Exported(name); ok && (object == "vmlinux" || exp != object) {
 				return klpmod.Ref{Exported: true}, nil
 			}
 		}

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+
+	"github.com/stitchpatch/stitch/internal/elfobj"
 )
 
 // ErrUnpatchable means the functions cannot be carried by a livepatch
@@ -47,113 +49,24 @@ type ObjectInput struct {
 	Resolve Resolver
 }
 
-// rela is one x86-64 RELA entry.
-type rela struct {
-	off    uint64
-	sym    uint32
-	typ    elf.R_X86_64
-	addend int64
-}
-
-// object is a parsed relocatable object: debug/elf's view plus the
-// relocations of each section and raw symbol indices.
-type object struct {
-	f     *elf.File
-	syms  []elf.Symbol // syms[i] is symbol table index i; index 0 is null
-	relas map[int][]rela
-	data  map[int][]byte
-}
-
-func parseObject(raw []byte) (o *object, err error) {
-	defer func() {
-		if p := recover(); p != nil {
-			o, err = nil, fmt.Errorf("corrupt ELF object (%v)", p)
-		}
-	}()
-	f, err := elf.NewFile(bytes.NewReader(raw))
-	if err != nil {
-		return nil, err
-	}
-	if f.Type != elf.ET_REL || f.Machine != elf.EM_X86_64 {
-		return nil, fmt.Errorf("not an x86-64 relocatable object")
-	}
-	syms, err := f.Symbols()
-	if err != nil {
-		return nil, err
-	}
-	o = &object{f: f, syms: append([]elf.Symbol{{}}, syms...), relas: map[int][]rela{}, data: map[int][]byte{}}
-	for i, s := range f.Sections {
-		if s.Type == elf.SHT_NOBITS || s.Type == elf.SHT_NULL {
-			continue
-		}
-		d, err := s.Data()
-		if err != nil {
-			return nil, fmt.Errorf("section %s: %w", s.Name, err)
-		}
-		o.data[i] = d
-		if s.Type != elf.SHT_RELA {
-			continue
-		}
-		if len(d)%24 != 0 || int(s.Info) >= len(f.Sections) {
-			return nil, fmt.Errorf("malformed relocation section %s", s.Name)
-		}
-		for off := 0; off < len(d); off += 24 {
-			info := binary.LittleEndian.Uint64(d[off+8:])
-			r := rela{
-				off:    binary.LittleEndian.Uint64(d[off:]),
-				sym:    uint32(info >> 32),
-				typ:    elf.R_X86_64(uint32(info)),
-				addend: int64(binary.LittleEndian.Uint64(d[off+16:])),
-			}
-			if int(r.sym) >= len(o.syms) {
-				return nil, fmt.Errorf("relocation in %s refers to symbol %d of %d", s.Name, r.sym, len(o.syms))
-			}
-			o.relas[int(s.Info)] = append(o.relas[int(s.Info)], r)
-		}
-	}
-	return o, nil
-}
-
-// symbolAt returns the named function or object symbol of section sec
-// that a relocation with the given section-relative addend refers to. A
+// symbolAt returns the named function or object symbol of sec that a
+// relocation with the given section-relative addend refers to. A
 // PC-relative addend is the target minus the distance from the field to
 // the end of the instruction (4, plus any immediate after the field), so
 // a few offsets past it are tried.
-func (o *object) symbolAt(sec int, addend int64, typ elf.R_X86_64) (int, bool) {
+func symbolAt(sec *elfobj.Section, addend int64, typ elf.R_X86_64) *elfobj.Symbol {
 	biases := []int64{0}
-	if typ == elf.R_X86_64_PC32 || typ == elf.R_X86_64_PLT32 {
+	if elfobj.PCRelative(typ) {
 		biases = []int64{4, 5, 6, 8}
 	}
 	for _, bias := range biases {
-		off := addend + bias
-		if off < 0 {
-			continue
-		}
-		for i, s := range o.syms {
-			if int(s.Section) != sec || s.Name == "" {
-				continue
-			}
-			if t := elf.ST_TYPE(s.Info); t != elf.STT_FUNC && t != elf.STT_OBJECT {
-				continue
-			}
-			if s.Value <= uint64(off) && (uint64(off) < s.Value+s.Size || (s.Size == 0 && uint64(off) == s.Value)) {
-				return i, true
+		if off := addend + bias; off >= 0 {
+			if s := sec.SymbolAt(uint64(off)); s != nil && (s.Type == elf.STT_FUNC || s.Type == elf.STT_OBJECT) {
+				return s
 			}
 		}
 	}
-	return 0, false
-}
-
-func (o *object) symbol(name string) (int, bool) {
-	for i, s := range o.syms {
-		if s.Name == name && s.Section != elf.SHN_UNDEF {
-			typ := elf.ST_TYPE(s.Info)
-			if typ == elf.STT_FUNC || typ == elf.STT_OBJECT {
-				return i, true
-			}
-		}
-	}
-	return 0, false
+	return nil
 }
 
 // Entry sizes of the special sections whose entries point at code (x86-64,
@@ -184,13 +97,12 @@ var keySections = map[string]string{
 
 // builder accumulates the diff object.
 type builder struct {
-	in       *ObjectInput
-	o        *object
-	keep     map[int]bool // carried sections, by index in the post object
-	order    []int
-	undef    map[string]bool // undefined symbols the output needs
-	alias    map[string]string
-	problems []string
+	in    *ObjectInput
+	o     *elfobj.Object
+	keep  map[*elfobj.Section]bool // carried sections of the post object
+	order []*elfobj.Section
+	undef map[string]bool // undefined symbols the output needs
+	alias map[string]string
 }
 
 // WriteObject writes the diff object for one compiled object of a fix:
@@ -200,27 +112,27 @@ type builder struct {
 // returns the object and, for each changed function, the global alias
 // the generated klp_func registration names as new_func.
 func WriteObject(in *ObjectInput, aliasPrefix string) ([]byte, map[string]string, error) {
-	o, err := parseObject(in.Post)
+	o, err := elfobj.Parse(in.Post)
 	if err != nil {
 		return nil, nil, fmt.Errorf("read post-fix object: %w", err)
 	}
-	b := &builder{in: in, o: o, keep: map[int]bool{}, undef: map[string]bool{}, alias: map[string]string{}}
+	b := &builder{in: in, o: o, keep: map[*elfobj.Section]bool{}, undef: map[string]bool{}, alias: map[string]string{}}
 	for _, fn := range in.Funcs {
-		i, ok := o.symbol(fn.Name)
-		if !ok || elf.ST_TYPE(o.syms[i].Info) != elf.STT_FUNC {
+		s := o.Symbol(fn.Name)
+		if s == nil || !s.Func() || !s.Defined() {
 			return nil, nil, fmt.Errorf("%w: %s is not a function of the post-fix object", ErrUnpatchable, fn.Name)
 		}
-		b.carry(int(o.syms[i].Section))
+		b.carry(s.Section)
 		if !fn.New {
 			b.alias[fn.Name] = fmt.Sprintf("%s%d", aliasPrefix, len(b.alias))
 		}
 	}
 	for _, name := range in.NewData {
-		i, ok := o.symbol(name)
-		if !ok {
+		s := o.Symbol(name)
+		if s == nil || !s.Defined() {
 			return nil, nil, fmt.Errorf("%w: new data %s is not in the post-fix object", ErrUnpatchable, name)
 		}
-		b.carry(int(o.syms[i].Section))
+		b.carry(s.Section)
 	}
 	// Carrying a section can make others needed (string literals, a .cold
 	// part, an alternative's replacement code, ...), and brings its
@@ -228,16 +140,16 @@ func WriteObject(in *ObjectInput, aliasPrefix string) ([]byte, map[string]string
 	done := 0
 	for {
 		for ; done < len(b.order); done++ {
-			for _, r := range o.relas[b.order[done]] {
+			for _, r := range b.order[done].Relocs {
 				if _, err := b.resolve(r); err != nil {
-					return nil, nil, fmt.Errorf("%s+%#x: %w", o.f.Sections[b.order[done]].Name, r.off, err)
+					return nil, nil, fmt.Errorf("%s+%#x: %w", b.order[done].Name, r.Offset, err)
 				}
 			}
 		}
 		for _, sp := range b.specials() {
 			for _, r := range sp.rels {
 				if _, err := b.resolve(r); err != nil {
-					return nil, nil, fmt.Errorf("%s entry: %w", o.f.Sections[sp.sec].Name, err)
+					return nil, nil, fmt.Errorf("%s entry: %w", sp.sec.Name, err)
 				}
 			}
 		}
@@ -255,7 +167,7 @@ func WriteObject(in *ObjectInput, aliasPrefix string) ([]byte, map[string]string
 	return out, b.alias, nil
 }
 
-func (b *builder) carry(sec int) {
+func (b *builder) carry(sec *elfobj.Section) {
 	if !b.keep[sec] {
 		b.keep[sec] = true
 		b.order = append(b.order, sec)
@@ -263,65 +175,61 @@ func (b *builder) carry(sec int) {
 }
 
 // target is what a relocation of the diff object points at: a carried
-// section (sec > 0) or an undefined symbol by name.
+// section, or else an undefined symbol by name.
 type target struct {
-	sec    int
+	sec    *elfobj.Section
 	name   string
 	addend int64
 }
 
 // resolve decides how the diff object reaches a relocation's target.
-func (b *builder) resolve(r rela) (target, error) {
-	o := b.o
-	s := o.syms[r.sym]
-	if s.Section == elf.SHN_UNDEF {
-		return b.external(s.Name, false, r.addend)
+func (b *builder) resolve(r elfobj.Reloc) (target, error) {
+	s := r.Symbol
+	if s.Shndx == elf.SHN_UNDEF {
+		return b.external(s.Name, false, r.Addend)
 	}
-	if s.Section >= elf.SHN_LORESERVE {
+	if s.Section == nil {
 		return target{}, fmt.Errorf("%w: relocation against special symbol %s", ErrUnpatchable, s.Name)
 	}
-	sec := int(s.Section)
-	secName := o.f.Sections[sec].Name
-	secAddend := r.addend // relative to the start of sec
-	if elf.ST_TYPE(s.Info) != elf.STT_SECTION {
+	sec := s.Section
+	secAddend := r.Addend // relative to the start of sec
+	if s.Type != elf.STT_SECTION {
 		secAddend += int64(s.Value)
 	}
 	if b.keep[sec] {
 		return target{sec: sec, addend: secAddend}, nil
 	}
-	if elf.ST_TYPE(s.Info) == elf.STT_SECTION {
+	if s.Type == elf.STT_SECTION {
 		// The assembler turns references to local symbols into
 		// section-relative ones: find the symbol meant. Anonymous data
 		// (string literals, constants) has none and is carried whole.
-		i, ok := o.symbolAt(sec, secAddend, r.typ)
-		if !ok {
-			if !anonymousData(secName) {
-				return target{}, fmt.Errorf("%w: reference into %s+%#x, which no symbol covers", ErrUnpatchable, secName, secAddend)
+		if s = symbolAt(sec, secAddend, r.Type); s == nil {
+			if !anonymousData(sec.Name) {
+				return target{}, fmt.Errorf("%w: reference into %s+%#x, which no symbol covers", ErrUnpatchable, sec.Name, secAddend)
 			}
 			b.carry(sec)
 			return target{sec: sec, addend: secAddend}, nil
 		}
-		s = o.syms[i]
 	}
 	switch {
 	case strings.Contains(s.Name, ".cold"):
 		// A .cold part belongs to its function: carry it along.
 		b.carry(sec)
 		return target{sec: sec, addend: secAddend}, nil
-	case anonymousData(secName) && elf.ST_BIND(s.Info) == elf.STB_LOCAL && len(o.relas[sec]) == 0:
+	case anonymousData(sec.Name) && s.Local() && len(sec.Relocs) == 0:
 		// A file-local constant without pointers (__func__, a lookup
 		// table): a copy is as good as the original, and its name
 		// (often "__func__.0") could not be found reliably anyway.
 		b.carry(sec)
 		return target{sec: sec, addend: secAddend}, nil
-	case secName == ".data.once":
+	case sec.Name == ".data.once":
 		// WARN_ONCE state: a fresh copy only means one more warning.
 		b.carry(sec)
 		return target{sec: sec, addend: secAddend}, nil
-	case strings.HasPrefix(secName, ".init") || strings.HasPrefix(secName, ".exit"):
-		return target{}, fmt.Errorf("%w: changed code refers to %s in %s, which the kernel frees after boot", ErrUnpatchable, s.Name, secName)
+	case strings.HasPrefix(sec.Name, ".init") || strings.HasPrefix(sec.Name, ".exit"):
+		return target{}, fmt.Errorf("%w: changed code refers to %s in %s, which the kernel frees after boot", ErrUnpatchable, s.Name, sec.Name)
 	}
-	return b.external(s.Name, elf.ST_BIND(s.Info) == elf.STB_LOCAL, secAddend-int64(s.Value))
+	return b.external(s.Name, s.Local(), secAddend-int64(s.Value))
 }
 
 // anonymousData tells the read-only sections that may be copied into the
@@ -349,71 +257,53 @@ func (b *builder) external(name string, local bool, addend int64) (target, error
 
 // special is a special section cut down to the entries of carried code.
 type special struct {
-	sec  int // in the post object
+	sec  *elfobj.Section // in the post object
 	data []byte
-	rels []rela // offsets relative to data
-	kept []int  // indices of the kept entries
+	rels []elfobj.Reloc // offsets relative to data
 }
 
 // specials cuts every special section of the post object down to the
 // entries whose first relocation points into carried code. .orc_unwind
 // has no relocations: it follows .orc_unwind_ip entry for entry.
 func (b *builder) specials() []special {
-	o := b.o
 	var out []special
 	var orcKept []int
-	for sec, s := range o.f.Sections {
-		size, ok := specialSections[s.Name]
+	for _, sec := range b.o.Sections {
+		size, ok := specialSections[sec.Name]
 		if !ok {
 			continue
 		}
 		sp := special{sec: sec}
-		d := o.data[sec]
-		rs := append([]rela(nil), o.relas[sec]...)
-		sort.Slice(rs, func(i, j int) bool { return rs[i].off < rs[j].off })
-		for e, ri := 0, 0; e+size <= len(d); e += size {
-			var entry []rela
-			for ; ri < len(rs) && rs[ri].off < uint64(e+size); ri++ {
-				if rs[ri].off >= uint64(e) {
-					entry = append(entry, rs[ri])
-				}
-			}
-			if len(entry) == 0 {
-				continue
-			}
-			anchor := o.syms[entry[0].sym]
-			if anchor.Section == elf.SHN_UNDEF || anchor.Section >= elf.SHN_LORESERVE || !b.keep[int(anchor.Section)] {
+		var kept []int
+		for e := 0; e+size <= len(sec.Data); e += size {
+			entry := sec.RelocsIn(uint64(e), uint64(e+size))
+			if len(entry) == 0 || !b.keep[entry[0].Symbol.Section] {
 				continue
 			}
 			base := uint64(len(sp.data))
-			sp.data = append(sp.data, d[e:e+size]...)
+			sp.data = append(sp.data, sec.Data[e:e+size]...)
 			for _, r := range entry {
-				r.off = r.off - uint64(e) + base
+				r.Offset = r.Offset - uint64(e) + base
 				sp.rels = append(sp.rels, r)
 			}
-			sp.kept = append(sp.kept, e/size)
+			kept = append(kept, e/size)
 		}
-		if len(sp.kept) == 0 {
+		if len(kept) == 0 {
 			continue
 		}
-		if s.Name == ".orc_unwind_ip" {
-			orcKept = sp.kept
+		if sec.Name == ".orc_unwind_ip" {
+			orcKept = kept
 		}
 		out = append(out, sp)
 	}
-	if orc := o.f.Section(".orc_unwind"); orc != nil && orcKept != nil {
-		for i, s := range o.f.Sections {
-			if s != orc {
-				continue
+	if orc := b.o.Section(".orc_unwind"); orc != nil && orcKept != nil {
+		sp := special{sec: orc}
+		for _, k := range orcKept {
+			if (k+1)*6 <= len(orc.Data) {
+				sp.data = append(sp.data, orc.Data[k*6:(k+1)*6]...)
 			}
-			sp := special{sec: i, kept: orcKept}
-			for _, k := range orcKept {
-				if (k+1)*6 <= len(o.data[i]) {
-					sp.data = append(sp.data, o.data[i][k*6:(k+1)*6]...)
-				}
-			}
-			out = append(out, sp)
 		}
+		out = append(out, sp)
 	}
 	return out
 }
@@ -424,7 +314,7 @@ func (b *builder) specials() []special {
 func (b *builder) checkKeys() error {
 	var problems []string
 	for _, sp := range b.specials() {
-		what, ok := keySections[b.o.f.Sections[sp.sec].Name]
+		what, ok := keySections[sp.sec.Name]
 		if !ok {
 			continue
 		}
@@ -450,34 +340,31 @@ func (b *builder) checkKeys() error {
 // they cannot clash with the kernel's), the aliases, and the undefined
 // symbols.
 func (b *builder) write() ([]byte, error) {
-	o := b.o
 	secs := []rawSection{{}}
-	outIdx := map[int]int{} // post section index -> output index
-	var outOrder []int      // post section indices in output order
+	outIdx := map[*elfobj.Section]int{}
+	var outOrder []*elfobj.Section
 	type pending struct {
 		out  int
-		rels []rela
+		rels []elfobj.Reloc
 	}
 	var relSecs []pending
-	addSection := func(post int, data []byte) int {
-		h := o.f.Sections[post]
-		secs = append(secs, rawSection{name: h.Name, data: data, hdr: elf.Section64{
-			Type: uint32(h.Type), Flags: uint64(h.Flags) &^ uint64(elf.SHF_GROUP),
-			Addralign: h.Addralign, Entsize: h.Entsize, Size: h.Size,
+	addSection := func(sec *elfobj.Section, data []byte, size uint64) int {
+		secs = append(secs, rawSection{name: sec.Name, data: data, hdr: elf.Section64{
+			Type: uint32(sec.Type), Flags: uint64(sec.Flags) &^ uint64(elf.SHF_GROUP),
+			Addralign: sec.Addralign, Entsize: sec.Entsize, Size: size,
 		}})
-		outIdx[post] = len(secs) - 1
-		outOrder = append(outOrder, post)
+		outIdx[sec] = len(secs) - 1
+		outOrder = append(outOrder, sec)
 		return len(secs) - 1
 	}
 	for _, sec := range b.order {
-		i := addSection(sec, o.data[sec])
-		if len(o.relas[sec]) > 0 {
-			relSecs = append(relSecs, pending{i, o.relas[sec]})
+		i := addSection(sec, sec.Data, sec.Size)
+		if len(sec.Relocs) > 0 {
+			relSecs = append(relSecs, pending{i, sec.Relocs})
 		}
 	}
 	for _, sp := range b.specials() {
-		i := addSection(sp.sec, sp.data)
-		secs[i].hdr.Size = uint64(len(sp.data))
+		i := addSection(sp.sec, sp.data, uint64(len(sp.data)))
 		if len(sp.rels) > 0 {
 			relSecs = append(relSecs, pending{i, sp.rels})
 		}
@@ -498,29 +385,27 @@ func (b *builder) write() ([]byte, error) {
 		return uint32(len(syms) - 1)
 	}
 	addSym("", 0, 0, 0, 0)
-	secSym := map[int]uint32{}
-	for _, post := range outOrder {
-		secSym[post] = addSym("", elf.ST_INFO(elf.STB_LOCAL, elf.STT_SECTION), outIdx[post], 0, 0)
+	secSym := map[*elfobj.Section]uint32{}
+	for _, sec := range outOrder {
+		secSym[sec] = addSym("", elf.ST_INFO(elf.STB_LOCAL, elf.STT_SECTION), outIdx[sec], 0, 0)
 	}
-	for _, s := range o.syms {
-		t := elf.ST_TYPE(s.Info)
-		if s.Name == "" || s.Section == elf.SHN_UNDEF || s.Section >= elf.SHN_LORESERVE || (t != elf.STT_FUNC && t != elf.STT_OBJECT) {
+	for _, s := range b.o.Symbols {
+		if s.Name == "" || s.Section == nil || (s.Type != elf.STT_FUNC && s.Type != elf.STT_OBJECT) {
 			continue
 		}
-		if out, ok := outIdx[int(s.Section)]; ok {
-			addSym(s.Name, elf.ST_INFO(elf.STB_LOCAL, t), out, s.Value, s.Size)
+		if out, ok := outIdx[s.Section]; ok {
+			addSym(s.Name, elf.ST_INFO(elf.STB_LOCAL, s.Type), out, s.Value, s.Size)
 		}
 	}
 	firstGlobal := len(syms)
-	names := make([]string, 0, len(b.alias))
+	fns := make([]string, 0, len(b.alias))
 	for fn := range b.alias {
-		names = append(names, fn)
+		fns = append(fns, fn)
 	}
-	sort.Strings(names)
-	for _, fn := range names {
-		i, _ := o.symbol(fn)
-		s := o.syms[i]
-		addSym(b.alias[fn], elf.ST_INFO(elf.STB_GLOBAL, elf.STT_FUNC), outIdx[int(s.Section)], s.Value, s.Size)
+	sort.Strings(fns)
+	for _, fn := range fns {
+		s := b.o.Symbol(fn)
+		addSym(b.alias[fn], elf.ST_INFO(elf.STB_GLOBAL, elf.STT_FUNC), outIdx[s.Section], s.Value, s.Size)
 	}
 	undefIdx := map[string]uint32{}
 	undefs := make([]string, 0, len(b.undef))
@@ -540,14 +425,12 @@ func (b *builder) write() ([]byte, error) {
 			if err != nil {
 				return nil, err
 			}
-			var sym uint32
-			if t.sec > 0 {
+			sym := undefIdx[t.name]
+			if t.sec != nil {
 				sym = secSym[t.sec]
-			} else {
-				sym = undefIdx[t.name]
 			}
-			data = binary.LittleEndian.AppendUint64(data, r.off)
-			data = binary.LittleEndian.AppendUint64(data, elf.R_INFO(sym, uint32(r.typ)))
+			data = binary.LittleEndian.AppendUint64(data, r.Offset)
+			data = binary.LittleEndian.AppendUint64(data, elf.R_INFO(sym, uint32(r.Type)))
 			data = binary.LittleEndian.AppendUint64(data, uint64(t.addend))
 		}
 		secs = append(secs, rawSection{name: ".rela" + secs[p.out].name, data: data, hdr: elf.Section64{
@@ -570,5 +453,5 @@ func (b *builder) write() ([]byte, error) {
 		rawSection{name: ".strtab", data: strtab.Bytes(), hdr: elf.Section64{Type: uint32(elf.SHT_STRTAB), Addralign: 1}},
 		rawSection{name: ".shstrtab", hdr: elf.Section64{Type: uint32(elf.SHT_STRTAB), Addralign: 1}},
 	)
-	return writeELF(o.f.FileHeader, secs, len(secs)-1)
+	return writeELF(elf.FileHeader{Class: elf.ELFCLASS64, Data: elf.ELFDATA2LSB, Version: elf.EV_CURRENT, Type: elf.ET_REL, Machine: elf.EM_X86_64}, secs, len(secs)-1)
 }
