@@ -193,17 +193,21 @@ func parse(raw []byte) (*Object, error) {
 			Size: s.Size, Addralign: s.Addralign, Entsize: s.Entsize,
 		}
 		o.Sections[i] = sec
+		if s.Type == elf.SHT_NOBITS || s.Type == elf.SHT_NULL {
+			continue
+		}
+		// Checked here, before debug/elf reads tables of any claimed size.
+		if uint64(len(raw)) < s.Offset || uint64(len(raw))-s.Offset < s.Size {
+			return nil, &FormatError{Section: s.Name, Msg: "extends past end of file"}
+		}
 		switch s.Type {
 		case elf.SHT_SYMTAB:
 			if symtab != nil {
 				return nil, &FormatError{Section: s.Name, Msg: "second symbol table"}
 			}
 			symtab = s
-		case elf.SHT_NOBITS, elf.SHT_NULL, elf.SHT_STRTAB:
+		case elf.SHT_STRTAB:
 		default:
-			if uint64(len(raw)) < s.Offset || uint64(len(raw))-s.Offset < s.Size {
-				return nil, &FormatError{Section: s.Name, Msg: "extends past end of file"}
-			}
 			sec.Data = raw[s.Offset : s.Offset+s.Size : s.Offset+s.Size]
 		}
 	}
