@@ -11,12 +11,12 @@ package fingerprint
 import (
 	"bytes"
 	"crypto/sha256"
-	"debug/elf"
-	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"sort"
+
+	"github.com/stitchpatch/stitch/internal/elfobj"
 )
 
 // ErrMismatch means the target's code is not the code the fingerprint was
@@ -74,130 +74,55 @@ var siteSections = map[string]struct {
 
 // FromObject takes the fingerprint of function fn in a relocatable object
 // compiled with -ffunction-sections (the pre-fix object of a build).
-func FromObject(raw []byte, fn string) (fp Fingerprint, err error) {
-	defer func() {
-		if p := recover(); p != nil {
-			err = fmt.Errorf("corrupt ELF object (%v)", p)
-		}
-	}()
-	f, err := elf.NewFile(bytes.NewReader(raw))
+func FromObject(raw []byte, fn string) (Fingerprint, error) {
+	o, err := elfobj.Parse(raw)
 	if err != nil {
 		return Fingerprint{}, err
 	}
-	syms, err := f.Symbols()
-	if err != nil {
-		return Fingerprint{}, err
-	}
-	var sym *elf.Symbol
-	for i, s := range syms {
-		if s.Name == fn && elf.ST_TYPE(s.Info) == elf.STT_FUNC && s.Section != elf.SHN_UNDEF && s.Section < elf.SHN_LORESERVE {
-			sym = &syms[i]
-			break
-		}
-	}
-	if sym == nil {
+	sym := o.Symbol(fn)
+	if sym == nil || !sym.Func() || !sym.Defined() {
 		return Fingerprint{}, fmt.Errorf("function %s not found", fn)
 	}
-	sec := int(sym.Section)
-	code, err := f.Sections[sec].Data()
-	if err != nil {
-		return Fingerprint{}, err
-	}
-	if sym.Value+sym.Size > uint64(len(code)) {
+	code := sym.Bytes()
+	if code == nil {
 		return Fingerprint{}, fmt.Errorf("function %s extends past its section", fn)
 	}
-	start, end := int(sym.Value), int(sym.Value+sym.Size)
-	code = code[start:end]
+	start, end := sym.Value, sym.Value+sym.Size
 	var masks [][2]int
-	add := func(off, n int) {
-		if off+n > start && off < end {
-			masks = append(masks, [2]int{off - start, n})
+	add := func(off uint64, n int) {
+		if off+uint64(n) > start && off < end {
+			masks = append(masks, [2]int{int(off) - int(start), n})
 		}
 	}
-	for _, rs := range f.Sections {
-		if rs.Type != elf.SHT_RELA || int(rs.Info) >= len(f.Sections) {
+	for _, r := range sym.Section.RelocsIn(start, end) {
+		add(r.Offset, max(elfobj.SizeOf(r.Type), 1))
+	}
+	for name, site := range siteSections {
+		sec := o.Section(name)
+		if sec == nil {
 			continue
 		}
-		target := f.Sections[rs.Info]
-		relas, err := readRelas(rs)
-		if err != nil {
-			return Fingerprint{}, err
-		}
-		if int(rs.Info) == sec {
-			for _, r := range relas {
-				add(int(r.off), fieldSize(r.typ))
-			}
-			continue
-		}
-		site, ok := siteSections[target.Name]
-		if !ok {
-			continue
-		}
-		data, err := target.Data()
-		if err != nil {
-			return Fingerprint{}, err
-		}
-		for _, r := range relas {
-			// A site's first relocation names its place in the code.
-			if r.off%uint64(site.entry) != 0 || r.sym == 0 || int(r.sym) > len(syms) {
+		for _, r := range sec.Relocs {
+			// A site's first relocation names its place in the code, as
+			// symbol+addend (absolute, or PC-relative to the entry's own
+			// first field, which is the same number).
+			if r.Offset%uint64(site.entry) != 0 || r.Symbol.Section != sym.Section {
 				continue
 			}
-			s := syms[r.sym-1]
-			if int(s.Section) != sec {
-				continue
-			}
-			// Entries point at their site as symbol+addend (absolute
-			// or PC-relative to the entry's own field).
-			off := int(s.Value) + int(r.addend)
 			n := site.length
 			if site.lenAt >= 0 {
-				i := int(r.off) + site.lenAt
-				if i >= len(data) {
+				i := int(r.Offset) + site.lenAt
+				if i >= len(sec.Data) {
 					continue
 				}
-				n = int(data[i])
+				n = int(sec.Data[i])
 			}
-			add(off, n)
+			add(uint64(int64(r.Symbol.Value)+r.Addend), n)
 		}
 	}
-	fp = Fingerprint{Size: len(code), Masked: mergeMasks(masks, len(code))}
+	fp := Fingerprint{Size: len(code), Masked: mergeMasks(masks, len(code))}
 	fp.SHA256 = fp.sum(code)
 	return fp, nil
-}
-
-type rela struct {
-	off    uint64
-	sym    uint32
-	typ    elf.R_X86_64
-	addend int64
-}
-
-func readRelas(s *elf.Section) ([]rela, error) {
-	d, err := s.Data()
-	if err != nil {
-		return nil, err
-	}
-	var out []rela
-	for i := 0; i+24 <= len(d); i += 24 {
-		info := binary.LittleEndian.Uint64(d[i+8:])
-		out = append(out, rela{
-			off: binary.LittleEndian.Uint64(d[i:]), sym: uint32(info >> 32),
-			typ: elf.R_X86_64(uint32(info)), addend: int64(binary.LittleEndian.Uint64(d[i+16:])),
-		})
-	}
-	return out, nil
-}
-
-func fieldSize(t elf.R_X86_64) int {
-	switch t {
-	case elf.R_X86_64_64, elf.R_X86_64_PC64:
-		return 8
-	case elf.R_X86_64_16, elf.R_X86_64_PC16:
-		return 2
-	case elf.R_X86_64_8, elf.R_X86_64_PC8:
-		return 1
-	}
-	return 4
 }
 
 // mergeMasks clips ranges to the function and merges overlaps, so the
