@@ -1,0 +1,444 @@
+package kbuild
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+var (
+	// ErrNoSource means the kernel's source package is not in the cache
+	// (scripts/install-deps.sh downloads it) or the release is unknown.
+	ErrNoSource = errors.New("kernel source not available")
+	// ErrCompiler means the installed compiler is not the one the kernel
+	// was built with; objects would not match the running code.
+	ErrCompiler = errors.New("compiler does not match the kernel's")
+	// ErrBuild means kbuild failed; the error quotes its last lines.
+	ErrBuild = errors.New("kernel build failed")
+)
+
+// Source names the Debian source package of a kernel release.
+type Source struct {
+	Package string // linux-source-6.1
+	Version string // 6.1.190-1
+}
+
+// Deb is the file name apt-get download gives the package.
+func (s Source) Deb() string { return s.Package + "_" + s.Version + "_all.deb" }
+
+// sources maps the releases Stitch supports to their exact source.
+var sources = map[string]Source{
+	"6.1.0-54-amd64": {Package: "linux-source-6.1", Version: "6.1.190-1"},
+}
+
+// CacheDir is where prepared trees and downloaded packages live:
+// $STITCH_CACHE, or /var/cache/stitch.
+func CacheDir() string {
+	if d := os.Getenv("STITCH_CACHE"); d != "" {
+		return d
+	}
+	return "/var/cache/stitch"
+}
+
+// TreeOptions say which tree to prepare and where.
+type TreeOptions struct {
+	Release string // e.g. 6.1.0-54-amd64
+	Cache   string // default CacheDir()
+	// Config is the kernel configuration; default /boot/config-<release>.
+	Config string
+	Jobs   int          // make -j; default 2
+	Log    *slog.Logger // default: discard
+	// Progress receives kbuild's output as it runs; default: discarded.
+	Progress io.Writer
+}
+
+// Tree is a kernel source tree configured and prepared exactly like a
+// distro kernel, in which single objects can be compiled.
+type Tree struct {
+	Release string
+	Dir     string // the source tree
+	CC      string // the compiler kbuild is told to use (CC=)
+	opts    TreeOptions
+}
+
+// stamp records a finished preparation and what it was made with.
+const stamp = ".stitch-prepared"
+
+// swapJournal names a source file replaced by its patched version; it
+// lets the next user restore the tree after a crash.
+const swapJournal = ".stitch-swapped"
+
+// PrepareTree returns the prepared tree for the release, unpacking and
+// preparing it the first time (about a minute) and reusing it afterwards.
+// Concurrent callers, in this process or others, wait for one another.
+func PrepareTree(ctx context.Context, o TreeOptions) (*Tree, error) {
+	src, ok := sources[o.Release]
+	if !ok {
+		return nil, fmt.Errorf("%w: no source package known for release %q", ErrNoSource, o.Release)
+	}
+	if o.Cache == "" {
+		o.Cache = CacheDir()
+	}
+	if o.Config == "" {
+		o.Config = "/boot/config-" + o.Release
+	}
+	if o.Jobs <= 0 {
+		o.Jobs = 2
+	}
+	if o.Log == nil {
+		o.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if o.Progress == nil {
+		o.Progress = io.Discard
+	}
+	config, err := os.ReadFile(o.Config)
+	if err != nil {
+		return nil, fmt.Errorf("%w: kernel config: %w", ErrNoSource, err)
+	}
+	cc, err := matchCompiler(ctx, config)
+	if err != nil {
+		return nil, err
+	}
+	t := &Tree{Release: o.Release, Dir: filepath.Join(o.Cache, "kernel", o.Release), CC: cc, opts: o}
+
+	unlock, err := t.lock(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	want := fmt.Sprintf("%s %s\n%s", src.Package, src.Version, configText(config))
+	if got, err := os.ReadFile(filepath.Join(t.Dir, stamp)); err == nil && string(got) == want {
+		return t, t.restoreSwapped()
+	}
+	if _, err := os.Stat(filepath.Join(t.Dir, "Makefile")); err != nil {
+		if err := t.unpack(ctx, filepath.Join(o.Cache, "debs", src.Deb()), src); err != nil {
+			return nil, err
+		}
+	}
+	if err := t.restoreSwapped(); err != nil {
+		return nil, err
+	}
+	o.Log.Info("preparing kernel tree", "dir", t.Dir, "cc", cc)
+	if err := os.WriteFile(filepath.Join(t.Dir, ".config"), config, 0o644); err != nil {
+		return nil, err
+	}
+	if _, err := t.make(ctx, "olddefconfig"); err != nil {
+		return nil, err
+	}
+	if _, err := t.make(ctx, "prepare", "modules_prepare"); err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(filepath.Join(t.Dir, stamp), []byte(want), 0o644); err != nil {
+		return nil, err
+	}
+	return t, nil
+}
+
+// configText is CONFIG_CC_VERSION_TEXT's value, or "".
+func configText(config []byte) string {
+	sc := bufio.NewScanner(bytes.NewReader(config))
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "CONFIG_CC_VERSION_TEXT="); ok {
+			return strings.Trim(v, `"`)
+		}
+	}
+	return ""
+}
+
+// matchCompiler finds the compiler whose `--version` first line is the
+// configuration's CONFIG_CC_VERSION_TEXT: the name it starts with
+// (gcc-12 on Debian), then plain gcc.
+func matchCompiler(ctx context.Context, config []byte) (string, error) {
+	text := configText(config)
+	if text == "" {
+		return "", fmt.Errorf("%w: the kernel config has no CONFIG_CC_VERSION_TEXT", ErrCompiler)
+	}
+	first, _, _ := strings.Cut(text, " ")
+	var seen []string
+	for _, cc := range []string{first, "gcc"} {
+		if _, err := exec.LookPath(cc); err != nil {
+			continue
+		}
+		out, err := exec.CommandContext(ctx, cc, "--version").Output()
+		if err != nil {
+			continue
+		}
+		line, _, _ := strings.Cut(string(out), "\n")
+		if line == text {
+			return cc, nil
+		}
+		seen = append(seen, fmt.Sprintf("%s is %q", cc, line))
+	}
+	if len(seen) == 0 {
+		return "", fmt.Errorf("%w: the kernel was built with %q, which is not installed", ErrCompiler, text)
+	}
+	return "", fmt.Errorf("%w: the kernel was built with %q but %s; install that exact compiler", ErrCompiler, text, strings.Join(seen, ", "))
+}
+
+// lock takes the tree's lock file, waiting while another process holds it.
+func (t *Tree) lock(ctx context.Context) (unlock func(), err error) {
+	if err := os.MkdirAll(filepath.Dir(t.Dir), 0o755); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(t.Dir+".lock", os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	logged := false
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", f.Name(), err)
+		}
+		if !logged {
+			t.opts.Log.Info("waiting for another user of the kernel tree", "lock", f.Name())
+			logged = true
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// unpack extracts the source tarball from the .deb into t.Dir, through a
+// temporary directory so that a half-unpacked tree is never used.
+func (t *Tree) unpack(ctx context.Context, deb string, src Source) error {
+	if _, err := os.Stat(deb); err != nil {
+		return fmt.Errorf("%w: %v (scripts/install-deps.sh downloads it)", ErrNoSource, err)
+	}
+	tmp := t.Dir + ".unpack"
+	if err := os.RemoveAll(tmp); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(tmp, 0o755); err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp)
+	t.opts.Log.Info("unpacking kernel source", "deb", deb)
+	tarball := "./usr/src/" + src.Package + ".tar.xz"
+	script := `set -o pipefail; dpkg-deb --fsys-tarfile "$1" | tar -xOf - "$2" | tar -xJf - -C "$3"`
+	cmd := exec.CommandContext(ctx, "bash", "-c", script, "unpack", deb, tarball, tmp)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("unpack %s: %w\n%s", deb, err, lastLines(string(out), 10))
+	}
+	top := filepath.Join(tmp, src.Package)
+	if _, err := os.Stat(filepath.Join(top, "Makefile")); err != nil {
+		return fmt.Errorf("%w: %s holds no %s/Makefile", ErrNoSource, deb, src.Package)
+	}
+	if err := os.RemoveAll(t.Dir); err != nil {
+		return err
+	}
+	return os.Rename(top, t.Dir)
+}
+
+// make runs kbuild in the tree and returns its output.
+func (t *Tree) make(ctx context.Context, args ...string) (string, error) {
+	all := append([]string{"-C", t.Dir, "CC=" + t.CC, fmt.Sprintf("-j%d", t.opts.Jobs)}, args...)
+	var out bytes.Buffer
+	cmd := exec.CommandContext(ctx, "make", all...)
+	cmd.Stdout = io.MultiWriter(&out, t.opts.Progress)
+	cmd.Stderr = cmd.Stdout
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("%w: make %s: %w\n%s", ErrBuild, strings.Join(args, " "), err, lastLines(out.String(), 20))
+	}
+	return out.String(), nil
+}
+
+// DiffCFlags are the flags that give every function and data object its
+// own section, which the differ needs.
+const DiffCFlags = "-ffunction-sections -fdata-sections"
+
+// CompileObject builds one object of the tree (relpath like
+// fs/proc/cmdline.o) with KCFLAGS=kcflags (DiffCFlags if empty) and
+// returns its path. The file is overwritten by the next compilation of
+// the same object.
+func (t *Tree) CompileObject(ctx context.Context, relpath, kcflags string) (string, error) {
+	unlock, err := t.lock(ctx)
+	if err != nil {
+		return "", err
+	}
+	defer unlock()
+	if err := t.restoreSwapped(); err != nil {
+		return "", err
+	}
+	return t.compile(ctx, relpath, kcflags)
+}
+
+func (t *Tree) compile(ctx context.Context, relpath, kcflags string) (string, error) {
+	if !strings.HasSuffix(relpath, ".o") || filepath.IsAbs(relpath) || strings.Contains(relpath, "..") {
+		return "", fmt.Errorf("compile %q: want a relative path to an object, like fs/proc/cmdline.o", relpath)
+	}
+	if kcflags == "" {
+		kcflags = DiffCFlags
+	}
+	obj := filepath.Join(t.Dir, relpath)
+	// Always rebuild: kbuild would not notice a changed KCFLAGS.
+	if err := os.Remove(obj); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return "", err
+	}
+	if _, err := t.make(ctx, "KCFLAGS="+kcflags, relpath); err != nil {
+		return "", err
+	}
+	if _, err := os.Stat(obj); err != nil {
+		return "", fmt.Errorf("%w: make %s made no object: %w", ErrBuild, relpath, err)
+	}
+	return obj, nil
+}
+
+// CompilePair builds object relpath twice, from the pristine tree and with
+// source file src (relative to the tree) replaced by patched, and copies
+// both objects into outDir/pre and outDir/post. The tree is restored
+// afterwards, also when the build fails.
+func (t *Tree) CompilePair(ctx context.Context, relpath, src string, patched []byte, kcflags, outDir string) (pre, post string, err error) {
+	unlock, err := t.lock(ctx)
+	if err != nil {
+		return "", "", err
+	}
+	defer unlock()
+	if err := t.restoreSwapped(); err != nil {
+		return "", "", err
+	}
+	keep := func(obj, which string) (string, error) {
+		dst := filepath.Join(outDir, which, filepath.Base(relpath))
+		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+			return "", err
+		}
+		return dst, copyFile(obj, dst)
+	}
+	obj, err := t.compile(ctx, relpath, kcflags)
+	if err != nil {
+		return "", "", err
+	}
+	if pre, err = keep(obj, "pre"); err != nil {
+		return "", "", err
+	}
+	if err := t.swap(src, patched); err != nil {
+		return "", "", err
+	}
+	defer func() {
+		if rerr := t.restoreSwapped(); rerr != nil && err == nil {
+			err = rerr
+		}
+		// The object in the tree is the patched one: make the next
+		// build redo it from the restored source.
+		os.Remove(filepath.Join(t.Dir, relpath))
+	}()
+	if obj, err = t.compile(ctx, relpath, kcflags); err != nil {
+		return "", "", fmt.Errorf("patched %s: %w", src, err)
+	}
+	if post, err = keep(obj, "post"); err != nil {
+		return "", "", err
+	}
+	return pre, post, nil
+}
+
+// swap saves the original of src next to the tree, records it in the
+// journal, and writes the patched contents.
+func (t *Tree) swap(src string, patched []byte) error {
+	path := filepath.Join(t.Dir, src)
+	if filepath.IsAbs(src) || strings.Contains(src, "..") {
+		return fmt.Errorf("source %q is not a path inside the tree", src)
+	}
+	if err := copyFile(path, path+".stitch-orig"); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(t.Dir, swapJournal), []byte(src), 0o644); err != nil {
+		return err
+	}
+	return os.WriteFile(path, patched, 0o644)
+}
+
+// restoreSwapped puts back a source file a swap replaced, if any.
+func (t *Tree) restoreSwapped() error {
+	journal := filepath.Join(t.Dir, swapJournal)
+	b, err := os.ReadFile(journal)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	path := filepath.Join(t.Dir, string(b))
+	if err := os.Rename(path+".stitch-orig", path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("restore %s: %w", path, err)
+	}
+	return os.Remove(journal)
+}
+
+func copyFile(src, dst string) error {
+	b, err := os.ReadFile(src)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(dst, b, 0o644)
+}
+
+// PatchedFiles applies a unified diff (paths a/... b/..., as in git and
+// the fix corpus) to copies of the files it touches and returns their new
+// contents by path relative to the tree. The tree itself is not modified.
+func (t *Tree) PatchedFiles(ctx context.Context, patch []byte) (map[string][]byte, error) {
+	files := touched(patch)
+	if len(files) == 0 {
+		return nil, fmt.Errorf("patch touches no files")
+	}
+	tmp, err := os.MkdirTemp("", "stitch-patch-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(tmp)
+	for _, f := range files {
+		if filepath.IsAbs(f) || strings.Contains(f, "..") {
+			return nil, fmt.Errorf("patch touches %q, outside the tree", f)
+		}
+		dst := filepath.Join(tmp, f)
+		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+			return nil, err
+		}
+		if err := copyFile(filepath.Join(t.Dir, f), dst); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, err
+		}
+	}
+	cmd := exec.CommandContext(ctx, "patch", "-p1", "--batch", "--no-backup-if-mismatch", "-d", tmp)
+	cmd.Stdin = bytes.NewReader(patch)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("patch does not apply to %s: %w\n%s", t.Release, err, lastLines(string(out), 10))
+	}
+	out := map[string][]byte{}
+	for _, f := range files {
+		b, err := os.ReadFile(filepath.Join(tmp, f))
+		if err != nil {
+			return nil, err
+		}
+		out[f] = b
+	}
+	return out, nil
+}
+
+// touched lists the files a unified diff changes (its +++ b/ lines).
+func touched(patch []byte) []string {
+	var files []string
+	for _, line := range strings.Split(string(patch), "\n") {
+		if name, ok := strings.CutPrefix(line, "+++ b/"); ok {
+			name, _, _ = strings.Cut(name, "\t")
+			files = append(files, strings.TrimSpace(name))
+		}
+	}
+	return files
+}

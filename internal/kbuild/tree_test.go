@@ -1,0 +1,131 @@
+package kbuild
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+)
+
+const testRelease = "6.1.0-54-amd64"
+
+// testTree prepares the real kernel tree once per test binary run (the
+// stamp makes later runs cheap). Without the source package or the
+// compiler it skips on a developer machine and fails in CI.
+func testTree(t *testing.T) *Tree {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	tree, err := PrepareTree(ctx, TreeOptions{Release: testRelease})
+	if err != nil {
+		if os.Getenv("CI") == "" && (errors.Is(err, ErrNoSource) || errors.Is(err, ErrCompiler)) {
+			t.Skipf("no kernel tree (run scripts/install-deps.sh): %v", err)
+		}
+		t.Fatal(err)
+	}
+	return tree
+}
+
+func TestConfigText(t *testing.T) {
+	cfg := []byte("CONFIG_A=y\nCONFIG_CC_VERSION_TEXT=\"gcc-12 (Debian 12.2.0-14+deb12u1) 12.2.0\"\n")
+	if got := configText(cfg); got != "gcc-12 (Debian 12.2.0-14+deb12u1) 12.2.0" {
+		t.Errorf("configText = %q", got)
+	}
+}
+
+func TestCompilerMismatch(t *testing.T) {
+	ctx := context.Background()
+	for _, cfg := range []string{
+		"CONFIG_CC_VERSION_TEXT=\"gcc (Imaginary 1.0) 1.0\"\n",
+		"CONFIG_CC_VERSION_TEXT=\"no-such-cc-1 (X) 1\"\n",
+		"CONFIG_X=y\n",
+	} {
+		if cc, err := matchCompiler(ctx, []byte(cfg)); !errors.Is(err, ErrCompiler) {
+			t.Errorf("%q: matchCompiler = %q, %v; want ErrCompiler", cfg, cc, err)
+		}
+	}
+}
+
+func TestUnknownRelease(t *testing.T) {
+	_, err := PrepareTree(context.Background(), TreeOptions{Release: "1.0-bogus", Cache: t.TempDir()})
+	if !errors.Is(err, ErrNoSource) {
+		t.Fatalf("err = %v, want ErrNoSource", err)
+	}
+}
+
+func TestMissingDeb(t *testing.T) {
+	if _, err := os.Stat("/boot/config-" + testRelease); err != nil {
+		t.Skip("no /boot/config-" + testRelease)
+	}
+	_, err := PrepareTree(context.Background(), TreeOptions{Release: testRelease, Cache: t.TempDir()})
+	if !errors.Is(err, ErrNoSource) && !errors.Is(err, ErrCompiler) {
+		t.Fatalf("err = %v, want ErrNoSource", err)
+	}
+}
+
+func TestTouched(t *testing.T) {
+	p := []byte("--- a/fs/x.c\n+++ b/fs/x.c\n@@ -1 +1 @@\n-a\n+b\n--- a/include/y.h\t2024\n+++ b/include/y.h\t2024\n")
+	if got := touched(p); !slices.Equal(got, []string{"fs/x.c", "include/y.h"}) {
+		t.Errorf("touched = %q", got)
+	}
+}
+
+// TestCompilePair compiles a real object before and after a real fix and
+// checks that the tree is restored.
+func TestCompilePair(t *testing.T) {
+	tree := testTree(t)
+	ctx := context.Background()
+	const src = "net/ipv4/ipmr_base.c"
+	patch := []byte(`--- a/net/ipv4/ipmr_base.c
++++ b/net/ipv4/ipmr_base.c
+@@ -38,7 +38,7 @@
+ 	struct mr_table *mrt;
+ 	int err;
+ 
+-	mrt = kzalloc(sizeof(*mrt), GFP_KERNEL);
++	mrt = kzalloc(sizeof(*mrt), GFP_KERNEL_ACCOUNT);
+ 	if (!mrt)
+ 		return ERR_PTR(-ENOMEM);
+ 	mrt->id = id;
+`)
+	orig, err := os.ReadFile(filepath.Join(tree.Dir, src))
+	if err != nil {
+		t.Fatal(err)
+	}
+	files, err := tree.PatchedFiles(ctx, patch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Equal(files[src], orig) || !bytes.Contains(files[src], []byte("GFP_KERNEL_ACCOUNT);")) {
+		t.Fatalf("patched file not patched")
+	}
+	out := t.TempDir()
+	pre, post, err := tree.CompilePair(ctx, "net/ipv4/ipmr_base.o", src, files[src], "", out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, _ := os.ReadFile(pre)
+	b, _ := os.ReadFile(post)
+	if len(a) == 0 || bytes.Equal(a, b) {
+		t.Errorf("pre and post objects are empty or identical (%d, %d bytes)", len(a), len(b))
+	}
+	now, err := os.ReadFile(filepath.Join(tree.Dir, src))
+	if err != nil || !bytes.Equal(now, orig) {
+		t.Fatalf("tree not restored: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(tree.Dir, swapJournal)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("journal left behind: %v", err)
+	}
+	// A failing build restores the tree too.
+	if _, _, err := tree.CompilePair(ctx, "net/ipv4/ipmr_base.o", src, []byte("#error broken\n"), "", out); !errors.Is(err, ErrBuild) {
+		t.Errorf("broken source: err = %v, want ErrBuild", err)
+	}
+	now, _ = os.ReadFile(filepath.Join(tree.Dir, src))
+	if !bytes.Equal(now, orig) {
+		t.Fatal("tree not restored after a failed build")
+	}
+}
