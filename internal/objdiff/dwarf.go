@@ -124,24 +124,25 @@ func typeName(t dwarf.Type) string {
 // layoutChange describes the first difference between two layouts, or "".
 func layoutChange(a, b layout) string {
 	fa := map[string]field{}
-	for _, f := range a.fields {
-		fa[f.name] = f
+	for i, f := range a.fields {
+		fa[fieldKey(f, i)] = f
 	}
-	for _, f := range b.fields {
-		old, ok := fa[f.name]
+	for i, f := range b.fields {
+		key := fieldKey(f, i)
+		old, ok := fa[key]
 		switch {
 		case !ok:
-			return fmt.Sprintf("new field %s at offset %d", f.name, f.offset)
+			return fmt.Sprintf("new field %s at offset %d", key, f.offset)
 		case old.offset != f.offset || old.bitOff != f.bitOff:
-			return fmt.Sprintf("field %s moved from offset %d to %d", f.name, old.offset, f.offset)
+			return fmt.Sprintf("field %s moved from offset %d to %d", key, old.offset, f.offset)
 		case old.typ != f.typ || old.size != f.size || old.bitLen != f.bitLen:
-			return fmt.Sprintf("field %s changed type from %s (%d bytes) to %s (%d bytes)", f.name, old.typ, old.size, f.typ, f.size)
+			return fmt.Sprintf("field %s changed type from %s (%d bytes) to %s (%d bytes)", key, old.typ, old.size, f.typ, f.size)
 		}
-		delete(fa, f.name)
+		delete(fa, key)
 	}
-	for _, f := range a.fields {
-		if _, gone := fa[f.name]; gone {
-			return fmt.Sprintf("field %s removed", f.name)
+	for i, f := range a.fields {
+		if _, gone := fa[fieldKey(f, i)]; gone {
+			return fmt.Sprintf("field %s removed", fieldKey(f, i))
 		}
 	}
 	if a.size != b.size {
@@ -279,4 +280,13 @@ func explain(d *dwarf.Data, changed, unchanged []string) []Explanation {
 	}
 	slices.SortFunc(out, func(x, y Explanation) int { return strings.Compare(x.Inlined, y.Inlined) })
 	return out
+}
+
+// fieldKey names a field; anonymous unions and structs by their position,
+// which is as stable as the field order.
+func fieldKey(f field, i int) string {
+	if f.name != "" {
+		return f.name
+	}
+	return fmt.Sprintf("<anonymous #%d>", i)
 }
