@@ -39,6 +39,7 @@ func commands() []command {
 		{name: "revert", summary: "disable a livepatch, follow the reverse transition, unload it", run: runRevert},
 		{name: "status", summary: "show the kernel's livepatch state", run: runStatus},
 		{name: "list", summary: "same as status", run: runStatus, hidden: true},
+		{name: "diff", summary: "compare pre- and post-fix builds of an object: what changed, what cannot be live-patched", run: runDiff},
 		{name: "demo", summary: "patch a real kernel live in a VM, then restore it", run: runDemo},
 		{name: "demo-guest", summary: "the guest side of demo", run: runDemoGuest, hidden: true},
 	}
