@@ -95,6 +95,10 @@ type Reloc struct {
 	Type   elf.R_X86_64
 	Symbol *Symbol
 	Addend int64
+	// InCode: the relocation patches an instruction (its section is
+	// executable), where a PC-relative field is followed by the end of
+	// the instruction rather than being its own reference point.
+	InCode bool
 }
 
 // Local tells whether the symbol is file-local (STB_LOCAL).
@@ -301,7 +305,7 @@ func (o *Object) readRelas(i int, s *elf.Section) error {
 func (o *Object) decodeRela(target *Section, b []byte) (Reloc, error) {
 	le := binary.LittleEndian
 	info := le.Uint64(b[8:])
-	r := Reloc{Offset: le.Uint64(b[0:]), Type: elf.R_X86_64(elf.R_TYPE64(info)), Addend: int64(le.Uint64(b[16:]))}
+	r := Reloc{Offset: le.Uint64(b[0:]), Type: elf.R_X86_64(elf.R_TYPE64(info)), Addend: int64(le.Uint64(b[16:])), InCode: target.Executable()}
 	idx := elf.R_SYM64(info)
 	if uint64(idx) >= uint64(len(o.Symbols)) {
 		return r, fmt.Errorf("symbol %d of %d", idx, len(o.Symbols))
@@ -371,7 +375,7 @@ func (s *Symbol) Bytes() []byte {
 // Target resolves what a relocation points to. References made through a
 // section symbol (as gas emits them for file-local symbols) become the
 // real symbol holding the referenced place plus the offset into it; the
-// returned offset already accounts for the -4 of a PC-relative field.
+// returned offset is the addend relative to the symbol.
 // When no symbol covers the place, sym is the section symbol and off the
 // offset into the section.
 func (r Reloc) Target() (sym *Symbol, off int64) {
@@ -379,18 +383,33 @@ func (r Reloc) Target() (sym *Symbol, off int64) {
 	if s == nil || s.Type != elf.STT_SECTION || s.Section == nil {
 		return s, r.Addend
 	}
-	place := r.Addend
-	if PCRelative(r.Type) {
-		// The CPU adds the displacement to the end of the instruction, and
-		// the field is almost always last: the addend is -4 from the target.
-		place += 4
-	}
-	if place >= 0 {
-		if t := s.Section.SymbolAt(uint64(place)); t != nil {
+	if !PCRelative(r.Type) || !r.InCode {
+		// Absolute, or data like `.long sym - .`: the addend is the place.
+		if t := s.Section.SymbolAt(uint64(r.Addend)); r.Addend >= 0 && t != nil {
 			return t, r.Addend - int64(t.Value)
+		}
+		return s, r.Addend
+	}
+	// The CPU adds a displacement to the end of the instruction, which is
+	// 4 bytes after the field, or up to 8 when an immediate follows it.
+	for end := int64(4); end <= 8; end++ {
+		if place := r.Addend + end; place >= 0 {
+			if t := s.Section.SymbolAt(uint64(place)); t != nil {
+				return t, r.Addend - int64(t.Value)
+			}
 		}
 	}
 	return s, r.Addend
+}
+
+// Place is the offset into the target section or symbol that the
+// relocation designates: the addend, corrected for the instruction end
+// of a PC-relative field in code (assuming no immediate follows it).
+func (r Reloc) Place() int64 {
+	if PCRelative(r.Type) && r.InCode {
+		return r.Addend + 4
+	}
+	return r.Addend
 }
 
 // String returns the NUL-terminated string at off in sec.

@@ -74,7 +74,7 @@ func TestParse(t *testing.T) {
 		s, _ := r.Target()
 		calls[s.Name] = true
 	}
-	for _, want := range []string{"__fentry__", "helper", "sink"} {
+	for _, want := range []string{"__fentry__", "helper", "sink", "flag"} {
 		if !calls[want] {
 			t.Errorf("entry does not refer to %s: %v", want, calls)
 		}

@@ -442,3 +442,38 @@ func touched(patch []byte) []string {
 	}
 	return files
 }
+
+// CompileDir builds every object of a directory of the tree (reldir like
+// net/ipv4) with KCFLAGS=kcflags (DiffCFlags if empty) and returns the
+// paths of the objects compiled from C files there, sorted.
+func (t *Tree) CompileDir(ctx context.Context, reldir, kcflags string) ([]string, error) {
+	if filepath.IsAbs(reldir) || strings.Contains(reldir, "..") {
+		return nil, fmt.Errorf("compile %q: want a directory inside the tree", reldir)
+	}
+	if kcflags == "" {
+		kcflags = DiffCFlags
+	}
+	unlock, err := t.lock(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if err := t.restoreSwapped(); err != nil {
+		return nil, err
+	}
+	if _, err := t.make(ctx, "KCFLAGS="+kcflags, strings.TrimSuffix(reldir, "/")+"/"); err != nil {
+		return nil, err
+	}
+	srcs, err := filepath.Glob(filepath.Join(t.Dir, reldir, "*.c"))
+	if err != nil {
+		return nil, err
+	}
+	var objs []string
+	for _, src := range srcs {
+		obj := strings.TrimSuffix(src, ".c") + ".o"
+		if _, err := os.Stat(obj); err == nil && !strings.HasSuffix(src, ".mod.c") {
+			objs = append(objs, obj)
+		}
+	}
+	return objs, nil
+}

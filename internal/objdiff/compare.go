@@ -38,10 +38,7 @@ func (s side) ident(r elfobj.Reloc) string {
 	if t.Section != nil && t.Section.Strings() {
 		// A string literal, possibly through a local label (.LC0):
 		// only its text identifies it.
-		place := int64(t.Value) + off
-		if elfobj.PCRelative(r.Type) {
-			place += 4
-		}
+		place := int64(t.Value) + off + r.Place() - r.Addend
 		if str, ok := t.Section.String(place); ok {
 			return "str:" + strconv.Quote(str) + "+" + strconv.FormatInt(int64(t.Value)+off-place, 10)
 		}
@@ -51,10 +48,7 @@ func (s side) ident(r elfobj.Reloc) string {
 		if sec == nil {
 			return "sec:" + t.Name + "+" + o
 		}
-		place := off
-		if elfobj.PCRelative(r.Type) {
-			place += 4
-		}
+		place := off + r.Place() - r.Addend
 		if sec.Name == ".altinstr_replacement" {
 			// Offsets into the replacement pool move when any
 			// alternative of the file changes; the entry's own bytes
@@ -237,10 +231,7 @@ func lineContext(relocs []elfobj.Reloc) bool {
 		if t.Section == nil || !t.Section.Strings() {
 			continue
 		}
-		place := int64(t.Value) + off
-		if elfobj.PCRelative(r.Type) {
-			place += 4
-		}
+		place := int64(t.Value) + off + r.Place() - r.Addend
 		if str, ok := t.Section.String(place); ok && (strings.HasSuffix(str, ".c") || strings.HasSuffix(str, ".h")) {
 			return true
 		}
