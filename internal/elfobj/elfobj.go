@@ -17,6 +17,7 @@ import (
 	"io"
 	"os"
 	"sort"
+	"strings"
 )
 
 var (
@@ -48,7 +49,8 @@ type Object struct {
 	// Symbols is indexed by symbol table index; index 0 is the null symbol.
 	Symbols []*Symbol
 
-	file *elf.File
+	// src reads the object's bytes again, for DWARF.
+	src io.ReaderAt
 }
 
 // Section is one ELF section. RELA sections are not listed separately:
@@ -61,9 +63,11 @@ type Section struct {
 	Size      uint64
 	Addralign uint64
 	Entsize   uint64
-	// Data is nil for SHT_NOBITS and for the symbol and string tables.
+	// Data is nil for SHT_NOBITS, the symbol and string tables and
+	// debugging sections (read through DWARF).
 	Data []byte
-	// Relocs are sorted by Offset.
+	// Relocs are sorted by Offset; those of debugging sections are not
+	// decoded (DWARF applies them).
 	Relocs []Reloc
 	// Rela is the index of the RELA section applying to this one, or 0.
 	Rela int
@@ -152,36 +156,81 @@ func PCRelative(t elf.R_X86_64) bool {
 	return false
 }
 
-// Open reads the object at path.
+// Open reads the object at path. Debugging sections are left on disk
+// until DWARF is called, which keeps a kernel object's read small.
 func Open(path string) (*Object, error) {
-	raw, err := os.ReadFile(path)
+	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
-	o, err := Parse(raw)
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	o, err := parseGuarded(f, st.Size(), func(off, n uint64) ([]byte, error) {
+		b := make([]byte, n)
+		_, err := f.ReadAt(b, int64(off))
+		return b, err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
+	o.src = fileAt(path)
 	return o, nil
 }
 
+// fileAt reads a file by path on each call, so that an Object holds no
+// open file.
+type fileAt string
+
+func (p fileAt) ReadAt(b []byte, off int64) (int, error) {
+	f, err := os.Open(string(p))
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	return f.ReadAt(b, off)
+}
+
 // Parse reads an object from memory. The Object keeps references into raw.
-func Parse(raw []byte) (o *Object, err error) {
+func Parse(raw []byte) (*Object, error) {
+	o, err := parseGuarded(bytes.NewReader(raw), int64(len(raw)), func(off, n uint64) ([]byte, error) {
+		return raw[off : off+n : off+n], nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	o.src = bytes.NewReader(raw)
+	return o, nil
+}
+
+// parseGuarded parses an object whose bytes r holds; read returns the
+// bytes of a range already checked to lie inside the object.
+func parseGuarded(r io.ReaderAt, size int64, read func(off, n uint64) ([]byte, error)) (o *Object, err error) {
 	// debug/elf is not hardened against every corrupt input; a panic
 	// inside it must become an error about the input, not a crash.
 	defer func() {
-		if r := recover(); r != nil {
-			o, err = nil, &FormatError{Msg: fmt.Sprintf("reader failed: %v", r)}
+		if p := recover(); p != nil {
+			o, err = nil, &FormatError{Msg: fmt.Sprintf("reader failed: %v", p)}
 		}
 	}()
-	return parse(raw)
+	return parse(r, uint64(size), read)
 }
 
-func parse(raw []byte) (*Object, error) {
-	f, err := elf.NewFile(bytes.NewReader(raw))
+// debugSection tells whether a section only carries debugging
+// information, which the model does not load.
+func debugSection(name string) bool {
+	name = strings.TrimPrefix(name, ".rela")
+	return strings.HasPrefix(name, ".debug_") || strings.HasPrefix(name, ".zdebug_")
+}
+
+func parse(r io.ReaderAt, size uint64, read func(off, n uint64) ([]byte, error)) (*Object, error) {
+	f, err := elf.NewFile(r)
 	if err != nil {
 		var fe *elf.FormatError
-		if errors.As(err, &fe) && len(raw) >= 4 && string(raw[:4]) == elf.ELFMAG {
+		magic := make([]byte, 4)
+		if _, rerr := r.ReadAt(magic, 0); errors.As(err, &fe) && rerr == nil && string(magic) == elf.ELFMAG {
 			return nil, &FormatError{Msg: err.Error()}
 		}
 		return nil, fmt.Errorf("%w: %v", ErrNotObject, err)
@@ -189,7 +238,7 @@ func parse(raw []byte) (*Object, error) {
 	if f.Class != elf.ELFCLASS64 || f.Data != elf.ELFDATA2LSB || f.Machine != elf.EM_X86_64 || f.Type != elf.ET_REL {
 		return nil, fmt.Errorf("%w: %s %s %s", ErrNotObject, f.Class, f.Machine, f.Type)
 	}
-	o := &Object{file: f, Sections: make([]*Section, len(f.Sections))}
+	o := &Object{Sections: make([]*Section, len(f.Sections))}
 	var symtab *elf.Section
 	for i, s := range f.Sections {
 		sec := &Section{
@@ -201,18 +250,20 @@ func parse(raw []byte) (*Object, error) {
 			continue
 		}
 		// Checked here, before debug/elf reads tables of any claimed size.
-		if uint64(len(raw)) < s.Offset || uint64(len(raw))-s.Offset < s.Size {
+		if size < s.Offset || size-s.Offset < s.Size {
 			return nil, &FormatError{Section: s.Name, Msg: "extends past end of file"}
 		}
-		switch s.Type {
-		case elf.SHT_SYMTAB:
+		switch {
+		case s.Type == elf.SHT_SYMTAB:
 			if symtab != nil {
 				return nil, &FormatError{Section: s.Name, Msg: "second symbol table"}
 			}
 			symtab = s
-		case elf.SHT_STRTAB:
+		case s.Type == elf.SHT_STRTAB, debugSection(s.Name):
 		default:
-			sec.Data = raw[s.Offset : s.Offset+s.Size : s.Offset+s.Size]
+			if sec.Data, err = read(s.Offset, s.Size); err != nil {
+				return nil, &FormatError{Section: s.Name, Msg: err.Error()}
+			}
 		}
 	}
 	if symtab == nil {
@@ -225,7 +276,7 @@ func parse(raw []byte) (*Object, error) {
 		if s.Type == elf.SHT_REL {
 			return nil, fmt.Errorf("%w: section %s: SHT_REL relocations (x86-64 uses RELA)", ErrNotObject, s.Name)
 		}
-		if s.Type != elf.SHT_RELA {
+		if s.Type != elf.SHT_RELA || debugSection(s.Name) {
 			continue
 		}
 		if err := o.readRelas(i, s); err != nil {
@@ -435,7 +486,11 @@ func (o *Object) DWARF() (d *dwarf.Data, err error) {
 			d, err = nil, &FormatError{Section: ".debug_info", Msg: fmt.Sprint(r)}
 		}
 	}()
-	d, err = o.file.DWARF()
+	f, err := elf.NewFile(o.src)
+	if err != nil {
+		return nil, &FormatError{Msg: err.Error()}
+	}
+	d, err = f.DWARF()
 	if err != nil {
 		return nil, &FormatError{Section: ".debug_info", Msg: err.Error()}
 	}

@@ -57,7 +57,7 @@ func Diff(pre, post *elfobj.Object) *Result {
 		switch {
 		case isInit(fa) || isInit(fb):
 			res.unsafe(KindInit, fb.Name, fmt.Sprintf("%s is %s code (section %s): it has already run or runs only at unload, so patching it has no effect; move the fix out of init/exit code or handle the state it sets up in a callback", fb.Name, initKind(fb), fb.Section.Name))
-		case !hasFentry(fb):
+		case !hasFentry(fb) && coldParent(fb.Name) == "":
 			res.unsafe(KindNoFentry, fb.Name, fmt.Sprintf("%s changed but has no __fentry__ call (notrace, or the compiler built it without ftrace instrumentation), so ftrace cannot redirect it; patch its callers instead", fb.Name))
 		}
 	}
@@ -190,6 +190,7 @@ func describe(s side, f, pa *elfobj.Symbol) Func {
 	if pa != nil && pa.Name != f.Name {
 		fn.PreName = pa.Name
 	}
+	fn.Parent = coldParent(f.Name)
 	seen := map[string]bool{}
 	for _, r := range f.Section.RelocsIn(f.Value, f.Value+f.Size) {
 		t, _ := r.Target()
@@ -217,4 +218,12 @@ func nonNil[T any](s []T) []T {
 		return []T{}
 	}
 	return s
+}
+
+// coldParent returns foo for foo.cold (or foo.cold.N), else "".
+func coldParent(name string) string {
+	if i := strings.Index(name, ".cold"); i > 0 {
+		return name[:i]
+	}
+	return ""
 }

@@ -46,6 +46,10 @@ type Func struct {
 	Section string `json:"section"`
 	Local   bool   `json:"local"`
 	Size    uint64 `json:"size"`
+	// Parent is set for a part the compiler split out of a function
+	// (foo.cold): it is entered by jumps from Parent, not called, so it
+	// is carried with Parent rather than patched on its own.
+	Parent string `json:"parent,omitempty"`
 	// Refs are the symbols the function's relocations point to.
 	Refs []Ref `json:"refs"`
 }
