@@ -61,6 +61,26 @@ func Diff(pre, post *elfobj.Object) *Result {
 			res.unsafe(KindNoFentry, fb.Name, fmt.Sprintf("%s changed but has no __fentry__ call (notrace, or the compiler built it without ftrace instrumentation), so ftrace cannot redirect it; patch its callers instead", fb.Name))
 		}
 	}
+	// A split-out part is entered by a jump from its parent: a new part
+	// needs a new parent, so a parent with a changed part changes too.
+	for i := 0; i < len(changed); i++ {
+		parent := coldParent(changed[i].Name)
+		if parent == "" {
+			continue
+		}
+		for fb := range unchanged {
+			if fb.Name == parent && fb.Section.Executable() {
+				delete(unchanged, fb)
+				res.LineOnly = slices.DeleteFunc(res.LineOnly, func(n string) bool { return n == parent })
+				changed = append(changed, fb)
+				res.Changed = append(res.Changed, describe(b, fb, c.post2pre[fb]))
+				if !hasFentry(fb) {
+					res.unsafe(KindNoFentry, fb.Name, fmt.Sprintf("%s must be replaced with its changed part %s but has no __fentry__ call, so ftrace cannot redirect it", fb.Name, changed[i].Name))
+				}
+				break
+			}
+		}
+	}
 	for _, fa := range pre.Symbols {
 		if candidate(fa) && fa.Type == elf.STT_FUNC && c.pre2post[fa] == nil {
 			res.Removed = append(res.Removed, fa.Name)

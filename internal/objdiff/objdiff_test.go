@@ -111,6 +111,11 @@ func TestFixtures(t *testing.T) {
 		{name: "data", changed: []string{"count"}, newData: []string{"limit"}, unsafe: []string{KindData + ":table"}},
 		{name: "layout", changed: []string{"conn_get"}, unsafe: []string{KindTypeLayout + ":struct conn"}},
 		{name: "notrace", changed: []string{"fast"}, unsafe: []string{KindNoFentry + ":fast"}},
+		// Only the unlikely part moved to .text.unlikely changed; its
+		// parent jumps to it, so both are replaced.
+		{name: "cold", changed: []string{"check", "check.cold"}},
+		// Same code, but a BUG became a WARN in the function's entry.
+		{name: "special", unsafe: []string{KindSpecial + ":checked"}},
 		{name: "inline", changed: []string{"set_a", "set_b"}, explain: map[string][]string{"clamp": {"set_a", "set_b"}}},
 	}
 	for _, tt := range tests {
