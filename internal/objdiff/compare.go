@@ -3,6 +3,7 @@ package objdiff
 import (
 	"bytes"
 	"debug/elf"
+	"encoding/binary"
 	"strconv"
 	"strings"
 
@@ -254,5 +255,31 @@ func compareData(a side, da *elfobj.Symbol, b side, db *elfobj.Symbol) (sizeChan
 	if (ba == nil) != (bb == nil) {
 		return false, true
 	}
-	return false, !bytes.Equal(masked(ba, ra, da.Value), masked(bb, rb, db.Value))
+	ma, mb := masked(ba, ra, da.Value), masked(bb, rb, db.Value)
+	if f, ok := dataLineFields[da.Section.Name]; ok && da.Section.Name == db.Section.Name {
+		maskLine(ma, f)
+		maskLine(mb, f)
+	}
+	return false, !bytes.Equal(ma, mb)
+}
+
+// lineField locates a __LINE__ bit field in the records of a data section.
+type lineField struct {
+	off  int
+	mask uint32 // bits of the little-endian word at off
+}
+
+// dataLineFields are the data sections whose records carry a line number
+// that moves when the file is edited elsewhere.
+var dataLineFields = map[string]lineField{
+	// struct _ddebug: four pointers, then lineno:18 in a 32-bit word.
+	"__dyndbg": {off: 32, mask: 1<<18 - 1},
+}
+
+func maskLine(b []byte, f lineField) {
+	if len(b) < f.off+4 {
+		return
+	}
+	w := binary.LittleEndian.Uint32(b[f.off:])
+	binary.LittleEndian.PutUint32(b[f.off:], w&^f.mask)
 }

@@ -11,3 +11,12 @@ extern void warn_file_line(const char *file, int line);
 	".popsection" :: "i" (__FILE__), "i" (__LINE__)); } while (0)
 /* A WARN that passes __FILE__ and __LINE__ as arguments. */
 #define WARN_ON(c) do { if (c) warn_file_line(__FILE__, __LINE__); } while (0)
+/* Dynamic debug: a record holding __LINE__ in section __dyndbg. */
+struct ddebug {
+	const char *modname, *function, *filename, *format;
+	unsigned int lineno:18, class_id:6, flags:8;
+} __attribute__((aligned(8)));
+extern void debug_print(struct ddebug *);
+#define pr_debug(fmt) do { static struct ddebug __attribute__((section("__dyndbg"))) \
+	descriptor = { "m", __func__, __FILE__, fmt, __LINE__, 0, 0 }; \
+	debug_print(&descriptor); } while (0)
