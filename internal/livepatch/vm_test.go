@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -348,5 +349,61 @@ func TestGuestWarningRevertsPatch(t *testing.T) {
 	}
 	if _, err := os.Stat("/sys/module/lp_warn"); err == nil {
 		t.Error("lp_warn still loaded")
+	}
+}
+
+// kallsymsAddr finds a vmlinux symbol's address in /proc/kallsyms.
+func kallsymsAddr(t *testing.T, name string) uint64 {
+	t.Helper()
+	b, err := os.ReadFile("/proc/kallsyms")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) == 3 && f[2] == name {
+			var addr uint64
+			if _, err := fmt.Sscanf(f[0], "%x", &addr); err != nil {
+				t.Fatal(err)
+			}
+			return addr
+		}
+	}
+	t.Fatalf("%s not in /proc/kallsyms", name)
+	return 0
+}
+
+// TestGuestKcore reads live kernel text: ftrace has turned the fentry
+// call of cmdline_proc_show into a 5-byte NOP at boot, and a livepatch
+// turns it into a call to its ftrace trampoline.
+func TestGuestKcore(t *testing.T) {
+	testutils.RequireGuest(t)
+	k := &livepatch.Kernel{}
+	kc, err := k.OpenKcore()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer kc.Close()
+	addr := kallsymsAddr(t, "cmdline_proc_show")
+	nop5 := []byte{0x0f, 0x1f, 0x44, 0x00, 0x00}
+	b, err := kc.Read(addr, 5)
+	if err != nil || !bytes.Equal(b, nop5) {
+		t.Fatalf("cmdline_proc_show starts with % x, %v; want ftrace's NOP", b, err)
+	}
+	if code, _, _ := stitch(t, 0, "apply", "/lp_cmdline.ko"); code != 0 {
+		t.Fatalf("apply: exit %d", code)
+	}
+	b, err = kc.Read(addr, 5)
+	if err != nil || b[0] != 0xe8 {
+		t.Errorf("patched cmdline_proc_show starts with % x, %v; want a call (0xe8)", b, err)
+	}
+	if code, _, _ := stitch(t, 0, "revert", "lp_cmdline"); code != 0 {
+		t.Fatalf("revert: exit %d", code)
+	}
+	if b, _ = kc.Read(addr, 5); !bytes.Equal(b, nop5) {
+		t.Errorf("after revert cmdline_proc_show starts with % x", b)
+	}
+	if _, err := kc.Read(0x1000, 4); !errors.Is(err, livepatch.ErrNoKcore) {
+		t.Errorf("reading an unmapped address: %v", err)
 	}
 }
