@@ -152,10 +152,9 @@ func layoutChange(a, b layout) string {
 }
 
 // explain finds functions inlined into changed functions and into no
-// unchanged one: the likely cause of those changes. To keep header
-// helpers that happen to be inlined once out of the answer, a candidate
-// must be defined in the compilation unit's own source file or explain
-// at least two changed functions.
+// unchanged one: the likely cause of those changes. A fix edits the
+// object's own source file, so candidates must be defined there, which
+// also keeps header helpers (kmalloc and the like) out of the answer.
 func explain(d *dwarf.Data, changed, unchanged []string) []Explanation {
 	type sub struct {
 		name    string
@@ -256,7 +255,7 @@ func explain(d *dwarf.Data, changed, unchanged []string) []Explanation {
 		}
 		for _, o := range f.inlined {
 			s := resolve(o)
-			if s == nil || s.name == "" {
+			if s == nil || s.name == "" || s.name == name {
 				continue
 			}
 			mainSrc[s.name] = s.mainSrc
@@ -272,7 +271,7 @@ func explain(d *dwarf.Data, changed, unchanged []string) []Explanation {
 	}
 	var out []Explanation
 	for callee, fs := range callers {
-		if tainted[callee] || !mainSrc[callee] && len(fs) < 2 {
+		if tainted[callee] || !mainSrc[callee] {
 			continue
 		}
 		sort.Strings(fs)
