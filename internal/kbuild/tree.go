@@ -415,7 +415,13 @@ func (t *Tree) PatchedFiles(ctx context.Context, patch []byte) (map[string][]byt
 			return nil, err
 		}
 	}
+	// patch(1) where installed; git apply (a dependency anyway) otherwise.
 	cmd := exec.CommandContext(ctx, "patch", "-p1", "--batch", "--no-backup-if-mismatch", "-d", tmp)
+	if _, err := exec.LookPath("patch"); err != nil {
+		cmd = exec.CommandContext(ctx, "git", "-C", tmp, "apply", "-p1")
+		// Never let git find a repository above the temporary directory.
+		cmd.Env = append(os.Environ(), "GIT_CEILING_DIRECTORIES="+filepath.Dir(tmp))
+	}
 	cmd.Stdin = bytes.NewReader(patch)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("patch does not apply to %s: %w\n%s", t.Release, err, lastLines(string(out), 10))

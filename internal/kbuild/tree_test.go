@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -128,4 +129,44 @@ func TestCompilePair(t *testing.T) {
 	if !bytes.Equal(now, orig) {
 		t.Fatal("tree not restored after a failed build")
 	}
+}
+
+// PatchedFiles works on copies, with patch(1) or, without it, git apply.
+func TestPatchedFiles(t *testing.T) {
+	dir := t.TempDir()
+	os.MkdirAll(filepath.Join(dir, "fs"), 0o755)
+	orig := []byte("one\ntwo\nthree\n")
+	if err := os.WriteFile(filepath.Join(dir, "fs", "x.c"), orig, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tree := &Tree{Release: "test", Dir: dir}
+	patch := []byte("--- a/fs/x.c\n+++ b/fs/x.c\n@@ -1,3 +1,3 @@\n one\n-two\n+TWO\n three\n")
+	check := func(t *testing.T) {
+		files, err := tree.PatchedFiles(context.Background(), patch)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := string(files["fs/x.c"]); got != "one\nTWO\nthree\n" {
+			t.Errorf("patched = %q", got)
+		}
+		if now, _ := os.ReadFile(filepath.Join(dir, "fs", "x.c")); !bytes.Equal(now, orig) {
+			t.Error("the tree was modified")
+		}
+		if _, err := tree.PatchedFiles(context.Background(), []byte("--- a/fs/x.c\n+++ b/fs/x.c\n@@ -1 +1 @@\n-nope\n+yes\n")); err == nil {
+			t.Error("a patch that does not apply was accepted")
+		}
+	}
+	t.Run("patch", check)
+	t.Run("git", func(t *testing.T) {
+		git, err := exec.LookPath("git")
+		if err != nil {
+			t.Skip("no git")
+		}
+		bin := t.TempDir()
+		if err := os.Symlink(git, filepath.Join(bin, "git")); err != nil {
+			t.Fatal(err)
+		}
+		t.Setenv("PATH", bin)
+		check(t)
+	})
 }
