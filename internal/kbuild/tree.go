@@ -379,6 +379,12 @@ func (t *Tree) restoreSwapped() error {
 	if err := os.Rename(path+".stitch-orig", path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("restore %s: %w", path, err)
 	}
+	// Newer than any object built from the patched version, so that make
+	// rebuilds those.
+	now := time.Now()
+	if err := os.Chtimes(path, now, now); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
 	return os.Remove(journal)
 }
 
