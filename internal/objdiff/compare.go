@@ -132,7 +132,7 @@ func compareFunc(a side, fa *elfobj.Symbol, b side, fb *elfobj.Symbol) funcDiff 
 	if bytes.Equal(ma, mb) {
 		return same
 	}
-	if onlyLines(a, fa, ma, ra, mb) {
+	if onlyLines(fa, ma, mb) {
 		return lineOnly
 	}
 	return changed
@@ -157,11 +157,8 @@ var argRegs32 = map[x86asm.Reg]bool{
 // equal relocations, differ only in __LINE__ immediates: `mov $line, %reg`
 // into an argument register in a call sequence that also passes a source
 // file name or calls a function known to take a line number.
-func onlyLines(s side, f *elfobj.Symbol, a []byte, relocs []elfobj.Reloc, b []byte) bool {
-	type insn struct {
-		off, end int
-		lineArg  bool
-	}
+func onlyLines(f *elfobj.Symbol, a, b []byte) bool {
+	type insn struct{ off, end int }
 	var insns []insn
 	var diffs []int
 	for off := 0; off < len(a); {
