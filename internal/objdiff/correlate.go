@@ -60,10 +60,10 @@ func baseName(name string) string {
 	return b
 }
 
-// correlate pairs symbols: first those whose names are unique on both
-// sides, then, within groups of the same base name, by which functions
-// use them, and last by order of appearance when the groups are the same
-// size.
+// correlate pairs symbols: first those whose unnumbered names are unique
+// on both sides, then, within groups of the same base name, by which
+// functions use them, then by equal names, and last (functions only) by
+// order of appearance when what remains of the groups is the same size.
 func correlate(pre, post *elfobj.Object) *correlation {
 	c := &correlation{pre2post: map[*elfobj.Symbol]*elfobj.Symbol{}, post2pre: map[*elfobj.Symbol]*elfobj.Symbol{}}
 	byName := func(o *elfobj.Object) map[string][]*elfobj.Symbol {
@@ -78,7 +78,9 @@ func correlate(pre, post *elfobj.Object) *correlation {
 	}
 	a, b := byName(pre), byName(post)
 	for k, as := range a {
-		if bs := b[k]; len(as) == 1 && len(bs) == 1 {
+		// A numbered name (calls.1) may belong to another variable after
+		// an edit renumbered them: those are paired by base name below.
+		if bs := b[k]; len(as) == 1 && len(bs) == 1 && baseName(as[0].Name) == as[0].Name {
 			c.pair(as[0], bs[0])
 		}
 	}
@@ -129,6 +131,14 @@ func correlate(pre, post *elfobj.Object) *correlation {
 				// does not change.
 				for i := range x {
 					c.pair(x[i], y[i])
+				}
+			}
+		}
+		// Then the same name, if both sides still have it.
+		for _, x := range as {
+			for _, y := range bs {
+				if c.pre2post[x] == nil && c.post2pre[y] == nil && x.Name == y.Name {
+					c.pair(x, y)
 				}
 			}
 		}

@@ -101,9 +101,10 @@ func TestFixtures(t *testing.T) {
 	}{
 		{name: "body", changed: []string{"add"}},
 		{name: "newhelper", changed: []string{"handle"}, new: []string{"check"}},
-		// first gains a static local (renumbering the others); counter
-		// changes but keeps its own.
-		{name: "staticlocal", changed: []string{"counter", "first"}, newData: []string{"seen.2"}},
+		// first gains a static local and a new function last another,
+		// which renumbers them all (counter's calls.1 becomes calls.2);
+		// counter changes but keeps its own.
+		{name: "staticlocal", changed: []string{"counter", "first"}, new: []string{"last"}, newData: []string{"calls.0", "seen.3"}},
 		{name: "staticlocal_init", unsafe: []string{KindStaticLocal + ":calls.0"}},
 		{name: "constprop", changed: []string{"scale.constprop.0"}},
 		{name: "line", lineOnly: []string{"checked"}},
@@ -219,4 +220,46 @@ func TestNotObject(t *testing.T) {
 	if !errorsIs(err, ErrNoObject) || !errorsIs(err, elfobj.ErrNotObject) {
 		t.Fatalf("err = %v, want ErrNoObject and elfobj.ErrNotObject", err)
 	}
+}
+
+func TestBaseName(t *testing.T) {
+	for in, want := range map[string]string{
+		"foo":                           "foo",
+		"foo.constprop.0":               "foo.constprop",
+		"foo.isra.12":                   "foo.isra",
+		"foo.part.0.cold":               "foo.part.cold",
+		"calls.3":                       "calls",
+		"__key.127":                     "__key",
+		"__UNIQUE_ID_ddebug412.5":       "__UNIQUE_ID_ddebug",
+		"__UNIQUE_ID___addressable_x86": "__UNIQUE_ID___addressable_x",
+	} {
+		if got := baseName(in); got != want {
+			t.Errorf("baseName(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// A renumbered static local keeps its identity: counter refers to the
+// same variable (calls.1 before, calls.2 after), so it is not new.
+func TestStaticLocalCorrelation(t *testing.T) {
+	pre, post := compileCase(t, "staticlocal")
+	res, err := DiffFiles(pre, post)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range res.Changed {
+		if f.Name != "counter" {
+			continue
+		}
+		for _, r := range f.Refs {
+			if r.Name == "calls.2" {
+				if r.New || !r.Local {
+					t.Errorf("counter's calls.2 = %+v, want a local that is not new", r)
+				}
+				return
+			}
+		}
+		t.Fatalf("counter does not refer to calls.2: %+v", f.Refs)
+	}
+	t.Fatal("counter not changed")
 }
