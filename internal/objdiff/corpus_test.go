@@ -11,9 +11,9 @@ import (
 
 // TestCorpus diffs every single-file fix of a corpus directory
 // (STITCH_CORPUS=/work/shared/corpus/fixes, say) against the real tree and
-// logs what it finds: a survey, slow, never run by default. A fix whose
-// objects show no difference at all is reported as an error, since every
-// fix of the corpus changes code.
+// logs what it finds: a survey, slow, never run by default. Only errors
+// reading the objects fail it: a fix may leave the machine code as it was
+// (crypto_drbg's only touches a check gcc had already proven dead).
 func TestCorpus(t *testing.T) {
 	dir := os.Getenv("STITCH_CORPUS")
 	if dir == "" {
@@ -71,7 +71,7 @@ func TestCorpus(t *testing.T) {
 			t.Logf("%s: changed %v new %v removed %v data %v line-only %v unsafe %v explained %v",
 				filepath.Base(p), names(res.Changed), names(res.New), res.Removed, len(res.NewData), res.LineOnly, unsafe, expl)
 			if len(res.Changed)+len(res.New)+len(res.NewData)+len(res.Unsafe)+len(res.Removed) == 0 {
-				t.Errorf("%s: no difference found", filepath.Base(p))
+				t.Logf("%s: no machine-code difference", filepath.Base(p))
 			}
 		}
 	}
