@@ -40,6 +40,8 @@ func commands() []command {
 		{name: "status", summary: "show the kernel's livepatch state", run: runStatus},
 		{name: "list", summary: "same as status", run: runStatus, hidden: true},
 		{name: "diff", summary: "compare pre- and post-fix builds of an object: what changed, what cannot be live-patched", run: runDiff},
+		{name: "build", summary: "build a livepatch module from source fixes", run: runBuild},
+		{name: "symbols", summary: "print the running kernel's symbols, for build --kallsyms", run: runSymbols},
 		{name: "demo", summary: "patch a real kernel live in a VM, then restore it", run: runDemo},
 		{name: "demo-guest", summary: "the guest side of demo", run: runDemoGuest, hidden: true},
 	}

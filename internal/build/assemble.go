@@ -41,7 +41,8 @@ type Target interface {
 	// object: 0 when the name is unique there. near names other symbols
 	// of the same source file, to tell duplicates apart.
 	Sympos(object, name string, near []string) (int, error)
-	// Code returns the bytes of function name of object in the target.
+	// Code returns the bytes of function name of object in the target,
+	// possibly followed by alignment padding.
 	Code(object, name string, sympos int) ([]byte, error)
 	// Defines reports whether object has a symbol called name.
 	Defines(object, name string) bool
@@ -73,7 +74,7 @@ func assemble(ctx context.Context, headers, dir, name string, fixes []*Fix, objs
 
 	m := &Manifest{
 		Version: ManifestVersion, Name: name, Module: name + ".ko",
-		Kernel: Kernel{Release: t.Release(), BuildID: t.BuildID()},
+		Kernel: KernelID{Release: t.Release(), BuildID: t.BuildID()},
 		Built:  time.Now().UTC().Format(time.RFC3339),
 	}
 	for _, f := range fixes {
@@ -178,7 +179,7 @@ func runPre(t Target, c compiled, fn string, sympos int) (fingerprint.Fingerprin
 	if err != nil {
 		return fp, fmt.Errorf("%w: %s: %s not found in %s: %v", ErrRunPre, c.Source, fn, c.Object, err)
 	}
-	if err := fp.Match(code); err != nil {
+	if err := fp.MatchPadded(code); err != nil {
 		return fp, fmt.Errorf("%w: %s: %s in %s: %v (the source, config or compiler is not the one that built this kernel)", ErrRunPre, c.Source, fn, c.Object, err)
 	}
 	return fp, nil

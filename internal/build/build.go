@@ -40,8 +40,8 @@ type Pair struct {
 type Locator interface {
 	Target
 	// ObjectOf returns "vmlinux" or the module whose symbols include the
-	// given functions of one compiled object.
-	ObjectOf(funcs []string) (string, error)
+	// given functions of the object compiled from source.
+	ObjectOf(source string, funcs []string) (string, error)
 }
 
 // Options of a build.
@@ -123,7 +123,7 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 		for _, f := range d.Changed {
 			names = append(names, f.Name)
 		}
-		object, err := loc.ObjectOf(names)
+		object, err := loc.ObjectOf(p.Source, names)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", p.Source, err)
 		}

@@ -20,7 +20,7 @@ type Manifest struct {
 	Name        string   `json:"name"`   // module and patch name
 	Module      string   `json:"module"` // file name of the .ko
 	ModuleHash  string   `json:"module_sha256"`
-	Kernel      Kernel   `json:"kernel"`
+	Kernel      KernelID `json:"kernel"`
 	Description string   `json:"description,omitempty"`
 	CVEs        []string `json:"cves,omitempty"`
 	Fixes       []Fix    `json:"fixes"`
@@ -28,8 +28,8 @@ type Manifest struct {
 	Built       string   `json:"built"` // RFC 3339
 }
 
-// Kernel is the one kernel a patch is for.
-type Kernel struct {
+// KernelID names the one kernel a patch is for.
+type KernelID struct {
 	Release string `json:"release"`  // uname -r
 	BuildID string `json:"build_id"` // GNU build-id of vmlinux
 }

@@ -13,7 +13,7 @@ func validManifest() *Manifest {
 	return &Manifest{
 		Version: ManifestVersion, Name: "fix_cmdline", Module: "fix_cmdline.ko",
 		ModuleHash: strings.Repeat("ab", 32),
-		Kernel:     Kernel{Release: "6.1.0-54-amd64", BuildID: "887cd47f03581c5baf735611814b0308637cd7f2"},
+		Kernel:     KernelID{Release: "6.1.0-54-amd64", BuildID: "887cd47f03581c5baf735611814b0308637cd7f2"},
 		Fixes:      []Fix{{Name: "cmdline.patch", Hash: strings.Repeat("cd", 32), Files: []string{"fs/proc/cmdline.c"}}},
 		Objects: []Object{{Name: "vmlinux", Functions: []Function{{
 			Name: "cmdline_proc_show", Fingerprint: fingerprint.Fingerprint{Size: 42, Masked: [][2]int{{0, 5}}, SHA256: strings.Repeat("ef", 32)},

@@ -54,6 +54,21 @@ func (fp Fingerprint) Match(code []byte) error {
 	return nil
 }
 
+// MatchPadded is Match for code whose exact size is unknown (a kallsyms
+// symbol ends where the next begins): past the fingerprint's size there
+// may only be alignment padding, int3 or nop.
+func (fp Fingerprint) MatchPadded(code []byte) error {
+	if len(code) < fp.Size {
+		return fmt.Errorf("%w: %d bytes, expected %d", ErrMismatch, len(code), fp.Size)
+	}
+	for i, b := range code[fp.Size:] {
+		if b != 0xcc && b != 0x90 {
+			return fmt.Errorf("%w: code goes on past %d bytes (byte %#x at %d)", ErrMismatch, fp.Size, b, fp.Size+i)
+		}
+	}
+	return fp.Match(code[:fp.Size])
+}
+
 // Bytes rewritten at each site of a special section, and where in an
 // entry the length lives when it varies (x86-64, Linux 6.1).
 var siteSections = map[string]struct {

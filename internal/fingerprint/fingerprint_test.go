@@ -107,6 +107,13 @@ func TestFingerprint(t *testing.T) {
 	if err := fp.Match(c[:len(c)-1]); !errors.Is(err, ErrMismatch) {
 		t.Errorf("shorter code: %v", err)
 	}
+	padded := append(bytes.Clone(c), 0xcc, 0xcc, 0x90)
+	if err := fp.MatchPadded(padded); err != nil {
+		t.Errorf("code followed by padding: %v", err)
+	}
+	if err := fp.MatchPadded(append(bytes.Clone(c), 0xcc, 0x55)); !errors.Is(err, ErrMismatch) {
+		t.Errorf("code followed by more code: %v", err)
+	}
 }
 
 func TestFromObjectBadInput(t *testing.T) {

@@ -1,0 +1,122 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/stitchpatch/stitch/internal/build"
+	"github.com/stitchpatch/stitch/internal/kbuild"
+)
+
+func runBuild(ctx context.Context, st *stdio, args []string) error {
+	fs := newFlagSet(st, "build", "FIX.patch...", "Builds a livepatch module for one kernel from source fixes (unified diffs against its source).")
+	release := fs.String("kernel", "6.1.0-54-amd64", "kernel release to build for")
+	out := fs.String("o", ".", "output directory for the module and its manifest")
+	kallsyms := fs.String("kallsyms", "", "the target's /proc/kallsyms (copy it with 'stitch symbols' as root on the target)")
+	cache := fs.String("cache", kbuild.CacheDir(), "cache directory (kernel source, prepared tree, extracted images)")
+	var opts build.Options
+	fs.StringVar(&opts.Name, "name", "", "module name (default: stitch_<first fix's name>)")
+	fs.StringVar(&opts.Description, "description", "", "description (default: the first fix's subject)")
+	var cves stringList
+	fs.Var(&cves, "cve", "CVE id the fixes address (repeatable; also read from the fixes' headers)")
+	fs.BoolVar(&opts.KeepWork, "keep-tmp", false, "keep the scratch directory and print its path")
+	jsonOut := fs.Bool("json", false, "print a JSON report")
+	if err := fs.Parse(args); err != nil {
+		return usageError{err}
+	}
+	if fs.NArg() == 0 {
+		fs.Usage()
+		return usageError{fmt.Errorf("no fix given")}
+	}
+	if *kallsyms == "" {
+		return usageError{fmt.Errorf("--kallsyms is required: run 'stitch symbols > FILE' as root on a machine running %s", *release)}
+	}
+	opts.Out, opts.CVEs = *out, cves
+	var fixes []*build.Fix
+	for _, p := range fs.Args() {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return usageError{err}
+		}
+		f, err := build.ParseFix(filepath.Base(p), b)
+		if err != nil {
+			return err
+		}
+		fixes = append(fixes, f)
+	}
+
+	progress := io.Writer(st.err)
+	if *jsonOut {
+		progress = io.Discard
+	}
+	start := time.Now()
+	opts.Progress = func(s build.Step) {
+		if s.Done {
+			fmt.Fprintf(progress, "  done %-8s %s (%.1fs)\n", s.Name, s.Detail, s.Elapsed.Seconds())
+		} else {
+			fmt.Fprintf(progress, "%6.1fs %-8s %s\n", time.Since(start).Seconds(), s.Name, s.Detail)
+		}
+	}
+	opts.Progress(build.Step{Name: "prepare", Detail: "kernel source tree for " + *release + " (once per release)"})
+	tree, err := kbuild.PrepareTree(ctx, kbuild.TreeOptions{Release: *release, Cache: *cache, Log: st.log})
+	if err != nil {
+		return err
+	}
+	headers := kbuild.HeadersDir(*release)
+	k, err := build.OpenKernel(ctx, build.KernelOptions{
+		Release: *release, Headers: headers, Kallsyms: *kallsyms, Cache: *cache,
+		Extract: filepath.Join(tree.Dir, "scripts", "extract-vmlinux"),
+	})
+	if err != nil {
+		return err
+	}
+	defer k.Close()
+	work, err := os.MkdirTemp("", "stitch-build-")
+	if err != nil {
+		return err
+	}
+	opts.Work = work
+	src := &build.TreeSource{Tree: tree, HeadersDir: headers, Work: filepath.Join(work, "objects")}
+	res, err := build.Build(ctx, src, k, fixes, opts)
+	if err != nil {
+		return err
+	}
+	if *jsonOut {
+		return printJSON(st.out, struct {
+			*build.Result
+			Manifest *build.Manifest `json:"manifest_contents"`
+		}{res, res.Manifest})
+	}
+	m := res.Manifest
+	var fns []string
+	for _, o := range m.Objects {
+		for _, f := range o.Functions {
+			fns = append(fns, o.Name+":"+f.Name)
+		}
+	}
+	fmt.Fprintf(st.out, "built %s in %.1fs\n  patches  %s\n  kernel   %s (build-id %s)\n  manifest %s\n",
+		res.Module, time.Since(start).Seconds(), strings.Join(fns, " "), m.Kernel.Release, m.Kernel.BuildID, res.ManifestPath)
+	if res.Work != "" {
+		fmt.Fprintf(st.out, "  scratch  %s\n", res.Work)
+	}
+	return nil
+}
+
+func runSymbols(ctx context.Context, st *stdio, args []string) error {
+	fs := newFlagSet(st, "symbols", "", "Prints the running kernel's symbols (/proc/kallsyms; as root, or the addresses read as zero) for 'stitch build --kallsyms'.")
+	if err := parseArgs(fs, args, 0); err != nil {
+		return err
+	}
+	f, err := os.Open("/proc/kallsyms")
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = io.Copy(st.out, f)
+	return err
+}
