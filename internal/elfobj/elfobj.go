@@ -406,6 +406,9 @@ func (sec *Section) SymbolAt(off uint64) *Symbol {
 
 // RelocsIn returns the relocations of sec whose offsets lie in [start, end).
 func (sec *Section) RelocsIn(start, end uint64) []Reloc {
+	if end <= start {
+		return nil
+	}
 	lo := sort.Search(len(sec.Relocs), func(i int) bool { return sec.Relocs[i].Offset >= start })
 	hi := sort.Search(len(sec.Relocs), func(i int) bool { return sec.Relocs[i].Offset >= end })
 	return sec.Relocs[lo:hi]

@@ -15,6 +15,16 @@ import (
 // union layout changes, and which inlined function explains a change.
 // Objects without DWARF are compared without these checks.
 func dwarfChecks(pre, post *elfobj.Object, res *Result, changed []*elfobj.Symbol, unchanged map[*elfobj.Symbol]bool) {
+	// debug/dwarf trusts the data it decodes lazily (types, line
+	// tables); corrupt debugging information must cost the checks, not
+	// the process. The machine-code diff stands without them.
+	n := len(res.Unsafe)
+	defer func() {
+		if recover() != nil {
+			res.Unsafe = res.Unsafe[:n]
+			res.Explanations = nil
+		}
+	}()
 	dpre, err := pre.DWARF()
 	if err != nil {
 		return

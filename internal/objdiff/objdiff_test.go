@@ -37,6 +37,11 @@ func compiler(t testing.TB) string {
 // compileCase builds testdata/<name>/{pre,post}.c and returns the objects.
 func compileCase(t *testing.T, name string) (pre, post string) {
 	t.Helper()
+	return compileCaseTB(t, name)
+}
+
+func compileCaseTB(t testing.TB, name string) (pre, post string) {
+	t.Helper()
 	cc := compiler(t)
 	dir := filepath.Join("testdata", name)
 	flags := slices.Clone(kernelFlags)
