@@ -28,7 +28,7 @@ func Diff(pre, post *elfobj.Object) *Result {
 	c := correlate(pre, post)
 	a, b := side{obj: pre, c: c}, side{obj: post, c: c, post: true}
 	res := &Result{}
-	var changed []*elfobj.Symbol
+	var changed, news []*elfobj.Symbol     // post functions
 	unchanged := map[*elfobj.Symbol]bool{} // post functions
 
 	for _, fb := range post.Symbols {
@@ -37,7 +37,7 @@ func Diff(pre, post *elfobj.Object) *Result {
 		}
 		fa := c.post2pre[fb]
 		if fa == nil {
-			res.New = append(res.New, describe(b, fb, nil))
+			news = append(news, fb)
 			if isInit(fb) {
 				res.unsafe(KindInit, fb.Name, fmt.Sprintf("new function %s is in %s: init and exit code has already run (or never will) in the running kernel, so a livepatch cannot apply it", fb.Name, fb.Section.Name))
 			}
@@ -53,13 +53,11 @@ func Diff(pre, post *elfobj.Object) *Result {
 			continue
 		}
 		changed = append(changed, fb)
-		res.Changed = append(res.Changed, describe(b, fb, fa))
-		switch {
-		case isInit(fa) || isInit(fb):
-			res.unsafe(KindInit, fb.Name, fmt.Sprintf("%s is %s code (section %s): it has already run or runs only at unload, so patching it has no effect; move the fix out of init/exit code or handle the state it sets up in a callback", fb.Name, initKind(fb), fb.Section.Name))
-		case !hasFentry(fb) && coldParent(fb.Name) == "":
-			res.unsafe(KindNoFentry, fb.Name, fmt.Sprintf("%s changed but has no __fentry__ call (notrace, or the compiler built it without ftrace instrumentation), so ftrace cannot redirect it; patch its callers instead", fb.Name))
+		if isInit(fa) && !isInit(fb) {
+			res.unsafe(KindInit, fb.Name, fmt.Sprintf("%s was %s code (section %s), freed after use: there is no running function to replace", fb.Name, initKind(fa), fa.Section.Name))
+			continue
 		}
+		checkReplaceable(res, fb)
 	}
 	// A split-out part is entered by a jump from its parent: a new part
 	// needs a new parent, so a parent with a changed part changes too.
@@ -73,10 +71,7 @@ func Diff(pre, post *elfobj.Object) *Result {
 				delete(unchanged, fb)
 				res.LineOnly = slices.DeleteFunc(res.LineOnly, func(n string) bool { return n == parent })
 				changed = append(changed, fb)
-				res.Changed = append(res.Changed, describe(b, fb, c.post2pre[fb]))
-				if !hasFentry(fb) {
-					res.unsafe(KindNoFentry, fb.Name, fmt.Sprintf("%s must be replaced with its changed part %s but has no __fentry__ call, so ftrace cannot redirect it", fb.Name, changed[i].Name))
-				}
+				checkReplaceable(res, fb)
 				break
 			}
 		}
@@ -87,6 +82,8 @@ func Diff(pre, post *elfobj.Object) *Result {
 		}
 	}
 
+	referrers := referrers(post)
+	carried := map[*elfobj.Symbol]bool{}
 	for _, db := range post.Symbols {
 		if !candidate(db) || class(db) != "d:" || db.Type == elf.STT_NOTYPE {
 			continue
@@ -100,6 +97,25 @@ func Diff(pre, post *elfobj.Object) *Result {
 			continue
 		}
 		sizeChanged, contentChanged := compareData(a, da, b, db)
+		if !sizeChanged && !contentChanged {
+			continue
+		}
+		if db.Section.Flags&elf.SHF_WRITE == 0 && onlyFuncs(referrers[db]) {
+			// Constant data holds no state: the patch carries the new
+			// version, and replaces every function that uses it (even
+			// one whose code is the same) so that they use the copy.
+			carried[db] = true
+			for _, f := range referrers[db] {
+				if unchanged[f] {
+					delete(unchanged, f)
+					res.LineOnly = slices.DeleteFunc(res.LineOnly, func(n string) bool { return n == f.Name })
+					changed = append(changed, f)
+					checkReplaceable(res, f)
+				}
+			}
+			res.NewData = append(res.NewData, Data{Name: db.Name, Section: db.Section.Name, Local: db.Local(), Size: db.Size, Replaces: da.Name})
+			continue
+		}
 		kind := KindData
 		what := "variable"
 		if db.Local() && baseName(db.Name) != db.Name {
@@ -131,11 +147,29 @@ func Diff(pre, post *elfobj.Object) *Result {
 		res.unsafe(KindSpecial, fb.Name, fmt.Sprintf("the code of %s is unchanged but its entries in %s changed; a livepatch cannot update the tables of code it does not replace", fb.Name, strings.Join(tables, ", ")))
 	}
 
+	for _, f := range changed {
+		res.Changed = append(res.Changed, describe(b, f, c.post2pre[f], carried))
+	}
+	for _, f := range news {
+		res.New = append(res.New, describe(b, f, nil, carried))
+	}
+
 	if len(res.Changed)+len(res.New) > 0 || len(res.Unsafe) > 0 {
 		dwarfChecks(pre, post, res, changed, unchanged)
 	}
 	res.sort()
 	return res
+}
+
+// checkReplaceable records why a function the patch must replace cannot
+// be, if it cannot.
+func checkReplaceable(res *Result, f *elfobj.Symbol) {
+	switch {
+	case isInit(f):
+		res.unsafe(KindInit, f.Name, fmt.Sprintf("%s is %s code (section %s): it has already run or runs only at unload, so patching it has no effect; move the fix out of init/exit code or handle the state it sets up in a callback", f.Name, initKind(f), f.Section.Name))
+	case !hasFentry(f) && coldParent(f.Name) == "":
+		res.unsafe(KindNoFentry, f.Name, fmt.Sprintf("%s changed but has no __fentry__ call (notrace, or the compiler built it without ftrace instrumentation), so ftrace cannot redirect it; patch its callers instead", f.Name))
+	}
 }
 
 func (r *Result) unsafe(kind, sym, reason string) {
@@ -204,8 +238,36 @@ func unmatchedSibling(pre *elfobj.Object, c *correlation, s *elfobj.Symbol) *elf
 	return nil
 }
 
+// referrers maps each symbol to the defined symbols whose contents refer
+// to it.
+func referrers(o *elfobj.Object) map[*elfobj.Symbol][]*elfobj.Symbol {
+	m := map[*elfobj.Symbol][]*elfobj.Symbol{}
+	for _, s := range o.Symbols {
+		if s.Section == nil || s.Size == 0 || s.Type == elf.STT_SECTION {
+			continue
+		}
+		for _, r := range s.Section.RelocsIn(s.Value, s.Value+s.Size) {
+			if t, _ := r.Target(); t != nil && t != s && !slices.Contains(m[t], s) {
+				m[t] = append(m[t], s)
+			}
+		}
+	}
+	return m
+}
+
+// onlyFuncs tells whether all referrers are functions.
+func onlyFuncs(refs []*elfobj.Symbol) bool {
+	for _, r := range refs {
+		if r.Type != elf.STT_FUNC {
+			return false
+		}
+	}
+	return true
+}
+
 // describe builds the Func entry of a changed (pa != nil) or new function.
-func describe(s side, f, pa *elfobj.Symbol) Func {
+// carried are post symbols with a counterpart that the patch carries anyway.
+func describe(s side, f, pa *elfobj.Symbol, carried map[*elfobj.Symbol]bool) Func {
 	fn := Func{Name: f.Name, Section: f.Section.Name, Local: f.Local(), Size: f.Size, Refs: []Ref{}}
 	if pa != nil && pa.Name != f.Name {
 		fn.PreName = pa.Name
@@ -220,7 +282,7 @@ func describe(s side, f, pa *elfobj.Symbol) Func {
 		ref := Ref{Name: t.Name, Local: t.Local(), Defined: t.Defined(), Func: t.Type == elf.STT_FUNC}
 		if t.Type == elf.STT_SECTION {
 			ref.Section = true
-		} else if t.Defined() && candidate(t) && s.c.post2pre[t] == nil {
+		} else if t.Defined() && candidate(t) && (s.c.post2pre[t] == nil || carried[t]) {
 			ref.New = true
 		}
 		if seen[ref.Name] {

@@ -115,6 +115,9 @@ func TestFixtures(t *testing.T) {
 		{name: "line", lineOnly: []string{"checked"}},
 		{name: "init", changed: []string{"setup"}, unsafe: []string{KindInit + ":setup"}},
 		{name: "data", changed: []string{"count"}, newData: []string{"limit"}, unsafe: []string{KindData + ":table"}},
+		// Constant data holds no state: its user is replaced (though its
+		// code is the same) and uses a new copy.
+		{name: "rodata", changed: []string{"limit"}, newData: []string{"limits"}},
 		{name: "layout", changed: []string{"conn_get"}, unsafe: []string{KindTypeLayout + ":struct conn"}},
 		{name: "notrace", changed: []string{"fast"}, unsafe: []string{KindNoFentry + ":fast"}},
 		// Only the unlikely part moved to .text.unlikely changed; its
@@ -267,4 +270,24 @@ func TestStaticLocalCorrelation(t *testing.T) {
 		t.Fatalf("counter does not refer to calls.2: %+v", f.Refs)
 	}
 	t.Fatal("counter not changed")
+}
+
+// The function using changed constant data refers to the patch's copy.
+func TestCarriedConstant(t *testing.T) {
+	pre, post := compileCase(t, "rodata")
+	res, err := DiffFiles(pre, post)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.NewData) != 1 || res.NewData[0].Replaces != "limits" {
+		t.Fatalf("new data = %+v", res.NewData)
+	}
+	if len(res.Changed) != 1 {
+		t.Fatalf("changed = %+v", res.Changed)
+	}
+	for _, r := range res.Changed[0].Refs {
+		if r.Name == "limits" && !r.New {
+			t.Errorf("limit's reference to limits is not marked for the carried copy: %+v", r)
+		}
+	}
 }

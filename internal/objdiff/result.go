@@ -72,12 +72,16 @@ type Ref struct {
 	New bool `json:"new,omitempty"`
 }
 
-// Data is a data object the post object adds.
+// Data is a data object the patch carries: new, or a new version of
+// constant data.
 type Data struct {
 	Name    string `json:"name"`
 	Section string `json:"section"`
 	Local   bool   `json:"local"`
 	Size    uint64 `json:"size"`
+	// Replaces names the pre object's version of changed constant data
+	// that only replaced functions use: they get the new copy.
+	Replaces string `json:"replaces,omitempty"`
 }
 
 // Kinds of unsafe change.
