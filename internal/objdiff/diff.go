@@ -26,77 +26,123 @@ func DiffFiles(prePath, postPath string) (*Result, error) {
 // Diff compares a pre and a post object.
 func Diff(pre, post *elfobj.Object) *Result {
 	c := correlate(pre, post)
-	a, b := side{obj: pre, c: c}, side{obj: post, c: c, post: true}
-	res := &Result{}
-	var changed, news []*elfobj.Symbol     // post functions
-	unchanged := map[*elfobj.Symbol]bool{} // post functions
+	d := &differ{
+		c: c, a: side{obj: pre, c: c}, b: side{obj: post, c: c, post: true},
+		res:       &Result{},
+		unchanged: map[*elfobj.Symbol]bool{},
+		carried:   map[*elfobj.Symbol]bool{},
+	}
+	d.functions()
+	d.coldParents()
+	d.data()
+	d.specialEntries()
+	for _, f := range d.changed {
+		d.res.Changed = append(d.res.Changed, describe(d.b, f, c.post2pre[f], d.carried))
+	}
+	for _, f := range d.news {
+		d.res.New = append(d.res.New, describe(d.b, f, nil, d.carried))
+	}
+	if len(d.res.Changed)+len(d.res.New)+len(d.res.Unsafe) > 0 {
+		dwarfChecks(pre, post, d.res, d.changed, d.unchanged)
+	}
+	d.res.sort()
+	return d.res
+}
 
-	for _, fb := range post.Symbols {
+// differ holds the state of one comparison.
+type differ struct {
+	c    *correlation
+	a, b side
+	res  *Result
+	// Post-object functions: changed (to be replaced), new, and the rest.
+	changed, news []*elfobj.Symbol
+	unchanged     map[*elfobj.Symbol]bool
+	// carried are post symbols with a counterpart that the patch carries
+	// anyway (constant data with new contents).
+	carried map[*elfobj.Symbol]bool
+}
+
+// replace moves an unchanged function to the changed ones.
+func (d *differ) replace(f *elfobj.Symbol) {
+	delete(d.unchanged, f)
+	d.res.LineOnly = slices.DeleteFunc(d.res.LineOnly, func(n string) bool { return n == f.Name })
+	d.changed = append(d.changed, f)
+	checkReplaceable(d.res, f)
+}
+
+// functions compares every function of the post object with its
+// counterpart.
+func (d *differ) functions() {
+	for _, fb := range d.b.obj.Symbols {
 		if !candidate(fb) || fb.Type != elf.STT_FUNC {
 			continue
 		}
-		fa := c.post2pre[fb]
+		fa := d.c.post2pre[fb]
 		if fa == nil {
-			news = append(news, fb)
+			d.news = append(d.news, fb)
 			if isInit(fb) {
-				res.unsafe(KindInit, fb.Name, fmt.Sprintf("new function %s is in %s: init and exit code has already run (or never will) in the running kernel, so a livepatch cannot apply it", fb.Name, fb.Section.Name))
+				d.res.unsafe(KindInit, fb.Name, fmt.Sprintf("new function %s is in %s: init and exit code has already run (or never will) in the running kernel, so a livepatch cannot apply it", fb.Name, fb.Section.Name))
 			}
 			continue
 		}
-		switch compareFunc(a, fa, b, fb) {
+		switch compareFunc(d.a, fa, d.b, fb) {
 		case same:
-			unchanged[fb] = true
+			d.unchanged[fb] = true
 			continue
 		case lineOnly:
-			unchanged[fb] = true
-			res.LineOnly = append(res.LineOnly, fb.Name)
+			d.unchanged[fb] = true
+			d.res.LineOnly = append(d.res.LineOnly, fb.Name)
 			continue
 		}
-		changed = append(changed, fb)
+		d.changed = append(d.changed, fb)
 		if isInit(fa) && !isInit(fb) {
-			res.unsafe(KindInit, fb.Name, fmt.Sprintf("%s was %s code (section %s), freed after use: there is no running function to replace", fb.Name, initKind(fa), fa.Section.Name))
+			d.res.unsafe(KindInit, fb.Name, fmt.Sprintf("%s was %s code (section %s), freed after use: there is no running function to replace", fb.Name, initKind(fa), fa.Section.Name))
 			continue
 		}
-		checkReplaceable(res, fb)
+		checkReplaceable(d.res, fb)
 	}
-	// A split-out part is entered by a jump from its parent: a new part
-	// needs a new parent, so a parent with a changed part changes too.
-	for i := 0; i < len(changed); i++ {
-		parent := coldParent(changed[i].Name)
+	for _, fa := range d.a.obj.Symbols {
+		if candidate(fa) && fa.Type == elf.STT_FUNC && d.c.pre2post[fa] == nil {
+			d.res.Removed = append(d.res.Removed, fa.Name)
+		}
+	}
+}
+
+// coldParents replaces the parent of every changed split-out part: the
+// part is entered by a jump from its parent, so a new part needs a new
+// parent.
+func (d *differ) coldParents() {
+	for i := 0; i < len(d.changed); i++ {
+		parent := coldParent(d.changed[i].Name)
 		if parent == "" {
 			continue
 		}
-		for fb := range unchanged {
+		for fb := range d.unchanged {
 			if fb.Name == parent && fb.Section.Executable() {
-				delete(unchanged, fb)
-				res.LineOnly = slices.DeleteFunc(res.LineOnly, func(n string) bool { return n == parent })
-				changed = append(changed, fb)
-				checkReplaceable(res, fb)
+				d.replace(fb)
 				break
 			}
 		}
 	}
-	for _, fa := range pre.Symbols {
-		if candidate(fa) && fa.Type == elf.STT_FUNC && c.pre2post[fa] == nil {
-			res.Removed = append(res.Removed, fa.Name)
-		}
-	}
+}
 
-	referrers := referrers(post)
-	carried := map[*elfobj.Symbol]bool{}
-	for _, db := range post.Symbols {
+// data classifies the post object's data: new, carried, or changed in a
+// way a livepatch cannot follow.
+func (d *differ) data() {
+	referrers := referrers(d.b.obj)
+	for _, db := range d.b.obj.Symbols {
 		if !candidate(db) || class(db) != "d:" || db.Type == elf.STT_NOTYPE {
 			continue
 		}
-		da := c.post2pre[db]
+		da := d.c.post2pre[db]
 		if da == nil {
-			res.NewData = append(res.NewData, Data{Name: db.Name, Section: db.Section.Name, Local: db.Local(), Size: db.Size})
-			if sibling := unmatchedSibling(pre, c, db); sibling != nil {
-				res.unsafe(KindUncorrelated, db.Name, fmt.Sprintf("static variable %s is new but %s of the pre object (same name, different number) has no counterpart: cannot tell whether it is the same variable, whose state the patch would lose", db.Name, sibling.Name))
+			d.res.NewData = append(d.res.NewData, Data{Name: db.Name, Section: db.Section.Name, Local: db.Local(), Size: db.Size})
+			if sibling := unmatchedSibling(d.a.obj, d.c, db); sibling != nil {
+				d.res.unsafe(KindUncorrelated, db.Name, fmt.Sprintf("static variable %s is new but %s of the pre object (same name, different number) has no counterpart: cannot tell whether it is the same variable, whose state the patch would lose", db.Name, sibling.Name))
 			}
 			continue
 		}
-		sizeChanged, contentChanged := compareData(a, da, b, db)
+		sizeChanged, contentChanged := compareData(d.a, da, d.b, db)
 		if !sizeChanged && !contentChanged {
 			continue
 		}
@@ -104,36 +150,36 @@ func Diff(pre, post *elfobj.Object) *Result {
 			// Constant data holds no state: the patch carries the new
 			// version, and replaces every function that uses it (even
 			// one whose code is the same) so that they use the copy.
-			carried[db] = true
+			d.carried[db] = true
 			for _, f := range referrers[db] {
-				if unchanged[f] {
-					delete(unchanged, f)
-					res.LineOnly = slices.DeleteFunc(res.LineOnly, func(n string) bool { return n == f.Name })
-					changed = append(changed, f)
-					checkReplaceable(res, f)
+				if d.unchanged[f] {
+					d.replace(f)
 				}
 			}
-			res.NewData = append(res.NewData, Data{Name: db.Name, Section: db.Section.Name, Local: db.Local(), Size: db.Size, Replaces: da.Name})
+			d.res.NewData = append(d.res.NewData, Data{Name: db.Name, Section: db.Section.Name, Local: db.Local(), Size: db.Size, Replaces: da.Name})
 			continue
 		}
-		kind := KindData
-		what := "variable"
+		kind, what := KindData, "variable"
 		if db.Local() && baseName(db.Name) != db.Name {
 			kind, what = KindStaticLocal, "static local variable"
 		}
 		switch {
 		case sizeChanged:
-			res.unsafe(kind, db.Name, fmt.Sprintf("%s %s changed size from %d to %d bytes: the running kernel keeps the old layout, which unchanged code still uses", what, db.Name, da.Size, db.Size))
-		case contentChanged && kind == KindStaticLocal:
-			res.unsafe(kind, db.Name, fmt.Sprintf("%s %s has a new initial value: the running kernel's copy holds state the patch would not reproduce; keep the initialiser, or use a shadow variable", what, db.Name))
-		case contentChanged:
-			res.unsafe(kind, db.Name, fmt.Sprintf("initialised data %s (section %s) changed: a livepatch replaces functions, not data already in memory; change it from code (a callback) or leave it alone", db.Name, db.Section.Name))
+			d.res.unsafe(kind, db.Name, fmt.Sprintf("%s %s changed size from %d to %d bytes: the running kernel keeps the old layout, which unchanged code still uses", what, db.Name, da.Size, db.Size))
+		case kind == KindStaticLocal:
+			d.res.unsafe(kind, db.Name, fmt.Sprintf("%s %s has a new initial value: the running kernel's copy holds state the patch would not reproduce; keep the initialiser, or use a shadow variable", what, db.Name))
+		default:
+			d.res.unsafe(kind, db.Name, fmt.Sprintf("initialised data %s (section %s) changed: a livepatch replaces functions, not data already in memory; change it from code (a callback) or leave it alone", db.Name, db.Section.Name))
 		}
 	}
+}
 
-	ga, gb := entryGroups(a), entryGroups(b)
-	for fb := range unchanged {
-		ea, eb := ga[c.post2pre[fb]], gb[fb]
+// specialEntries refuses changed special-section entries of functions the
+// patch does not replace.
+func (d *differ) specialEntries() {
+	ga, gb := entryGroups(d.a), entryGroups(d.b)
+	for fb := range d.unchanged {
+		ea, eb := ga[d.c.post2pre[fb]], gb[fb]
 		if slices.Equal(ea, eb) {
 			continue
 		}
@@ -144,21 +190,8 @@ func Diff(pre, post *elfobj.Object) *Result {
 			}
 		}
 		sort.Strings(tables)
-		res.unsafe(KindSpecial, fb.Name, fmt.Sprintf("the code of %s is unchanged but its entries in %s changed; a livepatch cannot update the tables of code it does not replace", fb.Name, strings.Join(tables, ", ")))
+		d.res.unsafe(KindSpecial, fb.Name, fmt.Sprintf("the code of %s is unchanged but its entries in %s changed; a livepatch cannot update the tables of code it does not replace", fb.Name, strings.Join(tables, ", ")))
 	}
-
-	for _, f := range changed {
-		res.Changed = append(res.Changed, describe(b, f, c.post2pre[f], carried))
-	}
-	for _, f := range news {
-		res.New = append(res.New, describe(b, f, nil, carried))
-	}
-
-	if len(res.Changed)+len(res.New) > 0 || len(res.Unsafe) > 0 {
-		dwarfChecks(pre, post, res, changed, unchanged)
-	}
-	res.sort()
-	return res
 }
 
 // checkReplaceable records why a function the patch must replace cannot
