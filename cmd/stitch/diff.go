@@ -85,9 +85,9 @@ func printDiff(w io.Writer, pre, post string, r *objdiff.Result) {
 	names("new data", data)
 	names("unchanged but for __LINE__ constants", r.LineOnly)
 	if len(r.Explanations) > 0 {
-		fmt.Fprintf(w, "\nexplained by inlining:\n")
+		fmt.Fprintf(w, "\nchanged through an inlined function:\n")
 		for _, e := range r.Explanations {
-			fmt.Fprintf(w, "  %s changed: inlined into %s\n", e.Inlined, strings.Join(e.Changed, ", "))
+			fmt.Fprintf(w, "  %s: inline %s\n", strings.Join(e.Changed, ", "), e.Inlined)
 		}
 	}
 	if len(r.Changed)+len(r.New)+len(r.NewData)+len(r.Unsafe) == 0 {
