@@ -115,7 +115,10 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 		}
 		d := objdiff.Diff(pre, post)
 		done()
-		if len(d.Changed) == 0 && len(d.Unsafe) == 0 {
+		if len(d.Changed) == 0 {
+			if len(d.Unsafe) > 0 {
+				objs = append(objs, compiled{Source: p.Source, Diff: d}) // for its refusals
+			}
 			continue
 		}
 		done = step("locate", p.Source)

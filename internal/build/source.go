@@ -17,6 +17,9 @@ type TreeSource struct {
 	Tree       *kbuild.Tree
 	HeadersDir string // the target's linux-headers tree, for linking
 	Work       string // where the pre and post objects go
+	// KCFLAGS are the extra compiler flags; kbuild.DiffCFlags if empty.
+	// Anything that changes code generation makes run-pre matching fail.
+	KCFLAGS string
 }
 
 // Headers is the linux-headers tree modules are linked against.
@@ -52,7 +55,11 @@ func (s *TreeSource) CompilePair(ctx context.Context, fixes []*Fix) ([]Pair, err
 	for _, src := range sources {
 		obj := strings.TrimSuffix(src, ".c") + ".o"
 		out := filepath.Join(s.Work, strings.ReplaceAll(strings.TrimSuffix(src, ".c"), "/", "_"))
-		pre, post, err := s.Tree.CompilePair(ctx, obj, src, patched[src], kbuild.DiffCFlags, out)
+		flags := s.KCFLAGS
+		if flags == "" {
+			flags = kbuild.DiffCFlags
+		}
+		pre, post, err := s.Tree.CompilePair(ctx, obj, src, patched[src], flags, out)
 		if err != nil {
 			return nil, err
 		}

@@ -16,6 +16,8 @@ import (
 	"fmt"
 	"sort"
 
+	"golang.org/x/arch/x86/x86asm"
+
 	"github.com/stitchpatch/stitch/internal/elfobj"
 )
 
@@ -56,15 +58,17 @@ func (fp Fingerprint) Match(code []byte) error {
 
 // MatchPadded is Match for code whose exact size is unknown (a kallsyms
 // symbol ends where the next begins): past the fingerprint's size there
-// may only be alignment padding, int3 or nop.
+// may only be alignment padding, int3 or (multi-byte) nop instructions.
 func (fp Fingerprint) MatchPadded(code []byte) error {
 	if len(code) < fp.Size {
 		return fmt.Errorf("%w: %d bytes, expected %d", ErrMismatch, len(code), fp.Size)
 	}
-	for i, b := range code[fp.Size:] {
-		if b != 0xcc && b != 0x90 {
-			return fmt.Errorf("%w: code goes on past %d bytes (byte %#x at %d)", ErrMismatch, fp.Size, b, fp.Size+i)
+	for off := fp.Size; off < len(code); {
+		in, err := x86asm.Decode(code[off:], 64)
+		if err != nil || (in.Op != x86asm.NOP && code[off] != 0xcc) {
+			return fmt.Errorf("%w: code goes on past %d bytes (% x at %d)", ErrMismatch, fp.Size, code[off:min(off+4, len(code))], off)
 		}
+		off += in.Len
 	}
 	return fp.Match(code[:fp.Size])
 }

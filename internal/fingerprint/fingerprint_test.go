@@ -107,7 +107,7 @@ func TestFingerprint(t *testing.T) {
 	if err := fp.Match(c[:len(c)-1]); !errors.Is(err, ErrMismatch) {
 		t.Errorf("shorter code: %v", err)
 	}
-	padded := append(bytes.Clone(c), 0xcc, 0xcc, 0x90)
+	padded := append(bytes.Clone(c), 0xcc, 0xcc, 0x90, 0x0f, 0x1f, 0x44, 0x00, 0x00)
 	if err := fp.MatchPadded(padded); err != nil {
 		t.Errorf("code followed by padding: %v", err)
 	}

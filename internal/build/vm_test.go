@@ -1,0 +1,288 @@
+package build_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/stitchpatch/stitch/internal/build"
+	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/testutils"
+	"github.com/stitchpatch/stitch/internal/vm"
+)
+
+// env is what the host side of the build tests share: a prepared tree,
+// the target kernel, and a copy of its kallsyms read in the VM.
+type env struct {
+	tree    *kbuild.Tree
+	kernel  *build.Kernel
+	headers string
+}
+
+func setup(t *testing.T) *env {
+	t.Helper()
+	kernel := testutils.RequireVM(t)
+	headers := testutils.RequireHeaders(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	tree, err := kbuild.PrepareTree(ctx, kbuild.TreeOptions{Release: testutils.Release})
+	if errors.Is(err, kbuild.ErrNoSource) {
+		testutils.Unavailable(t, "kernel source: %v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The target's symbols, as an operator would copy them from it.
+	res, err := vm.Run(ctx, vm.Options{Kernel: kernel, Init: testutils.StitchBinary(t), Args: []string{"stitch", "symbols"}})
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("read kallsyms in the VM: %v (exit %v)", err, res)
+	}
+	kallsyms := filepath.Join(t.TempDir(), "kallsyms")
+	if err := os.WriteFile(kallsyms, []byte(res.Output), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	k, err := build.OpenKernel(ctx, build.KernelOptions{
+		Release: testutils.Release, Headers: headers, Kallsyms: kallsyms, Cache: kbuild.CacheDir(),
+		Extract: filepath.Join(tree.Dir, "scripts", "extract-vmlinux"),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { k.Close() })
+	return &env{tree: tree, kernel: k, headers: headers}
+}
+
+func (e *env) build(t *testing.T, fix, kcflags string) (*build.Result, error) {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("testdata/fixes", fix+".patch"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := build.ParseFix(fix+".patch", b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	work := t.TempDir()
+	src := &build.TreeSource{Tree: e.tree, HeadersDir: e.headers, Work: work, KCFLAGS: kcflags}
+	start := time.Now()
+	res, err := build.Build(ctx, src, e.kernel, []*build.Fix{f}, build.Options{Out: t.TempDir(), Work: work, Name: "stitch_" + fix})
+	t.Logf("build %s: %.1fs, err %v", fix, time.Since(start).Seconds(), err)
+	return res, err
+}
+
+// TestVM builds the test fixes for the real kernel, checks the refusals,
+// and applies every module inside the VM (the TestGuest* tests).
+func TestVM(t *testing.T) {
+	e := setup(t)
+	var files []vm.File
+	for _, fix := range []string{"cmdline", "filesystems", "readdir", "binfmt_misc"} {
+		res, err := e.build(t, fix, "")
+		if err != nil {
+			t.Fatalf("build %s: %v", fix, err)
+		}
+		m := res.Manifest
+		if m.Kernel.BuildID != e.kernel.BuildID() || len(m.Objects) != 1 || len(m.CVEs) != 1 {
+			t.Errorf("%s: manifest %+v", fix, m)
+		}
+		files = append(files, vm.File{Src: res.Module, Dst: "/" + fix + ".ko"})
+	}
+	files = append(files, vm.File{Src: "/lib/modules/" + testutils.Release + "/kernel/fs/binfmt_misc.ko", Dst: "/binfmt_misc_orig.ko"})
+
+	refusals := []struct {
+		fix, kcflags string
+		want         error
+		reason       string
+	}{
+		{"refuse_data", "", build.ErrUnpatchable, "enabled"},
+		{"refuse_init", "", build.ErrUnpatchable, "proc_cmdline_init"},
+		{"refuse_layout", "", build.ErrUnpatchable, "getdents_callback64"},
+		// Built with other code generation than the kernel's: the
+		// pre-fix code is not the running code.
+		{"cmdline", kbuild.DiffCFlags + " -fno-omit-frame-pointer", build.ErrRunPre, "cmdline_proc_show"},
+	}
+	for _, r := range refusals {
+		_, err := e.build(t, r.fix, r.kcflags)
+		if !errors.Is(err, r.want) || !strings.Contains(err.Error(), r.reason) {
+			t.Errorf("build %s (%q): %v; want %v naming %s", r.fix, r.kcflags, err, r.want, r.reason)
+		}
+	}
+	testutils.RunGuestTests(t, "^TestGuest", files...)
+}
+
+func stitch(t *testing.T, args ...string) {
+	t.Helper()
+	out, err := exec.Command("stitch", args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("stitch %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
+func read(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func TestGuestCmdline(t *testing.T) {
+	testutils.RequireGuest(t)
+	before := read(t, "/proc/cmdline")
+	stitch(t, "apply", "/cmdline.ko")
+	if got, want := read(t, "/proc/cmdline"), strings.TrimSuffix(before, "\n")+" stitch-fixed\n"; got != want {
+		t.Errorf("patched /proc/cmdline = %q, want %q", got, want)
+	}
+	stitch(t, "revert", "stitch_cmdline")
+	if got := read(t, "/proc/cmdline"); got != before {
+		t.Errorf("reverted /proc/cmdline = %q, want %q", got, before)
+	}
+}
+
+// The new code reads the file's static list and calls its static helper.
+func TestGuestFilesystems(t *testing.T) {
+	testutils.RequireGuest(t)
+	before := read(t, "/proc/filesystems")
+	stitch(t, "apply", "/filesystems.ko")
+	got := read(t, "/proc/filesystems")
+	n := strings.Count(before, "\n")
+	if want := before + "stitch\t" + strconv.Itoa(n) + " filesystems, proc registered\n"; got != want {
+		t.Errorf("patched /proc/filesystems ends %q, want %d filesystems and proc registered", got[max(len(got)-60, 0):], n)
+	}
+	stitch(t, "revert", "stitch_filesystems")
+	if got := read(t, "/proc/filesystems"); got != before {
+		t.Errorf("reverted /proc/filesystems differs")
+	}
+}
+
+func names(t *testing.T, dir string) string {
+	t.Helper()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n []string
+	for _, e := range ents {
+		n = append(n, e.Name())
+	}
+	return strings.Join(n, " ")
+}
+
+// filldir64 writes to user memory (exception table entries) and, patched,
+// warns for one name (a bug table entry): a missing entry would oops.
+func TestGuestReaddir(t *testing.T) {
+	testutils.RequireGuest(t)
+	dir := t.TempDir()
+	for _, n := range []string{"a", "stitch-hidden", "stitch-warn"} {
+		if err := os.WriteFile(filepath.Join(dir, n), nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	all := "a stitch-hidden stitch-warn"
+	if got := names(t, dir); got != all {
+		t.Fatalf("before: %q", got)
+	}
+	kmsg := openKmsg(t)
+	stitch(t, "apply", "/readdir.ko")
+	if got := names(t, dir); got != "a stitch-warn" {
+		t.Errorf("patched: %q, want stitch-hidden hidden", got)
+	}
+	if log := kmsg(); !strings.Contains(log, "WARNING:") || !strings.Contains(log, "filldir64") {
+		t.Errorf("no warning from filldir64 in the kernel log:\n%s", log)
+	}
+	stitch(t, "revert", "stitch_readdir")
+	if got := names(t, dir); got != all {
+		t.Errorf("reverted: %q", got)
+	}
+}
+
+// openKmsg returns a function that reads what the kernel logs from now on.
+func openKmsg(t *testing.T) func() string {
+	t.Helper()
+	fd, err := unix.Open("/dev/kmsg", unix.O_RDONLY|unix.O_NONBLOCK, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unix.Seek(fd, 0, 2)
+	t.Cleanup(func() { unix.Close(fd) })
+	return func() string {
+		var b strings.Builder
+		buf := make([]byte, 8192)
+		for {
+			n, err := unix.Read(fd, buf)
+			if err == unix.EPIPE {
+				continue
+			}
+			if err != nil || n <= 0 {
+				return b.String()
+			}
+			b.Write(buf[:n])
+		}
+	}
+}
+
+const binfmtDir = "/proc/sys/fs/binfmt_misc"
+
+func loadBinfmt(t *testing.T) {
+	t.Helper()
+	f, err := os.Open("/binfmt_misc_orig.ko")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := unix.FinitModule(int(f.Fd()), "", 0); err != nil {
+		t.Fatalf("load binfmt_misc: %v", err)
+	}
+	if err := unix.Mount("none", binfmtDir, "binfmt_misc", 0, ""); err != nil {
+		t.Fatalf("mount binfmt_misc: %v", err)
+	}
+}
+
+func unloadBinfmt(t *testing.T) {
+	t.Helper()
+	if err := unix.Unmount(binfmtDir, 0); err != nil {
+		t.Errorf("umount: %v", err)
+	}
+	if err := unix.DeleteModule("binfmt_misc", 0); err != nil {
+		t.Errorf("unload binfmt_misc: %v", err)
+	}
+}
+
+// A patch for a module that is loaded before the patch, and one loaded
+// after it: livepatch patches the module when it arrives.
+func TestGuestModule(t *testing.T) {
+	testutils.RequireGuest(t)
+	status := binfmtDir + "/status"
+
+	loadBinfmt(t)
+	stitch(t, "apply", "/binfmt_misc.ko")
+	if got := read(t, status); got != "enabled (stitch)\n" {
+		t.Errorf("loaded before: patched status = %q", got)
+	}
+	stitch(t, "revert", "stitch_binfmt_misc")
+	if got := read(t, status); got != "enabled\n" {
+		t.Errorf("loaded before: reverted status = %q", got)
+	}
+	unloadBinfmt(t)
+
+	stitch(t, "apply", "/binfmt_misc.ko")
+	loadBinfmt(t)
+	if got := read(t, status); got != "enabled (stitch)\n" {
+		t.Errorf("loaded after: patched status = %q", got)
+	}
+	stitch(t, "revert", "stitch_binfmt_misc")
+	if got := read(t, status); got != "enabled\n" {
+		t.Errorf("loaded after: reverted status = %q", got)
+	}
+	unloadBinfmt(t)
+}
