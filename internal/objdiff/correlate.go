@@ -2,6 +2,7 @@ package objdiff
 
 import (
 	"debug/elf"
+	"fmt"
 	"sort"
 	"strings"
 
@@ -134,6 +135,11 @@ func correlate(pre, post *elfobj.Object) *correlation {
 				}
 			}
 		}
+		// Constant data (__func__.N, say) is what it holds: pair equal
+		// contents that are unique on both sides.
+		if k[0] == 'd' {
+			pairByContent(c, as, bs)
+		}
 		// Then the same name, if both sides still have it.
 		for _, x := range as {
 			for _, y := range bs {
@@ -192,4 +198,39 @@ func users(o *elfobj.Object, c *correlation, pre bool) map[*elfobj.Symbol]string
 		out[s] = strings.Join(names, ",")
 	}
 	return out
+}
+
+// pairByContent pairs unpaired read-only objects whose contents are equal
+// and unique within their group on both sides.
+func pairByContent(c *correlation, as, bs []*elfobj.Symbol) {
+	index := func(syms []*elfobj.Symbol, paired map[*elfobj.Symbol]*elfobj.Symbol) map[string][]*elfobj.Symbol {
+		m := map[string][]*elfobj.Symbol{}
+		for _, s := range syms {
+			if paired[s] == nil && s.Section.Flags&elf.SHF_WRITE == 0 && s.Section.Data != nil {
+				k := contentKey(s)
+				m[k] = append(m[k], s)
+			}
+		}
+		return m
+	}
+	ma, mb := index(as, c.pre2post), index(bs, c.post2pre)
+	for k, x := range ma {
+		if y := mb[k]; len(x) == 1 && len(y) == 1 {
+			c.pair(x[0], y[0])
+		}
+	}
+}
+
+// contentKey is an object's bytes and what its relocations name, before
+// correlation (so by base name).
+func contentKey(s *elfobj.Symbol) string {
+	var b strings.Builder
+	b.Write(s.Bytes())
+	for _, r := range s.Section.RelocsIn(s.Value, s.Value+s.Size) {
+		t, off := r.Target()
+		if t != nil {
+			fmt.Fprintf(&b, "|%d:%s+%d", r.Offset-s.Value, baseName(t.Name), off)
+		}
+	}
+	return b.String()
 }
