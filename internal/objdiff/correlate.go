@@ -62,9 +62,7 @@ func baseName(name string) string {
 }
 
 // correlate pairs symbols: first those whose unnumbered names are unique
-// on both sides, then, within groups of the same base name, by which
-// functions use them, then by equal names, and last (functions only) by
-// order of appearance when what remains of the groups is the same size.
+// on both sides, then each group of the same base name (see pairGroup).
 func correlate(pre, post *elfobj.Object) *correlation {
 	c := &correlation{pre2post: map[*elfobj.Symbol]*elfobj.Symbol{}, post2pre: map[*elfobj.Symbol]*elfobj.Symbol{}}
 	byName := func(o *elfobj.Object) map[string][]*elfobj.Symbol {
@@ -114,64 +112,67 @@ func correlate(pre, post *elfobj.Object) *correlation {
 			continue
 		}
 		if usersA == nil {
-			usersA, usersB = users(pre, c, true), users(post, c, false)
+			usersA, usersB = users(pre), users(post)
 		}
-		// Pair those whose set of users is unique on both sides.
-		sa, sb := map[string][]*elfobj.Symbol{}, map[string][]*elfobj.Symbol{}
-		for _, s := range as {
-			sa[usersA[s]] = append(sa[usersA[s]], s)
-		}
-		for _, s := range bs {
-			sb[usersB[s]] = append(sb[usersB[s]], s)
-		}
-		for sig, x := range sa {
-			y := sb[sig]
-			if len(x) == len(y) {
-				// Same users, same count: the order of definition is
-				// the order in the source, which an unrelated edit
-				// does not change.
-				for i := range x {
-					c.pair(x[i], y[i])
-				}
+		pairGroup(c, k[0] == 'f', as, bs, usersA, usersB)
+	}
+	return c
+}
+
+// pairGroup pairs symbols of the same base name (count.1, count.2, ...):
+// constant data by contents, then by the functions that use them, then by
+// equal names, and last (functions only) by order of appearance when the
+// rest of the groups have the same size.
+func pairGroup(c *correlation, funcs bool, as, bs []*elfobj.Symbol, usersA, usersB map[*elfobj.Symbol]string) {
+	if !funcs {
+		// Constant data (__func__.N, say) is what it holds.
+		pairByContent(c, as, bs)
+	}
+	unpaired := func(syms []*elfobj.Symbol, paired map[*elfobj.Symbol]*elfobj.Symbol) []*elfobj.Symbol {
+		var out []*elfobj.Symbol
+		for _, s := range syms {
+			if paired[s] == nil {
+				out = append(out, s)
 			}
 		}
-		// Constant data (__func__.N, say) is what it holds: pair equal
-		// contents that are unique on both sides.
-		if k[0] == 'd' {
-			pairByContent(c, as, bs)
-		}
-		// Then the same name, if both sides still have it.
-		for _, x := range as {
-			for _, y := range bs {
-				if c.pre2post[x] == nil && c.post2pre[y] == nil && x.Name == y.Name {
-					c.pair(x, y)
-				}
-			}
-		}
-		var restA, restB []*elfobj.Symbol
-		for _, s := range as {
-			if c.pre2post[s] == nil {
-				restA = append(restA, s)
-			}
-		}
-		for _, s := range bs {
-			if c.post2pre[s] == nil {
-				restB = append(restB, s)
-			}
-		}
-		if len(restA) == len(restB) && len(restA) > 0 && k[0] == 'f' {
-			for i := range restA {
-				c.pair(restA[i], restB[i])
+		return out
+	}
+	sa, sb := map[string][]*elfobj.Symbol{}, map[string][]*elfobj.Symbol{}
+	for _, s := range unpaired(as, c.pre2post) {
+		sa[usersA[s]] = append(sa[usersA[s]], s)
+	}
+	for _, s := range unpaired(bs, c.post2pre) {
+		sb[usersB[s]] = append(sb[usersB[s]], s)
+	}
+	for sig, x := range sa {
+		if y := sb[sig]; len(x) == len(y) {
+			// Same users, same count: the order of definition is the
+			// order in the source, which an unrelated edit keeps.
+			for i := range x {
+				c.pair(x[i], y[i])
 			}
 		}
 	}
-	return c
+	for _, x := range unpaired(as, c.pre2post) {
+		for _, y := range unpaired(bs, c.post2pre) {
+			if x.Name == y.Name {
+				c.pair(x, y)
+				break
+			}
+		}
+	}
+	restA, restB := unpaired(as, c.pre2post), unpaired(bs, c.post2pre)
+	if funcs && len(restA) == len(restB) {
+		for i := range restA {
+			c.pair(restA[i], restB[i])
+		}
+	}
 }
 
 // users maps each defined symbol to a canonical list of the functions
 // that refer to it (by their base names), which identifies a static local
 // by the function it belongs to.
-func users(o *elfobj.Object, c *correlation, pre bool) map[*elfobj.Symbol]string {
+func users(o *elfobj.Object) map[*elfobj.Symbol]string {
 	sets := map[*elfobj.Symbol]map[string]bool{}
 	for _, f := range o.Symbols {
 		if f.Type != elf.STT_FUNC || f.Section == nil {
