@@ -1,7 +1,9 @@
 package objdiff
 
 import (
+	"bytes"
 	"debug/dwarf"
+	"debug/elf"
 	"fmt"
 	"path"
 	"slices"
@@ -51,7 +53,7 @@ func dwarfChecks(pre, post *elfobj.Object, res *Result, changed []*elfobj.Symbol
 	for f := range unchanged {
 		un = append(un, sourceName(f.Name))
 	}
-	res.Explanations = explain(dpost, ch, un)
+	res.Explanations = explain(pre, post, inlining(dpre), inlining(dpost), ch, un)
 }
 
 // sourceName is the C name of a function symbol: foo for foo.constprop.0.
@@ -161,21 +163,31 @@ func layoutChange(a, b layout) string {
 	return ""
 }
 
-// explain finds functions inlined into changed functions and into no
-// unchanged one: the likely cause of those changes. A fix edits the
-// object's own source file, so candidates must be defined there, which
-// also keeps header helpers (kmalloc and the like) out of the answer.
-func explain(d *dwarf.Data, changed, unchanged []string) []Explanation {
+// inlined describes one function inlined into a caller.
+type inlined struct {
+	// ranges hold the code of its inlined copies, as offsets into the
+	// caller's section (each function has its own, at address 0).
+	ranges  [][2]uint64
+	mainSrc bool // defined in the compilation unit's own source file
+}
+
+// inlining maps each out-of-line function (by C name) to the functions
+// inlined into it.
+func inlining(d *dwarf.Data) map[string]map[string]*inlined {
 	type sub struct {
 		name    string
 		mainSrc bool
 	}
 	subs := map[dwarf.Offset]*sub{}
 	origin := map[dwarf.Offset]dwarf.Offset{}
+	type site struct {
+		callee dwarf.Offset
+		ranges [][2]uint64
+	}
 	type concrete struct {
-		name    string
-		origin  dwarf.Offset
-		inlined []dwarf.Offset
+		name   string
+		origin dwarf.Offset
+		sites  []site
 	}
 	var funcs []*concrete
 
@@ -221,7 +233,9 @@ func explain(d *dwarf.Data, changed, unchanged []string) []Explanation {
 			}
 		case dwarf.TagInlinedSubroutine:
 			if o, ok := e.Val(dwarf.AttrAbstractOrigin).(dwarf.Offset); ok && cur != nil {
-				cur.inlined = append(cur.inlined, o)
+				st := site{callee: o}
+				st.ranges, _ = d.Ranges(e)
+				cur.sites = append(cur.sites, st)
 			}
 		}
 		if e.Children {
@@ -229,12 +243,9 @@ func explain(d *dwarf.Data, changed, unchanged []string) []Explanation {
 		}
 	}
 	resolve := func(o dwarf.Offset) *sub {
-		for i := 0; i < 8; i++ {
+		for range 8 {
 			s := subs[o]
-			if s == nil {
-				return nil
-			}
-			if s.name != "" {
+			if s == nil || s.name != "" {
 				return s
 			}
 			next, ok := origin[o]
@@ -245,17 +256,7 @@ func explain(d *dwarf.Data, changed, unchanged []string) []Explanation {
 		}
 		return nil
 	}
-
-	isChanged, isUnchanged := map[string]bool{}, map[string]bool{}
-	for _, n := range changed {
-		isChanged[n] = true
-	}
-	for _, n := range unchanged {
-		isUnchanged[n] = true
-	}
-	callers := map[string][]string{}
-	mainSrc := map[string]bool{}
-	tainted := map[string]bool{} // inlined into an unchanged function
+	out := map[string]map[string]*inlined{}
 	for _, f := range funcs {
 		name := f.name
 		if name == "" {
@@ -263,31 +264,96 @@ func explain(d *dwarf.Data, changed, unchanged []string) []Explanation {
 				name = s.name
 			}
 		}
-		for _, o := range f.inlined {
-			s := resolve(o)
-			if s == nil || s.name == "" || s.name == name {
+		for _, st := range f.sites {
+			s := resolve(st.callee)
+			if name == "" || s == nil || s.name == "" || s.name == name {
 				continue
 			}
-			mainSrc[s.name] = s.mainSrc
-			switch {
-			case isChanged[name]:
-				if !slices.Contains(callers[s.name], name) {
-					callers[s.name] = append(callers[s.name], name)
-				}
-			case isUnchanged[name]:
-				tainted[s.name] = true
+			if out[name] == nil {
+				out[name] = map[string]*inlined{}
+			}
+			in := out[name][s.name]
+			if in == nil {
+				in = &inlined{mainSrc: s.mainSrc}
+				out[name][s.name] = in
+			}
+			in.ranges = append(in.ranges, st.ranges...)
+		}
+	}
+	return out
+}
+
+// explain finds functions inlined into changed functions and into no
+// unchanged one: the likely causes of those changes. A fix edits the
+// object's own source file, so candidates must be defined there, which
+// also keeps header helpers (kmalloc and the like) out. When the code of
+// some candidates' inlined copies changed, only those are kept: a callee
+// whose copies kept their bytes is most likely a bystander.
+func explain(pre, post *elfobj.Object, ipre, ipost map[string]map[string]*inlined, changed, unchanged []string) []Explanation {
+	tainted := map[string]bool{} // inlined into an unchanged function
+	for _, n := range unchanged {
+		for callee := range ipost[n] {
+			tainted[callee] = true
+		}
+	}
+	callers := map[string][]string{}
+	recoded := map[string]bool{}
+	for _, f := range changed {
+		for callee, in := range ipost[f] {
+			if tainted[callee] || !in.mainSrc {
+				continue
+			}
+			if !slices.Contains(callers[callee], f) {
+				callers[callee] = append(callers[callee], f)
+			}
+			old := ipre[f][callee]
+			if old == nil {
+				recoded[callee] = true
+				continue
+			}
+			a, b := inlinedCode(pre, f, old.ranges), inlinedCode(post, f, in.ranges)
+			if a != nil && b != nil && !bytes.Equal(a, b) {
+				recoded[callee] = true
 			}
 		}
 	}
-	var out []Explanation
+	out := []Explanation{}
 	for callee, fs := range callers {
-		if tainted[callee] || !mainSrc[callee] {
+		if len(recoded) > 0 && !recoded[callee] {
 			continue
 		}
 		sort.Strings(fs)
 		out = append(out, Explanation{Inlined: callee, Changed: fs})
 	}
 	slices.SortFunc(out, func(x, y Explanation) int { return strings.Compare(x.Inlined, y.Inlined) })
+	return out
+}
+
+// inlinedCode returns the bytes of the ranges of the function whose C
+// name is caller, or nil when it cannot tell which symbol that is or a
+// range lies outside it.
+func inlinedCode(o *elfobj.Object, caller string, ranges [][2]uint64) []byte {
+	var fn *elfobj.Symbol
+	for _, s := range o.Symbols {
+		if s.Type == elf.STT_FUNC && s.Section != nil && sourceName(s.Name) == caller && coldParent(s.Name) == "" {
+			if fn != nil {
+				return nil
+			}
+			fn = s
+		}
+	}
+	if fn == nil {
+		return nil
+	}
+	// DWARF addresses of a relocatable object are section offsets.
+	code, base := fn.Bytes(), fn.Value
+	var out []byte
+	for _, r := range ranges {
+		if r[0] < base || r[0] > r[1] || r[1]-base > uint64(len(code)) {
+			return nil
+		}
+		out = append(out, code[r[0]-base:r[1]-base]...)
+	}
 	return out
 }
 

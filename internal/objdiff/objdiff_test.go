@@ -165,6 +165,9 @@ func TestFixtures(t *testing.T) {
 			for callee, want := range tt.explain {
 				check("explanation of "+callee, explained[callee], want)
 			}
+			if tt.explain != nil && len(explained) != len(tt.explain) {
+				t.Errorf("explanations = %v, want %v", explained, tt.explain)
+			}
 			for _, p := range res.Unsafe {
 				if !strings.Contains(p.Reason, p.Symbol) && !strings.Contains(p.Reason, strings.TrimPrefix(p.Symbol, "struct ")) {
 					t.Errorf("reason %q does not name %s", p.Reason, p.Symbol)

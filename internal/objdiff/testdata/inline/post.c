@@ -1,5 +1,7 @@
 #include "common.h"
 static inline int clamp(int x) { return x > 127 ? 127 : x; }
-int set_a(int x) { return sink(clamp(x)); }
+/* A bystander: inlined into a changed function, but unchanged. */
+static inline int twice(int x) { return sink(x) * 2; }
+int set_a(int x) { return twice(clamp(x)); }
 int set_b(int x) { return sink(clamp(x) + 1); }
 int set_c(int x) { return sink(x * 2); }
