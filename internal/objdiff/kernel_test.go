@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -42,6 +43,7 @@ func TestKernelFixes(t *testing.T) {
 		object  string
 		changed []string
 		new     []string
+		explain map[string][]string
 	}{
 		// GFP_KERNEL -> GFP_KERNEL_ACCOUNT in one allocation.
 		{fix: "net_ipv4_ipmr_base.patch", object: "net/ipv4/ipmr_base.o", changed: []string{"mr_table_alloc"}},
@@ -49,6 +51,9 @@ func TestKernelFixes(t *testing.T) {
 		// an .isra clone of it, so its callers now call a new function.
 		{fix: "kernel_signal.patch", object: "kernel/signal.o",
 			changed: []string{"__set_task_blocked", "exit_signals"}, new: []string{"retarget_shared_pending"}},
+		// The fix is in _skcipher_recvmsg, which exists only inlined.
+		{fix: "crypto_algif_skcipher.patch", object: "crypto/algif_skcipher.o",
+			changed: []string{"skcipher_recvmsg"}, explain: map[string][]string{"_skcipher_recvmsg": {"skcipher_recvmsg"}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.fix, func(t *testing.T) {
@@ -82,6 +87,15 @@ func TestKernelFixes(t *testing.T) {
 			}
 			if got := names(res.New); !slices.Equal(got, nonNil(tt.new)) {
 				t.Errorf("new = %q, want %q", got, tt.new)
+			}
+			if tt.explain != nil {
+				got := map[string][]string{}
+				for _, e := range res.Explanations {
+					got[e.Inlined] = e.Changed
+				}
+				if fmt.Sprint(got) != fmt.Sprint(tt.explain) {
+					t.Errorf("explanations = %v, want %v", got, tt.explain)
+				}
 			}
 			if len(res.Unsafe) != 0 {
 				t.Errorf("unsafe: %+v", res.Unsafe)
