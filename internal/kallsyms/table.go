@@ -1,0 +1,157 @@
+package kallsyms
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+)
+
+// Symbol is one kallsyms entry.
+type Symbol struct {
+	Name string `json:"name"`
+	// Type is the kallsyms/nm type letter: t/T text, d/D data, r/R
+	// read-only data, b/B bss, and so on; lower case for local symbols.
+	Type   byte   `json:"type"`
+	Addr   uint64 `json:"addr"`
+	Object string `json:"object"` // Vmlinux or a module's name
+	// Sympos is the 1-based position of this symbol among the symbols of
+	// the same name in the same object, in kallsyms order.
+	Sympos int `json:"sympos"`
+	// Size runs to the next higher symbol address of the same object,
+	// cut at the end of the symbol's section when that is known (as the
+	// kernel's kallsyms_lookup_size_offset sizes symbols). 0 if unknown.
+	Size uint64 `json:"size"`
+}
+
+// IsText reports whether the symbol is in a code section.
+func (s Symbol) IsText() bool { return s.Type == 't' || s.Type == 'T' }
+
+// Line is the symbol as /proc/kallsyms prints it (without the module
+// column): "ffffffff81000000 T _text".
+func (s Symbol) Line() string { return fmt.Sprintf("%016x %c %s", s.Addr, s.Type, s.Name) }
+
+type objName struct{ object, name string }
+
+// Table is the symbols of one or more objects, in kallsyms order. It is
+// read-only once built and safe for concurrent use.
+type Table struct {
+	syms   []Symbol
+	byName map[objName][]int32 // indices into syms, kallsyms order
+}
+
+// newTable indexes syms (already in kallsyms order, sizes filled) and
+// numbers each name's occurrences per object.
+func newTable(syms []Symbol) *Table {
+	t := &Table{syms: syms, byName: make(map[objName][]int32, len(syms))}
+	for i := range syms {
+		k := objName{syms[i].Object, syms[i].Name}
+		t.byName[k] = append(t.byName[k], int32(i))
+		syms[i].Sympos = len(t.byName[k])
+	}
+	return t
+}
+
+// Len is the number of symbols.
+func (t *Table) Len() int { return len(t.syms) }
+
+// Symbols returns every symbol in kallsyms order. The slice is shared:
+// do not modify it.
+func (t *Table) Symbols() []Symbol { return t.syms }
+
+// Lookup returns every symbol called name in object (Vmlinux or a module
+// name), in kallsyms order; their Sympos are 1, 2, ...
+func (t *Table) Lookup(object, name string) []Symbol {
+	idx := t.byName[objName{object, name}]
+	out := make([]Symbol, len(idx))
+	for i, j := range idx {
+		out[i] = t.syms[j]
+	}
+	return out
+}
+
+// Find resolves a symbol the way livepatch resolves a klp_func or klp
+// relocation: sympos 0 requires the name to be unique in object, sympos N
+// picks the Nth occurrence.
+func (t *Table) Find(object, name string, sympos int) (Symbol, error) {
+	idx := t.byName[objName{object, name}]
+	switch {
+	case len(idx) == 0:
+		return Symbol{}, fmt.Errorf("%w: %s in %s", ErrNotFound, name, object)
+	case sympos == 0 && len(idx) > 1:
+		return Symbol{}, fmt.Errorf("%w: %s occurs %d times in %s; give its sympos", ErrAmbiguous, name, len(idx), object)
+	case sympos == 0:
+		return t.syms[idx[0]], nil
+	case sympos < 0 || sympos > len(idx):
+		return Symbol{}, fmt.Errorf("%w: %s,%d in %s (it occurs %d times)", ErrNotFound, name, sympos, object, len(idx))
+	}
+	return t.syms[idx[sympos-1]], nil
+}
+
+// KlpSympos is the sympos a livepatch module should record for s: 0 when
+// its name is unique in its object, its position otherwise.
+func (t *Table) KlpSympos(s Symbol) int {
+	if len(t.byName[objName{s.Object, s.Name}]) == 1 {
+		return 0
+	}
+	return s.Sympos
+}
+
+// Objects returns the objects with symbols in the table, in order of first
+// appearance.
+func (t *Table) Objects() []string {
+	var out []string
+	seen := map[string]bool{}
+	for _, s := range t.syms {
+		if !seen[s.Object] {
+			seen[s.Object] = true
+			out = append(out, s.Object)
+		}
+	}
+	return out
+}
+
+// Has reports whether object defines a symbol called name.
+func (t *Table) Has(object, name string) bool { return len(t.byName[objName{object, name}]) > 0 }
+
+// fillSizes sets each symbol's Size to the distance to the next higher
+// address in the same object, bounded by end(addr) when end returns
+// non-zero (the end of the section holding addr). Module symbols are in
+// symbol-table order, not address order, hence the sort.
+func fillSizes(syms []Symbol, end func(uint64) uint64) {
+	addrs := map[string][]uint64{}
+	for _, s := range syms {
+		addrs[s.Object] = append(addrs[s.Object], s.Addr)
+	}
+	for _, a := range addrs {
+		slices.Sort(a)
+	}
+	for k := range syms {
+		s := &syms[k]
+		a := addrs[s.Object]
+		i, _ := slices.BinarySearch(a, s.Addr+1)
+		var next uint64
+		if i < len(a) {
+			next = a[i]
+		}
+		var limit uint64
+		if end != nil {
+			limit = end(s.Addr)
+		}
+		switch {
+		case next != 0 && (limit == 0 || next <= limit):
+			s.Size = next - s.Addr
+		case limit > s.Addr:
+			s.Size = limit - s.Addr
+		}
+	}
+}
+
+// typeLetterValid reports whether c can be a kallsyms type letter.
+func typeLetterValid(c byte) bool {
+	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c == '?'
+}
+
+// String summarizes the table.
+func (t *Table) String() string {
+	return fmt.Sprintf("%d symbols in %s", len(t.syms), strings.Join(t.Objects(), ", "))
+}
