@@ -112,8 +112,8 @@ func sectionAt(sects []*elf.Section, addr uint64) *elf.Section {
 
 // tokens is a located token table.
 type tokens struct {
-	table []byte    // from the token table's start
-	index [256]int  // offsets into table
+	table []byte   // from the token table's start
+	index [256]int // offsets into table
 	text  [256]string
 }
 
