@@ -1,6 +1,7 @@
 package kallsyms
 
 import (
+	"encoding/json"
 	"fmt"
 	"slices"
 	"strings"
@@ -154,4 +155,13 @@ func typeLetterValid(c byte) bool {
 // String summarizes the table.
 func (t *Table) String() string {
 	return fmt.Sprintf("%d symbols in %s", len(t.syms), strings.Join(t.Objects(), ", "))
+}
+
+// MarshalJSON writes the type letter as a string.
+func (s Symbol) MarshalJSON() ([]byte, error) {
+	type plain Symbol
+	return json.Marshal(struct {
+		plain
+		Type string `json:"type"`
+	}{plain(s), string(s.Type)})
 }
