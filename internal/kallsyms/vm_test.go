@@ -77,6 +77,8 @@ func TestVMProcKallsyms(t *testing.T) {
 	for sc.Scan() {
 		if _, line, ok := strings.Cut(sc.Text(), "KSYMS "); ok {
 			guest = append(guest, strings.TrimSpace(line))
+		} else if strings.Contains(sc.Text(), "parsed") {
+			t.Log("guest: " + strings.TrimSpace(sc.Text()))
 		}
 	}
 	host := digest(im.Table)
