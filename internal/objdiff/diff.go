@@ -159,6 +159,16 @@ func (d *differ) data() {
 			d.res.NewData = append(d.res.NewData, Data{Name: db.Name, Section: db.Section.Name, Local: db.Local(), Size: db.Size, Replaces: da.Name})
 			continue
 		}
+		if db.Section.Flags&elf.SHF_WRITE == 0 {
+			var from []string
+			for _, r := range referrers[db] {
+				if r.Type != elf.STT_FUNC {
+					from = append(from, r.Name+" in "+r.Section.Name)
+				}
+			}
+			d.res.unsafe(KindData, db.Name, fmt.Sprintf("constant %s (section %s) changed and data refers to it (%s): a livepatch cannot update data already in memory", db.Name, db.Section.Name, strings.Join(from, ", ")))
+			continue
+		}
 		kind, what := KindData, "variable"
 		if db.Local() && baseName(db.Name) != db.Name {
 			kind, what = KindStaticLocal, "static local variable"
