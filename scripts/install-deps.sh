@@ -13,7 +13,7 @@ apt-get update -q
 apt-get install -y -q --no-install-recommends \
 	qemu-system-x86 \
 	"linux-image-$release" "linux-headers-$release" \
-	gcc-12 make bc flex bison libelf-dev libssl-dev dwarves xz-utils cpio kmod \
+	gcc-12 make bc flex bison libelf-dev libssl-dev dwarves xz-utils cpio kmod patch \
 	ca-certificates git
 
 # The running kernel's exact source, for building objects that match it.

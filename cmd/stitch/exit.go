@@ -4,6 +4,9 @@ import (
 	"errors"
 	"flag"
 
+	"github.com/stitchpatch/stitch/internal/build"
+	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/klpmod"
 	"github.com/stitchpatch/stitch/internal/kmod"
 	"github.com/stitchpatch/stitch/internal/livepatch"
 	"github.com/stitchpatch/stitch/internal/vm"
@@ -19,6 +22,7 @@ const (
 	exitBusy        = 4 // another livepatch transition is in progress
 	exitRolledBack  = 5 // the transition timed out and was rolled back
 	exitTrouble     = 6 // the kernel warned or oopsed after patching; reverted
+	exitRefused     = 7 // build: the fix cannot be live-patched safely, or was not built for this kernel's code
 	exitVMTimeout   = 124
 	exitVMFailed    = 125
 )
@@ -48,8 +52,12 @@ func exitCode(err error) int {
 		return exitTrouble
 	case errors.Is(err, livepatch.ErrBusy):
 		return exitBusy
-	case errors.Is(err, livepatch.ErrNotRoot), errors.Is(err, livepatch.ErrUnsupported):
+	case errors.Is(err, livepatch.ErrNotRoot), errors.Is(err, livepatch.ErrUnsupported),
+		errors.Is(err, kbuild.ErrNoSource), errors.Is(err, kbuild.ErrCompiler), errors.Is(err, kbuild.ErrNoHeaders):
 		return exitUnsupported
+	case errors.Is(err, build.ErrUnpatchable), errors.Is(err, build.ErrRunPre), errors.Is(err, build.ErrNothing),
+		errors.Is(err, klpmod.ErrUnpatchable):
+		return exitRefused
 	case isBadInput(err):
 		return exitUsage
 	case errors.Is(err, vm.ErrTimeout):
@@ -65,7 +73,8 @@ func exitCode(err error) int {
 func isBadInput(err error) bool {
 	for _, e := range []error{
 		kmod.ErrNotELF, kmod.ErrNotModule, kmod.ErrNotLivepatch, kmod.ErrVermagic,
-		livepatch.ErrUnknownPatch, livepatch.ErrAlreadyLoaded,
+		livepatch.ErrUnknownPatch, livepatch.ErrAlreadyLoaded, livepatch.ErrWrongKernel,
+		build.ErrBadFix, build.ErrBadManifest,
 	} {
 		if errors.Is(err, e) {
 			return true

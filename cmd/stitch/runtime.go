@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/stitchpatch/stitch/internal/build"
 	"github.com/stitchpatch/stitch/internal/livepatch"
 )
 
@@ -72,6 +73,7 @@ func runApply(ctx context.Context, st *stdio, args []string) error {
 	jsonOut := fs.Bool("json", false, "print a JSON report")
 	fs.DurationVar(&opts.Timeout, "timeout", 60*time.Second, "roll back if the transition has not finished after this long")
 	fs.DurationVar(&opts.Watch, "watch", 0, "after the transition, watch the kernel this long and revert on a new warning, oops or soft lockup")
+	manifest := fs.String("manifest", "", "the module's manifest (from stitch build): check first that it was built for exactly this kernel, by build-id and by the running code of every function it replaces")
 	fs.BoolVar(&opts.Force, "force", false, "DANGEROUS: on timeout, force the transition instead of rolling back; the module can then never be unloaded")
 	if err := parseArgs(fs, args, 1); err != nil {
 		return err
@@ -79,6 +81,13 @@ func runApply(ctx context.Context, st *stdio, args []string) error {
 	path := fs.Arg(0)
 	if _, err := os.Stat(path); err != nil {
 		return usageError{fmt.Errorf("%s: %w", path, errors.Unwrap(err))}
+	}
+	if *manifest != "" {
+		m, err := build.ReadManifest(*manifest)
+		if err != nil {
+			return usageError{fmt.Errorf("%s: %w", *manifest, err)}
+		}
+		opts.Expect = expectFromManifest(m)
 	}
 	if opts.Force {
 		fmt.Fprintln(st.err, "WARNING: --force skips livepatch's consistency check for stalled tasks; the module can never be unloaded afterwards")
@@ -91,6 +100,17 @@ func runApply(ctx context.Context, st *stdio, args []string) error {
 		}
 		return "", err
 	}, k)
+}
+
+// expectFromManifest turns a manifest into the checks apply makes.
+func expectFromManifest(m *build.Manifest) *livepatch.Expect {
+	e := &livepatch.Expect{Release: m.Kernel.Release, BuildID: m.Kernel.BuildID, ModuleSHA256: m.ModuleHash}
+	for _, o := range m.Objects {
+		for _, f := range o.Functions {
+			e.Code = append(e.Code, livepatch.CodeCheck{Object: o.Name, Name: f.Name, Sympos: f.Sympos, Fingerprint: f.Fingerprint})
+		}
+	}
+	return e
 }
 
 func runRevert(ctx context.Context, st *stdio, args []string) error {

@@ -2,6 +2,7 @@ package build_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"os/exec"
@@ -94,7 +95,10 @@ func TestVM(t *testing.T) {
 		if m.Kernel.BuildID != e.kernel.BuildID() || len(m.Objects) != 1 || len(m.CVEs) != 1 {
 			t.Errorf("%s: manifest %+v", fix, m)
 		}
-		files = append(files, vm.File{Src: res.Module, Dst: "/" + fix + ".ko"})
+		files = append(files, vm.File{Src: res.Module, Dst: "/" + fix + ".ko"}, vm.File{Src: res.ManifestPath, Dst: "/" + fix + ".json"})
+		if fix == "cmdline" {
+			files = append(files, tamperedManifests(t, m)...)
+		}
 	}
 	files = append(files, vm.File{Src: "/lib/modules/" + testutils.Release + "/kernel/fs/binfmt_misc.ko", Dst: "/binfmt_misc_orig.ko"})
 
@@ -117,6 +121,50 @@ func TestVM(t *testing.T) {
 		}
 	}
 	testutils.RunGuestTests(t, "^TestGuest", files...)
+}
+
+// tamperedManifests writes manifests that do not describe the running
+// kernel: another build-id, and another pre-fix code.
+func tamperedManifests(t *testing.T, m *build.Manifest) []vm.File {
+	t.Helper()
+	dir := t.TempDir()
+	var files []vm.File
+	for name, mutate := range map[string]func(*build.Manifest){
+		"buildid": func(m *build.Manifest) { m.Kernel.BuildID = strings.Repeat("0", 40) },
+		"code":    func(m *build.Manifest) { m.Objects[0].Functions[0].Fingerprint.SHA256 = strings.Repeat("0", 64) },
+	} {
+		c := *m
+		c.Objects = []build.Object{{Name: m.Objects[0].Name, Functions: append([]build.Function(nil), m.Objects[0].Functions...)}}
+		mutate(&c)
+		b, err := json.Marshal(&c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := filepath.Join(dir, name+".json")
+		if err := os.WriteFile(p, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		files = append(files, vm.File{Src: p, Dst: "/tampered-" + name + ".json"})
+	}
+	return files
+}
+
+// TestGuestManifest repeats run-pre matching on the running kernel: the
+// manifest's build-id and fingerprints must match what runs.
+func TestGuestManifest(t *testing.T) {
+	testutils.RequireGuest(t)
+	for _, bad := range []string{"buildid", "code"} {
+		out, err := exec.Command("stitch", "apply", "--manifest", "/tampered-"+bad+".json", "/cmdline.ko").CombinedOutput()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 2 || !strings.Contains(string(out), "not built for the running kernel") {
+			t.Errorf("apply with a manifest with another %s: %v\n%s", bad, err, out)
+		}
+	}
+	if _, err := os.Stat("/sys/kernel/livepatch/stitch_cmdline"); err == nil {
+		t.Fatal("a refused patch was loaded")
+	}
+	stitch(t, "apply", "--manifest", "/cmdline.json", "/cmdline.ko")
+	stitch(t, "revert", "stitch_cmdline")
 }
 
 func stitch(t *testing.T, args ...string) {

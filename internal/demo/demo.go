@@ -1,40 +1,42 @@
-// Package demo shows Stitch's main job end to end: a livepatch module is
-// built with kbuild for the distro kernel, a VM boots that kernel, and the
-// guest applies the patch, shows its effect, reverts it and shows the
-// kernel restored.
+// Package demo shows Stitch's main job end to end: a source fix is built
+// into a livepatch module for the distro kernel (compiled, diffed, checked
+// against the kernel's own code), a VM boots that kernel, and the guest
+// applies the patch, shows its effect, reverts it and shows the kernel
+// restored.
 package demo
 
 import (
 	"context"
-	"embed"
+	"crypto/sha256"
+	_ "embed"
+	"encoding/hex"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
+	"github.com/stitchpatch/stitch/internal/build"
 	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/livepatch"
 	"github.com/stitchpatch/stitch/internal/vm"
 )
 
-//go:embed module
-var moduleSrc embed.FS
-
-const moduleName = "stitch_demo"
+//go:embed fix/cmdline.patch
+var fix []byte
 
 // Options for the host side of the demo.
 type Options struct {
 	Release string // kernel release; 6.1.0-54-amd64 if empty
 	Kernel  string // kernel image; /boot/vmlinuz-<release> if empty
 	Stitch  string // static stitch binary for the guest; the running one if empty
+	Cache   string // kbuild.CacheDir() if empty
 	Out     io.Writer
 	Console io.Writer // kernel console of the VM, if wanted
 }
 
-// Run builds the demo module, boots the VM and runs the guest side,
+// Run builds the demo's fix, boots the VM and runs the guest side,
 // streaming its output. It fails if the guest saw the kernel unchanged
 // after applying or not restored after reverting.
 func Run(ctx context.Context, o Options) error {
@@ -44,39 +46,104 @@ func Run(ctx context.Context, o Options) error {
 	if o.Kernel == "" {
 		o.Kernel = "/boot/vmlinuz-" + o.Release
 	}
-	dir, err := os.MkdirTemp("", "stitch-demo-")
-	if err != nil {
-		return err
+	if o.Cache == "" {
+		o.Cache = kbuild.CacheDir()
 	}
-	defer os.RemoveAll(dir)
-	if err := copyFS(dir, moduleSrc, "module"); err != nil {
-		return err
-	}
-	fmt.Fprintf(o.Out, "== building livepatch module %s against %s\n", moduleName, kbuild.HeadersDir(o.Release))
 	start := time.Now()
-	ko, err := kbuild.BuildModule(ctx, kbuild.HeadersDir(o.Release), dir, moduleName, nil)
+	say := func(format string, args ...any) {
+		fmt.Fprintf(o.Out, "[%5.1fs] "+format+"\n", append([]any{time.Since(start).Seconds()}, args...)...)
+	}
+	say("preparing the %s source tree (the first run unpacks and configures it: about a minute)", o.Release)
+	tree, err := kbuild.PrepareTree(ctx, kbuild.TreeOptions{Release: o.Release, Cache: o.Cache})
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(o.Out, "   built %s in %.1fs\n", filepath.Base(ko), time.Since(start).Seconds())
+	say("reading the target kernel's symbols in a VM (cached after the first run)")
+	kallsyms, err := targetSymbols(ctx, o)
+	if err != nil {
+		return err
+	}
+	headers := kbuild.HeadersDir(o.Release)
+	k, err := build.OpenKernel(ctx, build.KernelOptions{
+		Release: o.Release, Image: o.Kernel, Headers: headers, Kallsyms: kallsyms, Cache: o.Cache,
+		Extract: filepath.Join(tree.Dir, "scripts", "extract-vmlinux"),
+	})
+	if err != nil {
+		return err
+	}
+	defer k.Close()
+	f, err := build.ParseFix("cmdline.patch", fix)
+	if err != nil {
+		return err
+	}
+	work, err := os.MkdirTemp("", "stitch-demo-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+	say("building a livepatch from the fix %q", f.Description)
+	res, err := build.Build(ctx, &build.TreeSource{Tree: tree, HeadersDir: headers, Work: filepath.Join(work, "objects")}, k,
+		[]*build.Fix{f}, build.Options{Out: work, Work: filepath.Join(work, "build"), Name: "stitch_demo",
+			Progress: func(s build.Step) {
+				if s.Done {
+					say("  %s %s: %.1fs", s.Name, s.Detail, s.Elapsed.Seconds())
+				}
+			}})
+	if err != nil {
+		return err
+	}
+	for _, obj := range res.Manifest.Objects {
+		for _, fn := range obj.Functions {
+			say("  %s patches %s:%s, whose code matched the kernel image (run-pre)", filepath.Base(res.Module), obj.Name, fn.Name)
+		}
+	}
 
-	fmt.Fprintf(o.Out, "== booting %s under QEMU\n", o.Kernel)
-	res, err := vm.Run(ctx, vm.Options{
+	say("booting %s under QEMU", o.Kernel)
+	vres, err := vm.Run(ctx, vm.Options{
 		Kernel:  o.Kernel,
 		Init:    o.Stitch,
-		Files:   []vm.File{{Src: ko, Dst: "/" + moduleName + ".ko"}},
-		Args:    []string{"stitch", "demo-guest", "/" + moduleName + ".ko"},
+		Files:   []vm.File{{Src: res.Module, Dst: "/stitch_demo.ko"}},
+		Args:    []string{"stitch", "demo-guest", "/stitch_demo.ko"},
 		Output:  o.Out,
 		Console: o.Console,
 	})
 	if err != nil {
 		return err
 	}
-	if res.ExitCode != 0 {
-		return fmt.Errorf("demo failed in the guest (exit status %d)", res.ExitCode)
+	if vres.ExitCode != 0 {
+		return fmt.Errorf("demo failed in the guest (exit status %d)", vres.ExitCode)
 	}
-	fmt.Fprintf(o.Out, "== done: VM ran for %.1fs (%s)\n", res.Duration.Seconds(), res.Accel)
+	say("done: the VM ran for %.1fs (%s)", vres.Duration.Seconds(), vres.Accel)
 	return nil
+}
+
+// targetSymbols boots the target kernel once and keeps a copy of its
+// /proc/kallsyms in the cache, keyed by the image's hash: what an
+// operator does with 'stitch symbols' on a machine running the kernel.
+func targetSymbols(ctx context.Context, o Options) (string, error) {
+	img, err := os.ReadFile(o.Kernel)
+	if err != nil {
+		return "", fmt.Errorf("kernel image: %w", err)
+	}
+	sum := sha256.Sum256(img)
+	path := filepath.Join(o.Cache, "kallsyms", hex.EncodeToString(sum[:8]))
+	if _, err := os.Stat(path); err == nil {
+		return path, nil
+	}
+	res, err := vm.Run(ctx, vm.Options{Kernel: o.Kernel, Init: o.Stitch, Args: []string{"stitch", "symbols"}})
+	if err != nil {
+		return "", err
+	}
+	if res.ExitCode != 0 || !strings.Contains(res.Output, " _text\n") {
+		return "", fmt.Errorf("read the kernel's symbols in the VM: exit %d", res.ExitCode)
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return "", err
+	}
+	if err := os.WriteFile(path+".tmp", []byte(res.Output), 0o644); err != nil {
+		return "", err
+	}
+	return path, os.Rename(path+".tmp", path)
 }
 
 // Guest is the demo's guest side: before, apply, after, revert, restored.
@@ -127,17 +194,4 @@ func Guest(ctx context.Context, ko string, out io.Writer) error {
 func readCmdline() (string, error) {
 	b, err := os.ReadFile("/proc/cmdline")
 	return strings.TrimSpace(string(b)), err
-}
-
-func copyFS(dst string, src fs.FS, root string) error {
-	return fs.WalkDir(src, root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil || d.IsDir() {
-			return err
-		}
-		b, err := fs.ReadFile(src, p)
-		if err != nil {
-			return err
-		}
-		return os.WriteFile(filepath.Join(dst, filepath.Base(p)), b, 0o644)
-	})
 }

@@ -2,6 +2,8 @@ package livepatch
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -126,8 +128,19 @@ type ApplyOptions struct {
 	// Watch, if positive, keeps watching the kernel that long after the
 	// transition; a new warning, oops or soft lockup reverts the patch.
 	Watch time.Duration
+	// Expect, if set, is checked before the module is loaded: the patch
+	// must have been built for exactly the running kernel.
+	Expect *Expect
 	// Progress, if set, is called as the work advances.
 	Progress func(Progress)
+}
+
+// Expect is what a patch's manifest says about the kernel it is for.
+type Expect struct {
+	Release      string
+	BuildID      string
+	ModuleSHA256 string // of the .ko file; empty: not checked
+	Code         []CodeCheck
 }
 
 func (o ApplyOptions) timeout() time.Duration {
@@ -199,6 +212,12 @@ func (k *Kernel) Apply(ctx context.Context, path string, opts ApplyOptions) (*km
 	if err != nil {
 		return nil, err
 	}
+	if opts.Expect != nil {
+		opts.report(Progress{Patch: m.Name, Phase: "verify"})
+		if err := k.verify(path, m, opts.Expect); err != nil {
+			return nil, err
+		}
+	}
 	start := time.Now()
 	taint, err := k.Taint()
 	if err != nil {
@@ -244,6 +263,37 @@ func (k *Kernel) Apply(ctx context.Context, path string, opts ApplyOptions) (*km
 	}
 	te.RolledBack = true
 	return m, te
+}
+
+// verify checks that the patch was built for the running kernel: release,
+// build-id, the module file's hash, and the code of every function it
+// replaces.
+func (k *Kernel) verify(path string, m *kmod.Module, e *Expect) error {
+	rel, err := Release()
+	if err != nil {
+		return err
+	}
+	id, err := k.BuildID()
+	if err != nil {
+		return err
+	}
+	switch {
+	case e.Release != rel:
+		return fmt.Errorf("%w: built for %s, running %s", ErrWrongKernel, e.Release, rel)
+	case e.BuildID != id:
+		return fmt.Errorf("%w: built for kernel build-id %s, running %s (same release, different build)", ErrWrongKernel, e.BuildID, id)
+	}
+	if e.ModuleSHA256 != "" {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		if sum := sha256.Sum256(b); hex.EncodeToString(sum[:]) != e.ModuleSHA256 {
+			return fmt.Errorf("%w: %s is not the module its manifest describes (sha256 differs)", kmod.ErrNotModule, path)
+		}
+	}
+	_, err = k.VerifyCode(e.Code)
+	return err
 }
 
 // Revert disables the patch name, waits for the reverse transition, and
