@@ -146,10 +146,10 @@ func (d *differ) data() {
 		if !sizeChanged && !contentChanged {
 			continue
 		}
-		if db.Section.Flags&elf.SHF_WRITE == 0 && onlyFuncs(referrers[db]) {
-			// Constant data holds no state: the patch carries the new
-			// version, and replaces every function that uses it (even
-			// one whose code is the same) so that they use the copy.
+		if stateless(db) && onlyFuncs(referrers[db]) {
+			// Data without state: the patch carries the new version,
+			// and replaces every function that uses it (even one whose
+			// code is the same) so that they use the copy.
 			d.carried[db] = true
 			for _, f := range referrers[db] {
 				if d.unchanged[f] {
@@ -296,6 +296,13 @@ func referrers(o *elfobj.Object) map[*elfobj.Symbol][]*elfobj.Symbol {
 		}
 	}
 	return m
+}
+
+// stateless tells whether a data object holds nothing the running kernel
+// changes: constants, and dynamic debug records, whose only state is
+// whether someone enabled the message (the patch's copy starts off).
+func stateless(s *elfobj.Symbol) bool {
+	return s.Section.Flags&elf.SHF_WRITE == 0 || s.Section.Name == "__dyndbg"
 }
 
 // onlyFuncs tells whether all referrers are functions.

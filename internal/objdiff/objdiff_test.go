@@ -121,6 +121,8 @@ func TestFixtures(t *testing.T) {
 		// A new function renumbers the __func__.N strings, which only
 		// debug records refer to: they pair by contents.
 		{name: "funcnames", new: []string{"gamma_"}, newData: []string{"__func__.0", "descriptor.3"}},
+		// A dynamic debug record with a new format goes with its function.
+		{name: "dyndbg", changed: []string{"report"}, newData: []string{"descriptor.1"}},
 		{name: "layout", changed: []string{"conn_get"}, unsafe: []string{KindTypeLayout + ":struct conn"}},
 		{name: "notrace", changed: []string{"fast"}, unsafe: []string{KindNoFentry + ":fast"}},
 		// Only the unlikely part moved to .text.unlikely changed; its
