@@ -84,7 +84,9 @@ func readModule(data []byte, keep bool) (m *Module, err error) {
 			continue
 		}
 		sec := f.Sections[s.Section]
-		if sec.Flags&elf.SHF_ALLOC == 0 || strings.HasPrefix(sec.Name, ".init") {
+		// The loader drops SHF_ALLOC from .modinfo and __versions.
+		if sec.Flags&elf.SHF_ALLOC == 0 || strings.HasPrefix(sec.Name, ".init") ||
+			sec.Name == ".modinfo" || sec.Name == "__versions" {
 			continue
 		}
 		typ := moduleType(s, sec)
