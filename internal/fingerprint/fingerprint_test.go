@@ -5,9 +5,10 @@ import (
 	"debug/elf"
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
+
+	"github.com/stitchpatch/stitch/internal/testutils"
 )
 
 const src = `
@@ -22,26 +23,11 @@ int fn(int x)
 
 func compile(t *testing.T) []byte {
 	t.Helper()
-	cc, err := exec.LookPath("gcc")
-	if err != nil {
-		t.Skip("gcc not installed")
-	}
-	dir := t.TempDir()
-	c := filepath.Join(dir, "x.c")
+	c := filepath.Join(t.TempDir(), "x.c")
 	if err := os.WriteFile(c, []byte(src), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	o := filepath.Join(dir, "x.o")
-	cmd := exec.Command(cc, "-O2", "-mcmodel=kernel", "-fno-pic", "-pg", "-mfentry", "-mrecord-mcount",
-		"-ffunction-sections", "-fdata-sections", "-c", "-o", o, c)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("gcc: %v\n%s", err, out)
-	}
-	b, err := os.ReadFile(o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
+	return testutils.CompileObject(t, c)
 }
 
 func code(t *testing.T, obj []byte) []byte {

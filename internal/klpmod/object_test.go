@@ -4,38 +4,14 @@ import (
 	"bytes"
 	"debug/elf"
 	"errors"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/stitchpatch/stitch/internal/testutils"
 )
 
-// kernelCFLAGS are the code-generation flags of an x86-64 kernel build
-// that shape the objects Stitch reads.
-var kernelCFLAGS = []string{
-	"-O2", "-mcmodel=kernel", "-fno-pic", "-mno-red-zone", "-pg", "-mfentry", "-mrecord-mcount",
-	"-ffunction-sections", "-fdata-sections", "-fno-common", "-c",
-}
-
-func compile(t *testing.T, src string) []byte {
-	t.Helper()
-	cc, err := exec.LookPath("gcc")
-	if err != nil {
-		t.Skip("gcc not installed")
-	}
-	out := filepath.Join(t.TempDir(), "out.o")
-	cmd := exec.Command(cc, append(kernelCFLAGS, "-o", out, src)...)
-	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("gcc: %v\n%s", err, b)
-	}
-	b, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
+func compile(t *testing.T, src string) []byte { return testutils.CompileObject(t, src) }
 
 // exportedOnly is a resolver for a kernel that exports the names given.
 func exportedOnly(names ...string) Resolver {

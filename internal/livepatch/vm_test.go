@@ -213,30 +213,9 @@ func TestGuestStall(t *testing.T) {
 		}
 	})
 	before := snapshot(t)
-
-	type result struct {
-		code int
-		out  string
-	}
-	done := make(chan result)
-	go func() {
-		code, out, _ := stitch(t, 0, "apply", "--json", "--timeout", "6s", "/lp_stall.ko")
-		done <- result{code, out}
-	}()
-
+	done := applyAsync(t, "--timeout", "6s", "/lp_stall.ko")
 	// Wait for the transition to start, then try a second patch.
-	k := &livepatch.Kernel{}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		p, err := k.Patch("lp_stall")
-		if err == nil && p.Transition {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("lp_stall transition never started")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitPatch(t, "lp_stall", func(p *livepatch.Patch) bool { return p.Transition })
 	code, _, stderr := stitch(t, 0, "apply", "/lp_cmdline.ko")
 	if code != 4 || !strings.Contains(stderr, "lp_stall") {
 		t.Errorf("apply during a transition: exit %d, want 4 naming lp_stall", code)
@@ -272,6 +251,36 @@ func TestGuestStall(t *testing.T) {
 	}
 }
 
+// applyResult is what an apply run in the background ended with.
+type applyResult struct {
+	code int
+	out  string
+}
+
+// applyAsync runs stitch apply --json with args in the background.
+func applyAsync(t *testing.T, args ...string) <-chan applyResult {
+	done := make(chan applyResult, 1)
+	go func() {
+		code, out, _ := stitch(t, 0, append([]string{"apply", "--json"}, args...)...)
+		done <- applyResult{code, out}
+	}()
+	return done
+}
+
+// waitPatch waits up to 10s for patch name to reach the state ok wants.
+func waitPatch(t *testing.T, name string, ok func(*livepatch.Patch) bool) {
+	t.Helper()
+	k := &livepatch.Kernel{}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if p, err := k.Patch(name); err == nil && ok(p) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("patch %s never reached the expected state", name)
+		}
+	}
+}
+
 // TestGuestApplyContextCancel checks that an apply cancelled by its
 // caller (Ctrl-C) during a stalled transition rolls back too.
 func TestGuestApplyContextCancel(t *testing.T) {
@@ -304,31 +313,12 @@ func TestGuestApplyContextCancel(t *testing.T) {
 func TestGuestWarningRevertsPatch(t *testing.T) {
 	testutils.RequireGuest(t)
 	before := cmdline(t)
-	type result struct {
-		code int
-		out  string
-	}
-	done := make(chan result)
-	go func() {
-		code, out, _ := stitch(t, 0, "apply", "--json", "--watch", "30s", "/lp_warn.ko")
-		done <- result{code, out}
-	}()
-	k := &livepatch.Kernel{}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		p, err := k.Patch("lp_warn")
-		if err == nil && p.Enabled && !p.Transition {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("lp_warn never finished its transition")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	done := applyAsync(t, "--watch", "30s", "/lp_warn.ko")
+	waitPatch(t, "lp_warn", func(p *livepatch.Patch) bool { return p.Enabled && !p.Transition })
 	if got := cmdline(t); got != "stitch-test: warned\n" {
 		t.Errorf("/proc/cmdline with lp_warn = %q", got)
 	}
-	var r result
+	var r applyResult
 	select {
 	case r = <-done:
 	case <-time.After(20 * time.Second):

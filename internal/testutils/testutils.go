@@ -186,3 +186,31 @@ func RunGuestTests(t *testing.T, run string, files ...vm.File) *vm.Result {
 	t.Logf("guest tests passed in a %s VM that ran %.1fs", res.Accel, res.Duration.Seconds())
 	return res
 }
+
+// KernelCFLAGS are the code-generation flags of an x86-64 kernel build
+// that shape the objects Stitch reads (fentry calls and their
+// __mcount_loc records, one section per function and object).
+var KernelCFLAGS = []string{
+	"-O2", "-mcmodel=kernel", "-fno-pic", "-mno-red-zone", "-pg", "-mfentry", "-mrecord-mcount",
+	"-ffunction-sections", "-fdata-sections", "-fno-common", "-c",
+}
+
+// CompileObject compiles the C file src with KernelCFLAGS (and extra
+// flags) and returns the object. It skips the test without gcc.
+func CompileObject(t testing.TB, src string, extra ...string) []byte {
+	t.Helper()
+	cc, err := exec.LookPath("gcc")
+	if err != nil {
+		Unavailable(t, "gcc not installed")
+	}
+	out := filepath.Join(t.TempDir(), "out.o")
+	args := append(append(append([]string{}, KernelCFLAGS...), extra...), "-o", out, src)
+	if b, err := exec.Command(cc, args...).CombinedOutput(); err != nil {
+		t.Fatalf("gcc %s: %v\n%s", src, err, b)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
