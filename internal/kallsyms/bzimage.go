@@ -54,10 +54,9 @@ func ExtractVmlinux(image []byte) (vmlinux []byte, err error) {
 		return nil, fmt.Errorf("%w: payload [%#x, +%#x) outside the %d-byte image", ErrFormat, off, n, len(image))
 	}
 	payload := image[off : off+n]
-	size := int(binary.LittleEndian.Uint32(payload[n-4:]))
-	if size > 1<<30 {
-		size = 0 // only a hint; a corrupt one must not allocate a gigabyte
-	}
+	// Only a hint for the output buffer: a corrupt one must not allocate
+	// a gigabyte, and kernels compress by less than 32 times.
+	size := min(int(binary.LittleEndian.Uint32(payload[n-4:])), 32*int(n))
 	payload = payload[:n-4]
 
 	var out []byte

@@ -184,7 +184,6 @@ func tokenTableAt(ro []byte, p int, aligned func(int) bool) (*tokens, int) {
 			if !bytes.Equal(ro[p-pad:p], make([]byte, pad)) || !validTokens(table, &t.index) {
 				continue
 			}
-			t.table = table
 			for i := range 256 {
 				end := len(table)
 				if i < 255 {
@@ -287,8 +286,11 @@ func expand(names []byte, size int, offsets []int32, relBase uint64, tok *tokens
 		return relBase - 1 - uint64(int64(o))
 	}
 
+	// All names go into one string, which the symbols' names share, to
+	// allocate once rather than per symbol.
 	syms := make([]Symbol, len(offsets))
-	var buf []byte
+	ends := make([]int, len(offsets))
+	buf := make([]byte, 0, 2*size)
 	pos := 0
 	for i := range syms {
 		l := int(names[pos])
@@ -297,21 +299,28 @@ func expand(names []byte, size int, offsets []int32, relBase uint64, tok *tokens
 			l = l&0x7f | int(names[pos])<<7
 			pos++
 		}
-		buf = buf[:0]
+		start := len(buf)
 		for _, b := range names[pos : pos+l] {
 			buf = append(buf, tok.text[b]...)
 		}
 		pos += l
-		if len(buf) < 2 || !typeLetterValid(buf[0]) {
-			return nil, fmt.Errorf("%w: kallsyms entry %d expands to %q", ErrFormat, i, buf)
+		if len(buf)-start < 2 || !typeLetterValid(buf[start]) {
+			return nil, fmt.Errorf("%w: kallsyms entry %d expands to %q", ErrFormat, i, buf[start:])
 		}
-		syms[i] = Symbol{Name: string(buf[1:]), Type: buf[0], Addr: addr(offsets[i]), Object: Vmlinux}
+		ends[i] = len(buf)
+		syms[i] = Symbol{Type: buf[start], Addr: addr(offsets[i]), Object: Vmlinux}
 		if i > 0 && syms[i].Addr < syms[i-1].Addr {
-			return nil, fmt.Errorf("%w: kallsyms addresses not sorted at entry %d (%s)", ErrFormat, i, syms[i].Name)
+			return nil, fmt.Errorf("%w: kallsyms addresses not sorted at entry %d (%s)", ErrFormat, i, buf[start+1:])
 		}
 	}
 	if pos != size {
 		return nil, fmt.Errorf("%w: kallsyms names stream length", ErrFormat)
+	}
+	all := string(buf)
+	start := 0
+	for i := range syms {
+		syms[i].Name = all[start+1 : ends[i]] // after the type letter
+		start = ends[i]
 	}
 	return syms, nil
 }

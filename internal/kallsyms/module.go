@@ -130,7 +130,7 @@ func (m *Module) Bytes(name string, sympos int) ([]byte, Symbol, error) {
 	if m.data == nil {
 		return nil, s, fmt.Errorf("bytes of %s: module read without its contents", name)
 	}
-	i := m.Table.byName[objName{m.Name, name}][s.Sympos-1]
+	i := m.Table.indices(m.Name, name)[s.Sympos-1]
 	sec := m.f.Sections[m.shndx[i]]
 	if sec.Type == elf.SHT_NOBITS || s.Addr+s.Size > sec.Size || sec.Offset+sec.Size > uint64(len(m.data)) {
 		return nil, s, fmt.Errorf("%w: %s has no contents in %s of %s", ErrNotFound, name, sec.Name, m.Name)
@@ -354,7 +354,7 @@ func hasText(t *Table, obj, name string) bool {
 	if t == nil {
 		return false
 	}
-	for _, i := range t.byName[objName{obj, name}] {
+	for _, i := range t.indices(obj, name) {
 		if t.syms[i].IsText() {
 			return true
 		}

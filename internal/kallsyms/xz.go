@@ -20,6 +20,9 @@ import (
 const (
 	xzFilterX86   = 0x04
 	xzFilterLZMA2 = 0x21
+
+	maxDict   = 1 << 28
+	maxOutput = 1 << 30 // no vmlinux is that big
 )
 
 // unxz decompresses a single-stream .xz file held in data.
@@ -101,9 +104,11 @@ func xzBlock(data []byte, checkType byte, checkLen int, out *bytes.Buffer) (int,
 	if dictProp > 40 {
 		return 0, fmt.Errorf("%w: LZMA2 dictionary property %d", ErrFormat, dictProp)
 	}
+	// Kernels use 32 MiB; refusing more keeps hostile input from
+	// allocating gigabytes.
 	dict := uint64(2|dictProp&1) << (dictProp/2 + 11)
-	if dictProp == 40 || dict > 1<<31 {
-		dict = 1 << 31
+	if dictProp == 40 || dict > maxDict {
+		return 0, fmt.Errorf("%w: LZMA2 dictionary of %d bytes (at most %d)", ErrUnsupported, dict, maxDict)
 	}
 
 	body := bytes.NewReader(data[hdrLen:])
@@ -112,8 +117,10 @@ func xzBlock(data []byte, checkType byte, checkLen int, out *bytes.Buffer) (int,
 		return 0, fmt.Errorf("%w: LZMA2: %v", ErrFormat, err)
 	}
 	start := out.Len()
-	if _, err := io.Copy(out, lr); err != nil {
+	if n, err := io.CopyN(out, lr, maxOutput+1-int64(start)); err != nil && err != io.EOF {
 		return 0, fmt.Errorf("%w: LZMA2: %v", ErrFormat, err)
+	} else if err == nil {
+		return 0, fmt.Errorf("%w: decompresses to more than %d bytes", ErrFormat, int64(start)+n)
 	}
 	block := out.Bytes()[start:]
 	if x86 {
