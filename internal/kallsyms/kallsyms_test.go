@@ -160,7 +160,9 @@ func TestSympos(t *testing.T) {
 			t.Errorf("KlpSympos = %d", tb.KlpSympos(s))
 		}
 	}
-	if _, err := tb.Find(Vmlinux, name, 0); !errors.Is(err, ErrAmbiguous) {
+	_, err := tb.Find(Vmlinux, name, 0)
+	var se *SymbolError
+	if !errors.Is(err, ErrAmbiguous) || !errors.As(err, &se) || se.Count != len(dup) {
 		t.Errorf("sympos 0 of a duplicate: %v", err)
 	}
 	if _, err := tb.Find(Vmlinux, name, len(dup)+1); !errors.Is(err, ErrNotFound) {

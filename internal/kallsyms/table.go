@@ -2,6 +2,7 @@ package kallsyms
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -95,20 +96,44 @@ func (t *Table) Lookup(object, name string) []Symbol {
 	return out
 }
 
+// SymbolError is why Find could not resolve a symbol; it wraps
+// ErrNotFound or ErrAmbiguous.
+type SymbolError struct {
+	Object, Name string
+	Sympos       int // as asked
+	Count        int // how many symbols of that name the object has
+	Err          error
+}
+
+func (e *SymbolError) Error() string {
+	switch {
+	case errors.Is(e.Err, ErrAmbiguous):
+		return fmt.Sprintf("%s in %s: %v: it occurs %d times; give its sympos", e.Name, e.Object, e.Err, e.Count)
+	case e.Count > 0:
+		return fmt.Sprintf("%s,%d in %s: %v: it occurs %d times", e.Name, e.Sympos, e.Object, e.Err, e.Count)
+	}
+	return fmt.Sprintf("%s in %s: %v", e.Name, e.Object, e.Err)
+}
+
+func (e *SymbolError) Unwrap() error { return e.Err }
+
 // Find resolves a symbol the way livepatch resolves a klp_func or klp
 // relocation: sympos 0 requires the name to be unique in object, sympos N
-// picks the Nth occurrence.
+// picks the Nth occurrence. Failures are *SymbolError.
 func (t *Table) Find(object, name string, sympos int) (Symbol, error) {
 	idx := t.indices(object, name)
+	fail := func(err error) (Symbol, error) {
+		return Symbol{}, &SymbolError{Object: object, Name: name, Sympos: sympos, Count: len(idx), Err: err}
+	}
 	switch {
 	case len(idx) == 0:
-		return Symbol{}, fmt.Errorf("%w: %s in %s", ErrNotFound, name, object)
+		return fail(ErrNotFound)
 	case sympos == 0 && len(idx) > 1:
-		return Symbol{}, fmt.Errorf("%w: %s occurs %d times in %s; give its sympos", ErrAmbiguous, name, len(idx), object)
+		return fail(ErrAmbiguous)
 	case sympos == 0:
 		return t.syms[idx[0]], nil
 	case sympos < 0 || sympos > len(idx):
-		return Symbol{}, fmt.Errorf("%w: %s,%d in %s (it occurs %d times)", ErrNotFound, name, sympos, object, len(idx))
+		return fail(ErrNotFound)
 	}
 	return t.syms[idx[sympos-1]], nil
 }
