@@ -17,7 +17,6 @@ func runBuild(ctx context.Context, st *stdio, args []string) error {
 	fs := newFlagSet(st, "build", "FIX.patch...", "Builds a livepatch module for one kernel from source fixes (unified diffs against its source).")
 	release := fs.String("kernel", "6.1.0-54-amd64", "kernel release to build for")
 	out := fs.String("o", ".", "output directory for the module and its manifest")
-	kallsyms := fs.String("kallsyms", "", "the target's /proc/kallsyms (copy it with 'stitch symbols' as root on the target)")
 	cache := fs.String("cache", kbuild.CacheDir(), "cache directory (kernel source, prepared tree, extracted images)")
 	var opts build.Options
 	fs.StringVar(&opts.Name, "name", "", "module name (default: stitch_<first fix's name>)")
@@ -32,9 +31,6 @@ func runBuild(ctx context.Context, st *stdio, args []string) error {
 	if fs.NArg() == 0 {
 		fs.Usage()
 		return usageError{fmt.Errorf("no fix given")}
-	}
-	if *kallsyms == "" {
-		return usageError{fmt.Errorf("--kallsyms is required: run 'stitch symbols > FILE' as root on a machine running %s", *release)}
 	}
 	opts.Out, opts.CVEs = *out, cves
 	var fixes []*build.Fix
@@ -68,14 +64,11 @@ func runBuild(ctx context.Context, st *stdio, args []string) error {
 		return err
 	}
 	headers := kbuild.HeadersDir(*release)
-	k, err := build.OpenKernel(ctx, build.KernelOptions{
-		Release: *release, Headers: headers, Kallsyms: *kallsyms, Cache: *cache,
-		Extract: filepath.Join(tree.Dir, "scripts", "extract-vmlinux"),
-	})
+	opts.Progress(build.Step{Name: "kernel", Detail: "symbols decoded from /boot/vmlinuz-" + *release + " and its modules"})
+	k, err := build.OpenKernel(ctx, build.KernelOptions{Release: *release, Headers: headers, Cache: *cache, Log: st.log})
 	if err != nil {
 		return err
 	}
-	defer k.Close()
 	work, err := os.MkdirTemp("", "stitch-build-")
 	if err != nil {
 		return err
@@ -105,18 +98,4 @@ func runBuild(ctx context.Context, st *stdio, args []string) error {
 		fmt.Fprintf(st.out, "  scratch  %s\n", res.Work)
 	}
 	return nil
-}
-
-func runSymbols(ctx context.Context, st *stdio, args []string) error {
-	fs := newFlagSet(st, "symbols", "", "Prints the running kernel's symbols (/proc/kallsyms; as root, or the addresses read as zero) for 'stitch build --kallsyms'.")
-	if err := parseArgs(fs, args, 0); err != nil {
-		return err
-	}
-	f, err := os.Open("/proc/kallsyms")
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	_, err = io.Copy(st.out, f)
-	return err
 }

@@ -41,7 +41,6 @@ func commands() []command {
 		{name: "list", summary: "same as status", run: runStatus, hidden: true},
 		{name: "diff", summary: "compare pre- and post-fix builds of an object: what changed, what cannot be live-patched", run: runDiff},
 		{name: "build", summary: "build a livepatch module from source fixes", run: runBuild},
-		{name: "symbols", summary: "print the running kernel's symbols, for build --kallsyms", run: runSymbols},
 		{name: "kallsyms", summary: "print a kernel's symbols decoded from its boot image, a kallsyms listing or a module", run: runKallsyms},
 		{name: "demo", summary: "patch a real kernel live in a VM, then restore it", run: runDemo},
 		{name: "demo-guest", summary: "the guest side of demo", run: runDemoGuest, hidden: true},

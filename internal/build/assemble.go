@@ -106,7 +106,8 @@ func assemble(ctx context.Context, headers, dir, name string, fixes []*Fix, objs
 			in.Funcs = append(in.Funcs, klpmod.Func{Name: fn.Name, New: true})
 		}
 		type patched struct {
-			name   string
+			name   string // in the kernel
+			post   string // in the post object
 			sympos int
 			fp     fingerprint.Fingerprint
 		}
@@ -115,6 +116,13 @@ func assemble(ctx context.Context, headers, dir, name string, fixes []*Fix, objs
 			old := fn.Name
 			if fn.PreName != "" {
 				old = fn.PreName
+			}
+			if !t.Defines(c.Object, old) {
+				// Inlined into all its callers in the kernel, which
+				// changed too: carry it for them, there is nothing to
+				// redirect.
+				in.Funcs = append(in.Funcs, klpmod.Func{Name: fn.Name, New: true})
+				continue
 			}
 			pos, err := t.Sympos(c.Object, old, near)
 			if err != nil {
@@ -125,7 +133,7 @@ func assemble(ctx context.Context, headers, dir, name string, fixes []*Fix, objs
 				return "", nil, err
 			}
 			in.Funcs = append(in.Funcs, klpmod.Func{Name: fn.Name, Sympos: pos})
-			fns = append(fns, patched{old, pos, fp})
+			fns = append(fns, patched{old, fn.Name, pos, fp})
 		}
 		diffObj, alias, err := klpmod.WriteObject(in, fmt.Sprintf("__stitch_fn_%d_", i))
 		if err != nil {
@@ -138,9 +146,9 @@ func assemble(ctx context.Context, headers, dir, name string, fixes []*Fix, objs
 			order = append(order, c.Object)
 		}
 		h, mo := hooks[c.Object], manifestObjs[c.Object]
-		for i, fn := range c.Diff.Changed {
-			h.Funcs = append(h.Funcs, klpmod.HookFunc{OldName: fns[i].name, Sympos: fns[i].sympos, Alias: alias[fn.Name]})
-			mo.Functions = append(mo.Functions, Function{Name: fns[i].name, Sympos: fns[i].sympos, Fingerprint: fns[i].fp})
+		for _, f := range fns {
+			h.Funcs = append(h.Funcs, klpmod.HookFunc{OldName: f.name, Sympos: f.sympos, Alias: alias[f.post]})
+			mo.Functions = append(mo.Functions, Function{Name: f.name, Sympos: f.sympos, Fingerprint: f.fp})
 		}
 	}
 	if len(mod.DiffObjects) == 0 {

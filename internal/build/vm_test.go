@@ -20,8 +20,8 @@ import (
 	"github.com/stitchpatch/stitch/internal/vm"
 )
 
-// env is what the host side of the build tests share: a prepared tree,
-// the target kernel, and a copy of its kallsyms read in the VM.
+// env is what the host side of the build tests share: a prepared tree
+// and the target kernel.
 type env struct {
 	tree    *kbuild.Tree
 	kernel  *build.Kernel
@@ -41,23 +41,10 @@ func setup(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The target's symbols, as an operator would copy them from it.
-	res, err := vm.Run(ctx, vm.Options{Kernel: kernel, Init: testutils.StitchBinary(t), Args: []string{"stitch", "symbols"}})
-	if err != nil || res.ExitCode != 0 {
-		t.Fatalf("read kallsyms in the VM: %v (exit %v)", err, res)
-	}
-	kallsyms := filepath.Join(t.TempDir(), "kallsyms")
-	if err := os.WriteFile(kallsyms, []byte(res.Output), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	k, err := build.OpenKernel(ctx, build.KernelOptions{
-		Release: testutils.Release, Headers: headers, Kallsyms: kallsyms, Cache: kbuild.CacheDir(),
-		Extract: filepath.Join(tree.Dir, "scripts", "extract-vmlinux"),
-	})
+	k, err := build.OpenKernel(ctx, build.KernelOptions{Image: kernel, Release: testutils.Release, Headers: headers, Cache: kbuild.CacheDir()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { k.Close() })
 	return &env{tree: tree, kernel: k, headers: headers}
 }
 

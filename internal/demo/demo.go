@@ -7,9 +7,7 @@ package demo
 
 import (
 	"context"
-	"crypto/sha256"
 	_ "embed"
-	"encoding/hex"
 	"fmt"
 	"io"
 	"os"
@@ -58,20 +56,12 @@ func Run(ctx context.Context, o Options) error {
 	if err != nil {
 		return err
 	}
-	say("reading the target kernel's symbols in a VM (cached after the first run)")
-	kallsyms, err := targetSymbols(ctx, o)
-	if err != nil {
-		return err
-	}
+	say("decoding the kernel's symbols from %s (cached after the first run)", o.Kernel)
 	headers := kbuild.HeadersDir(o.Release)
-	k, err := build.OpenKernel(ctx, build.KernelOptions{
-		Release: o.Release, Image: o.Kernel, Headers: headers, Kallsyms: kallsyms, Cache: o.Cache,
-		Extract: filepath.Join(tree.Dir, "scripts", "extract-vmlinux"),
-	})
+	k, err := build.OpenKernel(ctx, build.KernelOptions{Release: o.Release, Image: o.Kernel, Headers: headers, Cache: o.Cache})
 	if err != nil {
 		return err
 	}
-	defer k.Close()
 	f, err := build.ParseFix("cmdline.patch", fix)
 	if err != nil {
 		return err
@@ -115,35 +105,6 @@ func Run(ctx context.Context, o Options) error {
 	}
 	say("done: the VM ran for %.1fs (%s)", vres.Duration.Seconds(), vres.Accel)
 	return nil
-}
-
-// targetSymbols boots the target kernel once and keeps a copy of its
-// /proc/kallsyms in the cache, keyed by the image's hash: what an
-// operator does with 'stitch symbols' on a machine running the kernel.
-func targetSymbols(ctx context.Context, o Options) (string, error) {
-	img, err := os.ReadFile(o.Kernel)
-	if err != nil {
-		return "", fmt.Errorf("kernel image: %w", err)
-	}
-	sum := sha256.Sum256(img)
-	path := filepath.Join(o.Cache, "kallsyms", hex.EncodeToString(sum[:8]))
-	if _, err := os.Stat(path); err == nil {
-		return path, nil
-	}
-	res, err := vm.Run(ctx, vm.Options{Kernel: o.Kernel, Init: o.Stitch, Args: []string{"stitch", "symbols"}})
-	if err != nil {
-		return "", err
-	}
-	if res.ExitCode != 0 || !strings.Contains(res.Output, " _text\n") {
-		return "", fmt.Errorf("read the kernel's symbols in the VM: exit %d", res.ExitCode)
-	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return "", err
-	}
-	if err := os.WriteFile(path+".tmp", []byte(res.Output), 0o644); err != nil {
-		return "", err
-	}
-	return path, os.Rename(path+".tmp", path)
 }
 
 // Guest is the demo's guest side: before, apply, after, revert, restored.
