@@ -2,6 +2,7 @@ package kallsyms
 
 import (
 	"bytes"
+	"cmp"
 	"debug/elf"
 	"encoding/binary"
 	"fmt"
@@ -101,8 +102,8 @@ func sectionAt(sects []*elf.Section, addr uint64) *elf.Section {
 		return -1
 	})
 	// Sections before i start at or below addr; take the nearest that
-	// still covers it (sections may nest, like .data..percpu at 0).
-	for j := i - 1; j >= 0 && j >= i-8; j-- {
+	// still covers it.
+	for j := i - 1; j >= 0; j-- {
 		if s := sects[j]; addr < s.Addr+s.Size {
 			return s
 		}
@@ -112,8 +113,7 @@ func sectionAt(sects []*elf.Section, addr uint64) *elf.Section {
 
 // tokens is a located token table.
 type tokens struct {
-	table []byte   // from the token table's start
-	index [256]int // offsets into table
+	index [256]int // offsets into the token table
 	text  [256]string
 }
 
@@ -137,6 +137,7 @@ func decodeTables(ro []byte, base uint64, sects []*elf.Section) ([]Symbol, error
 	}
 
 	inImage := func(a uint64) bool { return sectionAt(sects, a) != nil }
+	var firstErr error
 	for q := tokStart - 8; q >= 8; q-- {
 		if !aligned(q) {
 			continue
@@ -157,7 +158,14 @@ func decodeTables(ro []byte, base uint64, sects []*elf.Section) ([]Symbol, error
 		for i := range offsets {
 			offsets[i] = int32(le.Uint32(ro[offStart+4*i:]))
 		}
-		return expand(ro[q+8:], names, offsets, le.Uint64(ro[q-8:]), tok)
+		syms, err := expand(ro[q+8:], names, offsets, le.Uint64(ro[q-8:]), tok)
+		if err == nil {
+			return syms, nil
+		}
+		firstErr = cmp.Or(firstErr, err) // a lookalike; keep looking
+	}
+	if firstErr != nil {
+		return nil, firstErr
 	}
 	return nil, fmt.Errorf("%w: kallsyms token table at %#x but no names and markers that fit it", ErrFormat, base+uint64(tokStart))
 }
