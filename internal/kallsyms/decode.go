@@ -76,21 +76,11 @@ func allocSections(f *elf.File) []*elf.Section {
 	}
 	slices.SortFunc(out, func(a, b *elf.Section) int {
 		if a.Addr != b.Addr {
-			return cmpU64(a.Addr, b.Addr)
+			return cmp.Compare(a.Addr, b.Addr)
 		}
-		return cmpU64(b.Size, a.Size) // the enclosing one first
+		return cmp.Compare(b.Size, a.Size) // the enclosing one first
 	})
 	return out
-}
-
-func cmpU64(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // sectionAt returns the section holding addr, or nil.

@@ -132,7 +132,7 @@ func (m *Module) Bytes(name string, sympos int) ([]byte, Symbol, error) {
 	}
 	i := m.Table.indices(m.Name, name)[s.Sympos-1]
 	sec := m.f.Sections[m.shndx[i]]
-	if sec.Type == elf.SHT_NOBITS || s.Addr+s.Size > sec.Size || sec.Offset+sec.Size > uint64(len(m.data)) {
+	if sec.Type == elf.SHT_NOBITS || s.Addr > sec.Size || s.Size > sec.Size-s.Addr || sec.Offset+sec.Size > uint64(len(m.data)) {
 		return nil, s, fmt.Errorf("%w: %s has no contents in %s of %s", ErrNotFound, name, sec.Name, m.Name)
 	}
 	off := sec.Offset + s.Addr

@@ -136,9 +136,10 @@ func TestGuestProcKallsyms(t *testing.T) {
 	}
 }
 
-// The modules the VM test loads: no dependencies, no hardware needed, and
-// efs and qnx4 have local names defined twice (sympos 1 and 2).
-var guestModules = []string{"drivers/block/loop.ko", "fs/efs/efs.ko", "fs/qnx4/qnx4.ko"}
+// The modules the VM test loads: no dependencies, no hardware needed;
+// efs and qnx4 have local names defined twice (sympos 1 and 2), and
+// crc-itu-t exports a function and an object.
+var guestModules = []string{"drivers/block/loop.ko", "fs/efs/efs.ko", "fs/qnx4/qnx4.ko", "lib/crc-itu-t.ko"}
 
 var modDir = filepath.Join("/lib/modules", testutils.Release, "kernel")
 
