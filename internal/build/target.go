@@ -20,7 +20,6 @@ var ErrNoSymbol = errors.New("symbol not in the target kernel")
 // the kallsyms tables decoded from it), its modules, and its exports. No
 // debug-info package and no running copy are needed.
 type Kernel struct {
-	ctx     context.Context
 	release string
 	buildID string
 	image   *kallsyms.Image
@@ -47,7 +46,7 @@ func OpenKernel(ctx context.Context, o KernelOptions) (*Kernel, error) {
 	if o.Modules == "" {
 		o.Modules = "/lib/modules/" + o.Release
 	}
-	k := &Kernel{ctx: ctx, release: o.Release, opened: map[string]*kallsyms.Module{}}
+	k := &Kernel{release: o.Release, opened: map[string]*kallsyms.Module{}}
 	var err error
 	if k.symvers, err = kbuild.ReadSymvers(o.Headers); err != nil {
 		return nil, err
@@ -59,6 +58,11 @@ func OpenKernel(ctx context.Context, o KernelOptions) (*Kernel, error) {
 		return nil, fmt.Errorf("kernel image %s: %w", o.Image, err)
 	}
 	k.mods = kallsyms.NewModules(o.Modules, o.Log)
+	// Index the modules now, under ctx; the lookups later only read the
+	// index and single files.
+	if _, err := k.mods.Defining(ctx, ""); err != nil {
+		return nil, fmt.Errorf("modules of %s: %w", o.Release, err)
+	}
 	return k, nil
 }
 
@@ -108,7 +112,7 @@ func (k *Kernel) module(name string) (*kallsyms.Module, error) {
 	if m, ok := k.opened[name]; ok {
 		return m, nil
 	}
-	m, err := k.mods.Open(k.ctx, name)
+	m, err := k.mods.Open(context.Background(), name) // indexed already
 	if err != nil {
 		return nil, err
 	}
@@ -183,7 +187,7 @@ func (k *Kernel) Code(object, name string, sympos int) ([]byte, error) {
 // ObjectOf finds the object (vmlinux or a module) that holds the
 // functions of the object compiled from source.
 func (k *Kernel) ObjectOf(source string, funcs []string) (string, error) {
-	loc, err := kallsyms.FindObject(k.ctx, k.image.Table, k.mods, funcs)
+	loc, err := kallsyms.FindObject(context.Background(), k.image.Table, k.mods, funcs) // indexed already
 	if err != nil {
 		return "", fmt.Errorf("%w: %s: %v", ErrNoSymbol, source, err)
 	}
