@@ -1,0 +1,65 @@
+package build
+
+import (
+	"context"
+	"os"
+	"testing"
+
+	"github.com/stitchpatch/stitch/internal/kallsyms"
+	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/testutils"
+)
+
+func openTestKernel(t *testing.T) *Kernel {
+	t.Helper()
+	img := "/boot/vmlinuz-" + testutils.Release
+	if _, err := os.Stat(img); err != nil {
+		testutils.Unavailable(t, "kernel image %s not installed", img)
+	}
+	k, err := OpenKernel(context.Background(), KernelOptions{Release: testutils.Release, Headers: testutils.RequireHeaders(t), Cache: kbuild.CacheDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// Duplicated local names in the real kernel: each occurrence is found
+// from a unique symbol of its own file just before it.
+func TestSymposFromNeighbours(t *testing.T) {
+	k := openTestKernel(t)
+	syms := k.image.Table.Symbols()
+	checked := 0
+	for _, name := range []string{"jhash", "cpumask_weight", "type_show"} {
+		occ := k.image.Table.Lookup(kallsyms.Vmlinux, name)
+		if len(occ) < 2 {
+			t.Fatalf("%s is not duplicated in vmlinux (%d)", name, len(occ))
+		}
+		for _, o := range occ {
+			// The nearest preceding text symbol whose name is unique.
+			var anchor string
+			for i := range syms {
+				s := syms[i]
+				if s.Addr < o.Addr && s.IsText() && s.Addr > o.Addr-0x2000 && len(k.image.Table.Lookup(kallsyms.Vmlinux, s.Name)) == 1 {
+					anchor = s.Name
+				}
+			}
+			if anchor == "" {
+				continue
+			}
+			got, err := k.Sympos(kallsyms.Vmlinux, name, []string{anchor})
+			if err != nil || got != o.Sympos {
+				t.Errorf("Sympos(%s near %s) = %d, %v; want %d", name, anchor, got, err, o.Sympos)
+			}
+			checked++
+		}
+	}
+	if checked < 10 {
+		t.Errorf("only %d occurrences had a unique neighbour", checked)
+	}
+	if pos, err := k.Sympos(kallsyms.Vmlinux, "cmdline_proc_show", nil); err != nil || pos != 0 {
+		t.Errorf("unique name: sympos %d, %v; want 0", pos, err)
+	}
+	if _, err := k.Sympos(kallsyms.Vmlinux, "jhash", nil); err == nil {
+		t.Error("a duplicated name with no neighbours was resolved")
+	}
+}
