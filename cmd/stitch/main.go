@@ -42,6 +42,8 @@ func commands() []command {
 		{name: "diff", summary: "compare pre- and post-fix builds of an object: what changed, what cannot be live-patched", run: runDiff},
 		{name: "build", summary: "build a livepatch module from source fixes", run: runBuild},
 		{name: "kallsyms", summary: "print a kernel's symbols decoded from its boot image, a kallsyms listing or a module", run: runKallsyms},
+		{name: "corpus", summary: "measure Stitch on a corpus of real fixes", run: runCorpus},
+		{name: "corpus-guest", summary: "the guest side of corpus", run: runCorpusGuest, hidden: true},
 		{name: "demo", summary: "patch a real kernel live in a VM, then restore it", run: runDemo},
 		{name: "demo-guest", summary: "the guest side of demo", run: runDemoGuest, hidden: true},
 	}

@@ -223,7 +223,7 @@ func (k *Kernel) Apply(ctx context.Context, path string, opts ApplyOptions) (*km
 	if err != nil {
 		return nil, err
 	}
-	kmsg := openKmsg()
+	kmsg := OpenKernelLog()
 	defer kmsg.Close()
 	opts.report(Progress{Patch: m.Name, Phase: "load"})
 	if err := k.load(path, kmsg); err != nil {
@@ -430,7 +430,7 @@ func readStack(path string) []string {
 // load asks the kernel to load the module; module init calls
 // klp_enable_patch, which starts the transition. On failure the error
 // quotes what the kernel logged since kmsg was opened.
-func (k *Kernel) load(path string, kmsg *kmsg) error {
+func (k *Kernel) load(path string, kmsg *KernelLog) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return err
@@ -458,34 +458,23 @@ func (k *Kernel) load(path string, kmsg *kmsg) error {
 	return fmt.Errorf("%w: load %s: %v%s", ErrLoad, path, err, hint)
 }
 
-// troubleTaint are the taint bits that tell of a kernel in trouble:
+// TroubleTaint are the taint bits that tell of a kernel in trouble:
 // W (warning), D (oops or BUG), L (soft lockup).
-const troubleTaint = 1<<9 | 1<<7 | 1<<14
-
-// troubleMarkers start the kernel log lines of warnings, oopses and
-// lockups.
-var troubleMarkers = []string{"WARNING:", "BUG:", "Oops", "general protection fault", "soft lockup", "Kernel panic"}
+const TroubleTaint = 1<<9 | 1<<7 | 1<<14
 
 // watch polls taint and the kernel log for the Watch period after a
 // transition. On trouble it reverts the patch.
-func (k *Kernel) watch(ctx context.Context, name string, before Taint, kmsg *kmsg, opts ApplyOptions, start time.Time) error {
+func (k *Kernel) watch(ctx context.Context, name string, before Taint, kmsg *KernelLog, opts ApplyOptions, start time.Time) error {
 	opts.report(Progress{Patch: name, Phase: "watching", Elapsed: time.Since(start)})
 	end := time.Now().Add(opts.Watch)
 	te := &TroubleError{Patch: name}
 	for {
-		for _, l := range strings.Split(kmsg.ReadNew(), "\n") {
-			for _, m := range troubleMarkers {
-				if strings.Contains(l, m) {
-					te.Log = append(te.Log, l)
-					break
-				}
-			}
-		}
+		te.Log = append(te.Log, TroubleLines(kmsg.ReadNew())...)
 		now, err := k.Taint()
 		if err != nil {
 			return err
 		}
-		if added := now.Value &^ before.Value & troubleTaint; added != 0 {
+		if added := now.Value &^ before.Value & TroubleTaint; added != 0 {
 			te.NewTaint = DecodeTaint(added).String()
 		}
 		if te.NewTaint != "" || len(te.Log) > 0 {

@@ -8,12 +8,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// kmsg reads the kernel log records written after it was opened, so an
-// error can quote what the kernel said about it. A nil *kmsg (no
+// KernelLog reads the kernel log records written after it was opened, so
+// an error can quote what the kernel said about it. A nil *KernelLog (no
 // /dev/kmsg) reads nothing.
-type kmsg struct{ f *os.File }
+type KernelLog struct{ f *os.File }
 
-func openKmsg() *kmsg {
+// OpenKernelLog starts reading /dev/kmsg at its end.
+func OpenKernelLog() *KernelLog {
 	fd, err := unix.Open("/dev/kmsg", unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil
@@ -22,11 +23,11 @@ func openKmsg() *kmsg {
 		unix.Close(fd)
 		return nil
 	}
-	return &kmsg{f: os.NewFile(uintptr(fd), "/dev/kmsg")}
+	return &KernelLog{f: os.NewFile(uintptr(fd), "/dev/kmsg")}
 }
 
 // ReadNew returns the messages logged since the last read, one a line.
-func (k *kmsg) ReadNew() string {
+func (k *KernelLog) ReadNew() string {
 	if k == nil {
 		return ""
 	}
@@ -49,8 +50,28 @@ func (k *kmsg) ReadNew() string {
 	}
 }
 
-func (k *kmsg) Close() {
+// Close stops reading.
+func (k *KernelLog) Close() {
 	if k != nil {
 		k.f.Close()
 	}
+}
+
+// troubleMarkers start the kernel log lines of warnings, oopses and
+// lockups.
+var troubleMarkers = []string{"WARNING:", "BUG:", "Oops", "general protection fault", "soft lockup", "Kernel panic"}
+
+// TroubleLines picks from kernel log text the lines that tell of a
+// warning, an oops or a lockup.
+func TroubleLines(log string) []string {
+	var out []string
+	for _, l := range strings.Split(log, "\n") {
+		for _, m := range troubleMarkers {
+			if strings.Contains(l, m) {
+				out = append(out, l)
+				break
+			}
+		}
+	}
+	return out
 }

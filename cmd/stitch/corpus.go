@@ -1,0 +1,136 @@
+package main
+
+import (
+	"context"
+	"encoding/csv"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/stitchpatch/stitch/internal/build"
+	"github.com/stitchpatch/stitch/internal/corpus"
+	"github.com/stitchpatch/stitch/internal/kbuild"
+)
+
+func runCorpus(ctx context.Context, st *stdio, args []string) error {
+	fs := newFlagSet(st, "corpus", "DIR", "Builds every fix of a corpus (DIR/index.tsv, DIR/fixes/*.patch) for the kernel, applies each built one in a VM, and reports the share live-patched end to end.")
+	release := fs.String("kernel", "6.1.0-54-amd64", "kernel release the fixes are for")
+	filter := fs.String("filter", "", "only fixes whose name matches this regular expression")
+	limit := fs.Int("limit", 0, "at most this many fixes (0: all)")
+	noVM := fs.Bool("no-vm", false, "build only; do not apply in a VM")
+	batch := fs.Int("batch", 8, "fixes applied per VM boot")
+	csvPath := fs.String("csv", "", "also write the results as CSV to this file")
+	cache := fs.String("cache", kbuild.CacheDir(), "cache directory")
+	jsonOut := fs.Bool("json", false, "print JSON")
+	if err := parseArgs(fs, args, 1); err != nil {
+		return err
+	}
+	all, err := corpus.ReadIndex(fs.Arg(0))
+	if err != nil {
+		return usageError{err}
+	}
+	entries, err := corpus.Select(all, *filter, *limit)
+	if err != nil {
+		return usageError{err}
+	}
+	tree, err := kbuild.PrepareTree(ctx, kbuild.TreeOptions{Release: *release, Cache: *cache, Log: st.log})
+	if err != nil {
+		return err
+	}
+	headers := kbuild.HeadersDir(*release)
+	k, err := build.OpenKernel(ctx, build.KernelOptions{Release: *release, Headers: headers, Cache: *cache, Log: st.log})
+	if err != nil {
+		return err
+	}
+	work, err := os.MkdirTemp("", "stitch-corpus-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+	builder := func(ctx context.Context, fix *build.Fix, out string) (*build.Result, error) {
+		w := filepath.Join(out, "work")
+		src := &build.TreeSource{Tree: tree, HeadersDir: headers, Work: w}
+		return build.Build(ctx, src, k, []*build.Fix{fix}, build.Options{Out: out, Work: w})
+	}
+	n := 0
+	results := corpus.BuildAll(ctx, entries, builder, work, func(r corpus.Result) {
+		n++
+		if !*jsonOut {
+			fmt.Fprintf(st.err, "[%d/%d] %-40s %-12s %5.1fs %s\n", n, len(entries), r.Name, r.Outcome, r.BuildTime.Seconds(), trim(r.Reason, 100))
+		}
+	})
+	if !*noVM {
+		if !*jsonOut {
+			fmt.Fprintln(st.err, "applying the built fixes in the VM ...")
+		}
+		if err := corpus.ApplyAll(ctx, results, corpus.VMOptions{Kernel: "/boot/vmlinuz-" + *release, Modules: "/lib/modules/" + *release, Batch: *batch}); err != nil {
+			return err
+		}
+	}
+	sum := corpus.Summarize(results)
+	if *csvPath != "" {
+		if err := writeCSV(*csvPath, results); err != nil {
+			return err
+		}
+	}
+	if *jsonOut {
+		return printJSON(st.out, struct {
+			Date    string          `json:"date"`
+			Kernel  string          `json:"kernel"`
+			Summary corpus.Summary  `json:"summary"`
+			Results []corpus.Result `json:"results"`
+		}{time.Now().UTC().Format(time.RFC3339), *release, sum, results})
+	}
+	tw := tabwriter.NewWriter(st.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "FIX\tOBJECT\tFUNCTIONS\tBUILD\tRESULT\tREASON")
+	for _, r := range results {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%.1fs\t%s\t%s\n", r.Name, r.Object, strings.Join(r.Functions, ","), r.BuildTime.Seconds(), r.Outcome, trim(r.Reason, 120))
+	}
+	tw.Flush()
+	var parts []string
+	for k, v := range sum.Outcomes {
+		parts = append(parts, fmt.Sprintf("%s %d", k, v))
+	}
+	sort.Strings(parts)
+	fmt.Fprintf(st.out, "\n%d fixes: %s; live-patched end to end: %.0f%%\n", sum.Total, strings.Join(parts, ", "), 100*sum.Share)
+	return nil
+}
+
+func runCorpusGuest(ctx context.Context, st *stdio, args []string) error {
+	fs := newFlagSet(st, "corpus-guest", "PLAN.json", "The guest side of 'stitch corpus'.")
+	if err := parseArgs(fs, args, 1); err != nil {
+		return err
+	}
+	return corpus.Guest(ctx, fs.Arg(0), st.out)
+}
+
+func writeCSV(path string, rs []corpus.Result) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	w := csv.NewWriter(f)
+	w.Write([]string{"fix", "file", "changed_lines", "location", "object", "functions", "build_seconds", "outcome", "reason"})
+	for _, r := range rs {
+		w.Write([]string{r.Name, r.File, strconv.Itoa(r.Lines), r.Location, r.Object, strings.Join(r.Functions, " "),
+			strconv.FormatFloat(r.BuildTime.Seconds(), 'f', 1, 64), r.Outcome, r.Reason})
+	}
+	w.Flush()
+	if err := w.Error(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+func trim(s string, n int) string {
+	if len(s) > n {
+		return s[:n-3] + "..."
+	}
+	return s
+}

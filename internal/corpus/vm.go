@@ -1,0 +1,268 @@
+package corpus
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/stitchpatch/stitch/internal/livepatch"
+	"github.com/stitchpatch/stitch/internal/vm"
+)
+
+// step is one fix for the guest to try.
+type step struct {
+	Name   string   `json:"name"`
+	Module string   `json:"module"` // the livepatch, in the guest
+	Object string   `json:"object"`
+	Load   []string `json:"load,omitempty"` // modules to load first, dependencies first
+}
+
+// outcome is the guest's answer for one step.
+type outcome struct {
+	Name    string `json:"name"`
+	Outcome string `json:"outcome"`
+	Reason  string `json:"reason,omitempty"`
+}
+
+const resultPrefix = "CORPUS-RESULT "
+
+// VMOptions tune the VM stage.
+type VMOptions struct {
+	Kernel  string // boot image
+	Stitch  string // static stitch binary; the running one if empty
+	Modules string // /lib/modules/<release>
+	Batch   int    // fixes per VM boot; 8 if zero
+	Output  io.Writer
+}
+
+// ApplyAll tries every built fix in the VM, a batch per boot, and fills
+// in the outcome of each. A batch whose VM fails marks its fixes
+// apply-failed with the VM's error.
+func ApplyAll(ctx context.Context, results []Result, o VMOptions) error {
+	if o.Batch <= 0 {
+		o.Batch = 8
+	}
+	deps, err := readModulesDep(filepath.Join(o.Modules, "modules.dep"))
+	if err != nil {
+		return err
+	}
+	var todo []int
+	for i, r := range results {
+		if r.Outcome == NotRun {
+			todo = append(todo, i)
+		}
+	}
+	for len(todo) > 0 {
+		n := min(o.Batch, len(todo))
+		if err := applyBatch(ctx, results, todo[:n], deps, o); err != nil {
+			return err
+		}
+		todo = todo[n:]
+	}
+	return nil
+}
+
+func applyBatch(ctx context.Context, results []Result, batch []int, deps map[string][]string, o VMOptions) error {
+	var files []vm.File
+	var plan []step
+	added := map[string]bool{}
+	for _, i := range batch {
+		r := results[i]
+		s := step{Name: r.Name, Module: "/patches/" + r.Name + ".ko", Object: r.Object}
+		files = append(files, vm.File{Src: r.Module, Dst: s.Module})
+		if r.Object != "vmlinux" {
+			ko, ok := findModule(deps, r.Object)
+			if !ok {
+				results[i].Outcome, results[i].Reason = ApplyFailed, "module "+r.Object+" is not in modules.dep"
+				continue
+			}
+			for _, m := range append(deps[ko], ko) {
+				dst := "/modules/" + m
+				s.Load = append(s.Load, dst)
+				if !added[m] {
+					added[m] = true
+					files = append(files, vm.File{Src: filepath.Join(o.Modules, m), Dst: dst})
+				}
+			}
+		}
+		plan = append(plan, s)
+	}
+	if len(plan) == 0 {
+		return nil
+	}
+	dir, err := os.MkdirTemp("", "stitch-corpus-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	pj, err := json.Marshal(plan)
+	if err != nil {
+		return err
+	}
+	planPath := filepath.Join(dir, "plan.json")
+	if err := os.WriteFile(planPath, pj, 0o644); err != nil {
+		return err
+	}
+	files = append(files, vm.File{Src: planPath, Dst: "/plan.json"})
+	out := o.Output
+	if out == nil {
+		out = io.Discard
+	}
+	res, err := vm.Run(ctx, vm.Options{
+		Kernel: o.Kernel, Init: o.Stitch, Files: files, Output: out,
+		Args: []string{"stitch", "corpus-guest", "/plan.json"}, Memory: 1024, Timeout: 15 * time.Minute,
+	})
+	got := map[string]outcome{}
+	if res != nil {
+		for _, l := range strings.Split(res.Output, "\n") {
+			var oc outcome
+			if j, ok := strings.CutPrefix(l, resultPrefix); ok && json.Unmarshal([]byte(j), &oc) == nil {
+				got[oc.Name] = oc
+			}
+		}
+	}
+	for _, i := range batch {
+		if results[i].Outcome != NotRun {
+			continue
+		}
+		if oc, ok := got[results[i].Name]; ok {
+			results[i].Outcome, results[i].Reason = oc.Outcome, oc.Reason
+		} else {
+			results[i].Outcome, results[i].Reason = ApplyFailed, fmt.Sprintf("no result from the VM: %v", err)
+		}
+	}
+	if errors.Is(err, context.Canceled) {
+		return err
+	}
+	return nil
+}
+
+// readModulesDep maps each module path (relative to /lib/modules/<rel>)
+// to its dependencies, loading order first.
+func readModulesDep(path string) (map[string][]string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("modules.dep: %w", err)
+	}
+	defer f.Close()
+	deps := map[string][]string{}
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 1<<16), 1<<20)
+	for sc.Scan() {
+		mod, rest, ok := strings.Cut(sc.Text(), ":")
+		if !ok {
+			continue
+		}
+		ds := strings.Fields(rest)
+		// modules.dep lists a module's dependencies nearest first; they
+		// load in the reverse order.
+		for i, j := 0, len(ds)-1; i < j; i, j = i+1, j-1 {
+			ds[i], ds[j] = ds[j], ds[i]
+		}
+		deps[mod] = ds
+	}
+	return deps, sc.Err()
+}
+
+// findModule finds the modules.dep path of the module called name (file
+// names may use - where the module name has _).
+func findModule(deps map[string][]string, name string) (string, bool) {
+	for m := range deps {
+		base := strings.TrimSuffix(filepath.Base(m), ".ko")
+		if strings.ReplaceAll(base, "-", "_") == strings.ReplaceAll(name, "-", "_") {
+			return m, true
+		}
+	}
+	return "", false
+}
+
+// Guest runs inside the VM: for each step it loads the patched object's
+// module, applies the patch, exercises the kernel, checks it for
+// warnings, and reverts, printing one result line per step.
+func Guest(ctx context.Context, planPath string, w io.Writer) error {
+	b, err := os.ReadFile(planPath)
+	if err != nil {
+		return err
+	}
+	var plan []step
+	if err := json.Unmarshal(b, &plan); err != nil {
+		return fmt.Errorf("plan: %w", err)
+	}
+	k := &livepatch.Kernel{}
+	for _, s := range plan {
+		oc := guestStep(ctx, k, s)
+		j, _ := json.Marshal(oc)
+		fmt.Fprintf(w, "%s%s\n", resultPrefix, j)
+	}
+	return nil
+}
+
+func guestStep(ctx context.Context, k *livepatch.Kernel, s step) outcome {
+	oc := outcome{Name: s.Name, Outcome: Applied}
+	fail := func(kind, format string, args ...any) outcome {
+		oc.Outcome, oc.Reason = kind, fmt.Sprintf(format, args...)
+		return oc
+	}
+	for _, m := range s.Load {
+		if err := loadModule(m); err != nil {
+			return fail(ApplyFailed, "load %s: %v", filepath.Base(m), err)
+		}
+	}
+	before, err := k.Taint()
+	if err != nil {
+		return fail(ApplyFailed, "%v", err)
+	}
+	log := livepatch.OpenKernelLog()
+	defer log.Close()
+	m, err := k.Apply(ctx, s.Module, livepatch.ApplyOptions{Timeout: 30 * time.Second})
+	if err != nil {
+		return fail(ApplyFailed, "%s", strings.Join(strings.Fields(err.Error()), " "))
+	}
+	smoke()
+	after, _ := k.Taint()
+	trouble := livepatch.TroubleLines(log.ReadNew())
+	if err := k.Revert(ctx, m.Name, livepatch.ApplyOptions{Timeout: 30 * time.Second}); err != nil {
+		return fail(ApplyFailed, "revert: %v", err)
+	}
+	if added := after.Value &^ before.Value & livepatch.TroubleTaint; added != 0 || len(trouble) > 0 {
+		return fail(KernelWarning, "taint +%s %s", livepatch.DecodeTaint(added), strings.Join(trouble, " | "))
+	}
+	return oc
+}
+
+func loadModule(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := unix.FinitModule(int(f.Fd()), "", 0); err != nil && !errors.Is(err, unix.EEXIST) {
+		return err
+	}
+	return nil
+}
+
+// smoke exercises common paths of the kernel: process, proc and
+// filesystem code. A fix with an obvious workload of its own would do
+// better; this finds patches that break the common paths.
+func smoke() {
+	for _, p := range []string{"/proc/cmdline", "/proc/filesystems", "/proc/self/status", "/proc/meminfo", "/proc/modules"} {
+		os.ReadFile(p)
+	}
+	for _, d := range []string{"/", "/proc", "/sys/kernel", "/tmp"} {
+		os.ReadDir(d)
+	}
+	f := filepath.Join(os.TempDir(), "stitch-smoke")
+	os.WriteFile(f, []byte("smoke"), 0o644)
+	os.ReadFile(f)
+	os.Remove(f)
+}
