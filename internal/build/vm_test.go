@@ -16,6 +16,7 @@ import (
 
 	"github.com/stitchpatch/stitch/internal/build"
 	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/livepatch"
 	"github.com/stitchpatch/stitch/internal/testutils"
 	"github.com/stitchpatch/stitch/internal/vm"
 )
@@ -227,42 +228,18 @@ func TestGuestReaddir(t *testing.T) {
 	if got := names(t, dir); got != all {
 		t.Fatalf("before: %q", got)
 	}
-	kmsg := openKmsg(t)
+	kmsg := livepatch.OpenKernelLog()
+	defer kmsg.Close()
 	stitch(t, "apply", "/readdir.ko")
 	if got := names(t, dir); got != "a stitch-warn" {
 		t.Errorf("patched: %q, want stitch-hidden hidden", got)
 	}
-	if log := kmsg(); !strings.Contains(log, "WARNING:") || !strings.Contains(log, "filldir64") {
+	if log := kmsg.ReadNew(); !strings.Contains(log, "WARNING:") || !strings.Contains(log, "filldir64") {
 		t.Errorf("no warning from filldir64 in the kernel log:\n%s", log)
 	}
 	stitch(t, "revert", "stitch_readdir")
 	if got := names(t, dir); got != all {
 		t.Errorf("reverted: %q", got)
-	}
-}
-
-// openKmsg returns a function that reads what the kernel logs from now on.
-func openKmsg(t *testing.T) func() string {
-	t.Helper()
-	fd, err := unix.Open("/dev/kmsg", unix.O_RDONLY|unix.O_NONBLOCK, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	unix.Seek(fd, 0, 2)
-	t.Cleanup(func() { unix.Close(fd) })
-	return func() string {
-		var b strings.Builder
-		buf := make([]byte, 8192)
-		for {
-			n, err := unix.Read(fd, buf)
-			if err == unix.EPIPE {
-				continue
-			}
-			if err != nil || n <= 0 {
-				return b.String()
-			}
-			b.Write(buf[:n])
-		}
 	}
 }
 
