@@ -277,7 +277,7 @@ func (b *builder) specials() []special {
 		var kept []int
 		for e := 0; e+size <= len(sec.Data); e += size {
 			entry := sec.RelocsIn(uint64(e), uint64(e+size))
-			if len(entry) == 0 || !b.keep[entry[0].Symbol.Section] {
+			if len(entry) == 0 || !b.keep[entry[0].Symbol.Section] || b.tracepointSite(sec, entry) {
 				continue
 			}
 			base := uint64(len(sp.data))
@@ -306,6 +306,25 @@ func (b *builder) specials() []special {
 		out = append(out, sp)
 	}
 	return out
+}
+
+// tracepointSite tells a jump label of a tracepoint whose key the kernel
+// does not export. Such a site is left as compiled, a NOP: the tracepoint
+// does not fire in the patched function, and nothing else changes. (Its
+// key could not be resolved in time anyway; see checkKeys.)
+func (b *builder) tracepointSite(sec *elfobj.Section, entry []elfobj.Reloc) bool {
+	if sec.Name != "__jump_table" {
+		return false
+	}
+	for _, r := range entry {
+		key, _ := r.Target()
+		if key == nil || !strings.HasPrefix(key.Name, "__tracepoint_") {
+			continue
+		}
+		ref, err := b.in.Resolve(key.Name, key.Local())
+		return err == nil && !ref.Exported
+	}
+	return false
 }
 
 // checkKeys refuses jump labels and static calls whose key the kernel does

@@ -125,3 +125,35 @@ func TestWriteObjectUnknownFunction(t *testing.T) {
 		t.Error("WriteObject accepted garbage")
 	}
 }
+
+// A tracepoint's jump label whose key is not exported is dropped (the
+// site stays a NOP: no tracing in the patched function); any other
+// unexported key is refused.
+func TestWriteObjectJumpLabels(t *testing.T) {
+	post := compile(t, "testdata/writer/jump.c")
+	in := &ObjectInput{Object: "vmlinux", Post: post, Funcs: []Func{{Name: "traced"}}, Resolve: exportedOnly("__fentry__")}
+	out, _, err := WriteObject(in, "__stitch_fn_0_")
+	if err != nil {
+		t.Fatalf("tracepoint site: %v", err)
+	}
+	f, err := elf.NewFile(bytes.NewReader(out))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := f.Section("__jump_table"); s != nil && s.Size > 0 {
+		t.Errorf("the tracepoint's jump table entry was carried (%d bytes)", s.Size)
+	}
+	in.Funcs = []Func{{Name: "featured"}}
+	if _, _, err := WriteObject(in, "__stitch_fn_0_"); !errors.Is(err, ErrUnpatchable) || !strings.Contains(err.Error(), "feature_key") {
+		t.Errorf("jump label on an unexported key: %v, want ErrUnpatchable naming feature_key", err)
+	}
+	in.Resolve = exportedOnly("__fentry__", "feature_key")
+	out, _, err = WriteObject(in, "__stitch_fn_0_")
+	if err != nil {
+		t.Fatalf("jump label on an exported key: %v", err)
+	}
+	f, _ = elf.NewFile(bytes.NewReader(out))
+	if s := f.Section("__jump_table"); s == nil || s.Size != 16 {
+		t.Errorf("the exported key's jump table entry was not carried")
+	}
+}
