@@ -89,7 +89,8 @@ var specialSections = map[string]int{
 }
 
 // KeySections hold entries the module loader acts on before livepatch has
-// applied klp relocations: their keys must be exported symbols.
+// applied klp relocations: their keys must be exported symbols (or the
+// entries dropped, see droppedSite).
 var keySections = map[string]string{
 	"__jump_table":       "static key",
 	".static_call_sites": "static call",
@@ -277,7 +278,7 @@ func (b *builder) specials() []special {
 		var kept []int
 		for e := 0; e+size <= len(sec.Data); e += size {
 			entry := sec.RelocsIn(uint64(e), uint64(e+size))
-			if len(entry) == 0 || !b.keep[entry[0].Symbol.Section] || b.tracepointSite(sec, entry) {
+			if len(entry) == 0 || !b.keep[entry[0].Symbol.Section] || b.droppedSite(sec, entry) {
 				continue
 			}
 			base := uint64(len(sp.data))
@@ -308,23 +309,27 @@ func (b *builder) specials() []special {
 	return out
 }
 
-// tracepointSite tells a jump label of a tracepoint whose key the kernel
-// does not export. Such a site is left as compiled, a NOP: the tracepoint
-// does not fire in the patched function, and nothing else changes. (Its
-// key could not be resolved in time anyway; see checkKeys.)
-func (b *builder) tracepointSite(sec *elfobj.Section, entry []elfobj.Reloc) bool {
-	if sec.Name != "__jump_table" {
+// droppedSite tells the special-section entries whose key the kernel does
+// not export but which can safely be left out (their key could not be
+// resolved in time anyway; see checkKeys):
+//   - a static call site: the call keeps going through the static call's
+//     trampoline, which the kernel keeps pointing at the current target;
+//   - a tracepoint's jump label: the site stays as compiled, a NOP, so
+//     the tracepoint does not fire in the patched function.
+func (b *builder) droppedSite(sec *elfobj.Section, entry []elfobj.Reloc) bool {
+	if sec.Name != "__jump_table" && sec.Name != ".static_call_sites" {
 		return false
 	}
-	for _, r := range entry {
-		key, _ := r.Target()
-		if key == nil || !strings.HasPrefix(key.Name, "__tracepoint_") {
-			continue
-		}
-		ref, err := b.in.Resolve(key.Name, key.Local())
-		return err == nil && !ref.Exported
+	// The key is the entry's last field.
+	key, _ := entry[len(entry)-1].Target()
+	if len(entry) < 2 || key == nil || key.Type == elf.STT_SECTION {
+		return false
 	}
-	return false
+	if sec.Name == "__jump_table" && !strings.HasPrefix(key.Name, "__tracepoint_") {
+		return false
+	}
+	ref, err := b.in.Resolve(key.Name, key.Local())
+	return err == nil && !ref.Exported
 }
 
 // checkKeys refuses jump labels and static calls whose key the kernel does
