@@ -157,3 +157,28 @@ func TestWriteObjectJumpLabels(t *testing.T) {
 		t.Errorf("the exported key's jump table entry was not carried")
 	}
 }
+
+// A static call site whose key is not exported is left out: the call goes
+// through the trampoline, which the kernel keeps current.
+func TestWriteObjectStaticCall(t *testing.T) {
+	post := compile(t, "testdata/writer/jump.c")
+	for _, exported := range []bool{false, true} {
+		names := []string{"__fentry__"}
+		if exported {
+			names = append(names, "__SCK__stitch_call", "__SCT__stitch_call")
+		}
+		in := &ObjectInput{Object: "vmlinux", Post: post, Funcs: []Func{{Name: "called"}}, Resolve: exportedOnly(names...)}
+		out, _, err := WriteObject(in, "__stitch_fn_0_")
+		if err != nil {
+			t.Fatalf("exported=%v: %v", exported, err)
+		}
+		f, _ := elf.NewFile(bytes.NewReader(out))
+		var size uint64
+		if s := f.Section(".static_call_sites"); s != nil {
+			size = s.Size
+		}
+		if want := map[bool]uint64{false: 0, true: 8}[exported]; size != want {
+			t.Errorf("exported=%v: .static_call_sites has %d bytes, want %d", exported, size, want)
+		}
+	}
+}

@@ -29,3 +29,15 @@ int featured(int x)
 on:
 	return x * 4;
 }
+
+/* A static call site (arch/x86/include/asm/static_call.h, objtool). */
+extern char __SCT__stitch_call[], __SCK__stitch_call[];
+
+int called(int x)
+{
+	asm volatile("1: call __SCT__stitch_call\n\t"
+		     ".pushsection .static_call_sites, \"a\"\n\t"
+		     ".long 1b - ., __SCK__stitch_call - .\n\t"
+		     ".popsection");
+	return x;
+}
