@@ -59,15 +59,11 @@ func runCorpus(ctx context.Context, st *stdio, args []string) error {
 	}
 	n := 0
 	results := corpus.BuildAll(ctx, entries, builder, work, func(r corpus.Result) {
-		n++
-		if !*jsonOut {
-			fmt.Fprintf(st.err, "[%d/%d] %-40s %-12s %5.1fs %s\n", n, len(entries), r.Name, r.Outcome, r.BuildTime.Seconds(), trim(r.Reason, 100))
-		}
+		n++ // progress goes to stderr, also with --json
+		fmt.Fprintf(st.err, "[%d/%d] %-40s %-12s %5.1fs %s\n", n, len(entries), r.Name, r.Outcome, r.BuildTime.Seconds(), trim(r.Reason, 100))
 	})
 	if !*noVM {
-		if !*jsonOut {
-			fmt.Fprintln(st.err, "applying the built fixes in the VM ...")
-		}
+		fmt.Fprintln(st.err, "applying the built fixes in the VM ...")
 		if err := corpus.ApplyAll(ctx, results, corpus.VMOptions{Kernel: "/boot/vmlinuz-" + *release, Modules: "/lib/modules/" + *release, Batch: *batch}); err != nil {
 			return err
 		}
