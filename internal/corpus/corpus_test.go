@@ -1,0 +1,73 @@
+package corpus
+
+import (
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stitchpatch/stitch/internal/testutils"
+)
+
+const corpusDir = "../../../shared/corpus"
+
+func TestReadIndexRealCorpus(t *testing.T) {
+	all, err := ReadIndex(corpusDir)
+	if err != nil {
+		testutils.Unavailable(t, "corpus: %v", err)
+	}
+	if len(all) != 193 {
+		t.Errorf("%d fixes, the corpus README says 193", len(all))
+	}
+	vmlinux := 0
+	for _, e := range all {
+		if e.Location == "vmlinux" {
+			vmlinux++
+		}
+		if !strings.HasSuffix(e.File, ".c") || e.Lines <= 0 {
+			t.Errorf("entry %+v", e)
+		}
+	}
+	// "about 40 % in vmlinux"
+	if share := float64(vmlinux) / float64(len(all)); share < 0.3 || share > 0.5 {
+		t.Errorf("%.0f%% in vmlinux", 100*share)
+	}
+	sel, err := Select(all, "^fs_", 3)
+	if err != nil || len(sel) != 3 || !strings.HasPrefix(sel[2].Name, "fs_") {
+		t.Errorf("Select = %v, %v", sel, err)
+	}
+	if _, err := Select(all, "(", 0); err == nil {
+		t.Error("a bad filter was accepted")
+	}
+}
+
+func TestReadIndexBad(t *testing.T) {
+	if _, err := ReadIndex(t.TempDir()); err == nil {
+		t.Error("a directory without index.tsv was accepted")
+	}
+}
+
+func TestModulesDep(t *testing.T) {
+	deps, err := readModulesDep(filepath.Join("/lib/modules", testutils.Release, "modules.dep"))
+	if err != nil {
+		testutils.Unavailable(t, "modules.dep: %v", err)
+	}
+	ko, ok := findModule(deps, "ceph")
+	if !ok || ko != "kernel/fs/ceph/ceph.ko" {
+		t.Fatalf("findModule(ceph) = %q, %v", ko, ok)
+	}
+	// libceph needs libcrc32c: the order must load it first.
+	d := strings.Join(deps[ko], " ")
+	if !strings.Contains(d, "libceph.ko") || strings.Index(d, "libcrc32c.ko") > strings.Index(d, "libceph.ko") {
+		t.Errorf("ceph's dependencies in load order: %s", d)
+	}
+	if _, ok := findModule(deps, "qrtr_mhi"); !ok {
+		t.Error("module names with _ must find files with -")
+	}
+}
+
+func TestSummarize(t *testing.T) {
+	s := Summarize([]Result{{Outcome: Applied}, {Outcome: Refused}, {Outcome: Applied}, {Outcome: BuildFailed}})
+	if s.Total != 4 || s.Outcomes[Applied] != 2 || s.Share != 0.5 {
+		t.Errorf("Summarize = %+v", s)
+	}
+}

@@ -1,0 +1,65 @@
+package corpus_test
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stitchpatch/stitch/internal/build"
+	"github.com/stitchpatch/stitch/internal/corpus"
+	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/testutils"
+)
+
+// TestCorpusSubset runs the whole path on a few real fixes: vmlinux and
+// modules, applied ones and a refusal. The full corpus is a benchmark:
+// stitch corpus ../shared/corpus.
+func TestCorpusSubset(t *testing.T) {
+	kernel := testutils.RequireVM(t)
+	headers := testutils.RequireHeaders(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	defer cancel()
+	all, err := corpus.ReadIndex("../../../shared/corpus")
+	if err != nil {
+		testutils.Unavailable(t, "corpus: %v", err)
+	}
+	want := map[string]string{
+		"block_blk-mq":                corpus.Applied, // a tracepoint and a static call in the block layer's hot path
+		"crypto_af_alg":               corpus.Applied, // a module
+		"drivers_block_loop":          corpus.Applied, // a module
+		"drivers_block_null_blk_main": corpus.Refused, // init code changed
+	}
+	entries, err := corpus.Select(all, "^(block_blk-mq|crypto_af_alg|drivers_block_loop|drivers_block_null_blk_main)$", 0)
+	if err != nil || len(entries) != len(want) {
+		t.Fatalf("select: %v (%d)", err, len(entries))
+	}
+	tree, err := kbuild.PrepareTree(ctx, kbuild.TreeOptions{Release: testutils.Release})
+	if errors.Is(err, kbuild.ErrNoSource) {
+		testutils.Unavailable(t, "%v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := build.OpenKernel(ctx, build.KernelOptions{Release: testutils.Release, Image: kernel, Headers: headers, Cache: kbuild.CacheDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	builder := func(ctx context.Context, fix *build.Fix, out string) (*build.Result, error) {
+		w := filepath.Join(out, "work")
+		return build.Build(ctx, &build.TreeSource{Tree: tree, HeadersDir: headers, Work: w}, k, []*build.Fix{fix}, build.Options{Out: out, Work: w})
+	}
+	results := corpus.BuildAll(ctx, entries, builder, t.TempDir(), func(r corpus.Result) {
+		t.Logf("built %s: %s %s (%.1fs)", r.Name, r.Outcome, r.Reason, r.BuildTime.Seconds())
+	})
+	if err := corpus.ApplyAll(ctx, results, corpus.VMOptions{Kernel: kernel, Stitch: testutils.StitchBinary(t), Modules: "/lib/modules/" + testutils.Release}); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range results {
+		if r.Outcome != want[r.Name] {
+			t.Errorf("%s: %s (%s), want %s", r.Name, r.Outcome, r.Reason, want[r.Name])
+		}
+	}
+	t.Logf("summary: %+v", corpus.Summarize(results))
+}
