@@ -57,23 +57,45 @@ func runCorpus(ctx context.Context, st *stdio, args []string) error {
 		src := &build.TreeSource{Tree: tree, HeadersDir: headers, Work: w}
 		return build.Build(ctx, src, k, []*build.Fix{fix}, build.Options{Out: out, Work: w})
 	}
-	n := 0
-	results := corpus.BuildAll(ctx, entries, builder, work, func(r corpus.Result) {
-		n++ // progress goes to stderr, also with --json
-		fmt.Fprintf(st.err, "[%d/%d] %-40s %-12s %5.1fs %s\n", n, len(entries), r.Name, r.Outcome, r.BuildTime.Seconds(), trim(r.Reason, 100))
-	})
-	if !*noVM {
-		fmt.Fprintln(st.err, "applying the built fixes in the VM ...")
-		if err := corpus.ApplyAll(ctx, results, corpus.VMOptions{Kernel: "/boot/vmlinuz-" + *release, Modules: "/lib/modules/" + *release, Batch: *batch}); err != nil {
+	// A batch is built, then applied in one VM boot, so results come in
+	// as the run goes (the whole corpus takes hours on two cores).
+	var results []corpus.Result
+	var csvOut *csv.Writer
+	if *csvPath != "" {
+		f, err := os.Create(*csvPath)
+		if err != nil {
 			return err
 		}
+		defer f.Close()
+		csvOut = csv.NewWriter(f)
+		csvOut.Write(csvHeader)
+	}
+	n := 0
+	for start := 0; start < len(entries) && ctx.Err() == nil; start += *batch {
+		chunk := entries[start:min(start+*batch, len(entries))]
+		rs := corpus.BuildAll(ctx, chunk, builder, work, func(r corpus.Result) {
+			n++ // progress goes to stderr, also with --json
+			fmt.Fprintf(st.err, "[%d/%d] built %-40s %-12s %5.1fs %s\n", n, len(entries), r.Name, r.Outcome, r.BuildTime.Seconds(), trim(r.Reason, 100))
+		})
+		if !*noVM {
+			if err := corpus.ApplyAll(ctx, rs, corpus.VMOptions{Kernel: "/boot/vmlinuz-" + *release, Modules: "/lib/modules/" + *release, Batch: *batch}); err != nil {
+				return err
+			}
+			for _, r := range rs {
+				fmt.Fprintf(st.err, "        %-46s %-14s %s\n", r.Name, r.Outcome, trim(r.Reason, 100))
+			}
+		}
+		for _, r := range rs {
+			if csvOut != nil {
+				csvOut.Write(csvRow(r))
+			}
+		}
+		if csvOut != nil {
+			csvOut.Flush()
+		}
+		results = append(results, rs...)
 	}
 	sum := corpus.Summarize(results)
-	if *csvPath != "" {
-		if err := writeCSV(*csvPath, results); err != nil {
-			return err
-		}
-	}
 	if *jsonOut {
 		return printJSON(st.out, struct {
 			Date    string          `json:"date"`
@@ -105,23 +127,11 @@ func runCorpusGuest(ctx context.Context, st *stdio, args []string) error {
 	return corpus.Guest(ctx, fs.Arg(0), st.out)
 }
 
-func writeCSV(path string, rs []corpus.Result) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	w := csv.NewWriter(f)
-	w.Write([]string{"fix", "file", "changed_lines", "location", "object", "functions", "build_seconds", "outcome", "reason"})
-	for _, r := range rs {
-		w.Write([]string{r.Name, r.File, strconv.Itoa(r.Lines), r.Location, r.Object, strings.Join(r.Functions, " "),
-			strconv.FormatFloat(r.BuildTime.Seconds(), 'f', 1, 64), r.Outcome, r.Reason})
-	}
-	w.Flush()
-	if err := w.Error(); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
+var csvHeader = []string{"fix", "file", "changed_lines", "location", "object", "functions", "build_seconds", "outcome", "reason"}
+
+func csvRow(r corpus.Result) []string {
+	return []string{r.Name, r.File, strconv.Itoa(r.Lines), r.Location, r.Object, strings.Join(r.Functions, " "),
+		strconv.FormatFloat(r.BuildTime.Seconds(), 'f', 1, 64), r.Outcome, r.Reason}
 }
 
 func trim(s string, n int) string {
