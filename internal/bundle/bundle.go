@@ -1,0 +1,112 @@
+package bundle
+
+import (
+	"archive/tar"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+)
+
+// A bundle file is an uncompressed tar holding exactly two regular files,
+// manifest.json first and module.ko second. Tar because any operator can
+// inspect it with standard tools; fixed order and zeroed headers so the same
+// inputs always give the same bytes, hence the same content address.
+const (
+	manifestEntry = "manifest.json"
+	moduleEntry   = "module.ko"
+	// MaxModuleSize bounds what Open reads; livepatch modules are far smaller.
+	MaxModuleSize   = 64 << 20
+	maxManifestSize = 1 << 20
+)
+
+// Bundle is a parsed bundle.
+type Bundle struct {
+	Manifest Manifest
+	Module   []byte
+}
+
+// Pack builds the bundle bytes. It sets m.ModuleSHA256 from module and
+// validates the manifest.
+func Pack(m Manifest, module []byte) ([]byte, error) {
+	if len(module) == 0 || len(module) > MaxModuleSize {
+		return nil, fmt.Errorf("%w: module is %d bytes, want 1..%d", ErrBadBundle, len(module), MaxModuleSize)
+	}
+	m.ModuleSHA256 = SHA256Hex(module)
+	if err := m.Validate(); err != nil {
+		return nil, err
+	}
+	mj, err := json.MarshalIndent(&m, "", "  ")
+	if err != nil {
+		return nil, fmt.Errorf("encode manifest: %w", err)
+	}
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for _, e := range []struct {
+		name string
+		data []byte
+	}{{manifestEntry, mj}, {moduleEntry, module}} {
+		hdr := &tar.Header{Name: e.name, Mode: 0o644, Size: int64(len(e.data)), ModTime: time.Unix(0, 0), Typeflag: tar.TypeReg, Format: tar.FormatPAX}
+		if err := tw.WriteHeader(hdr); err != nil {
+			return nil, err
+		}
+		if _, err := tw.Write(e.data); err != nil {
+			return nil, err
+		}
+	}
+	if err := tw.Close(); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
+// Open parses and checks bundle bytes: the two entries in order, a valid
+// manifest, and a module whose SHA-256 matches the manifest.
+func Open(data []byte) (*Bundle, error) {
+	tr := tar.NewReader(bytes.NewReader(data))
+	var parts [2][]byte
+	for i, want := range []string{manifestEntry, moduleEntry} {
+		hdr, err := tr.Next()
+		if err != nil {
+			return nil, fmt.Errorf("%w: entry %d (%s): %v", ErrBadBundle, i+1, want, err)
+		}
+		if hdr.Name != want || hdr.Typeflag != tar.TypeReg {
+			return nil, fmt.Errorf("%w: entry %d is %q, want regular file %q", ErrBadBundle, i+1, hdr.Name, want)
+		}
+		limit := int64(maxManifestSize)
+		if want == moduleEntry {
+			limit = MaxModuleSize
+		}
+		if hdr.Size < 0 || hdr.Size > limit {
+			return nil, fmt.Errorf("%w: %s is %d bytes, at most %d", ErrBadBundle, want, hdr.Size, limit)
+		}
+		b, err := io.ReadAll(io.LimitReader(tr, limit+1))
+		if err != nil {
+			return nil, fmt.Errorf("%w: read %s: %v", ErrBadBundle, want, err)
+		}
+		parts[i] = b
+	}
+	if _, err := tr.Next(); !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("%w: extra entries after %s", ErrBadBundle, moduleEntry)
+	}
+	m, err := ParseManifest(parts[0])
+	if err != nil {
+		return nil, err
+	}
+	if len(parts[1]) == 0 {
+		return nil, fmt.Errorf("%w: module.ko is empty", ErrBadBundle)
+	}
+	if got := SHA256Hex(parts[1]); got != m.ModuleSHA256 {
+		return nil, fmt.Errorf("%w: module.ko sha256 %s does not match the manifest's %s", ErrBadBundle, got, m.ModuleSHA256)
+	}
+	return &Bundle{Manifest: *m, Module: parts[1]}, nil
+}
+
+// TargetName is the bundle's name in a repository: the kernel release as a
+// directory, then the module name and the first 16 hex digits of the bundle's
+// SHA-256, so two builds never collide and a name pins exact content.
+func TargetName(m *Manifest, data []byte) string {
+	return fmt.Sprintf("%s/%s-%s.stitch", m.KernelRelease, m.Name, SHA256Hex(data)[:16])
+}

@@ -1,0 +1,296 @@
+package bundle
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func testManifest() Manifest {
+	return Manifest{
+		Name: "stitch_fix_1", KernelRelease: "6.1.0-28-amd64", KernelBuildID: "0123456789abcdef0123456789abcdef01234567",
+		Objects: []Object{{Name: "vmlinux", Functions: []string{"load_misc_binary"}}},
+		CVEs:    []string{"CVE-2024-1234"}, Description: "test fix",
+	}
+}
+
+func testBundle(t testing.TB, module string) []byte {
+	t.Helper()
+	b, err := Pack(testManifest(), []byte(module))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestPackOpenRoundTrip(t *testing.T) {
+	data := testBundle(t, "\x7fELF module bytes")
+	again := testBundle(t, "\x7fELF module bytes")
+	if !bytes.Equal(data, again) {
+		t.Fatal("Pack is not deterministic: same inputs gave different bytes, so the content address would change")
+	}
+	b, err := Open(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(b.Module) != "\x7fELF module bytes" || b.Manifest.ModuleSHA256 != SHA256Hex(b.Module) {
+		t.Fatalf("round trip lost data: %+v", b.Manifest)
+	}
+	name := TargetName(&b.Manifest, data)
+	if !strings.HasPrefix(name, "6.1.0-28-amd64/stitch_fix_1-") {
+		t.Fatalf("target name %q", name)
+	}
+}
+
+func TestOpenRefusesBadBundles(t *testing.T) {
+	good := testBundle(t, "module")
+	// Flip one byte of the module (the last 'e' of "module" in the tar body).
+	i := bytes.LastIndex(good, []byte("module"))
+	tampered := bytes.Clone(good)
+	tampered[i+5] ^= 1
+	for name, data := range map[string][]byte{
+		"empty": nil, "garbage": []byte("not a tar"), "truncated": good[:600], "tampered module": tampered,
+	} {
+		_, err := Open(data)
+		if !errors.Is(err, ErrBadBundle) && !errors.Is(err, ErrBadManifest) {
+			t.Errorf("%s: got %v, want ErrBadBundle", name, err)
+		}
+	}
+	if _, err := Open(tampered); err == nil || !strings.Contains(err.Error(), "does not match") {
+		t.Errorf("tampered module error should name the hash mismatch: %v", err)
+	}
+}
+
+func TestManifestValidation(t *testing.T) {
+	m := testManifest()
+	m.ModuleSHA256 = strings.Repeat("a", 64)
+	for name, mut := range map[string]func(*Manifest){
+		"bad name":    func(m *Manifest) { m.Name = "Bad Name" },
+		"no release":  func(m *Manifest) { m.KernelRelease = "" },
+		"bad buildid": func(m *Manifest) { m.KernelBuildID = "xyz" },
+		"no objects":  func(m *Manifest) { m.Objects = nil },
+		"bad cve":     func(m *Manifest) { m.CVEs = []string{"cve-1"} },
+		"bad func":    func(m *Manifest) { m.Objects[0].Functions = []string{"a b"} },
+	} {
+		c := m
+		c.Objects = []Object{{Name: "vmlinux", Functions: []string{"f"}}}
+		mut(&c)
+		if err := c.Validate(); !errors.Is(err, ErrBadManifest) {
+			t.Errorf("%s: got %v", name, err)
+		}
+	}
+	if _, err := ParseManifest([]byte(`{"name":"a","typo":1}`)); !errors.Is(err, ErrBadManifest) {
+		t.Errorf("unknown field accepted: %v", err)
+	}
+}
+
+func FuzzOpen(f *testing.F) {
+	f.Add(testBundle(f, "module"))
+	f.Add([]byte("garbage"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		b, err := Open(data)
+		if err == nil && SHA256Hex(b.Module) != b.Manifest.ModuleSHA256 {
+			t.Fatal("Open accepted a module whose hash does not match")
+		}
+	})
+}
+
+func FuzzParseManifest(f *testing.F) {
+	f.Add([]byte(`{"name":"a","kernel_release":"6.1","kernel_build_id":"abcdef01","objects":[{"name":"vmlinux","functions":["f"]}],"module_sha256":"` + strings.Repeat("0", 64) + `"}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		m, err := ParseManifest(data)
+		if err == nil && m.Validate() != nil {
+			t.Fatal("ParseManifest returned an invalid manifest")
+		}
+	})
+}
+
+// clock is a settable time for repo and client.
+type clock struct{ t time.Time }
+
+func (c *clock) now() time.Time { return c.t }
+
+// fixture: a repository served over loopback HTTP, a client with its
+// own cache, and a clock both share.
+type fixture struct {
+	repo   *Repo
+	client *Client
+	clk    *clock
+	srv    *httptest.Server
+}
+
+func newFixture(t *testing.T) *fixture {
+	t.Helper()
+	clk := &clock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	repo := &Repo{Dir: t.TempDir(), Now: clk.now}
+	if err := repo.Init(); err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metadata/", http.StripPrefix("/metadata/", http.FileServer(http.Dir(repo.MetadataDir()))))
+	mux.Handle("/targets/", http.StripPrefix("/targets/", http.FileServer(http.Dir(repo.TargetsDir()))))
+	srv := httptest.NewUnstartedServer(mux)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.Listener = l
+	srv.Start()
+	t.Cleanup(srv.Close)
+	root, err := repo.TrustedRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &Client{BaseURL: srv.URL, TrustedRoot: root, CacheDir: t.TempDir(), HTTP: srv.Client(), Now: clk.now}
+	return &fixture{repo: repo, client: c, clk: clk, srv: srv}
+}
+
+func (f *fixture) publish(t *testing.T, module string) string {
+	t.Helper()
+	name, err := f.repo.Publish(testBundle(t, module))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return name
+}
+
+func TestFetchVerified(t *testing.T) {
+	f := newFixture(t)
+	name := f.publish(t, "module one")
+	b, path, err := f.client.Fetch(context.Background(), name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(b.Module) != "module one" {
+		t.Fatalf("module %q", b.Module)
+	}
+	if _, err := os.Stat(path); err != nil {
+		t.Fatalf("not cached: %v", err)
+	}
+	if _, _, err := f.client.Fetch(context.Background(), "6.1.0-28-amd64/nope.stitch"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("unknown target: %v", err)
+	}
+}
+
+func wantVerify(t *testing.T, err error, hint string) {
+	t.Helper()
+	if !errors.Is(err, ErrVerify) {
+		t.Fatalf("got %v, want ErrVerify", err)
+	}
+	if !strings.Contains(err.Error(), hint) {
+		t.Fatalf("error %q does not say %q", err, hint)
+	}
+}
+
+func TestTamperedBundleRefused(t *testing.T) {
+	f := newFixture(t)
+	name := f.publish(t, "module one")
+	p := filepath.Join(f.repo.TargetsDir(), name)
+	data, _ := os.ReadFile(p)
+	i := bytes.LastIndex(data, []byte("module one"))
+	data[i] = 'M'
+	if err := os.WriteFile(p, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err := f.client.Fetch(context.Background(), name)
+	wantVerify(t, err, "tampered")
+}
+
+func TestTamperedMetadataRefused(t *testing.T) {
+	f := newFixture(t)
+	name := f.publish(t, "module one")
+	// An attacker points the signed target at other content without the key.
+	p := filepath.Join(f.repo.MetadataDir(), "targets.json")
+	data, _ := os.ReadFile(p)
+	data = bytes.Replace(data, []byte(`"length": `), []byte(`"length": 1`), 1)
+	os.WriteFile(p, data, 0o644)
+	_, _, err := f.client.Fetch(context.Background(), name)
+	if !errors.Is(err, ErrVerify) {
+		t.Fatalf("got %v, want ErrVerify", err)
+	}
+}
+
+func TestExpiredMetadataRefused(t *testing.T) {
+	f := newFixture(t)
+	name := f.publish(t, "module one")
+	f.clk.t = f.clk.t.Add(DefaultExpiries.Timestamp + time.Hour) // nobody ran refresh
+	_, _, err := f.client.Fetch(context.Background(), name)
+	wantVerify(t, err, "expired")
+	// After a refresh the repository is good again.
+	if err := f.repo.Refresh(); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := f.client.Fetch(context.Background(), name); err != nil {
+		t.Fatalf("after refresh: %v", err)
+	}
+}
+
+func TestRollbackRefused(t *testing.T) {
+	f := newFixture(t)
+	name := f.publish(t, "module one")
+	old := map[string][]byte{}
+	for _, m := range []string{"timestamp.json", "snapshot.json", "targets.json"} {
+		old[m], _ = os.ReadFile(filepath.Join(f.repo.MetadataDir(), m))
+	}
+	f.publish(t, "module two")
+	if _, _, err := f.client.Fetch(context.Background(), name); err != nil {
+		t.Fatal(err)
+	}
+	// The server (or a mirror) now serves the older, validly signed set.
+	for m, b := range old {
+		os.WriteFile(filepath.Join(f.repo.MetadataDir(), m), b, 0o644)
+	}
+	_, _, err := f.client.Fetch(context.Background(), name)
+	wantVerify(t, err, "rollback")
+}
+
+func TestWrongKeyRefused(t *testing.T) {
+	f := newFixture(t)
+	name := f.publish(t, "module one")
+	// Another repository's timestamp key signs our timestamp.
+	other := &Repo{Dir: t.TempDir(), Now: f.clk.now}
+	if err := other.Init(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(other.keyPath("timestamp"), f.repo.keyPath("timestamp")); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.repo.Refresh(); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err := f.client.Fetch(context.Background(), name)
+	wantVerify(t, err, "signature")
+}
+
+func TestKeyRotation(t *testing.T) {
+	f := newFixture(t)
+	name := f.publish(t, "module one")
+	if _, _, err := f.client.Fetch(context.Background(), name); err != nil {
+		t.Fatal(err)
+	}
+	for _, role := range Roles {
+		if err := f.repo.RotateKey(role); err != nil {
+			t.Fatalf("rotate %s: %v", role, err)
+		}
+		// A client that pinned the first root follows the chain of roots.
+		if _, _, err := f.client.Fetch(context.Background(), name); err != nil {
+			t.Fatalf("after rotating %s: %v", role, err)
+		}
+	}
+	fresh := *f.client
+	fresh.CacheDir = t.TempDir()
+	if _, _, err := fresh.Fetch(context.Background(), name); err != nil {
+		t.Fatalf("new client after rotations: %v", err)
+	}
+	if err := f.repo.RotateKey("nobody"); err == nil {
+		t.Fatal("unknown role accepted")
+	}
+}
