@@ -117,10 +117,11 @@ func assemble(ctx context.Context, headers, dir, name string, fixes []*Fix, objs
 			if fn.PreName != "" {
 				old = fn.PreName
 			}
-			if !t.Defines(c.Object, old) {
-				// Inlined into all its callers in the kernel, which
-				// changed too: carry it for them, there is nothing to
-				// redirect.
+			if strings.Contains(old, ".cold") || !t.Defines(c.Object, old) {
+				// A .cold part is entered only from its function, which
+				// changed too; a function the kernel inlined into all
+				// its callers changed them too. Either way: carry it for
+				// them, there is nothing to redirect.
 				in.Funcs = append(in.Funcs, klpmod.Func{Name: fn.Name, New: true})
 				continue
 			}

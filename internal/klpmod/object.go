@@ -223,8 +223,11 @@ func (b *builder) resolve(r elfobj.Reloc) (target, error) {
 		// (often "__func__.0") could not be found reliably anyway.
 		b.carry(sec)
 		return target{sec: sec, addend: secAddend}, nil
-	case sec.Name == ".data.once":
-		// WARN_ONCE state: a fresh copy only means one more warning.
+	case sec.Name == ".data.once", sec.Name == "__dyndbg", s.Local() && s.Size == 0:
+		// State with no identity worth keeping: WARN_ONCE flags (a fresh
+		// copy means one more warning), dynamic debug descriptors (the
+		// patch's pr_debug sites register under the patch module's name),
+		// and empty objects such as lockdep class keys without lockdep.
 		b.carry(sec)
 		return target{sec: sec, addend: secAddend}, nil
 	case strings.HasPrefix(sec.Name, ".init") || strings.HasPrefix(sec.Name, ".exit"):
