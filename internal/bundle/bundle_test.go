@@ -294,3 +294,32 @@ func TestKeyRotation(t *testing.T) {
 		t.Fatal("unknown role accepted")
 	}
 }
+
+func TestExportImport(t *testing.T) {
+	f := newFixture(t)
+	name := f.publish(t, "module one")
+	var buf bytes.Buffer
+	if err := f.repo.Export(&buf); err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(buf.Bytes(), []byte("keys/")) {
+		t.Fatal("export carries private keys")
+	}
+	// Serve the imported copy in place of the original.
+	dst := &Repo{Dir: t.TempDir()}
+	if err := dst.Import(bytes.NewReader(buf.Bytes())); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(f.repo.Dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(dst.Dir, f.repo.Dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := f.client.Fetch(context.Background(), name); err != nil {
+		t.Fatalf("fetch from imported copy: %v", err)
+	}
+	if err := (&Repo{Dir: f.repo.Dir}).Import(bytes.NewReader(buf.Bytes())); !errors.Is(err, ErrExists) {
+		t.Fatalf("import over a repository: %v", err)
+	}
+}
