@@ -18,10 +18,12 @@ demo: deps build
 
 # Unit, integration and VM tests, then each fuzz target for a short time.
 # -p 1: one package at a time, so that no two QEMU guests share the two
-# cores (under TCG they starve each other).
+# cores (under TCG they starve each other). The storage tests get a
+# throwaway PostgreSQL on loopback (scripts/postgres.sh).
 test: deps
 	$(GO) vet ./...
-	$(GO) test -p 1 -count=1 -timeout 80m ./...
+	export "$$(./scripts/postgres.sh)" && $(GO) test -p 1 -count=1 -timeout 80m ./...
+	./scripts/postgres.sh stop
 	$(MAKE) fuzz
 
 FUZZTIME ?= 20s
