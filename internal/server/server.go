@@ -1,0 +1,236 @@
+// Package server is the HTTP side of patch distribution: it serves the TUF
+// repository and bundles under /v1/repo/ and enrolls machines with
+// enrollment keys that carry a machine limit and an expiry. Admin calls use
+// a separate bearer token; a machine token never acts as admin.
+package server
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/stitchpatch/stitch/internal/bundle"
+	"github.com/stitchpatch/stitch/internal/server/store"
+)
+
+// maxBody bounds every request body: the API's requests are small.
+const maxBody = 64 << 10
+
+// Server handles the API.
+type Server struct {
+	Store      store.Store
+	Repo       *bundle.Repo
+	AdminToken string // required, compared in constant time
+	Now        func() time.Time
+	Log        *slog.Logger
+}
+
+// FreeTierMachines is the machine limit of a key created without one.
+const FreeTierMachines = 3
+
+func (s *Server) now() time.Time {
+	if s.Now != nil {
+		return s.Now()
+	}
+	return time.Now()
+}
+
+// Handler returns the routes.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /v1/repo/metadata/", http.StripPrefix("/v1/repo/metadata/", http.FileServer(http.Dir(s.Repo.MetadataDir()))))
+	mux.Handle("GET /v1/repo/targets/", http.StripPrefix("/v1/repo/targets/", http.FileServer(http.Dir(s.Repo.TargetsDir()))))
+	mux.HandleFunc("POST /v1/machines", s.enroll)
+	mux.HandleFunc("GET /v1/machines/self", s.machineOnly(s.self))
+	mux.HandleFunc("POST /v1/admin/keys", s.adminOnly(s.createKey))
+	return mux
+}
+
+// EnrollRequest is what a machine sends to enroll.
+type EnrollRequest struct {
+	Key      string `json:"key"`
+	Hostname string `json:"hostname"`
+}
+
+// EnrollResponse carries the machine's id and its bearer token.
+type EnrollResponse struct {
+	MachineID string `json:"machine_id"`
+	Token     string `json:"token"`
+}
+
+// KeyRequest creates an enrollment key.
+type KeyRequest struct {
+	MaxMachines int       `json:"max_machines"` // 0: the free tier's 3
+	ExpiresAt   time.Time `json:"expires_at"`   // zero: never
+}
+
+// KeyResponse returns the secret once; only its hash is stored.
+type KeyResponse struct {
+	ID          string `json:"id"`
+	Key         string `json:"key"`
+	MaxMachines int    `json:"max_machines"`
+}
+
+// Error is every error response's body.
+type Error struct {
+	Error string `json:"error"`
+}
+
+func hash(secret string) string { return bundle.SHA256Hex([]byte(secret)) }
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+var hostnameRe = regexp.MustCompile(`^[A-Za-z0-9.-]{1,253}$`)
+
+func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
+	var req EnrollRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	if req.Key == "" || !hostnameRe.MatchString(req.Hostname) {
+		fail(w, http.StatusBadRequest, "want {\"key\": enrollment key, \"hostname\": host name}")
+		return
+	}
+	token := randomHex(32)
+	m := store.Machine{ID: "m-" + randomHex(8), TokenHash: hash(token), Hostname: req.Hostname}
+	_, err := s.Store.Enroll(r.Context(), hash(req.Key), m, s.now())
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		fail(w, http.StatusUnauthorized, "unknown enrollment key: check the key you were given")
+	case errors.Is(err, store.ErrLimit):
+		fail(w, http.StatusForbidden, err.Error()+": remove a machine or use a key with a higher limit")
+	case errors.Is(err, store.ErrExpired):
+		fail(w, http.StatusForbidden, err.Error()+": ask for a new key")
+	case err != nil:
+		s.log().Error("enroll", "err", err)
+		fail(w, http.StatusInternalServerError, "enrollment failed")
+	default:
+		s.log().Info("enrolled", "machine", m.ID, "hostname", m.Hostname)
+		reply(w, http.StatusCreated, EnrollResponse{MachineID: m.ID, Token: token})
+	}
+}
+
+func (s *Server) createKey(w http.ResponseWriter, r *http.Request) {
+	var req KeyRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	if req.MaxMachines < 0 || req.MaxMachines > 10_000_000 {
+		fail(w, http.StatusBadRequest, "max_machines must be 0 (free tier) to 10000000")
+		return
+	}
+	if req.MaxMachines == 0 {
+		req.MaxMachines = FreeTierMachines
+	}
+	secret := "sk-" + randomHex(24)
+	k := store.Key{ID: "k-" + randomHex(6), SecretHash: hash(secret), MaxMachines: req.MaxMachines, ExpiresAt: req.ExpiresAt, CreatedAt: s.now()}
+	if err := s.Store.CreateKey(r.Context(), k); err != nil {
+		s.log().Error("create key", "err", err)
+		fail(w, http.StatusInternalServerError, "could not create the key")
+		return
+	}
+	reply(w, http.StatusCreated, KeyResponse{ID: k.ID, Key: secret, MaxMachines: k.MaxMachines})
+}
+
+// MachineView is what a machine may read about itself.
+type MachineView struct {
+	ID       string `json:"id"`
+	Hostname string `json:"hostname"`
+}
+
+func (s *Server) self(w http.ResponseWriter, r *http.Request, m store.Machine) {
+	reply(w, http.StatusOK, MachineView{ID: m.ID, Hostname: m.Hostname})
+}
+
+func bearer(r *http.Request) string {
+	t, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok {
+		return ""
+	}
+	return t
+}
+
+func (s *Server) adminOnly(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		t := bearer(r)
+		if s.AdminToken == "" || subtle.ConstantTimeCompare([]byte(t), []byte(s.AdminToken)) != 1 {
+			fail(w, http.StatusUnauthorized, "admin token required (Authorization: Bearer TOKEN)")
+			return
+		}
+		h(w, r)
+	}
+}
+
+func (s *Server) machineOnly(h func(http.ResponseWriter, *http.Request, store.Machine)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		t := bearer(r)
+		m, err := s.Store.MachineByToken(r.Context(), hash(t))
+		if t == "" || err != nil {
+			fail(w, http.StatusUnauthorized, "machine token required (Authorization: Bearer TOKEN from enrollment)")
+			return
+		}
+		h(w, r, m)
+	}
+}
+
+func (s *Server) log() *slog.Logger {
+	if s.Log != nil {
+		return s.Log
+	}
+	return slog.Default()
+}
+
+// decode reads one JSON object of at most maxBody bytes, refusing unknown
+// fields, and answers 400/413 itself when it cannot.
+func decode(w http.ResponseWriter, r *http.Request, v any) bool {
+	r.Body = http.MaxBytesReader(w, r.Body, maxBody)
+	dec := json.NewDecoder(r.Body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			fail(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("body over %d bytes", maxBody))
+			return false
+		}
+		fail(w, http.StatusBadRequest, "malformed JSON: "+err.Error())
+		return false
+	}
+	return true
+}
+
+func reply(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(v)
+}
+
+func fail(w http.ResponseWriter, code int, msg string) { reply(w, code, Error{Error: msg}) }
+
+// Serve listens on addr until ctx ends.
+func (s *Server) Serve(ctx context.Context, addr string) error {
+	srv := &http.Server{Addr: addr, Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+	}()
+	if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("serve %s: %w", addr, err)
+	}
+	return nil
+}
+

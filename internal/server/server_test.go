@@ -1,0 +1,149 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stitchpatch/stitch/internal/bundle"
+	"github.com/stitchpatch/stitch/internal/server/store"
+)
+
+type env struct {
+	srv   *httptest.Server
+	st    *store.SQL
+	repo  *bundle.Repo
+	admin string
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	ctx := context.Background()
+	st, err := store.OpenSQLite(ctx, filepath.Join(t.TempDir(), "fleet.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	repo := &bundle.Repo{Dir: t.TempDir()}
+	if err := repo.Init(); err != nil {
+		t.Fatal(err)
+	}
+	s := &Server{Store: st, Repo: repo, AdminToken: "admin-secret"}
+	hs := httptest.NewUnstartedServer(s.Handler())
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs.Listener = l
+	hs.Start()
+	t.Cleanup(hs.Close)
+	return &env{srv: hs, st: st, repo: repo, admin: "admin-secret"}
+}
+
+func (e *env) call(t *testing.T, method, path, token string, body []byte, out any) int {
+	t.Helper()
+	req, _ := http.NewRequest(method, e.srv.URL+path, bytes.NewReader(body))
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := e.srv.Client().Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if out != nil {
+		json.NewDecoder(resp.Body).Decode(out)
+	}
+	return resp.StatusCode
+}
+
+func js(v any) []byte { b, _ := json.Marshal(v); return b }
+
+func TestEnrollmentLimitsAndAuth(t *testing.T) {
+	e := newEnv(t)
+	var key KeyResponse
+	if c := e.call(t, "POST", "/v1/admin/keys", e.admin, js(KeyRequest{}), &key); c != 201 || key.MaxMachines != FreeTierMachines {
+		t.Fatalf("create key: %d %+v", c, key)
+	}
+	var tokens []string
+	for i := range 3 {
+		var r EnrollResponse
+		if c := e.call(t, "POST", "/v1/machines", "", js(EnrollRequest{Key: key.Key, Hostname: "host" + string(rune('a'+i))}), &r); c != 201 {
+			t.Fatalf("enroll %d: %d", i, c)
+		}
+		tokens = append(tokens, r.Token)
+	}
+	var er Error
+	if c := e.call(t, "POST", "/v1/machines", "", js(EnrollRequest{Key: key.Key, Hostname: "hostd"}), &er); c != 403 || !strings.Contains(er.Error, "machine limit") {
+		t.Fatalf("fourth machine: %d %q", c, er.Error)
+	}
+	// A machine reads only itself and cannot act as admin.
+	var me MachineView
+	if c := e.call(t, "GET", "/v1/machines/self", tokens[1], nil, &me); c != 200 || me.Hostname != "hostb" {
+		t.Fatalf("self: %d %+v", c, me)
+	}
+	if c := e.call(t, "POST", "/v1/admin/keys", tokens[0], js(KeyRequest{}), nil); c != 401 {
+		t.Fatalf("machine token as admin: %d", c)
+	}
+	if c := e.call(t, "GET", "/v1/machines/self", e.admin, nil, nil); c != 401 {
+		t.Fatalf("admin token as machine: %d", c)
+	}
+	if c := e.call(t, "GET", "/v1/machines/self", "", nil, nil); c != 401 {
+		t.Fatalf("no token: %d", c)
+	}
+}
+
+func TestBadRequestsChangeNothing(t *testing.T) {
+	e := newEnv(t)
+	var key KeyResponse
+	e.call(t, "POST", "/v1/admin/keys", e.admin, js(KeyRequest{MaxMachines: 5}), &key)
+	for name, tc := range map[string]struct {
+		body []byte
+		code int
+	}{
+		"malformed":     {[]byte(`{"key": `), 400},
+		"unknown field": {[]byte(`{"key":"x","hostname":"h","admin":true}`), 400},
+		"huge":          {append([]byte(`{"key":"`), bytes.Repeat([]byte("a"), 1<<20)...), 413},
+		"bad host":      {js(EnrollRequest{Key: key.Key, Hostname: "a b"}), 400},
+		"wrong key":     {js(EnrollRequest{Key: "sk-nope", Hostname: "h"}), 401},
+	} {
+		if c := e.call(t, "POST", "/v1/machines", "", tc.body, nil); c != tc.code {
+			t.Errorf("%s: %d, want %d", name, c, tc.code)
+		}
+	}
+	if c := e.call(t, "POST", "/v1/admin/keys", e.admin, []byte(`{"max_machines":-1}`), nil); c != 400 {
+		t.Errorf("negative limit: %d", c)
+	}
+	if c := e.call(t, "GET", "/v1/nope", "", nil, nil); c != 404 {
+		t.Errorf("unknown path: %d", c)
+	}
+	var n int
+	if n, _ = e.st.CountMachines(context.Background(), key.ID); n != 0 {
+		t.Fatalf("%d machines enrolled by bad requests", n)
+	}
+}
+
+func TestRepoServedAndVerified(t *testing.T) {
+	e := newEnv(t)
+	data, err := bundle.Pack(bundle.Manifest{Name: "fix_a", KernelRelease: "6.1.0", KernelBuildID: "abcdef0123",
+		Objects: []bundle.Object{{Name: "vmlinux", Functions: []string{"f"}}}}, []byte("ko bytes"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	name, err := e.repo.Publish(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root, _ := e.repo.TrustedRoot()
+	c := &bundle.Client{BaseURL: e.srv.URL + "/v1/repo", TrustedRoot: root, CacheDir: t.TempDir(), HTTP: e.srv.Client()}
+	b, _, err := c.Fetch(context.Background(), name)
+	if err != nil || string(b.Module) != "ko bytes" {
+		t.Fatalf("fetch through the server: %v", err)
+	}
+}
