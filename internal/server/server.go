@@ -233,4 +233,3 @@ func (s *Server) Serve(ctx context.Context, addr string) error {
 	}
 	return nil
 }
-
