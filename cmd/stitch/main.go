@@ -46,6 +46,7 @@ func commands() []command {
 		{name: "corpus-guest", summary: "the guest side of corpus", run: runCorpusGuest, hidden: true},
 		{name: "repo", summary: "create and maintain a signed (TUF) patch repository: init, refresh, list, root, export, import", run: runRepo},
 		{name: "publish", summary: "add a bundle (module + manifest) to a repository and sign it", run: runPublish},
+		{name: "server", summary: "serve the patch repository and enroll machines (HTTP API)", run: runServer},
 		{name: "keys", summary: "rotate a repository's signing keys", run: runKeys},
 		{name: "demo", summary: "patch a real kernel live in a VM, then restore it", run: runDemo},
 		{name: "demo-guest", summary: "the guest side of demo", run: runDemoGuest, hidden: true},
