@@ -14,7 +14,8 @@ import (
 	"strings"
 	"time"
 
-	_ "modernc.org/sqlite" // the pure-Go SQLite driver, no cgo
+	_ "github.com/jackc/pgx/v5/stdlib" // PostgreSQL through database/sql
+	_ "modernc.org/sqlite"             // the pure-Go SQLite driver, no cgo
 )
 
 //go:embed migrations/*.sql
@@ -54,8 +55,44 @@ type Store interface {
 	Close() error
 }
 
-// SQL is a Store over database/sql.
-type SQL struct{ db *sql.DB }
+// SQL is a Store over database/sql, for SQLite and PostgreSQL alike.
+type SQL struct {
+	db       *sql.DB
+	postgres bool // $n placeholders and row locks
+}
+
+// q rewrites ? placeholders to PostgreSQL's $n.
+func (s *SQL) q(query string) string {
+	if !s.postgres {
+		return query
+	}
+	var b strings.Builder
+	n := 0
+	for _, r := range query {
+		if r == '?' {
+			n++
+			fmt.Fprintf(&b, "$%d", n)
+			continue
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
+}
+
+// OpenPostgres connects to dsn (several server replicas may share it) and
+// migrates the schema.
+func OpenPostgres(ctx context.Context, dsn string) (*SQL, error) {
+	db, err := sql.Open("pgx", dsn)
+	if err != nil {
+		return nil, fmt.Errorf("open postgres: %w", err)
+	}
+	s := &SQL{db: db, postgres: true}
+	if err := s.migrate(ctx); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open postgres: %w", err)
+	}
+	return s, nil
+}
 
 // OpenSQLite opens (creating) the database at path and migrates it.
 func OpenSQLite(ctx context.Context, path string) (*SQL, error) {
@@ -75,7 +112,7 @@ func OpenSQLite(ctx context.Context, path string) (*SQL, error) {
 }
 
 func (s *SQL) migrate(ctx context.Context) error {
-	if _, err := s.db.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY)`); err != nil {
+	if _, err := s.db.ExecContext(ctx, s.q(`CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY)`)); err != nil {
 		return err
 	}
 	names, err := fs.Glob(migrations, "migrations/*.sql")
@@ -85,7 +122,7 @@ func (s *SQL) migrate(ctx context.Context) error {
 	sort.Strings(names)
 	for _, n := range names {
 		var one int
-		err := s.db.QueryRowContext(ctx, `SELECT 1 FROM schema_migrations WHERE version = ?`, n).Scan(&one)
+		err := s.db.QueryRowContext(ctx, s.q(`SELECT 1 FROM schema_migrations WHERE version = ?`), n).Scan(&one)
 		if err == nil {
 			continue
 		}
@@ -106,7 +143,7 @@ func (s *SQL) migrate(ctx context.Context) error {
 				return fmt.Errorf("migration %s: %w", n, err)
 			}
 		}
-		if _, err := tx.ExecContext(ctx, `INSERT INTO schema_migrations (version) VALUES (?)`, n); err != nil {
+		if _, err := tx.ExecContext(ctx, s.q(`INSERT INTO schema_migrations (version) VALUES (?)`), n); err != nil {
 			tx.Rollback()
 			return err
 		}
@@ -132,7 +169,7 @@ func fromUnix(v int64) time.Time {
 }
 
 func (s *SQL) CreateKey(ctx context.Context, k Key) error {
-	_, err := s.db.ExecContext(ctx, `INSERT INTO enrollment_keys (id, secret_hash, max_machines, expires_at, created_at) VALUES (?, ?, ?, ?, ?)`,
+	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO enrollment_keys (id, secret_hash, max_machines, expires_at, created_at) VALUES (?, ?, ?, ?, ?)`),
 		k.ID, k.SecretHash, k.MaxMachines, unix(k.ExpiresAt), unix(k.CreatedAt))
 	if err != nil {
 		return fmt.Errorf("create key %s: %w", k.ID, err)
@@ -148,7 +185,7 @@ func (s *SQL) Enroll(ctx context.Context, secretHash string, m Machine, now time
 	defer tx.Rollback()
 	var k Key
 	var exp, created int64
-	err = tx.QueryRowContext(ctx, `SELECT id, secret_hash, max_machines, expires_at, created_at FROM enrollment_keys WHERE secret_hash = ?`, secretHash).
+	err = tx.QueryRowContext(ctx, s.q(`SELECT id, secret_hash, max_machines, expires_at, created_at FROM enrollment_keys WHERE secret_hash = ?`+s.lock()), secretHash).
 		Scan(&k.ID, &k.SecretHash, &k.MaxMachines, &exp, &created)
 	if errors.Is(err, sql.ErrNoRows) {
 		return Key{}, fmt.Errorf("enrollment key: %w", ErrNotFound)
@@ -161,13 +198,13 @@ func (s *SQL) Enroll(ctx context.Context, secretHash string, m Machine, now time
 		return k, fmt.Errorf("key %s: %w on %s", k.ID, ErrExpired, k.ExpiresAt.Format(time.RFC3339))
 	}
 	var n int
-	if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM machines WHERE key_id = ?`, k.ID).Scan(&n); err != nil {
+	if err := tx.QueryRowContext(ctx, s.q(`SELECT COUNT(*) FROM machines WHERE key_id = ?`), k.ID).Scan(&n); err != nil {
 		return k, err
 	}
 	if n >= k.MaxMachines {
 		return k, fmt.Errorf("key %s: %w: %d of %d machines enrolled", k.ID, ErrLimit, n, k.MaxMachines)
 	}
-	if _, err := tx.ExecContext(ctx, `INSERT INTO machines (id, key_id, token_hash, hostname, enrolled_at) VALUES (?, ?, ?, ?, ?)`,
+	if _, err := tx.ExecContext(ctx, s.q(`INSERT INTO machines (id, key_id, token_hash, hostname, enrolled_at) VALUES (?, ?, ?, ?, ?)`),
 		m.ID, k.ID, m.TokenHash, m.Hostname, unix(now)); err != nil {
 		return k, fmt.Errorf("enroll %s: %w", m.ID, err)
 	}
@@ -177,7 +214,7 @@ func (s *SQL) Enroll(ctx context.Context, secretHash string, m Machine, now time
 func (s *SQL) MachineByToken(ctx context.Context, tokenHash string) (Machine, error) {
 	var m Machine
 	var at int64
-	err := s.db.QueryRowContext(ctx, `SELECT id, key_id, token_hash, hostname, enrolled_at FROM machines WHERE token_hash = ?`, tokenHash).
+	err := s.db.QueryRowContext(ctx, s.q(`SELECT id, key_id, token_hash, hostname, enrolled_at FROM machines WHERE token_hash = ?`), tokenHash).
 		Scan(&m.ID, &m.KeyID, &m.TokenHash, &m.Hostname, &at)
 	if errors.Is(err, sql.ErrNoRows) {
 		return Machine{}, ErrNotFound
@@ -188,8 +225,17 @@ func (s *SQL) MachineByToken(ctx context.Context, tokenHash string) (Machine, er
 
 func (s *SQL) CountMachines(ctx context.Context, keyID string) (int, error) {
 	var n int
-	err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM machines WHERE key_id = ?`, keyID).Scan(&n)
+	err := s.db.QueryRowContext(ctx, s.q(`SELECT COUNT(*) FROM machines WHERE key_id = ?`), keyID).Scan(&n)
 	return n, err
+}
+
+// lock serializes enrollments under one key on PostgreSQL, so replicas
+// cannot both pass the limit check; SQLite has one writer anyway.
+func (s *SQL) lock() string {
+	if s.postgres {
+		return " FOR UPDATE"
+	}
+	return ""
 }
 
 func (s *SQL) Close() error { return s.db.Close() }

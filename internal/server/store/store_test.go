@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"os"
 	"errors"
 	"fmt"
 	"path/filepath"
@@ -9,13 +10,54 @@ import (
 	"time"
 )
 
-func TestEnrollLimitAndExpiry(t *testing.T) {
+// postgresDSN is the test database from scripts/postgres.sh; CI must have
+// one, elsewhere the PostgreSQL half is skipped.
+func postgresDSN(t *testing.T) string {
+	dsn := os.Getenv("STITCH_TEST_POSTGRES")
+	if dsn == "" {
+		if os.Getenv("CI") != "" {
+			t.Fatal("CI is set but STITCH_TEST_POSTGRES is not: run scripts/postgres.sh and export its output")
+		}
+		t.Skip("STITCH_TEST_POSTGRES unset: run `eval $(scripts/postgres.sh)` to test PostgreSQL too")
+	}
+	return dsn
+}
+
+// openPostgres opens the test database with the schema dropped first, so
+// each test starts empty.
+func openPostgres(t *testing.T) *SQL {
 	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "fleet.db")
-	s, err := OpenSQLite(ctx, path)
+	s, err := OpenPostgres(ctx, postgresDSN(t))
 	if err != nil {
 		t.Fatal(err)
 	}
+	for _, q := range []string{"DROP TABLE IF EXISTS machines", "DROP TABLE IF EXISTS enrollment_keys", "DROP TABLE IF EXISTS schema_migrations"} {
+		if _, err := s.db.ExecContext(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Close()
+	if s, err = OpenPostgres(ctx, postgresDSN(t)); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func TestEnrollLimitAndExpiry(t *testing.T) {
+	t.Run("sqlite", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "fleet.db")
+		s, err := OpenSQLite(context.Background(), path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		testEnroll(t, s, path)
+	})
+	t.Run("postgres", func(t *testing.T) { testEnroll(t, openPostgres(t), "") })
+}
+
+func testEnroll(t *testing.T, s *SQL, path string) {
+	ctx := context.Background()
+	var err error
 	defer s.Close()
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	if err := s.CreateKey(ctx, Key{ID: "free", SecretHash: "h1", MaxMachines: 3, CreatedAt: now}); err != nil {
@@ -44,6 +86,9 @@ func TestEnrollLimitAndExpiry(t *testing.T) {
 	m, err := s.MachineByToken(ctx, "t1")
 	if err != nil || m.ID != "m1" || m.KeyID != "free" {
 		t.Fatalf("machine by token: %+v %v", m, err)
+	}
+	if s.postgres {
+		return
 	}
 	// Reopening applies no migration twice.
 	s.Close()
