@@ -2,9 +2,9 @@ package store
 
 import (
 	"context"
-	"os"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
