@@ -1,6 +1,7 @@
 package bundle
 
 import (
+	"archive/tar"
 	"bytes"
 	"context"
 	"errors"
@@ -321,5 +322,22 @@ func TestExportImport(t *testing.T) {
 	}
 	if err := (&Repo{Dir: f.repo.Dir}).Import(bytes.NewReader(buf.Bytes())); !errors.Is(err, ErrExists) {
 		t.Fatalf("import over a repository: %v", err)
+	}
+}
+
+func TestImportRefusesEscapes(t *testing.T) {
+	for _, name := range []string{"../evil", "keys/root.key", "/etc/passwd", "metadata/../../evil"} {
+		var buf bytes.Buffer
+		tw := tar.NewWriter(&buf)
+		tw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Size: 1, Typeflag: tar.TypeReg})
+		tw.Write([]byte("x"))
+		tw.Close()
+		dir := t.TempDir()
+		if err := (&Repo{Dir: filepath.Join(dir, "r")}).Import(&buf); !errors.Is(err, ErrBadBundle) {
+			t.Errorf("%s: %v", name, err)
+		}
+		if _, err := os.Stat(filepath.Join(dir, "evil")); err == nil {
+			t.Errorf("%s: wrote outside the repository", name)
+		}
 	}
 }
