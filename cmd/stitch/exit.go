@@ -5,10 +5,12 @@ import (
 	"flag"
 
 	"github.com/stitchpatch/stitch/internal/build"
+	"github.com/stitchpatch/stitch/internal/bundle"
 	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/klpmod"
 	"github.com/stitchpatch/stitch/internal/kmod"
 	"github.com/stitchpatch/stitch/internal/livepatch"
+	"github.com/stitchpatch/stitch/internal/server/rollout"
 	"github.com/stitchpatch/stitch/internal/vm"
 )
 
@@ -22,7 +24,7 @@ const (
 	exitBusy        = 4 // another livepatch transition is in progress
 	exitRolledBack  = 5 // the transition timed out and was rolled back
 	exitTrouble     = 6 // the kernel warned or oopsed after patching; reverted
-	exitRefused     = 7 // build: the fix cannot be live-patched safely, or was not built for this kernel's code
+	exitRefused     = 7 // build: the fix cannot be live-patched safely, or was not built for this kernel's code; a repository's signatures do not verify
 	exitVMTimeout   = 124
 	exitVMFailed    = 125
 )
@@ -56,7 +58,7 @@ func exitCode(err error) int {
 		errors.Is(err, kbuild.ErrNoSource), errors.Is(err, kbuild.ErrCompiler), errors.Is(err, kbuild.ErrNoHeaders):
 		return exitUnsupported
 	case errors.Is(err, build.ErrUnpatchable), errors.Is(err, build.ErrRunPre), errors.Is(err, build.ErrNothing),
-		errors.Is(err, klpmod.ErrUnpatchable):
+		errors.Is(err, klpmod.ErrUnpatchable), errors.Is(err, bundle.ErrVerify):
 		return exitRefused
 	case isBadInput(err):
 		return exitUsage
@@ -75,6 +77,7 @@ func isBadInput(err error) bool {
 		kmod.ErrNotELF, kmod.ErrNotModule, kmod.ErrNotLivepatch, kmod.ErrVermagic,
 		livepatch.ErrUnknownPatch, livepatch.ErrAlreadyLoaded, livepatch.ErrWrongKernel,
 		build.ErrBadFix, build.ErrBadManifest,
+		bundle.ErrBadManifest, bundle.ErrBadBundle, bundle.ErrExists, bundle.ErrNoRepo, rollout.ErrBadPolicy,
 	} {
 		if errors.Is(err, e) {
 			return true

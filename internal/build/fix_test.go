@@ -7,6 +7,8 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/stitchpatch/stitch/internal/testutils"
 )
 
 func TestParseFixFormatPatch(t *testing.T) {
@@ -47,10 +49,10 @@ diff --git a/fs/proc/cmdline.c b/fs/proc/cmdline.c
 }
 
 func TestParseFixCorpus(t *testing.T) {
-	dir := "../../../shared/corpus/fixes"
+	dir := filepath.Join(testutils.Corpus(t), "fixes")
 	ents, err := os.ReadDir(dir)
 	if err != nil {
-		t.Skipf("no corpus: %v", err)
+		t.Fatal(err)
 	}
 	for _, e := range ents {
 		b, err := os.ReadFile(filepath.Join(dir, e.Name()))

@@ -56,7 +56,7 @@ type Result struct {
 func ReadIndex(dir string) ([]Entry, error) {
 	f, err := os.Open(filepath.Join(dir, "index.tsv"))
 	if err != nil {
-		return nil, fmt.Errorf("corpus: %w", err)
+		return nil, fmt.Errorf("corpus index: %w", err)
 	}
 	defer f.Close()
 	var out []Entry

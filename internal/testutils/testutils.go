@@ -214,3 +214,14 @@ func CompileObject(t testing.TB, src string, extra ...string) []byte {
 	}
 	return b
 }
+
+// Corpus is the directory of real kernel fixes beside the repository
+// (../shared/corpus), as CI and the developers' machines have it.
+func Corpus(t testing.TB) string {
+	t.Helper()
+	dir := filepath.Join(ModuleRoot(t), "..", "shared", "corpus")
+	if _, err := os.Stat(filepath.Join(dir, "index.tsv")); err != nil {
+		Unavailable(t, "the fix corpus: %v", err)
+	}
+	return dir
+}
