@@ -209,6 +209,11 @@ func resolver(t Target, object string, near []string) klpmod.Resolver {
 		if !local && object != "vmlinux" && !t.Defines(object, name) {
 			owner = "vmlinux" // an external of a module: the kernel's
 		}
+		if local && !t.Defines(object, name) {
+			// A static function the kernel's build inlined everywhere:
+			// the patch needs its own copy.
+			return klpmod.Ref{Carry: true}, nil
+		}
 		pos, err := t.Sympos(owner, name, near)
 		if err != nil {
 			return klpmod.Ref{}, fmt.Errorf("locate %s in %s: %w", name, owner, err)

@@ -33,6 +33,10 @@ type Ref struct {
 	// Object and Sympos locate the original for a klp relocation.
 	Object string
 	Sympos int
+	// Carry: the target kernel has no copy of this function of the
+	// patched file (its build inlined it everywhere), so the patch
+	// carries one.
+	Carry bool
 }
 
 // Resolver tells how to reach name, a symbol of the patched object
@@ -233,6 +237,16 @@ func (b *builder) resolve(r elfobj.Reloc) (target, error) {
 	case strings.HasPrefix(sec.Name, ".init") || strings.HasPrefix(sec.Name, ".exit"):
 		return target{}, fmt.Errorf("%w: changed code refers to %s in %s, which the kernel frees after boot", ErrUnpatchable, s.Name, sec.Name)
 	}
+	if s.Func() && s.Local() {
+		ref, err := b.in.Resolve(s.Name, true)
+		if err != nil {
+			return target{}, err
+		}
+		if ref.Carry {
+			b.carry(sec)
+			return target{sec: sec, addend: secAddend}, nil
+		}
+	}
 	return b.external(s.Name, s.Local(), secAddend-int64(s.Value))
 }
 
@@ -249,6 +263,9 @@ func (b *builder) external(name string, local bool, addend int64) (target, error
 	ref, err := b.in.Resolve(name, local)
 	if err != nil {
 		return target{}, err
+	}
+	if ref.Carry {
+		return target{}, fmt.Errorf("%w: the changed code uses %s, which the target kernel does not have", ErrUnpatchable, name)
 	}
 	if ref.Exported {
 		b.undef[name] = true

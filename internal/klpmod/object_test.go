@@ -182,3 +182,31 @@ func TestWriteObjectStaticCall(t *testing.T) {
 		}
 	}
 }
+
+// A static function the target kernel has no copy of (inlined everywhere
+// in its build) is carried along with the code that calls it.
+func TestWriteObjectCarriesMissingHelper(t *testing.T) {
+	post := compile(t, "testdata/writer/fix.c")
+	base := exportedOnly("exported_thing", "printf", "__fentry__")
+	in := &ObjectInput{Object: "vmlinux", Post: post, Funcs: []Func{{Name: "changed"}},
+		Resolve: func(name string, local bool) (Ref, error) {
+			if name == "helper" {
+				return Ref{Carry: true}, nil
+			}
+			return base(name, local)
+		}}
+	out, _, err := WriteObject(in, "__stitch_fn_0_")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, _ := elf.NewFile(bytes.NewReader(out))
+	if f.Section(".text.helper") == nil {
+		t.Error("helper was not carried")
+	}
+	syms, _ := f.Symbols()
+	for _, s := range syms {
+		if strings.Contains(s.Name, "helper") && s.Section == elf.SHN_UNDEF {
+			t.Errorf("helper still referenced as %s", s.Name)
+		}
+	}
+}
