@@ -128,8 +128,8 @@ func (k *Kernel) Defines(object, name string) bool {
 
 // Sympos finds name in object. When the name repeats, the occurrence
 // nearest to the other symbols of the same source file wins: the kernel
-// was linked object file by object file, so a file's symbols sit
-// together (for a module, in its symbol table).
+// and its modules were linked object file by object file, so a file's
+// symbols sit together.
 func (k *Kernel) Sympos(object, name string, near []string) (int, error) {
 	t, err := k.table(object)
 	if err != nil {
@@ -142,26 +142,32 @@ func (k *Kernel) Sympos(object, name string, near []string) (int, error) {
 	case 1:
 		return 0, nil
 	}
+	// Where the symbols sit: addresses in vmlinux; for a module, whose
+	// addresses are offsets into different sections, positions in its
+	// symbol table (a file's local symbols stay together there too).
+	where := func(sy kallsyms.Symbol) uint64 { return sy.Addr }
+	if object != kallsyms.Vmlinux {
+		index := map[kallsyms.Symbol]uint64{}
+		for i, sy := range t.Symbols() {
+			index[sy] = uint64(i)
+		}
+		where = func(sy kallsyms.Symbol) uint64 { return index[sy] }
+	}
 	var anchors []uint64
 	for _, n := range near {
 		if a := t.Lookup(object, n); len(a) == 1 && n != name {
-			anchors = append(anchors, a[0].Addr)
+			anchors = append(anchors, where(a[0]))
 		}
 	}
-	if object != kallsyms.Vmlinux {
-		// Module symbols' addresses are offsets into different
-		// sections: compare positions in the table instead.
-		return 0, fmt.Errorf("%w: %s is defined %d times in module %s; telling them apart is not supported yet", ErrNoSymbol, name, len(occ), object)
-	}
 	if len(anchors) == 0 {
-		return 0, fmt.Errorf("%w: %s is defined %d times in vmlinux and nothing else of its file is unique enough to tell which", ErrNoSymbol, name, len(occ))
+		return 0, fmt.Errorf("%w: %s is defined %d times in %s and nothing else of its file is unique enough to tell which", ErrNoSymbol, name, len(occ), object)
 	}
 	best, bestDist := 0, ^uint64(0)
-	for _, s := range occ {
+	for _, sy := range occ {
 		for _, a := range anchors {
-			d := max(s.Addr, a) - min(s.Addr, a)
-			if d < bestDist {
-				best, bestDist = s.Sympos, d
+			w := where(sy)
+			if d := max(w, a) - min(w, a); d < bestDist {
+				best, bestDist = sy.Sympos, d
 			}
 		}
 	}
