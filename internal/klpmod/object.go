@@ -253,9 +253,10 @@ func (b *builder) resolve(r elfobj.Reloc) (target, error) {
 // anonymousData tells the read-only sections that may be copied into the
 // patch when no symbol names what is referenced: string literals and
 // constant pools (a copy of a constant is as good as the original), and
-// the replacement code of alternatives, which belongs to the carried code.
+// the replacement and fallback code of alternatives (static_cpu_has),
+// which belongs to the carried code.
 func anonymousData(sec string) bool {
-	return strings.HasPrefix(sec, ".rodata") || sec == ".altinstr_replacement"
+	return strings.HasPrefix(sec, ".rodata") || sec == ".altinstr_replacement" || sec == ".altinstr_aux"
 }
 
 // external makes a reference to a symbol the patch does not carry.
