@@ -58,24 +58,12 @@ func runBuild(ctx context.Context, st *stdio, args []string) error {
 			fmt.Fprintf(progress, "%6.1fs %-8s %s\n", time.Since(start).Seconds(), s.Name, s.Detail)
 		}
 	}
-	opts.Progress(build.Step{Name: "prepare", Detail: "kernel source tree for " + *release + " (once per release)"})
-	tree, err := kbuild.PrepareTree(ctx, kbuild.TreeOptions{Release: *release, Cache: *cache, Log: st.log})
+	opts.Progress(build.Step{Name: "prepare", Detail: "the " + *release + " source tree (once per release) and the kernel's symbols"})
+	env, err := build.OpenEnv(ctx, *release, "", *cache, st.log)
 	if err != nil {
 		return err
 	}
-	headers := kbuild.HeadersDir(*release)
-	opts.Progress(build.Step{Name: "kernel", Detail: "symbols decoded from /boot/vmlinuz-" + *release + " and its modules"})
-	k, err := build.OpenKernel(ctx, build.KernelOptions{Release: *release, Headers: headers, Cache: *cache, Log: st.log})
-	if err != nil {
-		return err
-	}
-	work, err := os.MkdirTemp("", "stitch-build-")
-	if err != nil {
-		return err
-	}
-	opts.Work = work
-	src := &build.TreeSource{Tree: tree, HeadersDir: headers, Work: filepath.Join(work, "objects")}
-	res, err := build.Build(ctx, src, k, fixes, opts)
+	res, err := env.Build(ctx, fixes, opts)
 	if err != nil {
 		return err
 	}

@@ -38,12 +38,7 @@ func runCorpus(ctx context.Context, st *stdio, args []string) error {
 	if err != nil {
 		return usageError{err}
 	}
-	tree, err := kbuild.PrepareTree(ctx, kbuild.TreeOptions{Release: *release, Cache: *cache, Log: st.log})
-	if err != nil {
-		return err
-	}
-	headers := kbuild.HeadersDir(*release)
-	k, err := build.OpenKernel(ctx, build.KernelOptions{Release: *release, Headers: headers, Cache: *cache, Log: st.log})
+	env, err := build.OpenEnv(ctx, *release, "", *cache, st.log)
 	if err != nil {
 		return err
 	}
@@ -53,9 +48,7 @@ func runCorpus(ctx context.Context, st *stdio, args []string) error {
 	}
 	defer os.RemoveAll(work)
 	builder := func(ctx context.Context, fix *build.Fix, out string) (*build.Result, error) {
-		w := filepath.Join(out, "work")
-		src := &build.TreeSource{Tree: tree, HeadersDir: headers, Work: w}
-		return build.Build(ctx, src, k, []*build.Fix{fix}, build.Options{Out: out, Work: w})
+		return env.Build(ctx, []*build.Fix{fix}, build.Options{Out: out, Work: filepath.Join(out, "work")})
 	}
 	// A batch is built, then applied in one VM boot, so results come in
 	// as the run goes (the whole corpus takes hours on two cores).

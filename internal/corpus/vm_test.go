@@ -18,7 +18,7 @@ import (
 // stitch corpus ../shared/corpus.
 func TestCorpusSubset(t *testing.T) {
 	kernel := testutils.RequireVM(t)
-	headers := testutils.RequireHeaders(t)
+	testutils.RequireHeaders(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
 	all, err := corpus.ReadIndex(testutils.Corpus(t))
@@ -35,20 +35,15 @@ func TestCorpusSubset(t *testing.T) {
 	if err != nil || len(entries) != len(want) {
 		t.Fatalf("select: %v (%d)", err, len(entries))
 	}
-	tree, err := kbuild.PrepareTree(ctx, kbuild.TreeOptions{Release: testutils.Release})
+	env, err := build.OpenEnv(ctx, testutils.Release, kernel, kbuild.CacheDir(), nil)
 	if errors.Is(err, kbuild.ErrNoSource) {
 		testutils.Unavailable(t, "%v", err)
 	}
 	if err != nil {
 		t.Fatal(err)
 	}
-	k, err := build.OpenKernel(ctx, build.KernelOptions{Release: testutils.Release, Image: kernel, Headers: headers, Cache: kbuild.CacheDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
 	builder := func(ctx context.Context, fix *build.Fix, out string) (*build.Result, error) {
-		w := filepath.Join(out, "work")
-		return build.Build(ctx, &build.TreeSource{Tree: tree, HeadersDir: headers, Work: w}, k, []*build.Fix{fix}, build.Options{Out: out, Work: w})
+		return env.Build(ctx, []*build.Fix{fix}, build.Options{Out: out, Work: filepath.Join(out, "work")})
 	}
 	results := corpus.BuildAll(ctx, entries, builder, t.TempDir(), func(r corpus.Result) {
 		t.Logf("built %s: %s %s (%.1fs)", r.Name, r.Outcome, r.Reason, r.BuildTime.Seconds())

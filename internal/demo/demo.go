@@ -51,14 +51,8 @@ func Run(ctx context.Context, o Options) error {
 	say := func(format string, args ...any) {
 		fmt.Fprintf(o.Out, "[%5.1fs] "+format+"\n", append([]any{time.Since(start).Seconds()}, args...)...)
 	}
-	say("preparing the %s source tree (the first run unpacks and configures it: about a minute)", o.Release)
-	tree, err := kbuild.PrepareTree(ctx, kbuild.TreeOptions{Release: o.Release, Cache: o.Cache})
-	if err != nil {
-		return err
-	}
-	say("decoding the kernel's symbols from %s (cached after the first run)", o.Kernel)
-	headers := kbuild.HeadersDir(o.Release)
-	k, err := build.OpenKernel(ctx, build.KernelOptions{Release: o.Release, Image: o.Kernel, Headers: headers, Cache: o.Cache})
+	say("preparing the %s source tree (the first run unpacks and configures it: about a minute) and decoding the kernel's symbols", o.Release)
+	env, err := build.OpenEnv(ctx, o.Release, o.Kernel, o.Cache, nil)
 	if err != nil {
 		return err
 	}
@@ -72,13 +66,12 @@ func Run(ctx context.Context, o Options) error {
 	}
 	defer os.RemoveAll(work)
 	say("building a livepatch from the fix %q", f.Description)
-	res, err := build.Build(ctx, &build.TreeSource{Tree: tree, HeadersDir: headers, Work: filepath.Join(work, "objects")}, k,
-		[]*build.Fix{f}, build.Options{Out: work, Work: filepath.Join(work, "build"), Name: "stitch_demo",
-			Progress: func(s build.Step) {
-				if s.Done {
-					say("  %s %s: %.1fs", s.Name, s.Detail, s.Elapsed.Seconds())
-				}
-			}})
+	res, err := env.Build(ctx, []*build.Fix{f}, build.Options{Out: work, Work: filepath.Join(work, "build"), Name: "stitch_demo",
+		Progress: func(s build.Step) {
+			if s.Done {
+				say("  %s %s: %.1fs", s.Name, s.Detail, s.Elapsed.Seconds())
+			}
+		}})
 	if err != nil {
 		return err
 	}
