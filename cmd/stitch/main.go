@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"sort"
 	"syscall"
 
@@ -58,6 +59,10 @@ func main() {
 	if os.Getpid() == 1 {
 		vm.GuestInit()
 		return
+	}
+	// In a VM with a module share, the kernel runs it as /sbin/modprobe.
+	if filepath.Base(os.Args[0]) == "modprobe" {
+		os.Exit(vm.ModprobeMain(os.Args[1:], os.Stderr))
 	}
 	os.Exit(run(os.Args[1:]))
 }

@@ -1,4 +1,4 @@
-package kmod
+package kmod_test
 
 import (
 	"bytes"
@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/stitchpatch/stitch/internal/kmod"
 	"github.com/stitchpatch/stitch/internal/testutils"
 )
 
@@ -27,7 +28,7 @@ func readReal(t testing.TB) []byte {
 
 func TestOpenRealModule(t *testing.T) {
 	readReal(t)
-	m, err := Open(realModule)
+	m, err := kmod.Open(realModule)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -37,14 +38,14 @@ func TestOpenRealModule(t *testing.T) {
 	if got := m.Info["depends"]; !reflect.DeepEqual(got, []string{"zsmalloc"}) {
 		t.Errorf("depends = %q", got)
 	}
-	if err := m.CheckLivepatch(); !errors.Is(err, ErrNotLivepatch) {
-		t.Errorf("CheckLivepatch = %v, want ErrNotLivepatch", err)
+	if err := m.CheckLivepatch(); !errors.Is(err, kmod.ErrNotLivepatch) {
+		t.Errorf("CheckLivepatch = %v, want kmod.ErrNotLivepatch", err)
 	}
 	if err := m.CheckRelease(testutils.Release); err != nil {
 		t.Errorf("CheckRelease(own release) = %v", err)
 	}
-	if err := m.CheckRelease("6.1.0-55-amd64"); !errors.Is(err, ErrVermagic) {
-		t.Errorf("CheckRelease(other) = %v, want ErrVermagic", err)
+	if err := m.CheckRelease("6.1.0-55-amd64"); !errors.Is(err, kmod.ErrVermagic) {
+		t.Errorf("CheckRelease(other) = %v, want kmod.ErrVermagic", err)
 	}
 }
 
@@ -54,15 +55,15 @@ func TestReadBadInput(t *testing.T) {
 		data []byte
 		want error
 	}{
-		"empty":     {nil, ErrNotELF},
-		"text":      {[]byte("hello, world\n"), ErrNotELF},
-		"truncated": {good[:len(good)/2], ErrNotModule},
-		"header":    {good[:64], ErrNotModule},
-		"not REL":   {withByte(good, 16, byte(2)), ErrNotModule}, // e_type = ET_EXEC
+		"empty":     {nil, kmod.ErrNotELF},
+		"text":      {[]byte("hello, world\n"), kmod.ErrNotELF},
+		"truncated": {good[:len(good)/2], kmod.ErrNotModule},
+		"header":    {good[:64], kmod.ErrNotModule},
+		"not REL":   {withByte(good, 16, byte(2)), kmod.ErrNotModule}, // e_type = ET_EXEC
 	}
 	for name, c := range cases {
 		t.Run(name, func(t *testing.T) {
-			_, err := Read(bytes.NewReader(c.data))
+			_, err := kmod.Read(bytes.NewReader(c.data))
 			if !errors.Is(err, c.want) {
 				t.Errorf("Read = %v, want %v", err, c.want)
 			}
@@ -77,7 +78,7 @@ func withByte(b []byte, off int, v byte) []byte {
 }
 
 func TestParseModinfo(t *testing.T) {
-	got := ParseModinfo([]byte("license=GPL\x00alias=a\x00alias=b\x00\x00junk\x00livepatch=Y\x00"))
+	got := kmod.ParseModinfo([]byte("license=GPL\x00alias=a\x00alias=b\x00\x00junk\x00livepatch=Y\x00"))
 	want := map[string][]string{"license": {"GPL"}, "alias": {"a", "b"}, "livepatch": {"Y"}}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("ParseModinfo = %v, want %v", got, want)
@@ -91,7 +92,7 @@ func FuzzRead(f *testing.F) {
 	}
 	f.Add([]byte("\x7fELF"))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		m, err := Read(bytes.NewReader(data))
+		m, err := kmod.Read(bytes.NewReader(data))
 		if err == nil && (m.Name == "" || m.Vermagic == "") {
 			t.Fatalf("accepted a module without name or vermagic: %+v", m)
 		}
@@ -109,7 +110,7 @@ func TestBuildIDOfRealModule(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	id, err := BuildID(notes)
+	id, err := kmod.BuildID(notes)
 	if err != nil || len(id) != 40 {
 		t.Fatalf("BuildID = %q, %v; want 20 bytes of hex", id, err)
 	}
@@ -118,7 +119,7 @@ func TestBuildIDOfRealModule(t *testing.T) {
 	if err == nil && !strings.Contains(string(out), id) {
 		t.Errorf("readelf -n does not show build-id %s:\n%s", id, out)
 	}
-	if _, err := BuildID(notes[:len(notes)-3]); !errors.Is(err, ErrNoBuildID) {
+	if _, err := kmod.BuildID(notes[:len(notes)-3]); !errors.Is(err, kmod.ErrNoBuildID) {
 		t.Errorf("truncated notes: %v", err)
 	}
 }
@@ -126,6 +127,6 @@ func TestBuildIDOfRealModule(t *testing.T) {
 func FuzzBuildID(f *testing.F) {
 	f.Add([]byte("\x04\x00\x00\x00\x02\x00\x00\x00\x03\x00\x00\x00GNU\x00\xab\xcd\x00\x00"))
 	f.Fuzz(func(t *testing.T, notes []byte) {
-		BuildID(notes) // must not panic
+		kmod.BuildID(notes) // must not panic
 	})
 }

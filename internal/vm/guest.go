@@ -26,6 +26,9 @@ type guestConfig struct {
 	Args []string `json:"args"`
 	Env  []string `json:"env,omitempty"`
 	UID  int      `json:"uid,omitempty"`
+	// BootModules mount the module share; Load is loaded from it.
+	BootModules []string `json:"boot_modules,omitempty"`
+	Load        []string `json:"load,omitempty"`
 }
 
 // GuestInit is the guest's /init: it mounts the pseudo filesystems, runs
@@ -61,9 +64,15 @@ func guestRun(out *os.File) int {
 		fmt.Fprintf(out, "stitch init: bad %s: %v\n", guestConfigPath, err)
 		return 125
 	}
-	os.Setenv("PATH", "/bin")
+	if len(cfg.BootModules) > 0 {
+		if err := guestMountModules(cfg.BootModules, cfg.Load); err != nil {
+			fmt.Fprintf(out, "stitch init: %v\n", err)
+			return 125
+		}
+	}
+	os.Setenv("PATH", "/bin:/sbin")
 	cmd := exec.Command(cfg.Args[0], cfg.Args[1:]...)
-	cmd.Env = append([]string{"PATH=/bin", "HOME=/", "STITCH_IN_VM=1"}, cfg.Env...)
+	cmd.Env = append([]string{"PATH=/bin:/sbin", "HOME=/", "STITCH_IN_VM=1"}, cfg.Env...)
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.Dir = "/"
 	if cfg.UID != 0 {

@@ -60,6 +60,13 @@ type Options struct {
 	Timeout time.Duration // 5 minutes if zero
 	QEMU    string        // emulator binary; qemu-system-x86_64 if empty
 
+	// Modules is the host's module directory of the kernel
+	// (/lib/modules/RELEASE). When set, the guest mounts it read-only at
+	// the same place and /sbin/modprobe works, for the kernel's
+	// request_module too; Load names modules to load before the command.
+	Modules string
+	Load    []string
+
 	Output  io.Writer // receives the command's output as it arrives
 	Console io.Writer // receives the kernel console as it arrives
 	Logger  *slog.Logger
@@ -127,6 +134,9 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	}
 	if accel == "kvm" {
 		args = append(args, "-cpu", "host")
+	}
+	if opts.Modules != "" {
+		args = append(args, qemuModulesArgs(opts.Modules)...)
 	}
 
 	ctx, cancel := context.WithTimeout(ctx, opts.Timeout)
@@ -258,7 +268,26 @@ func writeInitramfs(path string, opts Options) error {
 	if err := r.AddSymlink("/init", guestBinPath); err != nil {
 		return err
 	}
-	cfg, err := json.Marshal(guestConfig{Args: opts.Args, Env: opts.Env, UID: opts.UID})
+	gc := guestConfig{Args: opts.Args, Env: opts.Env, UID: opts.UID, Load: opts.Load}
+	if opts.Modules != "" {
+		boot, err := bootModules(opts.Modules)
+		if err != nil {
+			return err
+		}
+		for i, f := range boot {
+			dst := fmt.Sprintf("%s/%02d-%s", guestBootMods, i, filepath.Base(f))
+			if err := r.AddFile(dst, filepath.Join(opts.Modules, f), 0o644); err != nil {
+				return err
+			}
+			gc.BootModules = append(gc.BootModules, dst)
+		}
+		if err := r.AddSymlink(guestModprobe, guestBinPath); err != nil {
+			return err
+		}
+	} else if len(opts.Load) > 0 {
+		return errors.New("Load needs Modules, the directory to load from")
+	}
+	cfg, err := json.Marshal(gc)
 	if err != nil {
 		return err
 	}

@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/stitchpatch/stitch/internal/testutils"
 	"github.com/stitchpatch/stitch/internal/vm"
 )
@@ -158,5 +160,56 @@ func TestBootTimeoutKillsQEMU(t *testing.T) {
 	out, _ := exec.Command("pgrep", "-f", marker).Output()
 	if len(strings.TrimSpace(string(out))) > 0 {
 		t.Errorf("QEMU still running after Run returned: pids %s", out)
+	}
+}
+
+// TestBootWithModules shares the kernel's module directory with the guest:
+// a module named in Load is loaded at boot, and the kernel's own
+// request_module (mounting a filesystem whose module is not loaded) runs
+// the guest's /sbin/modprobe, which resolves the alias "fs-xfs" and the
+// soft dependency of libcrc32c on crc32c.
+func TestBootWithModules(t *testing.T) {
+	kernel := testutils.RequireVM(t)
+	mods := filepath.Join("/lib/modules", testutils.Release)
+	res, err := vm.Run(context.Background(), vm.Options{
+		Kernel: kernel, Init: testutils.StitchBinary(t), Modules: mods, Load: []string{"virtio-net"},
+		Files: []vm.File{{Src: testutils.TestBinary(t), Dst: "/guest.test"}},
+		Args:  []string{"/guest.test", "-test.v", "-test.run", "^TestGuestModprobe$"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("guest:\n%s", res.Output)
+	if res.ExitCode != 0 || !strings.Contains(res.Output, "--- PASS") {
+		t.Fatalf("guest test failed (exit %d)", res.ExitCode)
+	}
+}
+
+func TestGuestModprobe(t *testing.T) {
+	testutils.RequireGuest(t)
+	loaded := func(name string) bool {
+		b, err := os.ReadFile("/proc/modules")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.Contains(string(b), "\n"+name+" ") || strings.HasPrefix(string(b), name+" ")
+	}
+	if !loaded("virtio_net") {
+		t.Error("virtio_net, asked for with Load, is not loaded")
+	}
+	if loaded("xfs") {
+		t.Fatal("xfs loaded before anything asked for it")
+	}
+	// The mount fails (no such device), but only after the kernel loaded
+	// the filesystem through the module helper.
+	err := unix.Mount("/dev/nonexistent", "/tmp", "xfs", unix.MS_RDONLY, "")
+	t.Logf("mount xfs: %v", err)
+	for _, m := range []string{"xfs", "libcrc32c"} {
+		if !loaded(m) {
+			t.Errorf("%s not loaded after the kernel asked for fs-xfs", m)
+		}
+	}
+	if !loaded("crc32c_intel") && !loaded("crc32c_generic") {
+		t.Error("libcrc32c's soft dependency crc32c not loaded")
 	}
 }
