@@ -1,7 +1,6 @@
 package corpus
 
 import (
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -41,25 +40,6 @@ func TestReadIndexRealCorpus(t *testing.T) {
 func TestReadIndexBad(t *testing.T) {
 	if _, err := ReadIndex(t.TempDir()); err == nil {
 		t.Error("a directory without index.tsv was accepted")
-	}
-}
-
-func TestModulesDep(t *testing.T) {
-	deps, err := readModulesDep(filepath.Join("/lib/modules", testutils.Release, "modules.dep"))
-	if err != nil {
-		testutils.Unavailable(t, "modules.dep: %v", err)
-	}
-	ko, ok := findModule(deps, "ceph")
-	if !ok || ko != "kernel/fs/ceph/ceph.ko" {
-		t.Fatalf("findModule(ceph) = %q, %v", ko, ok)
-	}
-	// libceph needs libcrc32c: the order must load it first.
-	d := strings.Join(deps[ko], " ")
-	if !strings.Contains(d, "libceph.ko") || strings.Index(d, "libcrc32c.ko") > strings.Index(d, "libceph.ko") {
-		t.Errorf("ceph's dependencies in load order: %s", d)
-	}
-	if _, ok := findModule(deps, "qrtr_mhi"); !ok {
-		t.Error("module names with _ must find files with -")
 	}
 }
 

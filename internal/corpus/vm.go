@@ -1,7 +1,6 @@
 package corpus
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -12,18 +11,17 @@ import (
 	"strings"
 	"time"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/stitchpatch/stitch/internal/kmod"
 	"github.com/stitchpatch/stitch/internal/livepatch"
 	"github.com/stitchpatch/stitch/internal/vm"
 )
 
 // step is one fix for the guest to try.
 type step struct {
-	Name   string   `json:"name"`
-	Module string   `json:"module"` // the livepatch, in the guest
-	Object string   `json:"object"`
-	Load   []string `json:"load,omitempty"` // modules to load first, dependencies first
+	Name   string `json:"name"`
+	Module string `json:"module"` // the livepatch, in the guest
+	Object string `json:"object"`
+	Load   string `json:"load,omitempty"` // module to load first (with what it needs)
 }
 
 // outcome is the guest's answer for one step.
@@ -51,7 +49,7 @@ func ApplyAll(ctx context.Context, results []Result, o VMOptions) error {
 	if o.Batch <= 0 {
 		o.Batch = 8
 	}
-	deps, err := readModulesDep(filepath.Join(o.Modules, "modules.dep"))
+	mods, err := kmod.OpenIndex(o.Modules)
 	if err != nil {
 		return err
 	}
@@ -63,7 +61,7 @@ func ApplyAll(ctx context.Context, results []Result, o VMOptions) error {
 	}
 	for len(todo) > 0 {
 		n := min(o.Batch, len(todo))
-		if err := applyBatch(ctx, results, todo[:n], deps, o); err != nil {
+		if err := applyBatch(ctx, results, todo[:n], mods, o); err != nil {
 			return err
 		}
 		todo = todo[n:]
@@ -71,28 +69,22 @@ func ApplyAll(ctx context.Context, results []Result, o VMOptions) error {
 	return nil
 }
 
-func applyBatch(ctx context.Context, results []Result, batch []int, deps map[string][]string, o VMOptions) error {
+// applyBatch boots one VM for a batch of fixes. The guest sees the
+// kernel's module directory, so a patched module loads as modprobe would
+// load it, and modules its init asks the kernel for load too.
+func applyBatch(ctx context.Context, results []Result, batch []int, mods *kmod.Index, o VMOptions) error {
 	var files []vm.File
 	var plan []step
-	added := map[string]bool{}
 	for _, i := range batch {
 		r := results[i]
 		s := step{Name: r.Name, Module: "/patches/" + r.Name + ".ko", Object: r.Object}
 		files = append(files, vm.File{Src: r.Module, Dst: s.Module})
 		if r.Object != "vmlinux" {
-			ko, ok := findModule(deps, r.Object)
-			if !ok {
+			if _, ok := mods.File(r.Object); !ok {
 				results[i].Outcome, results[i].Reason = ApplyFailed, "module "+r.Object+" is not in modules.dep"
 				continue
 			}
-			for _, m := range append(deps[ko], ko) {
-				dst := "/modules/" + m
-				s.Load = append(s.Load, dst)
-				if !added[m] {
-					added[m] = true
-					files = append(files, vm.File{Src: filepath.Join(o.Modules, m), Dst: dst})
-				}
-			}
+			s.Load = r.Object
 		}
 		plan = append(plan, s)
 	}
@@ -120,6 +112,7 @@ func applyBatch(ctx context.Context, results []Result, batch []int, deps map[str
 	res, err := vm.Run(ctx, vm.Options{
 		Kernel: o.Kernel, Init: o.Stitch, Files: files, Output: out,
 		Args: []string{"stitch", "corpus-guest", "/plan.json"}, Memory: 1024, Timeout: 15 * time.Minute,
+		Modules: o.Modules,
 	})
 	got := map[string]outcome{}
 	if res != nil {
@@ -144,45 +137,6 @@ func applyBatch(ctx context.Context, results []Result, batch []int, deps map[str
 		return err
 	}
 	return nil
-}
-
-// readModulesDep maps each module path (relative to /lib/modules/<rel>)
-// to its dependencies, loading order first.
-func readModulesDep(path string) (map[string][]string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("modules.dep: %w", err)
-	}
-	defer f.Close()
-	deps := map[string][]string{}
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 1<<16), 1<<20)
-	for sc.Scan() {
-		mod, rest, ok := strings.Cut(sc.Text(), ":")
-		if !ok {
-			continue
-		}
-		ds := strings.Fields(rest)
-		// modules.dep lists a module's dependencies nearest first; they
-		// load in the reverse order.
-		for i, j := 0, len(ds)-1; i < j; i, j = i+1, j-1 {
-			ds[i], ds[j] = ds[j], ds[i]
-		}
-		deps[mod] = ds
-	}
-	return deps, sc.Err()
-}
-
-// findModule finds the modules.dep path of the module called name (file
-// names may use - where the module name has _).
-func findModule(deps map[string][]string, name string) (string, bool) {
-	for m := range deps {
-		base := strings.TrimSuffix(filepath.Base(m), ".ko")
-		if strings.ReplaceAll(base, "-", "_") == strings.ReplaceAll(name, "-", "_") {
-			return m, true
-		}
-	}
-	return "", false
 }
 
 // Guest runs inside the VM: for each step it loads the patched object's
@@ -212,9 +166,9 @@ func guestStep(ctx context.Context, k *livepatch.Kernel, s step) outcome {
 		oc.Outcome, oc.Reason = kind, fmt.Sprintf(format, args...)
 		return oc
 	}
-	for _, m := range s.Load {
-		if err := loadModule(m); err != nil {
-			return fail(ApplyFailed, "load %s: %v", filepath.Base(m), err)
+	if s.Load != "" {
+		if err := vm.Modprobe(s.Load); err != nil {
+			return fail(ApplyFailed, "%v", err)
 		}
 	}
 	before, err := k.Taint()
@@ -237,18 +191,6 @@ func guestStep(ctx context.Context, k *livepatch.Kernel, s step) outcome {
 		return fail(KernelWarning, "taint +%s %s", livepatch.DecodeTaint(added), strings.Join(trouble, " | "))
 	}
 	return oc
-}
-
-func loadModule(path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	if err := unix.FinitModule(int(f.Fd()), "", 0); err != nil && !errors.Is(err, unix.EEXIST) {
-		return err
-	}
-	return nil
 }
 
 // smoke exercises common paths of the kernel: process, proc and

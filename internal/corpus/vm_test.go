@@ -30,8 +30,9 @@ func TestCorpusSubset(t *testing.T) {
 		"crypto_af_alg":               corpus.Applied, // a module
 		"drivers_block_loop":          corpus.Applied, // a module
 		"drivers_block_null_blk_main": corpus.Refused, // init code changed
+		"fs_xfs_xfs_iops":             corpus.Applied, // loading xfs makes the kernel ask modprobe for crc32c
 	}
-	entries, err := corpus.Select(all, "^(block_blk-mq|crypto_af_alg|drivers_block_loop|drivers_block_null_blk_main)$", 0)
+	entries, err := corpus.Select(all, "^(block_blk-mq|crypto_af_alg|drivers_block_loop|drivers_block_null_blk_main|fs_xfs_xfs_iops)$", 0)
 	if err != nil || len(entries) != len(want) {
 		t.Fatalf("select: %v (%d)", err, len(entries))
 	}
