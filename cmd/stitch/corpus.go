@@ -108,7 +108,8 @@ func runCorpus(ctx context.Context, st *stdio, args []string) error {
 		parts = append(parts, fmt.Sprintf("%s %d", k, v))
 	}
 	sort.Strings(parts)
-	fmt.Fprintf(st.out, "\n%d fixes: %s; live-patched end to end: %.0f%%\n", sum.Total, strings.Join(parts, ", "), 100*sum.Share)
+	fmt.Fprintf(st.out, "\n%d fixes: %s; live-patched end to end: %.0f%% (%.0f%% of the %d that change this kernel's code)\n",
+		sum.Total, strings.Join(parts, ", "), 100*sum.Share, 100*sum.ShareNeeded, sum.Total-sum.Outcomes[corpus.NoChange])
 	return nil
 }
 

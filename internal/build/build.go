@@ -69,7 +69,7 @@ type Result struct {
 }
 
 // Build turns fixes into a livepatch module for the target.
-func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options) (*Result, error) {
+func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options) (_ *Result, err error) {
 	report := func(s Step) {
 		if o.Progress != nil {
 			o.Progress(s)
@@ -89,13 +89,18 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 	}
 	work := o.Work
 	if work == "" {
-		var err error
 		if work, err = os.MkdirTemp("", "stitch-build-"); err != nil {
 			return nil, err
 		}
 	}
 	if !o.KeepWork {
 		defer os.RemoveAll(work)
+	} else {
+		defer func() {
+			if err != nil {
+				err = fmt.Errorf("%w (scratch directory kept: %s)", err, work)
+			}
+		}()
 	}
 
 	done := step("compile", "objects the fixes touch, before and after")
@@ -106,6 +111,7 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 	done()
 
 	var objs []compiled
+	var same []string // sources whose objects did not change
 	for _, p := range pairs {
 		done := step("diff", p.Source)
 		pre, err := elfobj.Parse(p.Pre)
@@ -121,6 +127,8 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 		if len(d.Changed) == 0 {
 			if len(d.Unsafe) > 0 {
 				objs = append(objs, compiled{Source: p.Source, Diff: d}) // for its refusals
+			} else {
+				same = append(same, p.Source)
 			}
 			continue
 		}
@@ -141,7 +149,10 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 		objs = append(objs, compiled{Source: p.Source, Object: object, Pre: p.Pre, Post: p.Post, Diff: d})
 	}
 	if len(objs) == 0 {
-		return nil, ErrNothing
+		if len(same) == 0 {
+			same = []string{"the sources the fixes touch"}
+		}
+		return nil, fmt.Errorf("%w: %s compile to the same functions before and after the fix in this kernel's configuration (the changed lines are compiled out, or do not change code): this kernel needs no patch for it", ErrNothing, strings.Join(same, ", "))
 	}
 
 	done = step("module", name)

@@ -25,6 +25,7 @@ import (
 const (
 	Applied       = "applied"        // built, applied, exercised, reverted, no warning
 	Refused       = "refused"        // the build refused it with a reason
+	NoChange      = "no-change"      // the fix compiles to the same code for this kernel: nothing to patch
 	BuildFailed   = "build-failed"   // the build failed otherwise: a bug or a missing piece
 	ApplyFailed   = "apply-failed"   // built, but the kernel did not take it
 	KernelWarning = "kernel-warning" // applied, but the kernel warned or oopsed
@@ -121,6 +122,8 @@ func BuildAll(ctx context.Context, entries []Entry, b Builder, out string, progr
 					r.Functions = append(r.Functions, f.Name)
 				}
 			}
+		case errors.Is(err, build.ErrNothing):
+			r.Outcome, r.Reason = NoChange, oneLine(err)
 		case refusal(err):
 			r.Outcome, r.Reason = Refused, oneLine(err)
 		default:
@@ -152,8 +155,7 @@ func buildOne(ctx context.Context, e Entry, b Builder, out string) (*build.Resul
 // refusal tells an honest refusal (the reason names what a livepatch
 // cannot do) from a failure of Stitch.
 func refusal(err error) bool {
-	return errors.Is(err, build.ErrUnpatchable) || errors.Is(err, build.ErrNothing) ||
-		errors.Is(err, build.ErrRunPre) || errors.Is(err, klpmod.ErrUnpatchable)
+	return errors.Is(err, build.ErrUnpatchable) || errors.Is(err, build.ErrRunPre) || errors.Is(err, klpmod.ErrUnpatchable)
 }
 
 // oneLine squeezes a multi-line error for a table cell.
@@ -165,8 +167,11 @@ func oneLine(err error) string {
 type Summary struct {
 	Total    int            `json:"total"`
 	Outcomes map[string]int `json:"outcomes"`
-	// Share is the fraction of fixes applied end to end.
-	Share float64 `json:"share_applied"`
+	// Share is the fraction of all fixes applied end to end; ShareNeeded
+	// leaves out the fixes that change no code in this kernel, which
+	// need no patch.
+	Share       float64 `json:"share_applied"`
+	ShareNeeded float64 `json:"share_applied_of_needed"`
 }
 
 // Summarize counts the results.
@@ -175,8 +180,12 @@ func Summarize(rs []Result) Summary {
 	for _, r := range rs {
 		s.Outcomes[r.Outcome]++
 	}
+	applied := float64(s.Outcomes[Applied])
 	if s.Total > 0 {
-		s.Share = float64(s.Outcomes[Applied]) / float64(s.Total)
+		s.Share = applied / float64(s.Total)
+	}
+	if needed := s.Total - s.Outcomes[NoChange]; needed > 0 {
+		s.ShareNeeded = applied / float64(needed)
 	}
 	return s
 }

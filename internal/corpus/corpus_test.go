@@ -44,8 +44,8 @@ func TestReadIndexBad(t *testing.T) {
 }
 
 func TestSummarize(t *testing.T) {
-	s := Summarize([]Result{{Outcome: Applied}, {Outcome: Refused}, {Outcome: Applied}, {Outcome: BuildFailed}})
-	if s.Total != 4 || s.Outcomes[Applied] != 2 || s.Share != 0.5 {
+	s := Summarize([]Result{{Outcome: Applied}, {Outcome: Refused}, {Outcome: Applied}, {Outcome: BuildFailed}, {Outcome: NoChange}})
+	if s.Total != 5 || s.Outcomes[Applied] != 2 || s.Share != 0.4 || s.ShareNeeded != 0.5 {
 		t.Errorf("Summarize = %+v", s)
 	}
 }
