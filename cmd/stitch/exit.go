@@ -77,7 +77,7 @@ func isBadInput(err error) bool {
 		kmod.ErrNotELF, kmod.ErrNotModule, kmod.ErrNotLivepatch, kmod.ErrVermagic,
 		livepatch.ErrUnknownPatch, livepatch.ErrAlreadyLoaded, livepatch.ErrWrongKernel,
 		build.ErrBadFix, build.ErrBadManifest,
-		bundle.ErrBadManifest, bundle.ErrBadBundle, bundle.ErrExists, bundle.ErrNoRepo, rollout.ErrBadPolicy,
+		bundle.ErrBadBundle, bundle.ErrExists, bundle.ErrNoRepo, rollout.ErrBadPolicy,
 	} {
 		if errors.Is(err, e) {
 			return true

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 
+	"github.com/stitchpatch/stitch/internal/build"
 	"github.com/stitchpatch/stitch/internal/bundle"
 )
 
@@ -104,21 +105,15 @@ func runPublish(ctx context.Context, st *stdio, args []string) error {
 	var data []byte
 	switch {
 	case *module != "" && *manifest != "" && fs.NArg() == 0:
-		mj, err := os.ReadFile(*manifest)
+		m, err := build.ReadManifest(*manifest)
 		if err != nil {
-			return usageError{err}
+			return fmt.Errorf("publish %s: %w", *manifest, err)
 		}
 		ko, err := os.ReadFile(*module)
 		if err != nil {
 			return usageError{err}
 		}
-		// The manifest's module hash is recomputed by Pack, so parse loosely
-		// here: only the module bytes decide it.
-		var m bundle.Manifest
-		if err := json.Unmarshal(mj, &m); err != nil {
-			return fmt.Errorf("publish %s: %w: %v", *manifest, bundle.ErrBadManifest, err)
-		}
-		if data, err = bundle.Pack(m, ko); err != nil {
+		if data, err = bundle.Pack(*m, ko); err != nil {
 			return fmt.Errorf("publish %s: %w", *manifest, err)
 		}
 	case *module == "" && *manifest == "" && fs.NArg() == 1:

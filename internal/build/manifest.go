@@ -1,10 +1,13 @@
 package build
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
+	"regexp"
+	"strings"
 
 	"github.com/stitchpatch/stitch/internal/fingerprint"
 )
@@ -61,28 +64,83 @@ func ReadManifest(path string) (*Manifest, error) {
 	return ParseManifest(b)
 }
 
-// ParseManifest decodes a manifest and checks it is complete.
+// ParseManifest decodes a manifest and checks it (see Validate). Unknown
+// fields and trailing data are refused, so that a typo or a manifest from
+// a newer schema does not silently lose information on its way to a fleet.
 func ParseManifest(b []byte) (*Manifest, error) {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
 	var m Manifest
-	if err := json.Unmarshal(b, &m); err != nil {
+	if err := dec.Decode(&m); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrBadManifest, err)
+	}
+	if dec.More() {
+		return nil, fmt.Errorf("%w: trailing data after the JSON object", ErrBadManifest)
+	}
+	if err := m.Validate(); err != nil {
+		return nil, err
+	}
+	return &m, nil
+}
+
+var (
+	nameRe  = regexp.MustCompile(`^[A-Za-z0-9_-]{1,55}$`) // the kernel's module name limit is 55 usable bytes
+	relRe   = regexp.MustCompile(`^[A-Za-z0-9._+~-]{1,64}$`)
+	hexRe   = regexp.MustCompile(`^[0-9a-f]{8,128}$`)
+	shaRe   = regexp.MustCompile(`^[0-9a-f]{64}$`)
+	cveRe   = regexp.MustCompile(`^CVE-[0-9]{4}-[0-9]{4,7}$`)
+	identRe = regexp.MustCompile(`^[A-Za-z0-9_.$-]{1,128}$`)
+)
+
+// Validate checks every field a machine relies on, naming the first bad one
+// and what it should be. Manifests travel to fleets, so they are checked
+// as untrusted input even when stitch build wrote them.
+func (m *Manifest) Validate() error {
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("%w: %s", ErrBadManifest, fmt.Sprintf(format, a...))
 	}
 	switch {
 	case m.Version != ManifestVersion:
-		return nil, fmt.Errorf("%w: version %d, this stitch reads version %d", ErrBadManifest, m.Version, ManifestVersion)
-	case m.Name == "" || m.Module == "" || len(m.ModuleHash) != 64:
-		return nil, fmt.Errorf("%w: missing name, module or module hash", ErrBadManifest)
-	case m.Kernel.Release == "" || m.Kernel.BuildID == "":
-		return nil, fmt.Errorf("%w: missing kernel release or build-id", ErrBadManifest)
+		return bad("version %d, this stitch reads version %d", m.Version, ManifestVersion)
+	case !nameRe.MatchString(m.Name):
+		return bad("name %q: want 1-55 characters of A-Z, a-z, 0-9, _, -", m.Name)
+	case m.Module == "" || len(m.Module) > 255 || strings.ContainsAny(m.Module, "/\\\x00"):
+		return bad("module %q: want the .ko's file name, without a directory", m.Module)
+	case !shaRe.MatchString(m.ModuleHash):
+		return bad("module_sha256 %q: want 64 lower-case hex digits", m.ModuleHash)
+	case !relRe.MatchString(m.Kernel.Release):
+		return bad("kernel.release %q: want a uname -r string", m.Kernel.Release)
+	case !hexRe.MatchString(m.Kernel.BuildID):
+		return bad("kernel.build_id %q: want the vmlinux GNU build-id in lower-case hex", m.Kernel.BuildID)
 	case len(m.Objects) == 0:
-		return nil, fmt.Errorf("%w: patches nothing", ErrBadManifest)
+		return bad("objects: patches nothing")
+	case len(m.Description) > 4096:
+		return bad("description: %d bytes, at most 4096", len(m.Description))
+	}
+	for _, c := range m.CVEs {
+		if !cveRe.MatchString(c) {
+			return bad("cve %q: want CVE-YYYY-NNNN", c)
+		}
+	}
+	for _, f := range m.Fixes {
+		if !shaRe.MatchString(f.Hash) {
+			return bad("fix %q: sha256 %q: want 64 lower-case hex digits", f.Name, f.Hash)
+		}
 	}
 	for _, o := range m.Objects {
+		if !identRe.MatchString(o.Name) {
+			return bad("object name %q: want a module name or vmlinux", o.Name)
+		}
 		for _, f := range o.Functions {
-			if f.Fingerprint.Size <= 0 || len(f.Fingerprint.SHA256) != 64 {
-				return nil, fmt.Errorf("%w: function %s of %s has no pre-fix fingerprint", ErrBadManifest, f.Name, o.Name)
+			switch {
+			case !identRe.MatchString(f.Name):
+				return bad("object %s: function %q is not a symbol name", o.Name, f.Name)
+			case f.Sympos < 0:
+				return bad("function %s of %s: sympos %d is negative", f.Name, o.Name, f.Sympos)
+			case f.Fingerprint.Size <= 0 || !shaRe.MatchString(f.Fingerprint.SHA256):
+				return bad("function %s of %s has no pre-fix fingerprint", f.Name, o.Name)
 			}
 		}
 	}
-	return &m, nil
+	return nil
 }

@@ -42,6 +42,11 @@ func TestManifestRefusesIncomplete(t *testing.T) {
 		"no build-id": func(m *Manifest) { m.Kernel.BuildID = "" },
 		"no objects":  func(m *Manifest) { m.Objects = nil },
 		"no hash":     func(m *Manifest) { m.ModuleHash = "x" },
+		"bad name":    func(m *Manifest) { m.Name = "Bad Name" },
+		"module path": func(m *Manifest) { m.Module = "../x.ko" },
+		"bad cve":     func(m *Manifest) { m.CVEs = []string{"cve-1"} },
+		"bad func":    func(m *Manifest) { m.Objects[0].Functions[0].Name = "a b" },
+		"bad fix":     func(m *Manifest) { m.Fixes[0].Hash = "nope" },
 		"no fingerprint": func(m *Manifest) {
 			m.Objects[0].Functions[0].Fingerprint = fingerprint.Fingerprint{}
 		},
@@ -53,8 +58,10 @@ func TestManifestRefusesIncomplete(t *testing.T) {
 			t.Errorf("%s: %v, want ErrBadManifest", name, err)
 		}
 	}
-	if _, err := ParseManifest([]byte("{")); !errors.Is(err, ErrBadManifest) {
-		t.Errorf("truncated JSON: %v", err)
+	for name, b := range map[string]string{"truncated JSON": "{", "unknown field": `{"version":1,"typo":1}`} {
+		if _, err := ParseManifest([]byte(b)); !errors.Is(err, ErrBadManifest) {
+			t.Errorf("%s: %v", name, err)
+		}
 	}
 }
 
@@ -62,6 +69,9 @@ func FuzzParseManifest(f *testing.F) {
 	b, _ := json.Marshal(validManifest())
 	f.Add(b)
 	f.Fuzz(func(t *testing.T, data []byte) {
-		ParseManifest(data) // must not panic
+		m, err := ParseManifest(data) // must not panic
+		if err == nil && m.Validate() != nil {
+			t.Fatal("ParseManifest returned a manifest Validate refuses")
+		}
 	})
 }

@@ -1,14 +1,44 @@
+// Package bundle is the unit Stitch distributes: a livepatch module and its
+// manifest (build.Manifest, as stitch build writes it), content-addressed
+// by SHA-256, published into a repository whose metadata is signed with The
+// Update Framework (TUF), and fetched by agents through a client that
+// refuses tampered, rolled-back, mixed or stale metadata.
+//
+// The data flow is one way: bundle knows build's manifest but nothing of
+// the server or the agent.
 package bundle
 
 import (
 	"archive/tar"
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"time"
+
+	"github.com/stitchpatch/stitch/internal/build"
 )
+
+// Sentinel errors. ErrBadBundle means bad input (the file is not what it
+// should be; a bad manifest inside is build.ErrBadManifest); ErrVerify means
+// signed metadata or content was refused; ErrNoRepo and ErrNotFound mean a
+// missing repository or target.
+var (
+	ErrBadBundle = errors.New("bad bundle")
+	ErrVerify    = errors.New("verification refused")
+	ErrNoRepo    = errors.New("no repository")
+	ErrNotFound  = errors.New("not found")
+	ErrExists    = errors.New("already exists")
+)
+
+// SHA256Hex is the lower-case hex SHA-256 of data.
+func SHA256Hex(data []byte) string {
+	s := sha256.Sum256(data)
+	return hex.EncodeToString(s[:])
+}
 
 // A bundle file is an uncompressed tar holding exactly two regular files,
 // manifest.json first and module.ko second. Tar because any operator can
@@ -24,17 +54,22 @@ const (
 
 // Bundle is a parsed bundle.
 type Bundle struct {
-	Manifest Manifest
+	Manifest build.Manifest
 	Module   []byte
 }
 
-// Pack builds the bundle bytes. It sets m.ModuleSHA256 from module and
-// validates the manifest.
-func Pack(m Manifest, module []byte) ([]byte, error) {
+// Pack builds the bundle bytes and validates the manifest. An empty
+// m.ModuleHash is filled from module; one that differs is refused, because
+// it means the manifest of another build was paired with this module.
+func Pack(m build.Manifest, module []byte) ([]byte, error) {
 	if len(module) == 0 || len(module) > MaxModuleSize {
 		return nil, fmt.Errorf("%w: module is %d bytes, want 1..%d", ErrBadBundle, len(module), MaxModuleSize)
 	}
-	m.ModuleSHA256 = SHA256Hex(module)
+	sum := SHA256Hex(module)
+	if m.ModuleHash != "" && m.ModuleHash != sum {
+		return nil, fmt.Errorf("%w: the manifest's module_sha256 %s is not the module's %s: is this the manifest stitch build wrote with it?", ErrBadBundle, m.ModuleHash, sum)
+	}
+	m.ModuleHash = sum
 	if err := m.Validate(); err != nil {
 		return nil, err
 	}
@@ -91,15 +126,15 @@ func Open(data []byte) (*Bundle, error) {
 	if _, err := tr.Next(); !errors.Is(err, io.EOF) {
 		return nil, fmt.Errorf("%w: extra entries after %s", ErrBadBundle, moduleEntry)
 	}
-	m, err := ParseManifest(parts[0])
+	m, err := build.ParseManifest(parts[0])
 	if err != nil {
 		return nil, err
 	}
 	if len(parts[1]) == 0 {
 		return nil, fmt.Errorf("%w: module.ko is empty", ErrBadBundle)
 	}
-	if got := SHA256Hex(parts[1]); got != m.ModuleSHA256 {
-		return nil, fmt.Errorf("%w: module.ko sha256 %s does not match the manifest's %s", ErrBadBundle, got, m.ModuleSHA256)
+	if got := SHA256Hex(parts[1]); got != m.ModuleHash {
+		return nil, fmt.Errorf("%w: module.ko sha256 %s does not match the manifest's %s", ErrBadBundle, got, m.ModuleHash)
 	}
 	return &Bundle{Manifest: *m, Module: parts[1]}, nil
 }
@@ -107,6 +142,6 @@ func Open(data []byte) (*Bundle, error) {
 // TargetName is the bundle's name in a repository: the kernel release as a
 // directory, then the module name and the first 16 hex digits of the bundle's
 // SHA-256, so two builds never collide and a name pins exact content.
-func TargetName(m *Manifest, data []byte) string {
-	return fmt.Sprintf("%s/%s-%s.stitch", m.KernelRelease, m.Name, SHA256Hex(data)[:16])
+func TargetName(m *build.Manifest, data []byte) string {
+	return fmt.Sprintf("%s/%s-%s.stitch", m.Kernel.Release, m.Name, SHA256Hex(data)[:16])
 }

@@ -13,13 +13,21 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/stitchpatch/stitch/internal/build"
+	"github.com/stitchpatch/stitch/internal/fingerprint"
 )
 
-func testManifest() Manifest {
-	return Manifest{
-		Name: "stitch_fix_1", KernelRelease: "6.1.0-28-amd64", KernelBuildID: "0123456789abcdef0123456789abcdef01234567",
-		Objects: []Object{{Name: "vmlinux", Functions: []string{"load_misc_binary"}}},
-		CVEs:    []string{"CVE-2024-1234"}, Description: "test fix",
+// testManifest is a complete manifest such as stitch build writes; the
+// module hash is left for Pack to fill.
+func testManifest() build.Manifest {
+	return build.Manifest{
+		Version: build.ManifestVersion, Name: "stitch_fix_1", Module: "stitch_fix_1.ko",
+		Kernel: build.KernelID{Release: "6.1.0-28-amd64", BuildID: "0123456789abcdef0123456789abcdef01234567"},
+		Objects: []build.Object{{Name: "vmlinux", Functions: []build.Function{{
+			Name: "load_misc_binary", Fingerprint: fingerprint.Fingerprint{Size: 64, SHA256: strings.Repeat("ab", 32)},
+		}}}},
+		CVEs: []string{"CVE-2024-1234"}, Description: "test fix",
 	}
 }
 
@@ -42,7 +50,7 @@ func TestPackOpenRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if string(b.Module) != "\x7fELF module bytes" || b.Manifest.ModuleSHA256 != SHA256Hex(b.Module) {
+	if string(b.Module) != "\x7fELF module bytes" || b.Manifest.ModuleHash != SHA256Hex(b.Module) {
 		t.Fatalf("round trip lost data: %+v", b.Manifest)
 	}
 	name := TargetName(&b.Manifest, data)
@@ -61,7 +69,7 @@ func TestOpenRefusesBadBundles(t *testing.T) {
 		"empty": nil, "garbage": []byte("not a tar"), "truncated": good[:600], "tampered module": tampered,
 	} {
 		_, err := Open(data)
-		if !errors.Is(err, ErrBadBundle) && !errors.Is(err, ErrBadManifest) {
+		if !errors.Is(err, ErrBadBundle) && !errors.Is(err, build.ErrBadManifest) {
 			t.Errorf("%s: got %v, want ErrBadBundle", name, err)
 		}
 	}
@@ -70,26 +78,24 @@ func TestOpenRefusesBadBundles(t *testing.T) {
 	}
 }
 
-func TestManifestValidation(t *testing.T) {
-	m := testManifest()
-	m.ModuleSHA256 = strings.Repeat("a", 64)
-	for name, mut := range map[string]func(*Manifest){
-		"bad name":    func(m *Manifest) { m.Name = "Bad Name" },
-		"no release":  func(m *Manifest) { m.KernelRelease = "" },
-		"bad buildid": func(m *Manifest) { m.KernelBuildID = "xyz" },
-		"no objects":  func(m *Manifest) { m.Objects = nil },
-		"bad cve":     func(m *Manifest) { m.CVEs = []string{"cve-1"} },
-		"bad func":    func(m *Manifest) { m.Objects[0].Functions = []string{"a b"} },
-	} {
-		c := m
-		c.Objects = []Object{{Name: "vmlinux", Functions: []string{"f"}}}
-		mut(&c)
-		if err := c.Validate(); !errors.Is(err, ErrBadManifest) {
-			t.Errorf("%s: got %v", name, err)
-		}
+func TestPackRefusesBadManifests(t *testing.T) {
+	other := testManifest()
+	other.ModuleHash = SHA256Hex([]byte("another build's module"))
+	if _, err := Pack(other, []byte("module")); !errors.Is(err, ErrBadBundle) || !strings.Contains(err.Error(), "module_sha256") {
+		t.Errorf("manifest of another module: %v", err)
 	}
-	if _, err := ParseManifest([]byte(`{"name":"a","typo":1}`)); !errors.Is(err, ErrBadManifest) {
-		t.Errorf("unknown field accepted: %v", err)
+	bad := testManifest()
+	bad.Kernel.BuildID = "xyz"
+	if _, err := Pack(bad, []byte("module")); !errors.Is(err, build.ErrBadManifest) {
+		t.Errorf("bad build-id: %v", err)
+	}
+	// A bundle whose manifest has an unknown field is refused on Open.
+	data := testBundle(t, "module")
+	i := bytes.Index(data, []byte(`"name"`))
+	tampered := bytes.Clone(data)
+	copy(tampered[i:], `"typo"`)
+	if _, err := Open(tampered); !errors.Is(err, build.ErrBadManifest) {
+		t.Errorf("unknown manifest field: %v", err)
 	}
 }
 
@@ -98,18 +104,8 @@ func FuzzOpen(f *testing.F) {
 	f.Add([]byte("garbage"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		b, err := Open(data)
-		if err == nil && SHA256Hex(b.Module) != b.Manifest.ModuleSHA256 {
+		if err == nil && SHA256Hex(b.Module) != b.Manifest.ModuleHash {
 			t.Fatal("Open accepted a module whose hash does not match")
-		}
-	})
-}
-
-func FuzzParseManifest(f *testing.F) {
-	f.Add([]byte(`{"name":"a","kernel_release":"6.1","kernel_build_id":"abcdef01","objects":[{"name":"vmlinux","functions":["f"]}],"module_sha256":"` + strings.Repeat("0", 64) + `"}`))
-	f.Fuzz(func(t *testing.T, data []byte) {
-		m, err := ParseManifest(data)
-		if err == nil && m.Validate() != nil {
-			t.Fatal("ParseManifest returned an invalid manifest")
 		}
 	})
 }

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/bundle"
+	"github.com/stitchpatch/stitch/internal/server/api"
 	"github.com/stitchpatch/stitch/internal/server/store"
 )
 
@@ -49,22 +50,10 @@ func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /v1/repo/metadata/", http.StripPrefix("/v1/repo/metadata/", http.FileServer(http.Dir(s.Repo.MetadataDir()))))
 	mux.Handle("GET /v1/repo/targets/", http.StripPrefix("/v1/repo/targets/", http.FileServer(http.Dir(s.Repo.TargetsDir()))))
-	mux.HandleFunc("POST /v1/machines", s.enroll)
-	mux.HandleFunc("GET /v1/machines/self", s.machineOnly(s.self))
+	mux.HandleFunc("POST "+api.PathEnroll, s.enroll)
+	mux.HandleFunc("GET "+api.PathSelf, s.machineOnly(s.self))
 	mux.HandleFunc("POST /v1/admin/keys", s.adminOnly(s.createKey))
 	return mux
-}
-
-// EnrollRequest is what a machine sends to enroll.
-type EnrollRequest struct {
-	Key      string `json:"key"`
-	Hostname string `json:"hostname"`
-}
-
-// EnrollResponse carries the machine's id and its bearer token.
-type EnrollResponse struct {
-	MachineID string `json:"machine_id"`
-	Token     string `json:"token"`
 }
 
 // KeyRequest creates an enrollment key.
@@ -80,11 +69,6 @@ type KeyResponse struct {
 	MaxMachines int    `json:"max_machines"`
 }
 
-// Error is every error response's body.
-type Error struct {
-	Error string `json:"error"`
-}
-
 func hash(secret string) string { return bundle.SHA256Hex([]byte(secret)) }
 
 func randomHex(n int) string {
@@ -96,7 +80,7 @@ func randomHex(n int) string {
 var hostnameRe = regexp.MustCompile(`^[A-Za-z0-9.-]{1,253}$`)
 
 func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
-	var req EnrollRequest
+	var req api.EnrollRequest
 	if !decode(w, r, &req) {
 		return
 	}
@@ -119,7 +103,7 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		fail(w, http.StatusInternalServerError, "enrollment failed")
 	default:
 		s.log().Info("enrolled", "machine", m.ID, "hostname", m.Hostname)
-		reply(w, http.StatusCreated, EnrollResponse{MachineID: m.ID, Token: token})
+		reply(w, http.StatusCreated, api.EnrollResponse{MachineID: m.ID, Token: token})
 	}
 }
 
@@ -145,14 +129,8 @@ func (s *Server) createKey(w http.ResponseWriter, r *http.Request) {
 	reply(w, http.StatusCreated, KeyResponse{ID: k.ID, Key: secret, MaxMachines: k.MaxMachines})
 }
 
-// MachineView is what a machine may read about itself.
-type MachineView struct {
-	ID       string `json:"id"`
-	Hostname string `json:"hostname"`
-}
-
 func (s *Server) self(w http.ResponseWriter, r *http.Request, m store.Machine) {
-	reply(w, http.StatusOK, MachineView{ID: m.ID, Hostname: m.Hostname})
+	reply(w, http.StatusOK, api.MachineView{ID: m.ID, Hostname: m.Hostname})
 }
 
 func bearer(r *http.Request) string {
@@ -217,7 +195,7 @@ func reply(w http.ResponseWriter, code int, v any) {
 	json.NewEncoder(w).Encode(v)
 }
 
-func fail(w http.ResponseWriter, code int, msg string) { reply(w, code, Error{Error: msg}) }
+func fail(w http.ResponseWriter, code int, msg string) { reply(w, code, api.Error{Error: msg}) }
 
 // Serve listens on addr until ctx ends.
 func (s *Server) Serve(ctx context.Context, addr string) error {

@@ -11,7 +11,10 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/stitchpatch/stitch/internal/build"
 	"github.com/stitchpatch/stitch/internal/bundle"
+	"github.com/stitchpatch/stitch/internal/fingerprint"
+	"github.com/stitchpatch/stitch/internal/server/api"
 	"github.com/stitchpatch/stitch/internal/server/store"
 )
 
@@ -73,18 +76,18 @@ func TestEnrollmentLimitsAndAuth(t *testing.T) {
 	}
 	var tokens []string
 	for i := range 3 {
-		var r EnrollResponse
-		if c := e.call(t, "POST", "/v1/machines", "", js(EnrollRequest{Key: key.Key, Hostname: "host" + string(rune('a'+i))}), &r); c != 201 {
+		var r api.EnrollResponse
+		if c := e.call(t, "POST", "/v1/machines", "", js(api.EnrollRequest{Key: key.Key, Hostname: "host" + string(rune('a'+i))}), &r); c != 201 {
 			t.Fatalf("enroll %d: %d", i, c)
 		}
 		tokens = append(tokens, r.Token)
 	}
-	var er Error
-	if c := e.call(t, "POST", "/v1/machines", "", js(EnrollRequest{Key: key.Key, Hostname: "hostd"}), &er); c != 403 || !strings.Contains(er.Error, "machine limit") {
+	var er api.Error
+	if c := e.call(t, "POST", "/v1/machines", "", js(api.EnrollRequest{Key: key.Key, Hostname: "hostd"}), &er); c != 403 || !strings.Contains(er.Error, "machine limit") {
 		t.Fatalf("fourth machine: %d %q", c, er.Error)
 	}
 	// A machine reads only itself and cannot act as admin.
-	var me MachineView
+	var me api.MachineView
 	if c := e.call(t, "GET", "/v1/machines/self", tokens[1], nil, &me); c != 200 || me.Hostname != "hostb" {
 		t.Fatalf("self: %d %+v", c, me)
 	}
@@ -110,8 +113,8 @@ func TestBadRequestsChangeNothing(t *testing.T) {
 		"malformed":     {[]byte(`{"key": `), 400},
 		"unknown field": {[]byte(`{"key":"x","hostname":"h","admin":true}`), 400},
 		"huge":          {append([]byte(`{"key":"`), bytes.Repeat([]byte("a"), 1<<20)...), 413},
-		"bad host":      {js(EnrollRequest{Key: key.Key, Hostname: "a b"}), 400},
-		"wrong key":     {js(EnrollRequest{Key: "sk-nope", Hostname: "h"}), 401},
+		"bad host":      {js(api.EnrollRequest{Key: key.Key, Hostname: "a b"}), 400},
+		"wrong key":     {js(api.EnrollRequest{Key: "sk-nope", Hostname: "h"}), 401},
 	} {
 		if c := e.call(t, "POST", "/v1/machines", "", tc.body, nil); c != tc.code {
 			t.Errorf("%s: %d, want %d", name, c, tc.code)
@@ -131,8 +134,7 @@ func TestBadRequestsChangeNothing(t *testing.T) {
 
 func TestRepoServedAndVerified(t *testing.T) {
 	e := newEnv(t)
-	data, err := bundle.Pack(bundle.Manifest{Name: "fix_a", KernelRelease: "6.1.0", KernelBuildID: "abcdef0123",
-		Objects: []bundle.Object{{Name: "vmlinux", Functions: []string{"f"}}}}, []byte("ko bytes"))
+	data, err := bundle.Pack(testManifest("fix_a", "6.1.0", "abcdef0123"), []byte("ko bytes"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -145,5 +147,17 @@ func TestRepoServedAndVerified(t *testing.T) {
 	b, _, err := c.Fetch(context.Background(), name)
 	if err != nil || string(b.Module) != "ko bytes" {
 		t.Fatalf("fetch through the server: %v", err)
+	}
+}
+
+// testManifest is a minimal valid manifest for a patch to kernel
+// release/buildID.
+func testManifest(name, release, buildID string, cves ...string) build.Manifest {
+	return build.Manifest{
+		Version: build.ManifestVersion, Name: name, Module: name + ".ko",
+		Kernel: build.KernelID{Release: release, BuildID: buildID}, CVEs: cves,
+		Objects: []build.Object{{Name: "vmlinux", Functions: []build.Function{{
+			Name: "f", Fingerprint: fingerprint.Fingerprint{Size: 16, SHA256: strings.Repeat("ab", 32)},
+		}}}},
 	}
 }

@@ -1,0 +1,103 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+// serve answers every request with code and body, on loopback.
+func serve(t *testing.T, code int, body string) *Client {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Authorization") != "Bearer tok" {
+			w.WriteHeader(http.StatusUnauthorized)
+			w.Write([]byte(`{"error":"machine token required"}`))
+			return
+		}
+		w.WriteHeader(code)
+		w.Write([]byte(body))
+	})}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	return &Client{BaseURL: "http://" + l.Addr().String(), Token: "tok"}
+}
+
+func TestClientStatusErrors(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		code int
+		want error
+	}{{401, ErrUnauthorized}, {403, ErrForbidden}, {400, ErrBadRequest}, {404, ErrBadRequest}, {413, ErrBadRequest}} {
+		c := serve(t, tc.code, `{"error":"the reason"}`)
+		err := c.Health(ctx, Health{})
+		var se *StatusError
+		if !errors.Is(err, tc.want) || !errors.As(err, &se) || se.Code != tc.code || se.Message != "the reason" {
+			t.Errorf("%d: %v", tc.code, err)
+		}
+	}
+	c := serve(t, 500, "plain text")
+	err := c.Health(ctx, Health{})
+	if errors.Is(err, ErrBadRequest) || !strings.Contains(err.Error(), "plain text") {
+		t.Errorf("500: %v", err)
+	}
+	c.Token = "wrong"
+	if _, err := c.Self(ctx); !errors.Is(err, ErrUnauthorized) {
+		t.Errorf("wrong token: %v", err)
+	}
+}
+
+func TestClientDecodesAndLimits(t *testing.T) {
+	ctx := context.Background()
+	c := serve(t, 200, `{"actions":[{"target":"6.1/a-0123456789abcdef.stitch","name":"a","op":"apply"}],"next_checkin_seconds":60}`)
+	r, err := c.CheckIn(ctx, CheckIn{})
+	if err != nil || len(r.Actions) != 1 || r.Actions[0].Op != OpApply || r.NextCheckinSeconds != 60 {
+		t.Fatalf("check-in: %+v %v", r, err)
+	}
+	c = serve(t, 200, `{"id":"`+strings.Repeat("x", MaxResponse)+`"}`)
+	if _, err := c.Self(ctx); err == nil || !strings.Contains(err.Error(), "answer over") {
+		t.Errorf("huge answer: %v", err)
+	}
+	c = &Client{BaseURL: "http://127.0.0.1:1", HTTP: &http.Client{Timeout: time.Second}}
+	if _, err := c.Enroll(ctx, EnrollRequest{}); err == nil || !strings.Contains(err.Error(), "POST /v1/machines") {
+		t.Errorf("network error without context: %v", err)
+	}
+}
+
+func TestValidate(t *testing.T) {
+	now := time.Now()
+	good := CheckIn{KernelRelease: "6.1.0-54-amd64", KernelBuildID: "887cd47f03581c5b", AgentVersion: "0.1",
+		Patches: []PatchState{{Target: "6.1.0-54-amd64/stitch_fix-0123456789abcdef.stitch", Name: "stitch_fix", State: StateApplied, Since: now}}}
+	if err := good.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	for name, mut := range map[string]func(*CheckIn){
+		"release":  func(c *CheckIn) { c.KernelRelease = "a b" },
+		"build-id": func(c *CheckIn) { c.KernelBuildID = "XYZ" },
+		"target":   func(c *CheckIn) { c.Patches[0].Target = "../../etc/passwd" },
+		"state":    func(c *CheckIn) { c.Patches[0].State = "maybe" },
+	} {
+		c := good
+		c.Patches = append([]PatchState(nil), good.Patches...)
+		mut(&c)
+		if c.Validate() == nil {
+			t.Errorf("%s accepted", name)
+		}
+	}
+	h := Health{Target: good.Patches[0].Target, Name: "stitch_fix", Check: Check5m, Healthy: false}
+	if h.Validate() == nil {
+		t.Error("unhealthy report without a reason accepted")
+	}
+	h.Reason = ReasonOops
+	if err := h.Validate(); err != nil {
+		t.Error(err)
+	}
+}
