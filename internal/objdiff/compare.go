@@ -27,6 +27,23 @@ func (s side) counterpart(sym *elfobj.Symbol) *elfobj.Symbol {
 	return s.c.pre2post[sym]
 }
 
+// literal identifies a reference to a string literal, possibly through a
+// local label (.LC0), by the literal's text and the offset into it: its
+// place in the string section moves whenever another literal of the file
+// is added or removed.
+func literal(r elfobj.Reloc) (string, bool) {
+	t, off := r.Target()
+	if t == nil || t.Section == nil || !t.Section.Strings() {
+		return "", false
+	}
+	place := int64(t.Value) + off + r.Place() - r.Addend
+	str, ok := t.Section.String(place)
+	if !ok {
+		return "", false
+	}
+	return "str:" + strconv.Quote(str) + "+" + strconv.FormatInt(int64(t.Value)+off-place, 10), true
+}
+
 // ident names what a relocation points to in terms that mean the same in
 // both objects: the post-side name of a correlated symbol plus the offset
 // into it, the text of a string literal, or an external symbol's name.
@@ -36,13 +53,8 @@ func (s side) ident(r elfobj.Reloc) string {
 		return "?"
 	}
 	o := strconv.FormatInt(off, 10)
-	if t.Section != nil && t.Section.Strings() {
-		// A string literal, possibly through a local label (.LC0):
-		// only its text identifies it.
-		place := int64(t.Value) + off + r.Place() - r.Addend
-		if str, ok := t.Section.String(place); ok {
-			return "str:" + strconv.Quote(str) + "+" + strconv.FormatInt(int64(t.Value)+off-place, 10)
-		}
+	if str, ok := literal(r); ok {
+		return str
 	}
 	if t.Type == elf.STT_SECTION {
 		sec := t.Section

@@ -223,13 +223,14 @@ func pairByContent(c *correlation, as, bs []*elfobj.Symbol) {
 }
 
 // contentKey is an object's bytes and what its relocations name, before
-// correlation (so by base name).
+// correlation (so by base name, and string literals by their text).
 func contentKey(s *elfobj.Symbol) string {
 	var b strings.Builder
 	b.Write(s.Bytes())
 	for _, r := range s.Section.RelocsIn(s.Value, s.Value+s.Size) {
-		t, off := r.Target()
-		if t != nil {
+		if str, ok := literal(r); ok {
+			fmt.Fprintf(&b, "|%d:%s", r.Offset-s.Value, str)
+		} else if t, off := r.Target(); t != nil {
 			fmt.Fprintf(&b, "|%d:%s+%d", r.Offset-s.Value, baseName(t.Name), off)
 		}
 	}

@@ -130,6 +130,9 @@ func TestFixtures(t *testing.T) {
 		{name: "cold", changed: []string{"check", "check.cold"}},
 		// Same code, but a BUG became a WARN in the function's entry.
 		{name: "special", unsafe: []string{KindSpecial + ":checked"}},
+		// A new compound literal renumbers the table's and new strings
+		// move theirs: the table's literals still pair by their text.
+		{name: "literal", changed: []string{"smbus"}, newData: []string{"smbus_ids"}},
 		{name: "inline", changed: []string{"set_a", "set_b"}, explain: map[string][]string{"clamp": {"set_a", "set_b"}}},
 	}
 	for _, tt := range tests {
