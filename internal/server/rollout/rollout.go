@@ -73,6 +73,30 @@ func Rank(patch, machine string) float64 {
 	return float64(binary.BigEndian.Uint64(h[:8])>>11) / (1 << 53)
 }
 
+// ChecksPassed is how many health checks a machine that applied at applied
+// and has passed done of them has passed after a healthy report at now:
+// every check whose time since the apply has come counts.
+func (p Policy) ChecksPassed(applied, now time.Time, done int) int {
+	for done < len(p.Checks) && now.Sub(applied) >= p.Checks[done] {
+		done++
+	}
+	return done
+}
+
+// Exceeded says whether failures among machines (those that applied or
+// failed to apply the patch) are past the policy's threshold: more than
+// MaxFailures, or a share above MaxRate once at least 10 machines took part.
+func (p Policy) Exceeded(failures, machines int) bool {
+	if machines == 0 {
+		return false
+	}
+	return failures > p.MaxFailures || (machines >= 10 && float64(failures)/float64(machines) > p.MaxRate)
+}
+
+// CanAdvance says whether a stage is done: at least one machine applied
+// the patch and none is failed or still short of a check.
+func CanAdvance(machines, unfinished int) bool { return machines > 0 && unfinished == 0 }
+
 // machine is what the rollout knows of one machine that applied the patch.
 type machine struct {
 	applied time.Time
@@ -136,9 +160,7 @@ func (r *Rollout) Healthy(id string, t time.Time) {
 	if m == nil || m.failed {
 		return
 	}
-	for m.checks < len(r.Policy.Checks) && t.Sub(m.applied) >= r.Policy.Checks[m.checks] {
-		m.checks++
-	}
+	m.checks = r.Policy.ChecksPassed(m.applied, t, m.checks)
 }
 
 // Failed records a failure (apply failed, transition timed out, kernel
@@ -158,8 +180,7 @@ func (r *Rollout) Failed(id, reason string, t time.Time) {
 	}
 	m.failed = true
 	r.failures++
-	rate := float64(r.failures) / float64(len(r.machines))
-	if r.State == Running && (r.failures > r.Policy.MaxFailures || (len(r.machines) >= 10 && rate > r.Policy.MaxRate)) {
+	if r.State == Running && r.Policy.Exceeded(r.failures, len(r.machines)) {
 		r.State = Blocklisted
 		r.Reason = fmt.Sprintf("%d of %d machines failed at stage %d (last: %s: %s)", r.failures, len(r.machines), r.Stage, id, reason)
 	}
@@ -169,13 +190,17 @@ func (r *Rollout) Failed(id, reason string, t time.Time) {
 // patch passed every check and at least one did. It reports whether it
 // advanced.
 func (r *Rollout) Advance() bool {
-	if r.State != Running || len(r.machines) == 0 {
+	if r.State != Running {
 		return false
 	}
+	unfinished := 0
 	for _, m := range r.machines {
 		if m.failed || m.checks < len(r.Policy.Checks) {
-			return false
+			unfinished++
 		}
+	}
+	if !CanAdvance(len(r.machines), unfinished) {
+		return false
 	}
 	if r.Stage == len(r.Policy.Stages)-1 {
 		r.State = Complete

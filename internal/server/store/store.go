@@ -1,6 +1,8 @@
-// Package store keeps the server's fleet state behind one interface, with
-// an embedded SQLite implementation that needs no set-up. Schema migrations
-// are versioned SQL files in migrations/, applied in order at open.
+// Package store keeps the server's fleet state behind one interface, over
+// embedded SQLite (no set-up) or PostgreSQL (shared by several server
+// replicas). Schema migrations are versioned SQL files in migrations/,
+// applied in order at open, under an advisory lock on PostgreSQL so that
+// replicas starting together do not race.
 package store
 
 import (
@@ -27,6 +29,7 @@ var (
 	ErrNotFound = errors.New("not found")
 	ErrLimit    = errors.New("machine limit reached")
 	ErrExpired  = errors.New("enrollment key expired")
+	ErrExists   = errors.New("already exists")
 )
 
 // Key is an enrollment key (the secret is stored only as a hash).
@@ -36,12 +39,22 @@ type Key struct {
 	MaxMachines int
 	ExpiresAt   time.Time // zero: never
 	CreatedAt   time.Time
+	Group       string // machines enrolled with it join this group
 }
 
-// Machine is an enrolled machine.
+// Machine is an enrolled machine, with what its last check-in said and
+// what its group's channel makes of patch eligibility.
 type Machine struct {
 	ID, KeyID, TokenHash, Hostname string
 	EnrolledAt                     time.Time
+	Group                          string
+	KernelRelease, KernelBuildID   string
+	AgentVersion                   string
+	LastCheckIn                    time.Time
+	// From the machine's group and channel (read-only here).
+	Channel     string
+	Delay       time.Duration // the channel's deploy delay
+	Cutoff, Pin time.Time     // zero: none
 }
 
 // Store is the storage interface the server uses.
@@ -52,6 +65,7 @@ type Store interface {
 	Enroll(ctx context.Context, secretHash string, m Machine, now time.Time) (Key, error)
 	MachineByToken(ctx context.Context, tokenHash string) (Machine, error)
 	CountMachines(ctx context.Context, keyID string) (int, error)
+	Fleet
 	Close() error
 }
 
@@ -111,8 +125,25 @@ func OpenSQLite(ctx context.Context, path string) (*SQL, error) {
 	return s, nil
 }
 
+// migrationLock is the PostgreSQL advisory lock key held while migrating
+// (an arbitrary constant: "stitch" in ASCII).
+const migrationLock = 0x737469746368
+
 func (s *SQL) migrate(ctx context.Context) error {
-	if _, err := s.db.ExecContext(ctx, s.q(`CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY)`)); err != nil {
+	// One connection throughout: PostgreSQL's advisory lock belongs to the
+	// session that took it.
+	conn, err := s.db.Conn(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if s.postgres {
+		if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_lock($1)`, migrationLock); err != nil {
+			return fmt.Errorf("migration lock: %w", err)
+		}
+		defer conn.ExecContext(context.Background(), `SELECT pg_advisory_unlock($1)`, migrationLock)
+	}
+	if _, err := conn.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY)`); err != nil {
 		return err
 	}
 	names, err := fs.Glob(migrations, "migrations/*.sql")
@@ -122,7 +153,7 @@ func (s *SQL) migrate(ctx context.Context) error {
 	sort.Strings(names)
 	for _, n := range names {
 		var one int
-		err := s.db.QueryRowContext(ctx, s.q(`SELECT 1 FROM schema_migrations WHERE version = ?`), n).Scan(&one)
+		err := conn.QueryRowContext(ctx, s.q(`SELECT 1 FROM schema_migrations WHERE version = ?`), n).Scan(&one)
 		if err == nil {
 			continue
 		}
@@ -130,7 +161,7 @@ func (s *SQL) migrate(ctx context.Context) error {
 			return err
 		}
 		body, _ := migrations.ReadFile(n)
-		tx, err := s.db.BeginTx(ctx, nil)
+		tx, err := conn.BeginTx(ctx, nil)
 		if err != nil {
 			return err
 		}
@@ -169,8 +200,11 @@ func fromUnix(v int64) time.Time {
 }
 
 func (s *SQL) CreateKey(ctx context.Context, k Key) error {
-	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO enrollment_keys (id, secret_hash, max_machines, expires_at, created_at) VALUES (?, ?, ?, ?, ?)`),
-		k.ID, k.SecretHash, k.MaxMachines, unix(k.ExpiresAt), unix(k.CreatedAt))
+	if k.Group == "" {
+		k.Group = DefaultGroup
+	}
+	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO enrollment_keys (id, secret_hash, max_machines, expires_at, created_at, group_name) VALUES (?, ?, ?, ?, ?, ?)`),
+		k.ID, k.SecretHash, k.MaxMachines, unix(k.ExpiresAt), unix(k.CreatedAt), k.Group)
 	if err != nil {
 		return fmt.Errorf("create key %s: %w", k.ID, err)
 	}
@@ -185,8 +219,8 @@ func (s *SQL) Enroll(ctx context.Context, secretHash string, m Machine, now time
 	defer tx.Rollback()
 	var k Key
 	var exp, created int64
-	err = tx.QueryRowContext(ctx, s.q(`SELECT id, secret_hash, max_machines, expires_at, created_at FROM enrollment_keys WHERE secret_hash = ?`+s.lock()), secretHash).
-		Scan(&k.ID, &k.SecretHash, &k.MaxMachines, &exp, &created)
+	err = tx.QueryRowContext(ctx, s.q(`SELECT id, secret_hash, max_machines, expires_at, created_at, group_name FROM enrollment_keys WHERE secret_hash = ?`+s.lock()), secretHash).
+		Scan(&k.ID, &k.SecretHash, &k.MaxMachines, &exp, &created, &k.Group)
 	if errors.Is(err, sql.ErrNoRows) {
 		return Key{}, fmt.Errorf("enrollment key: %w", ErrNotFound)
 	}
@@ -204,22 +238,40 @@ func (s *SQL) Enroll(ctx context.Context, secretHash string, m Machine, now time
 	if n >= k.MaxMachines {
 		return k, fmt.Errorf("key %s: %w: %d of %d machines enrolled", k.ID, ErrLimit, n, k.MaxMachines)
 	}
-	if _, err := tx.ExecContext(ctx, s.q(`INSERT INTO machines (id, key_id, token_hash, hostname, enrolled_at) VALUES (?, ?, ?, ?, ?)`),
-		m.ID, k.ID, m.TokenHash, m.Hostname, unix(now)); err != nil {
+	if m.Group == "" {
+		m.Group = k.Group
+	}
+	var one int
+	if err := tx.QueryRowContext(ctx, s.q(`SELECT 1 FROM machine_groups WHERE name = ?`), m.Group).Scan(&one); err != nil {
+		return k, fmt.Errorf("enroll %s: group %q: %w", m.ID, m.Group, ErrNotFound)
+	}
+	if _, err := tx.ExecContext(ctx, s.q(`INSERT INTO machines (id, key_id, token_hash, hostname, enrolled_at, group_name) VALUES (?, ?, ?, ?, ?, ?)`),
+		m.ID, k.ID, m.TokenHash, m.Hostname, unix(now), m.Group); err != nil {
 		return k, fmt.Errorf("enroll %s: %w", m.ID, err)
 	}
 	return k, tx.Commit()
 }
 
-func (s *SQL) MachineByToken(ctx context.Context, tokenHash string) (Machine, error) {
+// machineSelect reads a machine with its group's channel settings.
+const machineSelect = `SELECT m.id, m.key_id, m.token_hash, m.hostname, m.enrolled_at, m.group_name,
+	m.kernel_release, m.kernel_build_id, m.agent_version, m.last_checkin, g.channel, c.delay_seconds, c.cutoff, g.pin
+	FROM machines m JOIN machine_groups g ON g.name = m.group_name JOIN channels c ON c.name = g.channel`
+
+func scanMachine(row interface{ Scan(...any) error }) (Machine, error) {
 	var m Machine
-	var at int64
-	err := s.db.QueryRowContext(ctx, s.q(`SELECT id, key_id, token_hash, hostname, enrolled_at FROM machines WHERE token_hash = ?`), tokenHash).
-		Scan(&m.ID, &m.KeyID, &m.TokenHash, &m.Hostname, &at)
+	var at, last, delay, cutoff, pin int64
+	err := row.Scan(&m.ID, &m.KeyID, &m.TokenHash, &m.Hostname, &at, &m.Group,
+		&m.KernelRelease, &m.KernelBuildID, &m.AgentVersion, &last, &m.Channel, &delay, &cutoff, &pin)
+	m.EnrolledAt, m.LastCheckIn = fromUnix(at), fromUnix(last)
+	m.Delay, m.Cutoff, m.Pin = time.Duration(delay)*time.Second, fromUnix(cutoff), fromUnix(pin)
+	return m, err
+}
+
+func (s *SQL) MachineByToken(ctx context.Context, tokenHash string) (Machine, error) {
+	m, err := scanMachine(s.db.QueryRowContext(ctx, s.q(machineSelect+` WHERE m.token_hash = ?`), tokenHash))
 	if errors.Is(err, sql.ErrNoRows) {
 		return Machine{}, ErrNotFound
 	}
-	m.EnrolledAt = fromUnix(at)
 	return m, err
 }
 

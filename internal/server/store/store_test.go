@@ -31,7 +31,7 @@ func openPostgres(t *testing.T) *SQL {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, q := range []string{"DROP TABLE IF EXISTS machines", "DROP TABLE IF EXISTS enrollment_keys", "DROP TABLE IF EXISTS schema_migrations"} {
+	for _, q := range []string{"DROP TABLE IF EXISTS health_reports, rollout_machines, patches, machine_patches, machines, machine_groups, channels, enrollment_keys, schema_migrations CASCADE"} {
 		if _, err := s.db.ExecContext(ctx, q); err != nil {
 			t.Fatal(err)
 		}

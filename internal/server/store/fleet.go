@@ -1,0 +1,414 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// DefaultGroup is the group of machines enrolled without one.
+const DefaultGroup = "default"
+
+// Channel is a release channel: patches reach its machines Delay after
+// they were registered, and none registered after Cutoff (when set).
+type Channel struct {
+	Name   string
+	Delay  time.Duration
+	Cutoff time.Time
+}
+
+// Group is a set of machines on one channel; Pin (when set) holds the
+// group at the patches registered up to then.
+type Group struct {
+	Name, Channel string
+	Pin           time.Time
+}
+
+// MachinePatch is one patch as a machine last reported it.
+type MachinePatch struct {
+	MachineID, Target, Name, State, Reason string
+	Since                                  time.Time
+}
+
+// CheckIn is what a machine's check-in changes.
+type CheckIn struct {
+	KernelRelease, KernelBuildID, AgentVersion string
+	Patches                                    []MachinePatch
+}
+
+// Patch is a registered patch and its rollout.
+type Patch struct {
+	Target, Name                 string
+	KernelRelease, KernelBuildID string
+	CVEs                         []string
+	Description                  string
+	RegisteredAt, UpdatedAt      time.Time
+	Stage                        int
+	State, Reason                string
+}
+
+// RolloutMachine is a machine that applied (or failed to apply) a patch.
+type RolloutMachine struct {
+	Target, MachineID string
+	AppliedAt         time.Time
+	Checks            int
+	Failed            bool
+	Reason            string
+}
+
+// RolloutCounts summarises a patch's rollout machines.
+type RolloutCounts struct {
+	Machines, Failed int
+	Unfinished       int // failed or short of the given number of checks
+}
+
+// HealthReport is a machine's latest report at one check of one patch.
+type HealthReport struct {
+	Target, MachineID, Check string
+	Healthy                  bool
+	Reason, Detail           string
+	At                       time.Time
+}
+
+// RolloutTx works on one patch's rollout inside a transaction that holds
+// the patch's row (locked on PostgreSQL, so replicas take turns).
+type RolloutTx interface {
+	Machine(id string) (RolloutMachine, bool, error)
+	PutMachine(RolloutMachine) error
+	Counts(checks int) (RolloutCounts, error)
+	PutHealth(HealthReport) error
+}
+
+// Fleet is the storage of check-ins, patches and rollouts.
+type Fleet interface {
+	// CheckIn records a machine's kernel and replaces its reported patches.
+	CheckIn(ctx context.Context, machineID string, c CheckIn, now time.Time) error
+	MachinePatches(ctx context.Context, machineID string) ([]MachinePatch, error)
+	Machines(ctx context.Context) ([]Machine, error)
+	AllMachinePatches(ctx context.Context) ([]MachinePatch, error)
+	SetMachineGroup(ctx context.Context, machineID, group string) error
+
+	PutChannel(ctx context.Context, c Channel) error
+	Channels(ctx context.Context) ([]Channel, error)
+	PutGroup(ctx context.Context, g Group) error
+	Groups(ctx context.Context) ([]Group, error)
+
+	RegisterPatch(ctx context.Context, p Patch) error
+	Patch(ctx context.Context, target string) (Patch, error)
+	Patches(ctx context.Context) ([]Patch, error)
+	PatchesForKernel(ctx context.Context, release, buildID string) ([]Patch, error)
+	RolloutMachines(ctx context.Context, target string) ([]RolloutMachine, error)
+	// Rollout runs fn on the patch's rollout in one transaction; p is
+	// written back when fn returns nil.
+	Rollout(ctx context.Context, target string, fn func(tx RolloutTx, p *Patch) error) error
+}
+
+func (s *SQL) CheckIn(ctx context.Context, id string, c CheckIn, now time.Time) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("checkin %s: %w", id, err)
+	}
+	defer tx.Rollback()
+	res, err := tx.ExecContext(ctx, s.q(`UPDATE machines SET kernel_release = ?, kernel_build_id = ?, agent_version = ?, last_checkin = ? WHERE id = ?`),
+		c.KernelRelease, c.KernelBuildID, c.AgentVersion, unix(now), id)
+	if err != nil {
+		return fmt.Errorf("checkin %s: %w", id, err)
+	}
+	if n, _ := res.RowsAffected(); n != 1 {
+		return fmt.Errorf("checkin %s: machine %w", id, ErrNotFound)
+	}
+	if _, err := tx.ExecContext(ctx, s.q(`DELETE FROM machine_patches WHERE machine_id = ?`), id); err != nil {
+		return fmt.Errorf("checkin %s: %w", id, err)
+	}
+	for _, p := range c.Patches {
+		if _, err := tx.ExecContext(ctx, s.q(`INSERT INTO machine_patches (machine_id, target, name, state, since, reason) VALUES (?, ?, ?, ?, ?, ?)`),
+			id, p.Target, p.Name, p.State, unix(p.Since), p.Reason); err != nil {
+			return fmt.Errorf("checkin %s: patch %s: %w", id, p.Target, err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("checkin %s: %w", id, err)
+	}
+	return nil
+}
+
+func (s *SQL) machinePatches(ctx context.Context, where string, args ...any) ([]MachinePatch, error) {
+	rows, err := s.db.QueryContext(ctx, s.q(`SELECT machine_id, target, name, state, since, reason FROM machine_patches`+where+` ORDER BY machine_id, target`), args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []MachinePatch
+	for rows.Next() {
+		var p MachinePatch
+		var since int64
+		if err := rows.Scan(&p.MachineID, &p.Target, &p.Name, &p.State, &since, &p.Reason); err != nil {
+			return nil, err
+		}
+		p.Since = fromUnix(since)
+		out = append(out, p)
+	}
+	return out, rows.Err()
+}
+
+func (s *SQL) MachinePatches(ctx context.Context, id string) ([]MachinePatch, error) {
+	return s.machinePatches(ctx, ` WHERE machine_id = ?`, id)
+}
+
+func (s *SQL) AllMachinePatches(ctx context.Context) ([]MachinePatch, error) {
+	return s.machinePatches(ctx, "")
+}
+
+func (s *SQL) Machines(ctx context.Context) ([]Machine, error) {
+	rows, err := s.db.QueryContext(ctx, machineSelect+` ORDER BY m.id`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Machine
+	for rows.Next() {
+		m, err := scanMachine(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, m)
+	}
+	return out, rows.Err()
+}
+
+func (s *SQL) SetMachineGroup(ctx context.Context, id, group string) error {
+	var one int
+	if err := s.db.QueryRowContext(ctx, s.q(`SELECT 1 FROM machine_groups WHERE name = ?`), group).Scan(&one); err != nil {
+		return fmt.Errorf("group %q: %w", group, ErrNotFound)
+	}
+	res, err := s.db.ExecContext(ctx, s.q(`UPDATE machines SET group_name = ? WHERE id = ?`), group, id)
+	if err != nil {
+		return fmt.Errorf("set group of %s: %w", id, err)
+	}
+	if n, _ := res.RowsAffected(); n != 1 {
+		return fmt.Errorf("machine %s: %w", id, ErrNotFound)
+	}
+	return nil
+}
+
+// upsert is INSERT ... ON CONFLICT (key) DO UPDATE, which SQLite and
+// PostgreSQL both understand.
+func (s *SQL) upsert(ctx context.Context, db interface {
+	ExecContext(context.Context, string, ...any) (sql.Result, error)
+}, table, key string, cols []string, vals ...any) error {
+	var set []string
+	for _, c := range cols {
+		if !strings.Contains(","+strings.ReplaceAll(key, " ", "")+",", ","+c+",") {
+			set = append(set, c+" = excluded."+c)
+		}
+	}
+	q := fmt.Sprintf(`INSERT INTO %s (%s) VALUES (%s) ON CONFLICT (%s) DO UPDATE SET %s`, table, strings.Join(cols, ", "),
+		strings.TrimSuffix(strings.Repeat("?, ", len(cols)), ", "), key, strings.Join(set, ", "))
+	_, err := db.ExecContext(ctx, s.q(q), vals...)
+	return err
+}
+
+func (s *SQL) PutChannel(ctx context.Context, c Channel) error {
+	if err := s.upsert(ctx, s.db, "channels", "name", []string{"name", "delay_seconds", "cutoff"}, c.Name, int64(c.Delay/time.Second), unix(c.Cutoff)); err != nil {
+		return fmt.Errorf("channel %s: %w", c.Name, err)
+	}
+	return nil
+}
+
+func (s *SQL) Channels(ctx context.Context) ([]Channel, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT name, delay_seconds, cutoff FROM channels ORDER BY delay_seconds, name`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Channel
+	for rows.Next() {
+		var c Channel
+		var d, cut int64
+		if err := rows.Scan(&c.Name, &d, &cut); err != nil {
+			return nil, err
+		}
+		c.Delay, c.Cutoff = time.Duration(d)*time.Second, fromUnix(cut)
+		out = append(out, c)
+	}
+	return out, rows.Err()
+}
+
+func (s *SQL) PutGroup(ctx context.Context, g Group) error {
+	var one int
+	if err := s.db.QueryRowContext(ctx, s.q(`SELECT 1 FROM channels WHERE name = ?`), g.Channel).Scan(&one); err != nil {
+		return fmt.Errorf("group %s: channel %q: %w", g.Name, g.Channel, ErrNotFound)
+	}
+	if err := s.upsert(ctx, s.db, "machine_groups", "name", []string{"name", "channel", "pin"}, g.Name, g.Channel, unix(g.Pin)); err != nil {
+		return fmt.Errorf("group %s: %w", g.Name, err)
+	}
+	return nil
+}
+
+func (s *SQL) Groups(ctx context.Context) ([]Group, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT name, channel, pin FROM machine_groups ORDER BY name`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Group
+	for rows.Next() {
+		var g Group
+		var pin int64
+		if err := rows.Scan(&g.Name, &g.Channel, &pin); err != nil {
+			return nil, err
+		}
+		g.Pin = fromUnix(pin)
+		out = append(out, g)
+	}
+	return out, rows.Err()
+}
+
+func (s *SQL) RegisterPatch(ctx context.Context, p Patch) error {
+	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO patches (target, name, kernel_release, kernel_build_id, cves, description, registered_at, stage, state, reason, updated_at)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
+		p.Target, p.Name, p.KernelRelease, p.KernelBuildID, strings.Join(p.CVEs, " "), p.Description, unix(p.RegisteredAt), p.Stage, p.State, p.Reason, unix(p.UpdatedAt))
+	if err != nil {
+		if _, e := s.Patch(ctx, p.Target); e == nil {
+			return fmt.Errorf("patch %s: %w", p.Target, ErrExists)
+		}
+		return fmt.Errorf("register %s: %w", p.Target, err)
+	}
+	return nil
+}
+
+const patchSelect = `SELECT target, name, kernel_release, kernel_build_id, cves, description, registered_at, stage, state, reason, updated_at FROM patches`
+
+func scanPatch(row interface{ Scan(...any) error }) (Patch, error) {
+	var p Patch
+	var cves string
+	var reg, upd int64
+	err := row.Scan(&p.Target, &p.Name, &p.KernelRelease, &p.KernelBuildID, &cves, &p.Description, &reg, &p.Stage, &p.State, &p.Reason, &upd)
+	p.CVEs, p.RegisteredAt, p.UpdatedAt = strings.Fields(cves), fromUnix(reg), fromUnix(upd)
+	return p, err
+}
+
+func (s *SQL) Patch(ctx context.Context, target string) (Patch, error) {
+	p, err := scanPatch(s.db.QueryRowContext(ctx, s.q(patchSelect+` WHERE target = ?`), target))
+	if errors.Is(err, sql.ErrNoRows) {
+		return Patch{}, fmt.Errorf("patch %s: %w", target, ErrNotFound)
+	}
+	return p, err
+}
+
+func (s *SQL) patches(ctx context.Context, where string, args ...any) ([]Patch, error) {
+	rows, err := s.db.QueryContext(ctx, s.q(patchSelect+where+` ORDER BY registered_at, target`), args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Patch
+	for rows.Next() {
+		p, err := scanPatch(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, p)
+	}
+	return out, rows.Err()
+}
+
+func (s *SQL) Patches(ctx context.Context) ([]Patch, error) { return s.patches(ctx, "") }
+
+func (s *SQL) PatchesForKernel(ctx context.Context, release, buildID string) ([]Patch, error) {
+	return s.patches(ctx, ` WHERE kernel_release = ? AND kernel_build_id = ?`, release, buildID)
+}
+
+func (s *SQL) RolloutMachines(ctx context.Context, target string) ([]RolloutMachine, error) {
+	rows, err := s.db.QueryContext(ctx, s.q(`SELECT target, machine_id, applied_at, checks, failed, reason FROM rollout_machines WHERE target = ? ORDER BY machine_id`), target)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []RolloutMachine
+	for rows.Next() {
+		var m RolloutMachine
+		var at int64
+		var failed int
+		if err := rows.Scan(&m.Target, &m.MachineID, &at, &m.Checks, &failed, &m.Reason); err != nil {
+			return nil, err
+		}
+		m.AppliedAt, m.Failed = fromUnix(at), failed != 0
+		out = append(out, m)
+	}
+	return out, rows.Err()
+}
+
+func (s *SQL) Rollout(ctx context.Context, target string, fn func(RolloutTx, *Patch) error) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("rollout %s: %w", target, err)
+	}
+	defer tx.Rollback()
+	p, err := scanPatch(tx.QueryRowContext(ctx, s.q(patchSelect+` WHERE target = ?`+s.lock()), target))
+	if errors.Is(err, sql.ErrNoRows) {
+		return fmt.Errorf("patch %s: %w", target, ErrNotFound)
+	}
+	if err != nil {
+		return fmt.Errorf("rollout %s: %w", target, err)
+	}
+	if err := fn(&rolloutTx{s: s, tx: tx, ctx: ctx, target: target}, &p); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, s.q(`UPDATE patches SET stage = ?, state = ?, reason = ?, updated_at = ? WHERE target = ?`),
+		p.Stage, p.State, p.Reason, unix(p.UpdatedAt), target); err != nil {
+		return fmt.Errorf("rollout %s: %w", target, err)
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("rollout %s: %w", target, err)
+	}
+	return nil
+}
+
+type rolloutTx struct {
+	s      *SQL
+	tx     *sql.Tx
+	ctx    context.Context
+	target string
+}
+
+func (r *rolloutTx) Machine(id string) (RolloutMachine, bool, error) {
+	m := RolloutMachine{Target: r.target, MachineID: id}
+	var at int64
+	var failed int
+	err := r.tx.QueryRowContext(r.ctx, r.s.q(`SELECT applied_at, checks, failed, reason FROM rollout_machines WHERE target = ? AND machine_id = ?`), r.target, id).
+		Scan(&at, &m.Checks, &failed, &m.Reason)
+	if errors.Is(err, sql.ErrNoRows) {
+		return m, false, nil
+	}
+	m.AppliedAt, m.Failed = fromUnix(at), failed != 0
+	return m, err == nil, err
+}
+
+func (r *rolloutTx) PutMachine(m RolloutMachine) error {
+	failed := 0
+	if m.Failed {
+		failed = 1
+	}
+	return r.s.upsert(r.ctx, r.tx, "rollout_machines", "target, machine_id", []string{"target", "machine_id", "applied_at", "checks", "failed", "reason"},
+		r.target, m.MachineID, unix(m.AppliedAt), m.Checks, failed, m.Reason)
+}
+
+func (r *rolloutTx) Counts(checks int) (RolloutCounts, error) {
+	var c RolloutCounts
+	err := r.tx.QueryRowContext(r.ctx, r.s.q(`SELECT COUNT(*), COALESCE(SUM(failed), 0), COALESCE(SUM(CASE WHEN failed <> 0 OR checks < ? THEN 1 ELSE 0 END), 0)
+		FROM rollout_machines WHERE target = ?`), checks, r.target).Scan(&c.Machines, &c.Failed, &c.Unfinished)
+	return c, err
+}
+
+func (r *rolloutTx) PutHealth(h HealthReport) error {
+	healthy := 0
+	if h.Healthy {
+		healthy = 1
+	}
+	return r.s.upsert(r.ctx, r.tx, "health_reports", "target, machine_id, check_name", []string{"target", "machine_id", "check_name", "healthy", "reason", "detail", "at"},
+		h.Target, h.MachineID, h.Check, healthy, h.Reason, h.Detail, unix(h.At))
+}
