@@ -146,12 +146,12 @@ func (d *differ) data() {
 		if !sizeChanged && !contentChanged {
 			continue
 		}
-		if stateless(db) && onlyFuncs(referrers[db]) {
+		if users, ok := funcUsers(db, referrers); ok && stateless(db) {
 			// Data without state: the patch carries the new version,
 			// and replaces every function that uses it (even one whose
 			// code is the same) so that they use the copy.
 			d.carried[db] = true
-			for _, f := range referrers[db] {
+			for _, f := range users {
 				if d.unchanged[f] {
 					d.replace(f)
 				}
@@ -305,14 +305,29 @@ func stateless(s *elfobj.Symbol) bool {
 	return s.Section.Flags&elf.SHF_WRITE == 0 || s.Section.Name == "__dyndbg"
 }
 
-// onlyFuncs tells whether all referrers are functions.
-func onlyFuncs(refs []*elfobj.Symbol) bool {
-	for _, r := range refs {
-		if r.Type != elf.STT_FUNC {
-			return false
+// funcUsers finds the functions that use s, directly or through other
+// stateless data (the __func__ string a dynamic debug record points to,
+// whose record goes with the function that prints it). ok is false when
+// data with state refers to s.
+func funcUsers(s *elfobj.Symbol, referrers map[*elfobj.Symbol][]*elfobj.Symbol) (funcs []*elfobj.Symbol, ok bool) {
+	seen := map[*elfobj.Symbol]bool{s: true}
+	queue := []*elfobj.Symbol{s}
+	for len(queue) > 0 {
+		for _, r := range referrers[queue[0]] {
+			switch {
+			case seen[r]:
+			case r.Type == elf.STT_FUNC:
+				funcs = append(funcs, r)
+			case r.Section != nil && stateless(r):
+				queue = append(queue, r)
+			default:
+				return nil, false
+			}
+			seen[r] = true
 		}
+		queue = queue[1:]
 	}
-	return true
+	return funcs, true
 }
 
 // describe builds the Func entry of a changed (pa != nil) or new function.

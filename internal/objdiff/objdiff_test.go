@@ -123,6 +123,9 @@ func TestFixtures(t *testing.T) {
 		{name: "funcnames", new: []string{"gamma_"}, newData: []string{"__func__.0", "descriptor.3"}},
 		// A dynamic debug record with a new format goes with its function.
 		{name: "dyndbg", changed: []string{"report"}, newData: []string{"descriptor.1"}},
+		// The message moves to a new helper: its __func__ string, which
+		// only the record refers to, changes with it and is carried.
+		{name: "dyndbg_moved", changed: []string{"stop"}, new: []string{"stop_locked"}, newData: []string{"__func__.0"}},
 		{name: "layout", changed: []string{"conn_get"}, unsafe: []string{KindTypeLayout + ":struct conn"}},
 		{name: "notrace", changed: []string{"fast"}, unsafe: []string{KindNoFentry + ":fast"}},
 		// Only the unlikely part moved to .text.unlikely changed; its
