@@ -57,15 +57,26 @@ type ObjectInput struct {
 // relocation with the given section-relative addend refers to. A
 // PC-relative addend is the target minus the distance from the field to
 // the end of the instruction (4, plus any immediate after the field), so
-// a few offsets past it are tried.
+// a few offsets past it are tried. Last, an address just past an object
+// is taken as its end (a loop's bound: pool + ARRAY_SIZE(pool)).
 func symbolAt(sec *elfobj.Section, addend int64, typ elf.R_X86_64) *elfobj.Symbol {
+	named := func(s *elfobj.Symbol) bool {
+		return s != nil && (s.Type == elf.STT_FUNC || s.Type == elf.STT_OBJECT)
+	}
 	biases := []int64{0}
 	if elfobj.PCRelative(typ) {
 		biases = []int64{4, 5, 6, 8}
 	}
 	for _, bias := range biases {
 		if off := addend + bias; off >= 0 {
-			if s := sec.SymbolAt(uint64(off)); s != nil && (s.Type == elf.STT_FUNC || s.Type == elf.STT_OBJECT) {
+			if s := sec.SymbolAt(uint64(off)); named(s) {
+				return s
+			}
+		}
+	}
+	for _, bias := range biases {
+		if off := addend + bias; off > 0 {
+			if s := sec.SymbolAt(uint64(off) - 1); named(s) && s.Type == elf.STT_OBJECT && s.Value+s.Size == uint64(off) {
 				return s
 			}
 		}

@@ -210,3 +210,37 @@ func TestWriteObjectCarriesMissingHelper(t *testing.T) {
 		}
 	}
 }
+
+func TestWriteObjectEndOfArray(t *testing.T) {
+	in := &ObjectInput{
+		Object:  "vmlinux",
+		Post:    compile(t, "testdata/writer/endptr.c"),
+		Funcs:   []Func{{Name: "walk"}},
+		Resolve: exportedOnly("__fentry__", "use"),
+	}
+	out, _, err := WriteObject(in, "__stitch_fn_0_")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := elf.NewFile(bytes.NewReader(out))
+	if err != nil {
+		t.Fatal(err)
+	}
+	syms, _ := f.Symbols()
+	rela := f.Section(".rela.text.walk")
+	if rela == nil {
+		t.Fatal("no .rela.text.walk")
+	}
+	data, _ := rela.Data()
+	found := false
+	for i := 0; i+24 <= len(data); i += 24 {
+		info := f.ByteOrder.Uint64(data[i+8:])
+		addend := int64(f.ByteOrder.Uint64(data[i+16:]))
+		if s := syms[info>>32-1]; s.Name == ".klp.sym.vmlinux.pool,0" && addend == 24*16 {
+			found = true
+		}
+	}
+	if !found {
+		t.Error("no relocation to .klp.sym.vmlinux.pool,0 + 384 (the end of pool)")
+	}
+}
