@@ -337,3 +337,28 @@ func TestImportRefusesEscapes(t *testing.T) {
 		}
 	}
 }
+
+func TestRepoOpen(t *testing.T) {
+	r := &Repo{Dir: t.TempDir()}
+	if err := r.Init(); err != nil {
+		t.Fatal(err)
+	}
+	name, err := r.Publish(testBundle(t, "module"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := r.Open(name)
+	if err != nil || b.Manifest.Name != "stitch_fix_1" {
+		t.Fatalf("open %s: %v", name, err)
+	}
+	if _, err := r.Open("6.1.0-28-amd64/nope-0123456789abcdef.stitch"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("unpublished target: %v", err)
+	}
+	path := filepath.Join(r.TargetsDir(), filepath.FromSlash(name))
+	data, _ := os.ReadFile(path)
+	data[len(data)-1] ^= 1
+	os.WriteFile(path, data, 0o644)
+	if _, err := r.Open(name); !errors.Is(err, ErrVerify) {
+		t.Errorf("tampered target on disk: %v", err)
+	}
+}

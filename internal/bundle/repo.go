@@ -361,3 +361,25 @@ func (r *Repo) TrustedRoot() ([]byte, error) {
 	}
 	return b, nil
 }
+
+// Open reads a published target from the repository, checks it against
+// the signed targets metadata (length and hash) and opens the bundle: what
+// a server reads when it starts a patch's rollout.
+func (r *Repo) Open(name string) (*Bundle, error) {
+	t, err := r.loadTargets()
+	if err != nil {
+		return nil, err
+	}
+	tf, ok := t.Signed.Targets[name]
+	if !ok {
+		return nil, fmt.Errorf("target %s: %w in %s (see `stitch repo list`)", name, ErrNotFound, r.Dir)
+	}
+	data, err := os.ReadFile(filepath.Join(r.TargetsDir(), filepath.FromSlash(name)))
+	if err != nil {
+		return nil, fmt.Errorf("target %s: %w", name, err)
+	}
+	if err := tf.VerifyLengthHashes(data); err != nil {
+		return nil, fmt.Errorf("target %s: %w: the file differs from the signed metadata: %v", name, ErrVerify, err)
+	}
+	return Open(data)
+}

@@ -1,7 +1,11 @@
 // Package server is the HTTP side of patch distribution: it serves the TUF
-// repository and bundles under /v1/repo/ and enrolls machines with
-// enrollment keys that carry a machine limit and an expiry. Admin calls use
-// a separate bearer token; a machine token never acts as admin.
+// repository and bundles under /v1/repo/, enrolls machines with enrollment
+// keys that carry a machine limit and an expiry, takes machines' check-ins
+// and health reports, and rolls registered patches out in stages (rules in
+// server/rollout), halting and blocklisting a patch by itself when machines
+// report failures. Admin calls use a separate bearer token; a machine token
+// never acts as admin, and a machine only reads and reports for itself.
+// All state is in the store, so several replicas can share PostgreSQL.
 package server
 
 import (
@@ -16,10 +20,12 @@ import (
 	"net/http"
 	"regexp"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/bundle"
 	"github.com/stitchpatch/stitch/internal/server/api"
+	"github.com/stitchpatch/stitch/internal/server/rollout"
 	"github.com/stitchpatch/stitch/internal/server/store"
 )
 
@@ -31,8 +37,16 @@ type Server struct {
 	Store      store.Store
 	Repo       *bundle.Repo
 	AdminToken string // required, compared in constant time
-	Now        func() time.Time
-	Log        *slog.Logger
+	// Policy is every rollout's policy; rollout.DefaultPolicy when zero.
+	Policy rollout.Policy
+	// CheckInEvery is what machines are told to wait between check-ins
+	// (an hour when zero).
+	CheckInEvery time.Duration
+	Now          func() time.Time // injectable so tests can run a fake clock
+	Log          *slog.Logger
+
+	once    sync.Once
+	metrics *metrics
 }
 
 // FreeTierMachines is the machine limit of a key created without one.
@@ -40,33 +54,41 @@ const FreeTierMachines = 3
 
 func (s *Server) now() time.Time {
 	if s.Now != nil {
-		return s.Now()
+		return s.Now().UTC()
 	}
-	return time.Now()
+	return time.Now().UTC()
+}
+
+func (s *Server) policy() rollout.Policy {
+	if len(s.Policy.Stages) == 0 {
+		return rollout.DefaultPolicy
+	}
+	return s.Policy
 }
 
 // Handler returns the routes.
 func (s *Server) Handler() http.Handler {
+	s.once.Do(func() { s.metrics = newMetrics() })
 	mux := http.NewServeMux()
 	mux.Handle("GET /v1/repo/metadata/", http.StripPrefix("/v1/repo/metadata/", http.FileServer(http.Dir(s.Repo.MetadataDir()))))
 	mux.Handle("GET /v1/repo/targets/", http.StripPrefix("/v1/repo/targets/", http.FileServer(http.Dir(s.Repo.TargetsDir()))))
 	mux.HandleFunc("POST "+api.PathEnroll, s.enroll)
 	mux.HandleFunc("GET "+api.PathSelf, s.machineOnly(s.self))
+	mux.HandleFunc("POST "+api.PathCheckIn, s.machineOnly(s.checkIn))
+	mux.HandleFunc("POST "+api.PathHealth, s.machineOnly(s.health))
 	mux.HandleFunc("POST /v1/admin/keys", s.adminOnly(s.createKey))
-	return mux
-}
-
-// KeyRequest creates an enrollment key.
-type KeyRequest struct {
-	MaxMachines int       `json:"max_machines"` // 0: the free tier's 3
-	ExpiresAt   time.Time `json:"expires_at"`   // zero: never
-}
-
-// KeyResponse returns the secret once; only its hash is stored.
-type KeyResponse struct {
-	ID          string `json:"id"`
-	Key         string `json:"key"`
-	MaxMachines int    `json:"max_machines"`
+	mux.HandleFunc("POST /v1/admin/patches", s.adminOnly(s.registerPatch))
+	mux.HandleFunc("POST /v1/admin/rollouts/{release}/{file}/{op}", s.adminOnly(s.operate))
+	mux.HandleFunc("GET /v1/admin/channels", s.adminOnly(s.channels))
+	mux.HandleFunc("PUT /v1/admin/channels/{name}", s.adminOnly(s.putChannel))
+	mux.HandleFunc("GET /v1/admin/groups", s.adminOnly(s.groups))
+	mux.HandleFunc("PUT /v1/admin/groups/{name}", s.adminOnly(s.putGroup))
+	mux.HandleFunc("PUT /v1/admin/machines/{id}/group", s.adminOnly(s.setGroup))
+	mux.HandleFunc("GET /v1/admin/reports/patches", s.adminOnly(s.reportPatches))
+	mux.HandleFunc("GET /v1/admin/reports/machines", s.adminOnly(s.reportMachines))
+	mux.HandleFunc("GET /v1/admin/reports/cves", s.adminOnly(s.reportCVEs))
+	mux.HandleFunc("GET /metrics", s.adminOnly(s.writeMetrics))
+	return s.metrics.instrument(mux)
 }
 
 func hash(secret string) string { return bundle.SHA256Hex([]byte(secret)) }
@@ -77,21 +99,26 @@ func randomHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-var hostnameRe = regexp.MustCompile(`^[A-Za-z0-9.-]{1,253}$`)
+var (
+	hostnameRe = regexp.MustCompile(`^[A-Za-z0-9.-]{1,253}$`)
+	nameRe     = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,62}$`) // channel and group names
+)
 
 func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 	var req api.EnrollRequest
 	if !decode(w, r, &req) {
 		return
 	}
-	if req.Key == "" || !hostnameRe.MatchString(req.Hostname) {
-		fail(w, http.StatusBadRequest, "want {\"key\": enrollment key, \"hostname\": host name}")
+	if req.Key == "" || !hostnameRe.MatchString(req.Hostname) || (req.Group != "" && !nameRe.MatchString(req.Group)) {
+		fail(w, http.StatusBadRequest, "want {\"key\": enrollment key, \"hostname\": host name, \"group\": optional group name}")
 		return
 	}
 	token := randomHex(32)
-	m := store.Machine{ID: "m-" + randomHex(8), TokenHash: hash(token), Hostname: req.Hostname}
+	m := store.Machine{ID: "m-" + randomHex(8), TokenHash: hash(token), Hostname: req.Hostname, Group: req.Group}
 	_, err := s.Store.Enroll(r.Context(), hash(req.Key), m, s.now())
 	switch {
+	case errors.Is(err, store.ErrNotFound) && req.Group != "":
+		fail(w, http.StatusUnauthorized, "unknown enrollment key or group: check the key and group you were given")
 	case errors.Is(err, store.ErrNotFound):
 		fail(w, http.StatusUnauthorized, "unknown enrollment key: check the key you were given")
 	case errors.Is(err, store.ErrLimit):
@@ -102,13 +129,13 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		s.log().Error("enroll", "err", err)
 		fail(w, http.StatusInternalServerError, "enrollment failed")
 	default:
-		s.log().Info("enrolled", "machine", m.ID, "hostname", m.Hostname)
+		s.log().Info("enrolled", "machine", m.ID, "hostname", m.Hostname, "group", m.Group)
 		reply(w, http.StatusCreated, api.EnrollResponse{MachineID: m.ID, Token: token})
 	}
 }
 
 func (s *Server) createKey(w http.ResponseWriter, r *http.Request) {
-	var req KeyRequest
+	var req api.KeyRequest
 	if !decode(w, r, &req) {
 		return
 	}
@@ -116,21 +143,24 @@ func (s *Server) createKey(w http.ResponseWriter, r *http.Request) {
 		fail(w, http.StatusBadRequest, "max_machines must be 0 (free tier) to 10000000")
 		return
 	}
+	if req.Group == "" {
+		req.Group = store.DefaultGroup
+	}
+	if !s.groupExists(r, req.Group) {
+		fail(w, http.StatusBadRequest, fmt.Sprintf("group %q does not exist: create it with PUT /v1/admin/groups/NAME", req.Group))
+		return
+	}
 	if req.MaxMachines == 0 {
 		req.MaxMachines = FreeTierMachines
 	}
 	secret := "sk-" + randomHex(24)
-	k := store.Key{ID: "k-" + randomHex(6), SecretHash: hash(secret), MaxMachines: req.MaxMachines, ExpiresAt: req.ExpiresAt, CreatedAt: s.now()}
+	k := store.Key{ID: "k-" + randomHex(6), SecretHash: hash(secret), MaxMachines: req.MaxMachines, ExpiresAt: req.ExpiresAt, CreatedAt: s.now(), Group: req.Group}
 	if err := s.Store.CreateKey(r.Context(), k); err != nil {
 		s.log().Error("create key", "err", err)
 		fail(w, http.StatusInternalServerError, "could not create the key")
 		return
 	}
-	reply(w, http.StatusCreated, KeyResponse{ID: k.ID, Key: secret, MaxMachines: k.MaxMachines})
-}
-
-func (s *Server) self(w http.ResponseWriter, r *http.Request, m store.Machine) {
-	reply(w, http.StatusOK, api.MachineView{ID: m.ID, Hostname: m.Hostname})
+	reply(w, http.StatusCreated, api.KeyResponse{ID: k.ID, Key: secret, MaxMachines: k.MaxMachines, Group: k.Group})
 }
 
 func bearer(r *http.Request) string {
@@ -155,13 +185,27 @@ func (s *Server) adminOnly(h http.HandlerFunc) http.HandlerFunc {
 func (s *Server) machineOnly(h func(http.ResponseWriter, *http.Request, store.Machine)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		t := bearer(r)
-		m, err := s.Store.MachineByToken(r.Context(), hash(t))
-		if t == "" || err != nil {
+		if t == "" {
 			fail(w, http.StatusUnauthorized, "machine token required (Authorization: Bearer TOKEN from enrollment)")
+			return
+		}
+		m, err := s.Store.MachineByToken(r.Context(), hash(t))
+		if errors.Is(err, store.ErrNotFound) {
+			fail(w, http.StatusUnauthorized, "unknown machine token: enroll again to get one")
+			return
+		}
+		if err != nil {
+			s.internal(w, "machine by token", err)
 			return
 		}
 		h(w, r, m)
 	}
+}
+
+// internal logs err and answers 500 without details.
+func (s *Server) internal(w http.ResponseWriter, what string, err error) {
+	s.log().Error(what, "err", err)
+	fail(w, http.StatusInternalServerError, what+" failed on the server; try again later")
 }
 
 func (s *Server) log() *slog.Logger {

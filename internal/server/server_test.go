@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -23,9 +25,11 @@ type env struct {
 	st    *store.SQL
 	repo  *bundle.Repo
 	admin string
+	s     *Server
 }
 
-func newEnv(t *testing.T) *env {
+// newEnv starts a server on SQLite and loopback; opts adjust it first.
+func newEnv(t *testing.T, opts ...func(*Server)) *env {
 	t.Helper()
 	ctx := context.Background()
 	st, err := store.OpenSQLite(ctx, filepath.Join(t.TempDir(), "fleet.db"))
@@ -37,7 +41,10 @@ func newEnv(t *testing.T) *env {
 	if err := repo.Init(); err != nil {
 		t.Fatal(err)
 	}
-	s := &Server{Store: st, Repo: repo, AdminToken: "admin-secret"}
+	s := &Server{Store: st, Repo: repo, AdminToken: "admin-secret", Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	for _, o := range opts {
+		o(s)
+	}
 	hs := httptest.NewUnstartedServer(s.Handler())
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -46,7 +53,7 @@ func newEnv(t *testing.T) *env {
 	hs.Listener = l
 	hs.Start()
 	t.Cleanup(hs.Close)
-	return &env{srv: hs, st: st, repo: repo, admin: "admin-secret"}
+	return &env{srv: hs, st: st, repo: repo, admin: "admin-secret", s: s}
 }
 
 func (e *env) call(t *testing.T, method, path, token string, body []byte, out any) int {
@@ -70,8 +77,8 @@ func js(v any) []byte { b, _ := json.Marshal(v); return b }
 
 func TestEnrollmentLimitsAndAuth(t *testing.T) {
 	e := newEnv(t)
-	var key KeyResponse
-	if c := e.call(t, "POST", "/v1/admin/keys", e.admin, js(KeyRequest{}), &key); c != 201 || key.MaxMachines != FreeTierMachines {
+	var key api.KeyResponse
+	if c := e.call(t, "POST", "/v1/admin/keys", e.admin, js(api.KeyRequest{}), &key); c != 201 || key.MaxMachines != FreeTierMachines {
 		t.Fatalf("create key: %d %+v", c, key)
 	}
 	var tokens []string
@@ -91,7 +98,7 @@ func TestEnrollmentLimitsAndAuth(t *testing.T) {
 	if c := e.call(t, "GET", "/v1/machines/self", tokens[1], nil, &me); c != 200 || me.Hostname != "hostb" {
 		t.Fatalf("self: %d %+v", c, me)
 	}
-	if c := e.call(t, "POST", "/v1/admin/keys", tokens[0], js(KeyRequest{}), nil); c != 401 {
+	if c := e.call(t, "POST", "/v1/admin/keys", tokens[0], js(api.KeyRequest{}), nil); c != 401 {
 		t.Fatalf("machine token as admin: %d", c)
 	}
 	if c := e.call(t, "GET", "/v1/machines/self", e.admin, nil, nil); c != 401 {
@@ -104,8 +111,8 @@ func TestEnrollmentLimitsAndAuth(t *testing.T) {
 
 func TestBadRequestsChangeNothing(t *testing.T) {
 	e := newEnv(t)
-	var key KeyResponse
-	e.call(t, "POST", "/v1/admin/keys", e.admin, js(KeyRequest{MaxMachines: 5}), &key)
+	var key api.KeyResponse
+	e.call(t, "POST", "/v1/admin/keys", e.admin, js(api.KeyRequest{MaxMachines: 5}), &key)
 	for name, tc := range map[string]struct {
 		body []byte
 		code int

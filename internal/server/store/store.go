@@ -110,7 +110,7 @@ func OpenPostgres(ctx context.Context, dsn string) (*SQL, error) {
 
 // OpenSQLite opens (creating) the database at path and migrates it.
 func OpenSQLite(ctx context.Context, path string) (*SQL, error) {
-	db, err := sql.Open("sqlite", "file:"+path+"?_pragma=busy_timeout(5000)&_pragma=journal_mode(WAL)&_pragma=foreign_keys(1)")
+	db, err := sql.Open("sqlite", "file:"+path+"?_pragma=busy_timeout(5000)&_pragma=journal_mode(WAL)&_pragma=synchronous(NORMAL)&_pragma=foreign_keys(1)")
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}

@@ -1,0 +1,217 @@
+package server
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/stitchpatch/stitch/internal/bundle"
+	"github.com/stitchpatch/stitch/internal/server/api"
+	"github.com/stitchpatch/stitch/internal/server/rollout"
+	"github.com/stitchpatch/stitch/internal/server/store"
+)
+
+func (s *Server) groupExists(r *http.Request, name string) bool {
+	gs, err := s.Store.Groups(r.Context())
+	if err != nil {
+		return false
+	}
+	for _, g := range gs {
+		if g.Name == name {
+			return true
+		}
+	}
+	return false
+}
+
+// registerPatch starts the rollout of a target already published in the
+// server's repository: the bundle's manifest says which kernel (release
+// and build-id) it is for and which CVEs it fixes.
+func (s *Server) registerPatch(w http.ResponseWriter, r *http.Request) {
+	var req api.PatchRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	if !api.ValidTarget(req.Target) {
+		fail(w, http.StatusBadRequest, fmt.Sprintf("target %q: want a published target name (RELEASE/NAME-HASH.stitch, see `stitch repo list`)", req.Target))
+		return
+	}
+	b, err := s.Repo.Open(req.Target)
+	switch {
+	case errors.Is(err, bundle.ErrNotFound):
+		fail(w, http.StatusNotFound, err.Error()+": publish it first")
+		return
+	case err != nil:
+		s.internal(w, "read target", err)
+		return
+	}
+	now := s.now()
+	m := b.Manifest
+	p := store.Patch{Target: req.Target, Name: m.Name, KernelRelease: m.Kernel.Release, KernelBuildID: m.Kernel.BuildID,
+		CVEs: m.CVEs, Description: m.Description, RegisteredAt: now, UpdatedAt: now, State: string(rollout.Running)}
+	err = s.Store.RegisterPatch(r.Context(), p)
+	switch {
+	case errors.Is(err, store.ErrExists):
+		fail(w, http.StatusConflict, fmt.Sprintf("patch %s is already registered: see /v1/admin/reports/patches", req.Target))
+		return
+	case err != nil:
+		s.internal(w, "register patch", err)
+		return
+	}
+	s.metrics.event("started")
+	s.log().Info("rollout started", "target", p.Target, "kernel", p.KernelRelease, "build_id", p.KernelBuildID, "cves", p.CVEs)
+	reply(w, http.StatusCreated, s.patchReport(p, nil, nil))
+}
+
+// operate is the operator's halt, resume and blocklist.
+func (s *Server) operate(w http.ResponseWriter, r *http.Request) {
+	target, op := r.PathValue("release")+"/"+r.PathValue("file"), r.PathValue("op")
+	var req api.RolloutRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	if len(req.Reason) > 1024 {
+		fail(w, http.StatusBadRequest, "reason: at most 1024 bytes")
+		return
+	}
+	if op != "halt" && op != "resume" && op != "blocklist" {
+		fail(w, http.StatusNotFound, fmt.Sprintf("unknown rollout operation %q: want halt, resume or blocklist", op))
+		return
+	}
+	var out store.Patch
+	err := s.Store.Rollout(r.Context(), target, func(_ store.RolloutTx, p *store.Patch) error {
+		// The rollout package's rules decide which transitions are allowed.
+		ro := &rollout.Rollout{Patch: p.Target, Policy: s.policy(), Stage: p.Stage, State: rollout.State(p.State), Reason: p.Reason}
+		reason := req.Reason
+		if reason == "" {
+			reason = "by the operator"
+		}
+		switch op {
+		case "halt":
+			ro.Halt(reason)
+			if ro.State != rollout.Halted {
+				return fmt.Errorf("%w: rollout of %s is %s, only a running one can be halted", errConflict, p.Target, p.State)
+			}
+		case "resume":
+			if err := ro.Resume(); err != nil {
+				return fmt.Errorf("%w: %v", errConflict, err)
+			}
+		case "blocklist":
+			ro.Blocklist(reason)
+		}
+		p.State, p.Reason, p.UpdatedAt = string(ro.State), ro.Reason, s.now()
+		out = *p
+		return nil
+	})
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		fail(w, http.StatusNotFound, fmt.Sprintf("patch %s is not registered", target))
+		return
+	case errors.Is(err, errConflict):
+		fail(w, http.StatusConflict, err.Error())
+		return
+	case err != nil:
+		s.internal(w, "rollout "+op, err)
+		return
+	}
+	s.metrics.event(map[string]string{"halt": "halted", "resume": "resumed", "blocklist": "blocklisted"}[op])
+	s.log().Warn("rollout "+op+" by the operator", "target", target, "reason", req.Reason)
+	reply(w, http.StatusOK, s.patchReport(out, nil, nil))
+}
+
+var errConflict = errors.New("conflict")
+
+func (s *Server) channels(w http.ResponseWriter, r *http.Request) {
+	cs, err := s.Store.Channels(r.Context())
+	if err != nil {
+		s.internal(w, "channels", err)
+		return
+	}
+	out := []api.Channel{}
+	for _, c := range cs {
+		out = append(out, api.Channel{Name: c.Name, DelaySeconds: int64(c.Delay / time.Second), Cutoff: c.Cutoff})
+	}
+	reply(w, http.StatusOK, out)
+}
+
+func (s *Server) putChannel(w http.ResponseWriter, r *http.Request) {
+	var c api.Channel
+	if !decode(w, r, &c) {
+		return
+	}
+	if c.Name == "" {
+		c.Name = r.PathValue("name")
+	}
+	switch {
+	case c.Name != r.PathValue("name") || !nameRe.MatchString(c.Name):
+		fail(w, http.StatusBadRequest, "channel name: want a-z, 0-9, _ and -, the same in the path and the body")
+		return
+	case c.DelaySeconds < 0 || c.DelaySeconds > 366*86400:
+		fail(w, http.StatusBadRequest, "delay_seconds: want 0 to a year")
+		return
+	}
+	if err := s.Store.PutChannel(r.Context(), store.Channel{Name: c.Name, Delay: time.Duration(c.DelaySeconds) * time.Second, Cutoff: c.Cutoff}); err != nil {
+		s.internal(w, "put channel", err)
+		return
+	}
+	s.log().Info("channel set", "channel", c.Name, "delay", c.DelaySeconds, "cutoff", c.Cutoff)
+	reply(w, http.StatusOK, c)
+}
+
+func (s *Server) groups(w http.ResponseWriter, r *http.Request) {
+	gs, err := s.Store.Groups(r.Context())
+	if err != nil {
+		s.internal(w, "groups", err)
+		return
+	}
+	out := []api.Group{}
+	for _, g := range gs {
+		out = append(out, api.Group{Name: g.Name, Channel: g.Channel, Pin: g.Pin})
+	}
+	reply(w, http.StatusOK, out)
+}
+
+func (s *Server) putGroup(w http.ResponseWriter, r *http.Request) {
+	var g api.Group
+	if !decode(w, r, &g) {
+		return
+	}
+	if g.Name == "" {
+		g.Name = r.PathValue("name")
+	}
+	if g.Name != r.PathValue("name") || !nameRe.MatchString(g.Name) {
+		fail(w, http.StatusBadRequest, "group name: want a-z, 0-9, _ and -, the same in the path and the body")
+		return
+	}
+	err := s.Store.PutGroup(r.Context(), store.Group{Name: g.Name, Channel: g.Channel, Pin: g.Pin})
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		fail(w, http.StatusBadRequest, fmt.Sprintf("channel %q does not exist: create it with PUT /v1/admin/channels/NAME", g.Channel))
+		return
+	case err != nil:
+		s.internal(w, "put group", err)
+		return
+	}
+	s.log().Info("group set", "group", g.Name, "channel", g.Channel, "pin", g.Pin)
+	reply(w, http.StatusOK, g)
+}
+
+func (s *Server) setGroup(w http.ResponseWriter, r *http.Request) {
+	var req api.MachineGroupRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	id := r.PathValue("id")
+	err := s.Store.SetMachineGroup(r.Context(), id, req.Group)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		fail(w, http.StatusNotFound, err.Error())
+		return
+	case err != nil:
+		s.internal(w, "set group", err)
+		return
+	}
+	s.log().Info("machine moved", "machine", id, "group", req.Group)
+	reply(w, http.StatusOK, req)
+}

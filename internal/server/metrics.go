@@ -1,0 +1,133 @@
+package server
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// metrics are the server's counters, written in Prometheus's text
+// exposition format by hand: a handful of series does not justify the
+// client library.
+type metrics struct {
+	checkins atomic.Int64
+	healthy  atomic.Int64
+	failed   atomic.Int64
+	mu       sync.Mutex
+	events   map[string]int64      // rollout events: advanced, completed, blocklisted, ...
+	requests map[string]*histogram // by route pattern
+	codes    map[[2]string]int64   // by route and status code
+}
+
+// buckets of the request latency histogram, in seconds.
+var buckets = []float64{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5}
+
+type histogram struct {
+	counts []int64 // per bucket, not cumulative
+	sum    float64
+	n      int64
+}
+
+func newMetrics() *metrics {
+	return &metrics{events: map[string]int64{}, requests: map[string]*histogram{}, codes: map[[2]string]int64{}}
+}
+
+func (m *metrics) event(name string) {
+	m.mu.Lock()
+	m.events[name]++
+	m.mu.Unlock()
+}
+
+func (m *metrics) observe(route string, code int, d time.Duration) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	h := m.requests[route]
+	if h == nil {
+		h = &histogram{counts: make([]int64, len(buckets)+1)}
+		m.requests[route] = h
+	}
+	s := d.Seconds()
+	i := sort.SearchFloat64s(buckets, s)
+	h.counts[i]++
+	h.sum += s
+	h.n++
+	m.codes[[2]string{route, fmt.Sprint(code)}]++
+}
+
+// statusWriter remembers the status code for the metrics.
+type statusWriter struct {
+	http.ResponseWriter
+	code int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	w.code = code
+	w.ResponseWriter.WriteHeader(code)
+}
+
+// instrument times every request by its route pattern (not its path, so
+// machine ids and targets do not become label values).
+func (m *metrics) instrument(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		sw := &statusWriter{ResponseWriter: w, code: http.StatusOK}
+		h.ServeHTTP(sw, r)
+		route := r.Pattern
+		if route == "" {
+			route = "unmatched"
+		}
+		m.observe(route, sw.code, time.Since(start))
+	})
+}
+
+// write prints every series; rollouts counts patches by rollout state.
+func (m *metrics) write(w io.Writer, rollouts map[string]int) {
+	fmt.Fprintf(w, "# HELP stitch_checkins_total Machine check-ins accepted.\n# TYPE stitch_checkins_total counter\nstitch_checkins_total %d\n", m.checkins.Load())
+	fmt.Fprintf(w, "# HELP stitch_health_reports_total Health reports accepted, by result.\n# TYPE stitch_health_reports_total counter\n")
+	fmt.Fprintf(w, "stitch_health_reports_total{result=\"healthy\"} %d\nstitch_health_reports_total{result=\"unhealthy\"} %d\n", m.healthy.Load(), m.failed.Load())
+	fmt.Fprintf(w, "# HELP stitch_rollouts Registered patches by rollout state.\n# TYPE stitch_rollouts gauge\n")
+	for _, st := range sortedKeys(rollouts) {
+		fmt.Fprintf(w, "stitch_rollouts{state=%q} %d\n", st, rollouts[st])
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	fmt.Fprintf(w, "# HELP stitch_rollout_events_total Rollout transitions (advanced, completed, blocklisted, halted, resumed).\n# TYPE stitch_rollout_events_total counter\n")
+	for _, e := range sortedKeys(m.events) {
+		fmt.Fprintf(w, "stitch_rollout_events_total{event=%q} %d\n", e, m.events[e])
+	}
+	fmt.Fprintf(w, "# HELP stitch_http_requests_total HTTP requests by route and status code.\n# TYPE stitch_http_requests_total counter\n")
+	keys := make([][2]string, 0, len(m.codes))
+	for k := range m.codes {
+		keys = append(keys, k)
+	}
+	slices.SortFunc(keys, func(a, b [2]string) int { return strings.Compare(a[0]+" "+a[1], b[0]+" "+b[1]) })
+	for _, k := range keys {
+		fmt.Fprintf(w, "stitch_http_requests_total{route=%q,code=%q} %d\n", k[0], k[1], m.codes[k])
+	}
+	fmt.Fprintf(w, "# HELP stitch_http_request_duration_seconds HTTP request latency by route.\n# TYPE stitch_http_request_duration_seconds histogram\n")
+	for _, route := range sortedKeys(m.requests) {
+		h := m.requests[route]
+		var cum int64
+		for i, b := range buckets {
+			cum += h.counts[i]
+			fmt.Fprintf(w, "stitch_http_request_duration_seconds_bucket{route=%q,le=\"%g\"} %d\n", route, b, cum)
+		}
+		fmt.Fprintf(w, "stitch_http_request_duration_seconds_bucket{route=%q,le=\"+Inf\"} %d\n", route, h.n)
+		fmt.Fprintf(w, "stitch_http_request_duration_seconds_sum{route=%q} %g\nstitch_http_request_duration_seconds_count{route=%q} %d\n", route, h.sum, route, h.n)
+	}
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	ks := make([]string, 0, len(m))
+	for k := range m {
+		ks = append(ks, k)
+	}
+	slices.Sort(ks)
+	return ks
+}

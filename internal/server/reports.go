@@ -1,0 +1,208 @@
+package server
+
+import (
+	"net/http"
+	"slices"
+
+	"github.com/stitchpatch/stitch/internal/server/api"
+	"github.com/stitchpatch/stitch/internal/server/rollout"
+	"github.com/stitchpatch/stitch/internal/server/store"
+)
+
+// Reports read the whole fleet: they are for operators, a few times a
+// minute at most, not for the machines' hot path.
+
+// patchReport sums up p's rollout over machines (nil: counts left zero).
+func (s *Server) patchReport(p store.Patch, machines []store.Machine, rms []store.RolloutMachine) api.PatchReport {
+	pol := s.policy()
+	rep := api.PatchReport{Target: p.Target, Name: p.Name, KernelRelease: p.KernelRelease, KernelBuildID: p.KernelBuildID,
+		CVEs: append([]string{}, p.CVEs...), RegisteredAt: p.RegisteredAt, State: p.State, Reason: p.Reason, Stage: p.Stage, Share: pol.Stages[p.Stage]}
+	took := map[string]bool{}
+	for _, rm := range rms {
+		took[rm.MachineID] = true
+		switch {
+		case rm.Failed:
+			rep.Failed++
+		case rm.Checks >= len(pol.Checks):
+			rep.Applied++
+			rep.Healthy++
+		default:
+			rep.Applied++
+		}
+	}
+	for _, m := range machines {
+		if m.KernelRelease != p.KernelRelease || m.KernelBuildID != p.KernelBuildID {
+			continue
+		}
+		rep.Eligible++
+		if !took[m.ID] && s.offered(p, m, false) {
+			rep.Pending++
+		}
+	}
+	return rep
+}
+
+func (s *Server) reportPatches(w http.ResponseWriter, r *http.Request) {
+	ps, err := s.Store.Patches(r.Context())
+	if err != nil {
+		s.internal(w, "report", err)
+		return
+	}
+	ms, err := s.Store.Machines(r.Context())
+	if err != nil {
+		s.internal(w, "report", err)
+		return
+	}
+	out := []api.PatchReport{}
+	for _, p := range ps {
+		rms, err := s.Store.RolloutMachines(r.Context(), p.Target)
+		if err != nil {
+			s.internal(w, "report", err)
+			return
+		}
+		out = append(out, s.patchReport(p, ms, rms))
+	}
+	reply(w, http.StatusOK, out)
+}
+
+// fleet is what the machine and CVE reports need.
+type fleet struct {
+	machines []store.Machine
+	patches  []store.Patch
+	applied  map[string]map[string]bool // machine → targets it reports applied
+}
+
+func (s *Server) readFleet(r *http.Request) (*fleet, error) {
+	f := &fleet{applied: map[string]map[string]bool{}}
+	var err error
+	if f.machines, err = s.Store.Machines(r.Context()); err != nil {
+		return nil, err
+	}
+	if f.patches, err = s.Store.Patches(r.Context()); err != nil {
+		return nil, err
+	}
+	mps, err := s.Store.AllMachinePatches(r.Context())
+	if err != nil {
+		return nil, err
+	}
+	for _, mp := range mps {
+		if mp.State != api.StateApplied {
+			continue
+		}
+		if f.applied[mp.MachineID] == nil {
+			f.applied[mp.MachineID] = map[string]bool{}
+		}
+		f.applied[mp.MachineID][mp.Target] = true
+	}
+	return f, nil
+}
+
+// forKernel are the registered patches for m's kernel.
+func (f *fleet) forKernel(m store.Machine) []store.Patch {
+	var out []store.Patch
+	for _, p := range f.patches {
+		if p.KernelRelease == m.KernelRelease && p.KernelBuildID == m.KernelBuildID {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func (s *Server) reportMachines(w http.ResponseWriter, r *http.Request) {
+	f, err := s.readFleet(r)
+	if err != nil {
+		s.internal(w, "report", err)
+		return
+	}
+	byTarget := map[string]store.Patch{}
+	for _, p := range f.patches {
+		byTarget[p.Target] = p
+	}
+	out := []api.MachineReport{}
+	for _, m := range f.machines {
+		rep := api.MachineReport{ID: m.ID, Hostname: m.Hostname, Group: m.Group, Channel: m.Channel, KernelRelease: m.KernelRelease,
+			KernelBuildID: m.KernelBuildID, LastCheckIn: m.LastCheckIn, Applied: []string{}, FixedCVEs: []string{}, Missing: []string{}}
+		for t := range f.applied[m.ID] {
+			rep.Applied = append(rep.Applied, t)
+			if p, ok := byTarget[t]; ok {
+				rep.FixedCVEs = append(rep.FixedCVEs, p.CVEs...)
+				if p.RegisteredAt.After(rep.PatchLevel) {
+					rep.PatchLevel = p.RegisteredAt
+				}
+			}
+		}
+		for _, p := range f.forKernel(m) {
+			if !f.applied[m.ID][p.Target] && p.State != string(rollout.Blocklisted) {
+				rep.Missing = append(rep.Missing, p.Target)
+			}
+		}
+		slices.Sort(rep.Applied)
+		slices.Sort(rep.FixedCVEs)
+		rep.FixedCVEs = slices.Compact(rep.FixedCVEs)
+		out = append(out, rep)
+	}
+	reply(w, http.StatusOK, out)
+}
+
+func (s *Server) reportCVEs(w http.ResponseWriter, r *http.Request) {
+	f, err := s.readFleet(r)
+	if err != nil {
+		s.internal(w, "report", err)
+		return
+	}
+	byCVE := map[string]*api.CVEReport{}
+	var order []string
+	for _, p := range f.patches {
+		for _, c := range p.CVEs {
+			if byCVE[c] == nil {
+				byCVE[c] = &api.CVEReport{CVE: c, Patches: []string{}, Exposed: []string{}}
+				order = append(order, c)
+			}
+			byCVE[c].Patches = append(byCVE[c].Patches, p.Target)
+		}
+	}
+	for _, m := range f.machines {
+		// exposed: the CVEs some patch for this kernel fixes; fixed: those
+		// an applied patch fixes.
+		exposed, fixed := map[string]bool{}, map[string]bool{}
+		for _, p := range f.forKernel(m) {
+			for _, c := range p.CVEs {
+				exposed[c] = true
+				if f.applied[m.ID][p.Target] {
+					fixed[c] = true
+				}
+			}
+		}
+		for c := range exposed {
+			if fixed[c] {
+				byCVE[c].Fixed++
+			} else {
+				byCVE[c].Exposed = append(byCVE[c].Exposed, m.ID)
+			}
+		}
+	}
+	slices.Sort(order)
+	out := []api.CVEReport{}
+	for _, c := range order {
+		slices.Sort(byCVE[c].Exposed)
+		out = append(out, *byCVE[c])
+	}
+	reply(w, http.StatusOK, out)
+}
+
+func (s *Server) writeMetrics(w http.ResponseWriter, r *http.Request) {
+	ps, err := s.Store.Patches(r.Context())
+	if err != nil {
+		s.internal(w, "metrics", err)
+		return
+	}
+	states := map[string]int{}
+	for _, st := range []rollout.State{rollout.Running, rollout.Halted, rollout.Blocklisted, rollout.Complete} {
+		states[string(st)] = 0
+	}
+	for _, p := range ps {
+		states[p.State]++
+	}
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+	s.metrics.write(w, states)
+}

@@ -1,0 +1,321 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stitchpatch/stitch/internal/bundle"
+	"github.com/stitchpatch/stitch/internal/server/api"
+	"github.com/stitchpatch/stitch/internal/server/rollout"
+)
+
+// fakeClock is the server's and the agents' time in a simulation.
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) Add(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+const (
+	simRelease = "6.1.0-54-amd64"
+	simBuildID = "887cd47f03581c5baf735611814b0308637cd7f2"
+)
+
+// simAgent plays an agent: it checks in when told to, applies and reverts
+// what it is ordered to, and reports health at 1, 5 and 15 minutes.
+type simAgent struct {
+	c       *api.Client
+	id      string
+	buildID string
+	next    time.Time
+	held    map[string]*heldPatch // by target
+}
+
+type heldPatch struct {
+	name, state string
+	since       time.Time
+	sent        int // health checks sent after the apply
+}
+
+// simFleet is the simulation: agents, what they were ordered, and which
+// of them break which patch.
+type simFleet struct {
+	clk    *fakeClock
+	agents []*simAgent
+	breaks func(a *simAgent, target string) bool
+
+	mu       sync.Mutex
+	received map[string][]string // target → machines ordered to apply it
+	reverted map[string][]string
+}
+
+var simChecks = []struct {
+	name  string
+	after time.Duration
+}{{api.Check1m, time.Minute}, {api.Check5m, 5 * time.Minute}, {api.Check15m, 15 * time.Minute}}
+
+func (f *simFleet) step(ctx context.Context, a *simAgent) error {
+	now := f.clk.Now()
+	for target, h := range a.held {
+		for h.state == api.StateApplied && h.sent < len(simChecks) && now.Sub(h.since) >= simChecks[h.sent].after {
+			if err := a.c.Health(ctx, api.Health{Target: target, Name: h.name, Check: simChecks[h.sent].name, Healthy: true}); err != nil {
+				return fmt.Errorf("%s: health %s: %w", a.id, simChecks[h.sent].name, err)
+			}
+			h.sent++
+		}
+	}
+	if now.Before(a.next) {
+		return nil
+	}
+	ci := api.CheckIn{KernelRelease: simRelease, KernelBuildID: a.buildID, AgentVersion: "sim"}
+	for target, h := range a.held {
+		ci.Patches = append(ci.Patches, api.PatchState{Target: target, Name: h.name, State: h.state, Since: h.since})
+	}
+	resp, err := a.c.CheckIn(ctx, ci)
+	if err != nil {
+		return fmt.Errorf("%s: check-in: %w", a.id, err)
+	}
+	a.next = now.Add(time.Duration(resp.NextCheckinSeconds) * time.Second)
+	for _, act := range resp.Actions {
+		f.mu.Lock()
+		if act.Op == api.OpApply {
+			f.received[act.Target] = append(f.received[act.Target], a.id)
+		} else {
+			f.reverted[act.Target] = append(f.reverted[act.Target], a.id)
+		}
+		f.mu.Unlock()
+		switch {
+		case act.Op == api.OpRevert:
+			a.held[act.Target].state, a.held[act.Target].since = api.StateReverted, now
+		case f.breaks(a, act.Target):
+			a.held[act.Target] = &heldPatch{name: act.Name, state: api.StateFailed, since: now}
+			if err := a.c.Health(ctx, api.Health{Target: act.Target, Name: act.Name, Check: api.CheckApply, Reason: api.ReasonKernelWarning, Detail: "WARNING: at fs/proc/base.c"}); err != nil {
+				return fmt.Errorf("%s: failure report: %w", a.id, err)
+			}
+		default:
+			a.held[act.Target] = &heldPatch{name: act.Name, state: api.StateApplied, since: now}
+			if err := a.c.Health(ctx, api.Health{Target: act.Target, Name: act.Name, Check: api.CheckApply, Healthy: true}); err != nil {
+				return fmt.Errorf("%s: apply report: %w", a.id, err)
+			}
+		}
+	}
+	return nil
+}
+
+// run advances the clock a minute at a time for at most d, every agent
+// acting concurrently each minute, until done says so.
+func (f *simFleet) run(ctx context.Context, t *testing.T, d time.Duration, done func() bool) {
+	for elapsed := time.Duration(0); elapsed < d; elapsed += time.Minute {
+		f.clk.Add(time.Minute)
+		work := make(chan *simAgent)
+		errs := make(chan error, len(f.agents))
+		var wg sync.WaitGroup
+		for range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for a := range work {
+					if err := f.step(ctx, a); err != nil {
+						errs <- err
+					}
+				}
+			}()
+		}
+		for _, a := range f.agents {
+			work <- a
+		}
+		close(work)
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Fatal(err)
+		}
+		if elapsed%(10*time.Minute) == 0 && done() {
+			return
+		}
+	}
+	t.Fatalf("simulation did not settle in %s", d)
+}
+
+func publish(t *testing.T, repo *bundle.Repo, name, buildID string, cves ...string) string {
+	t.Helper()
+	data, err := bundle.Pack(testManifest(name, simRelease, buildID, cves...), []byte("module "+name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	target, err := repo.Publish(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return target
+}
+
+// TestRolloutSimulation enrolls thousands of in-process agents against the
+// real server over loopback HTTP and rolls out two patches at once to the
+// machines on one kernel (a tenth run another build): a good one that must
+// reach every machine, and a bad one that a third of the machines ranked
+// in the 10% stage break. The bad patch must be blocklisted at that stage
+// by the server itself, nobody ranked beyond 10% may ever be offered it,
+// and every machine that applied it must be told to revert.
+func TestRolloutSimulation(t *testing.T) {
+	n := 2000
+	if testing.Short() {
+		n = 300
+	}
+	clk := &fakeClock{t: time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)}
+	e := newEnv(t, func(s *Server) { s.Now, s.CheckInEvery = clk.Now, 10*time.Minute })
+	ctx := context.Background()
+	admin := &api.Client{BaseURL: e.srv.URL, Token: e.admin}
+	if err := admin.Do(ctx, "PUT", "/v1/admin/groups/default", api.Group{Channel: "canary"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	var key api.KeyResponse
+	if err := admin.Do(ctx, "POST", "/v1/admin/keys", api.KeyRequest{MaxMachines: n}, &key); err != nil {
+		t.Fatal(err)
+	}
+	hc := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 16}}
+	f := &simFleet{clk: clk, received: map[string][]string{}, reverted: map[string][]string{}}
+	for i := range n {
+		a := &simAgent{buildID: simBuildID, held: map[string]*heldPatch{},
+			next: clk.Now().Add(time.Duration(i%10) * time.Minute)} // spread the check-ins
+		if i%10 == 9 {
+			a.buildID = "1111111111111111111111111111111111111111"
+		}
+		a.c = &api.Client{BaseURL: e.srv.URL, HTTP: hc}
+		r, err := a.c.Enroll(ctx, api.EnrollRequest{Key: key.Key, Hostname: fmt.Sprintf("host%d", i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		a.id, a.c.Token = r.MachineID, r.Token
+		f.agents = append(f.agents, a)
+	}
+	good := publish(t, e.repo, "stitch_good", simBuildID, "CVE-2026-1000")
+	bad := publish(t, e.repo, "stitch_bad", simBuildID, "CVE-2026-2000")
+	for _, target := range []string{good, bad} {
+		if err := admin.Do(ctx, "POST", "/v1/admin/patches", api.PatchRequest{Target: target}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pol := rollout.DefaultPolicy
+	f.breaks = func(a *simAgent, target string) bool {
+		r := rollout.Rank(target, a.id)
+		return target == bad && r >= pol.Stages[0] && r < pol.Stages[1] && a.id[len(a.id)-1]%3 == 0
+	}
+	onKernel := 0
+	for _, a := range f.agents {
+		if a.buildID == simBuildID {
+			onKernel++
+		}
+	}
+	reports := func() map[string]api.PatchReport {
+		var rs []api.PatchReport
+		if err := admin.Do(ctx, "GET", "/v1/admin/reports/patches", nil, &rs); err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]api.PatchReport{}
+		for _, r := range rs {
+			out[r.Target] = r
+		}
+		return out
+	}
+	start := time.Now()
+	f.run(ctx, t, 8*time.Hour, func() bool {
+		rs := reports()
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		return rs[good].State == "complete" && len(f.received[good]) == onKernel && rs[bad].State == "blocklisted" &&
+			len(f.reverted[bad]) == rs[bad].Applied
+	})
+	t.Logf("%d agents settled after %s of simulated time in %s", n, clk.Now().Sub(time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)), time.Since(start).Round(time.Millisecond))
+
+	rs := reports()
+	if g := rs[good]; g.Stage != len(pol.Stages)-1 || g.Healthy != onKernel || g.Failed != 0 || g.Pending != 0 || g.Eligible != onKernel {
+		t.Errorf("good patch: %+v, want complete on all %d machines", g, onKernel)
+	}
+	b := rs[bad]
+	if b.Stage != 1 || b.Failed == 0 || !pol.Exceeded(b.Failed, b.Failed+b.Applied) {
+		t.Errorf("bad patch: %+v, want blocklisted at stage 1 (10%%)", b)
+	}
+	t.Logf("bad patch: %s at stage %d: %s", b.State, b.Stage, b.Reason)
+	byID := map[string]*simAgent{}
+	for _, a := range f.agents {
+		byID[a.id] = a
+	}
+	for _, id := range f.received[bad] {
+		if r := rollout.Rank(bad, id); r >= pol.Stages[1] {
+			t.Errorf("machine %s ranked %.3f, beyond the 10%% stage, was offered the bad patch", id, r)
+		}
+		if byID[id].buildID != simBuildID {
+			t.Errorf("machine %s on another kernel was offered the bad patch", id)
+		}
+	}
+	for _, a := range f.agents {
+		if h := a.held[bad]; h != nil && h.state == api.StateApplied {
+			t.Errorf("machine %s still runs the blocklisted patch", a.id)
+		}
+		if h := a.held[good]; a.buildID == simBuildID && (h == nil || h.state != api.StateApplied) {
+			t.Errorf("machine %s lacks the good patch", a.id)
+		}
+	}
+	if len(f.received[bad]) == 0 || len(f.received[bad]) > onKernel/5 {
+		t.Errorf("%d machines got the bad patch", len(f.received[bad]))
+	}
+
+	// The CVE report: the good fix is everywhere on its kernel, the bad
+	// one's CVE stays exposed on every machine of that kernel.
+	var cves []api.CVEReport
+	if err := admin.Do(ctx, "GET", "/v1/admin/reports/cves", nil, &cves); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range cves {
+		switch {
+		case c.CVE == "CVE-2026-1000" && (c.Fixed != onKernel || len(c.Exposed) != 0),
+			c.CVE == "CVE-2026-2000" && (c.Fixed != 0 || len(c.Exposed) != onKernel):
+			t.Errorf("cve report: %s fixed on %d, exposed on %d of %d", c.CVE, c.Fixed, len(c.Exposed), onKernel)
+		}
+	}
+	var mr []api.MachineReport
+	if err := admin.Do(ctx, "GET", "/v1/admin/reports/machines", nil, &mr); err != nil {
+		t.Fatal(err)
+	}
+	if len(mr) != n {
+		t.Fatalf("machine report: %d machines, want %d", len(mr), n)
+	}
+	for _, m := range mr {
+		if m.KernelBuildID == simBuildID && (len(m.FixedCVEs) != 1 || m.FixedCVEs[0] != "CVE-2026-1000") {
+			t.Errorf("machine %s: fixed %v", m.ID, m.FixedCVEs)
+			break
+		}
+	}
+	req, _ := http.NewRequest("GET", e.srv.URL+"/metrics", nil)
+	req.Header.Set("Authorization", "Bearer "+e.admin)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{`stitch_rollouts{state="blocklisted"} 1`, `stitch_rollouts{state="complete"} 1`, `stitch_rollout_events_total{event="blocklisted"} 1`,
+		`stitch_http_request_duration_seconds_bucket{route="POST /v1/machines/self/checkin",le="+Inf"}`, `stitch_health_reports_total{result="unhealthy"}`} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+}
