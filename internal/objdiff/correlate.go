@@ -26,6 +26,11 @@ func candidate(s *elfobj.Symbol) bool {
 	if s.Section == nil || s.Name == "" || !s.Section.Alloc() || s.Section.Strings() || strings.HasPrefix(s.Name, ".L") {
 		return false
 	}
+	// The kernel's link discards .discard.* (objtool's and
+	// __ADDRESSABLE's notes): nothing there reaches the running kernel.
+	if strings.HasPrefix(s.Section.Name, ".discard.") {
+		return false
+	}
 	switch s.Type {
 	case elf.STT_FUNC, elf.STT_OBJECT, elf.STT_NOTYPE, elf.STT_TLS:
 		return true

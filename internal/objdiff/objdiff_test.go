@@ -126,6 +126,9 @@ func TestFixtures(t *testing.T) {
 		// The message moves to a new helper: its __func__ string, which
 		// only the record refers to, changes with it and is carried.
 		{name: "dyndbg_moved", changed: []string{"stop"}, new: []string{"stop_locked"}, newData: []string{"__func__.0"}},
+		// Entries of .discard.addressable, new or pointing at init code,
+		// never reach the kernel: not new data, no reason to refuse.
+		{name: "discard", changed: []string{"clear"}},
 		{name: "layout", changed: []string{"conn_get"}, unsafe: []string{KindTypeLayout + ":struct conn"}},
 		{name: "notrace", changed: []string{"fast"}, unsafe: []string{KindNoFentry + ":fast"}},
 		// Only the unlikely part moved to .text.unlikely changed; its
