@@ -29,6 +29,7 @@ const (
 	BuildFailed   = "build-failed"   // the build failed otherwise: a bug or a missing piece
 	ApplyFailed   = "apply-failed"   // built, but the kernel did not take it
 	KernelWarning = "kernel-warning" // applied, but the kernel warned or oopsed
+	Regressed     = "regressed"      // applied, but a workload that worked before failed
 	NotRun        = "not-run"        // built; the VM stage was skipped
 )
 

@@ -21,6 +21,7 @@ type step struct {
 	Name   string `json:"name"`
 	Module string `json:"module"` // the livepatch, in the guest
 	Object string `json:"object"`
+	File   string `json:"file"`           // the fixed source file: it picks the workloads
 	Load   string `json:"load,omitempty"` // module to load first (with what it needs)
 }
 
@@ -77,7 +78,7 @@ func applyBatch(ctx context.Context, results []Result, batch []int, mods *kmod.I
 	var plan []step
 	for _, i := range batch {
 		r := results[i]
-		s := step{Name: r.Name, Module: "/patches/" + r.Name + ".ko", Object: r.Object}
+		s := step{Name: r.Name, Module: "/patches/" + r.Name + ".ko", Object: r.Object, File: r.File}
 		files = append(files, vm.File{Src: r.Module, Dst: s.Module})
 		if r.Object != "vmlinux" {
 			if _, ok := mods.File(r.Object); !ok {
@@ -175,13 +176,14 @@ func guestStep(ctx context.Context, k *livepatch.Kernel, s step) outcome {
 	if err != nil {
 		return fail(ApplyFailed, "%v", err)
 	}
+	baseline := runWorkloads(s.File)
 	log := livepatch.OpenKernelLog()
 	defer log.Close()
 	m, err := k.Apply(ctx, s.Module, livepatch.ApplyOptions{Timeout: 30 * time.Second})
 	if err != nil {
 		return fail(ApplyFailed, "%s", strings.Join(strings.Fields(err.Error()), " "))
 	}
-	smoke()
+	patched := runWorkloads(s.File)
 	after, _ := k.Taint()
 	trouble := livepatch.TroubleLines(log.ReadNew())
 	if err := k.Revert(ctx, m.Name, livepatch.ApplyOptions{Timeout: 30 * time.Second}); err != nil {
@@ -190,21 +192,8 @@ func guestStep(ctx context.Context, k *livepatch.Kernel, s step) outcome {
 	if added := after.Value &^ before.Value & livepatch.TroubleTaint; added != 0 || len(trouble) > 0 {
 		return fail(KernelWarning, "taint +%s %s", livepatch.DecodeTaint(added), strings.Join(trouble, " | "))
 	}
+	if r := regressions(baseline, patched); len(r) > 0 {
+		return fail(Regressed, "worked before the patch, failed with it: %s", strings.Join(r, "; "))
+	}
 	return oc
-}
-
-// smoke exercises common paths of the kernel: process, proc and
-// filesystem code. A fix with an obvious workload of its own would do
-// better; this finds patches that break the common paths.
-func smoke() {
-	for _, p := range []string{"/proc/cmdline", "/proc/filesystems", "/proc/self/status", "/proc/meminfo", "/proc/modules"} {
-		os.ReadFile(p)
-	}
-	for _, d := range []string{"/", "/proc", "/sys/kernel", "/tmp"} {
-		os.ReadDir(d)
-	}
-	f := filepath.Join(os.TempDir(), "stitch-smoke")
-	os.WriteFile(f, []byte("smoke"), 0o644)
-	os.ReadFile(f)
-	os.Remove(f)
 }
