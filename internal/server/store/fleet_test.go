@@ -122,7 +122,9 @@ func TestConcurrentMigrationsPostgres(t *testing.T) {
 	openPostgres(t).Close()
 	ctx := context.Background()
 	s, _ := OpenPostgres(ctx, postgresDSN(t))
-	s.db.ExecContext(ctx, "DROP TABLE IF EXISTS health_reports, rollout_machines, patches, machine_patches, machines, machine_groups, channels, enrollment_keys, schema_migrations CASCADE")
+	if err := s.DropAll(ctx); err != nil {
+		t.Fatal(err)
+	}
 	s.Close()
 	var wg sync.WaitGroup
 	errs := make([]error, 4)

@@ -100,6 +100,11 @@ func OpenPostgres(ctx context.Context, dsn string) (*SQL, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open postgres: %w", err)
 	}
+	// database/sql keeps only 2 idle connections by default, so a busy
+	// server would reconnect all the time; bound the total instead (the
+	// Debian default max_connections is 100, shared by replicas).
+	db.SetMaxOpenConns(32)
+	db.SetMaxIdleConns(32)
 	s := &SQL{db: db, postgres: true}
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
@@ -291,3 +296,18 @@ func (s *SQL) lock() string {
 }
 
 func (s *SQL) Close() error { return s.db.Close() }
+
+// tables are every table the migrations create, dependents first.
+var tables = []string{"health_reports", "rollout_machines", "patches", "machine_patches", "machines", "machine_groups", "channels", "enrollment_keys", "schema_migrations"}
+
+// DropAll drops every table of the fleet schema, leaving an empty
+// database: for tests and benchmarks on a shared PostgreSQL, never for a
+// server's own database.
+func (s *SQL) DropAll(ctx context.Context) error {
+	for _, t := range tables {
+		if _, err := s.db.ExecContext(ctx, "DROP TABLE IF EXISTS "+t); err != nil {
+			return fmt.Errorf("drop %s: %w", t, err)
+		}
+	}
+	return nil
+}

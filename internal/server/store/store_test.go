@@ -31,10 +31,8 @@ func openPostgres(t *testing.T) *SQL {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, q := range []string{"DROP TABLE IF EXISTS health_reports, rollout_machines, patches, machine_patches, machines, machine_groups, channels, enrollment_keys, schema_migrations CASCADE"} {
-		if _, err := s.db.ExecContext(ctx, q); err != nil {
-			t.Fatal(err)
-		}
+	if err := s.DropAll(ctx); err != nil {
+		t.Fatal(err)
 	}
 	s.Close()
 	if s, err = OpenPostgres(ctx, postgresDSN(t)); err != nil {
