@@ -31,8 +31,10 @@ func Diff(pre, post *elfobj.Object) *Result {
 		res:       &Result{},
 		unchanged: map[*elfobj.Symbol]bool{},
 		carried:   map[*elfobj.Symbol]bool{},
+		notrace:   map[*elfobj.Symbol]bool{},
 	}
 	d.functions()
+	d.notraceInCallers()
 	d.coldParents()
 	d.data()
 	d.specialEntries()
@@ -40,7 +42,9 @@ func Diff(pre, post *elfobj.Object) *Result {
 		d.res.Changed = append(d.res.Changed, describe(d.b, f, c.post2pre[f], d.carried))
 	}
 	for _, f := range d.news {
-		d.res.New = append(d.res.New, describe(d.b, f, nil, d.carried))
+		fn := describe(d.b, f, nil, d.carried)
+		fn.Notrace = d.notrace[f]
+		d.res.New = append(d.res.New, fn)
 	}
 	if len(d.res.Changed)+len(d.res.New)+len(d.res.Unsafe) > 0 {
 		dwarfChecks(pre, post, d.res, d.changed, d.unchanged)
@@ -60,6 +64,9 @@ type differ struct {
 	// carried are post symbols with a counterpart that the patch carries
 	// anyway (constant data with new contents).
 	carried map[*elfobj.Symbol]bool
+	// notrace are changed functions ftrace cannot redirect, carried as
+	// new copies for the replaced functions that use them.
+	notrace map[*elfobj.Symbol]bool
 }
 
 // replace moves an unchanged function to the changed ones.
@@ -104,6 +111,40 @@ func (d *differ) functions() {
 	for _, fa := range d.a.obj.Symbols {
 		if candidate(fa) && fa.Type == elf.STT_FUNC && d.c.pre2post[fa] == nil {
 			d.res.Removed = append(d.res.Removed, fa.Name)
+		}
+	}
+}
+
+// notraceInCallers handles changed static functions that ftrace cannot
+// redirect because they have no __fentry__ call: the kernel's inline
+// functions are notrace, and the compiler may still emit them out of line
+// (the __do_sys_* body of every SYSCALL_DEFINE). When only functions use
+// one, the patch carries a new copy of it and replaces those functions,
+// which then call the copy. A caller that is itself notrace is handled
+// the same way in turn; one used from data (an ops table) stays refused.
+func (d *differ) notraceInCallers() {
+	var refs map[*elfobj.Symbol][]*elfobj.Symbol
+	for i := 0; i < len(d.changed); i++ {
+		f := d.changed[i]
+		if hasFentry(f) || coldParent(f.Name) != "" || isInit(f) || !f.Local() {
+			continue
+		}
+		if refs == nil {
+			refs = referrers(d.b.obj)
+		}
+		users := refs[f]
+		if len(users) == 0 || slices.ContainsFunc(users, func(u *elfobj.Symbol) bool { return u.Type != elf.STT_FUNC || isInit(u) }) {
+			continue
+		}
+		d.changed = slices.Delete(d.changed, i, i+1)
+		i--
+		d.news = append(d.news, f)
+		d.notrace[f] = true
+		d.res.Unsafe = slices.DeleteFunc(d.res.Unsafe, func(p Problem) bool { return p.Kind == KindNoFentry && p.Symbol == f.Name })
+		for _, u := range users {
+			if d.unchanged[u] {
+				d.replace(u)
+			}
 		}
 	}
 }

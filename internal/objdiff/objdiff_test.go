@@ -131,6 +131,9 @@ func TestFixtures(t *testing.T) {
 		{name: "discard", changed: []string{"clear"}},
 		{name: "layout", changed: []string{"conn_get"}, unsafe: []string{KindTypeLayout + ":struct conn"}},
 		{name: "notrace", changed: []string{"fast"}, unsafe: []string{KindNoFentry + ":fast"}},
+		// A static notrace function is carried as a copy for its
+		// replaced caller; one an ops table points to is refused.
+		{name: "notrace_static", changed: []string{"op_run", "sys_setattr"}, new: []string{"do_sys_setattr"}, unsafe: []string{KindNoFentry + ":op_run"}},
 		// Only the unlikely part moved to .text.unlikely changed; its
 		// parent jumps to it, so both are replaced.
 		{name: "cold", changed: []string{"check", "check.cold"}},
@@ -306,5 +309,16 @@ func TestCarriedConstant(t *testing.T) {
 		if r.Name == "limits" && !r.New {
 			t.Errorf("limit's reference to limits is not marked for the carried copy: %+v", r)
 		}
+	}
+}
+
+func TestNotraceCopyMarked(t *testing.T) {
+	pre, post := compileCase(t, "notrace_static")
+	res, err := DiffFiles(pre, post)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.New) != 1 || !res.New[0].Notrace {
+		t.Errorf("new = %+v, want do_sys_setattr marked notrace", res.New)
 	}
 }

@@ -52,6 +52,10 @@ type Func struct {
 	Parent string `json:"parent,omitempty"`
 	// Refs are the symbols the function's relocations point to.
 	Refs []Ref `json:"refs"`
+	// Notrace marks a changed function that ftrace cannot redirect (no
+	// __fentry__ call): it is listed as new because the patch carries a
+	// copy of it, and the functions that use it are replaced instead.
+	Notrace bool `json:"notrace,omitempty"`
 }
 
 // Ref is a symbol a changed or new function refers to.
