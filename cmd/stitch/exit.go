@@ -10,6 +10,7 @@ import (
 	"github.com/stitchpatch/stitch/internal/klpmod"
 	"github.com/stitchpatch/stitch/internal/kmod"
 	"github.com/stitchpatch/stitch/internal/livepatch"
+	"github.com/stitchpatch/stitch/internal/server/api"
 	"github.com/stitchpatch/stitch/internal/server/rollout"
 	"github.com/stitchpatch/stitch/internal/vm"
 )
@@ -78,6 +79,7 @@ func isBadInput(err error) bool {
 		livepatch.ErrUnknownPatch, livepatch.ErrAlreadyLoaded, livepatch.ErrWrongKernel,
 		build.ErrBadFix, build.ErrBadManifest,
 		bundle.ErrBadBundle, bundle.ErrExists, bundle.ErrNoRepo, rollout.ErrBadPolicy,
+		api.ErrBadRequest, api.ErrUnauthorized, api.ErrForbidden,
 	} {
 		if errors.Is(err, e) {
 			return true

@@ -4,7 +4,9 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"log/slog"
 	"os"
+	"time"
 
 	"github.com/stitchpatch/stitch/internal/bundle"
 	"github.com/stitchpatch/stitch/internal/server"
@@ -12,13 +14,15 @@ import (
 )
 
 // runServer: stitch server [--listen ADDR] [--db FILE] [--dir REPO].
-// The admin token comes from STITCH_ADMIN_TOKEN so it is not in ps output.
+// The admin token comes from STITCH_ADMIN_TOKEN and a PostgreSQL DSN from
+// STITCH_POSTGRES, so neither is in ps output.
 func runServer(ctx context.Context, st *stdio, args []string) error {
 	fs := flag.NewFlagSet("server", flag.ContinueOnError)
 	fs.SetOutput(st.err)
 	listen := fs.String("listen", "127.0.0.1:8440", "address to listen on")
-	db := fs.String("db", "stitch-fleet.db", "SQLite database file (created if missing)")
+	db := fs.String("db", "stitch-fleet.db", "SQLite database file (created if missing); unused when STITCH_POSTGRES is set")
 	dir := fs.String("dir", "stitch-repo", "repository directory made by `stitch repo init`")
+	every := fs.Duration("checkin-interval", time.Hour, "how long machines are told to wait between check-ins")
 	if err := fs.Parse(args); err != nil {
 		return usageError{err}
 	}
@@ -26,15 +30,28 @@ func runServer(ctx context.Context, st *stdio, args []string) error {
 	if len(token) < 16 {
 		return usageError{fmt.Errorf("set STITCH_ADMIN_TOKEN to an admin token of at least 16 characters")}
 	}
+	if *every < time.Minute {
+		return usageError{fmt.Errorf("--checkin-interval %s: at least a minute", *every)}
+	}
 	repo := &bundle.Repo{Dir: *dir}
 	if _, err := repo.TrustedRoot(); err != nil {
 		return usageError{fmt.Errorf("server: %w (run `stitch repo init --dir %s`)", err, *dir)}
 	}
-	s, err := store.OpenSQLite(ctx, *db)
+	var s *store.SQL
+	var err error
+	where := *db
+	if dsn := os.Getenv("STITCH_POSTGRES"); dsn != "" {
+		s, err = store.OpenPostgres(ctx, dsn)
+		where = "postgres"
+	} else {
+		s, err = store.OpenSQLite(ctx, *db)
+	}
 	if err != nil {
 		return err
 	}
 	defer s.Close()
-	st.log.Warn("serving", "listen", *listen, "db", *db, "repo", *dir)
-	return (&server.Server{Store: s, Repo: repo, AdminToken: token, Log: st.log}).Serve(ctx, *listen)
+	// A server's log is read by machines: JSON lines at info level.
+	log := slog.New(slog.NewJSONHandler(st.err, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	log.Info("serving", "listen", *listen, "db", where, "repo", *dir)
+	return (&server.Server{Store: s, Repo: repo, AdminToken: token, CheckInEvery: *every, Log: log}).Serve(ctx, *listen)
 }

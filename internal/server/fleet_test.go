@@ -233,3 +233,40 @@ func TestOperatorHaltResumeBlocklist(t *testing.T) {
 		t.Fatalf("blocklisted patch offered: %+v", acts)
 	}
 }
+
+// A free-tier fleet of 3 machines: the 1% and 10% stages usually hold
+// nobody, and the rollout must still reach all three, one stage per
+// check-in interval, and complete once they passed their checks.
+func TestSmallFleetIsNotStuck(t *testing.T) {
+	clk := &fakeClock{t: time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)}
+	e := newEnv(t, func(s *Server) { s.Now = clk.Now })
+	ctx := context.Background()
+	admin := &api.Client{BaseURL: e.srv.URL, Token: e.admin}
+	admin.Do(ctx, "PUT", "/v1/admin/groups/default", api.Group{Channel: "canary"}, nil)
+	ms := e.enroll(t, 3, "")
+	target := publish(t, e.repo, "stitch_fix", simBuildID)
+	admin.Do(ctx, "POST", "/v1/admin/patches", api.PatchRequest{Target: target}, nil)
+	held := map[int]time.Time{}
+	for hour := 0; hour < 12; hour++ {
+		for i, c := range ms {
+			if since, ok := held[i]; ok {
+				checkIn(t, c, api.PatchState{Target: target, Name: "stitch_fix", State: api.StateApplied, Since: since})
+				if err := c.Health(ctx, api.Health{Target: target, Name: "stitch_fix", Check: api.Check15m, Healthy: true}); err != nil {
+					t.Fatal(err)
+				}
+			} else if acts := checkIn(t, c); len(acts) == 1 {
+				held[i] = clk.Now()
+				c.Health(ctx, api.Health{Target: target, Name: "stitch_fix", Check: api.CheckApply, Healthy: true})
+			}
+		}
+		clk.Add(30 * time.Minute)
+		e.s.Tick(ctx)
+		clk.Add(30 * time.Minute)
+		e.s.Tick(ctx)
+	}
+	var reps []api.PatchReport
+	admin.Do(ctx, "GET", "/v1/admin/reports/patches", nil, &reps)
+	if len(held) != 3 || reps[0].State != "complete" || reps[0].Healthy != 3 {
+		t.Fatalf("%d of 3 machines got the patch; rollout %+v", len(held), reps[0])
+	}
+}

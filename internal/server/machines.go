@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/http"
@@ -152,20 +153,11 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine)
 		if err != nil {
 			return err
 		}
-		switch {
-		case newlyFailed && pol.Exceeded(c.Failed, c.Machines):
+		if newlyFailed && pol.Exceeded(c.Failed, c.Machines) {
 			p.State = string(rollout.Blocklisted)
 			p.Reason = fmt.Sprintf("%d of %d machines failed at stage %d (last: %s: %s)", c.Failed, c.Machines, p.Stage, m.ID, h.Reason)
-			event = "blocklisted"
-		case rollout.CanAdvance(c.Machines, c.Unfinished) && p.Stage == len(pol.Stages)-1:
-			p.State, event = string(rollout.Complete), "completed"
-		case rollout.CanAdvance(c.Machines, c.Unfinished):
-			p.Stage++
-			event = "advanced"
-		default:
-			return nil
+			p.UpdatedAt, event = now, "blocklisted"
 		}
-		p.UpdatedAt = now
 		return nil
 	})
 	switch {
@@ -190,4 +182,55 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine)
 		s.log().Warn("rollout "+event, "target", h.Target, "machine", m.ID)
 	}
 	w.WriteHeader(http.StatusNoContent)
+}
+
+// Tick advances every running rollout whose stage is done: the stage has
+// lasted a check-in interval (so each machine in it had its chance to
+// check in and take the patch) and every machine that applied the patch
+// passed every health check. A stage nobody took after that long (a small
+// fleet's 1% is often nobody) moves on too, so small fleets are not stuck;
+// the last stage completes only with machines. Serve calls it every 30
+// seconds; it is safe on several replicas at once, as each rollout is
+// decided inside its locked transaction.
+func (s *Server) Tick(ctx context.Context) error {
+	ps, err := s.Store.Patches(ctx)
+	if err != nil {
+		return fmt.Errorf("tick: %w", err)
+	}
+	pol, now, soak := s.policy(), s.now(), s.checkInEvery()
+	for _, p := range ps {
+		if p.State != string(rollout.Running) || now.Sub(p.UpdatedAt) < soak {
+			continue
+		}
+		var event string
+		err := s.Store.Rollout(ctx, p.Target, func(tx store.RolloutTx, p *store.Patch) error {
+			if p.State != string(rollout.Running) || now.Sub(p.UpdatedAt) < soak {
+				return nil // another replica was first
+			}
+			c, err := tx.Counts(len(pol.Checks))
+			if err != nil {
+				return err
+			}
+			last := p.Stage == len(pol.Stages)-1
+			switch {
+			case rollout.CanAdvance(c.Machines, c.Unfinished) && last:
+				p.State, event = string(rollout.Complete), "completed"
+			case rollout.CanAdvance(c.Machines, c.Unfinished), c.Machines == 0 && !last:
+				p.Stage++
+				event = "advanced"
+			default:
+				return nil
+			}
+			p.UpdatedAt = now
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("tick: %w", err)
+		}
+		if event != "" {
+			s.metrics.event(event)
+			s.log().Info("rollout "+event, "target", p.Target)
+		}
+	}
+	return nil
 }

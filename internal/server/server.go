@@ -115,7 +115,7 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 	}
 	token := randomHex(32)
 	m := store.Machine{ID: "m-" + randomHex(8), TokenHash: hash(token), Hostname: req.Hostname, Group: req.Group}
-	_, err := s.Store.Enroll(r.Context(), hash(req.Key), m, s.now())
+	k, err := s.Store.Enroll(r.Context(), hash(req.Key), m, s.now())
 	switch {
 	case errors.Is(err, store.ErrNotFound) && req.Group != "":
 		fail(w, http.StatusUnauthorized, "unknown enrollment key or group: check the key and group you were given")
@@ -129,7 +129,11 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		s.log().Error("enroll", "err", err)
 		fail(w, http.StatusInternalServerError, "enrollment failed")
 	default:
-		s.log().Info("enrolled", "machine", m.ID, "hostname", m.Hostname, "group", m.Group)
+		group := m.Group
+		if group == "" {
+			group = k.Group
+		}
+		s.log().Info("enrolled", "machine", m.ID, "hostname", m.Hostname, "group", group, "key", k.ID)
 		reply(w, http.StatusCreated, api.EnrollResponse{MachineID: m.ID, Token: token})
 	}
 }
@@ -244,6 +248,20 @@ func fail(w http.ResponseWriter, code int, msg string) { reply(w, code, api.Erro
 // Serve listens on addr until ctx ends.
 func (s *Server) Serve(ctx context.Context, addr string) error {
 	srv := &http.Server{Addr: addr, Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		t := time.NewTicker(30 * time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				if err := s.Tick(ctx); err != nil {
+					s.log().Error("rollout tick", "err", err)
+				}
+			}
+		}
+	}()
 	go func() {
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -58,6 +58,7 @@ type heldPatch struct {
 // of them break which patch.
 type simFleet struct {
 	clk    *fakeClock
+	tick   func(context.Context) error // the server's rollout clock
 	agents []*simAgent
 	breaks func(a *simAgent, target string) bool
 
@@ -147,6 +148,9 @@ func (f *simFleet) run(ctx context.Context, t *testing.T, d time.Duration, done 
 		for err := range errs {
 			t.Fatal(err)
 		}
+		if err := f.tick(ctx); err != nil {
+			t.Fatal(err)
+		}
 		if elapsed%(10*time.Minute) == 0 && done() {
 			return
 		}
@@ -191,7 +195,7 @@ func TestRolloutSimulation(t *testing.T) {
 		t.Fatal(err)
 	}
 	hc := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 16}}
-	f := &simFleet{clk: clk, received: map[string][]string{}, reverted: map[string][]string{}}
+	f := &simFleet{clk: clk, tick: e.s.Tick, received: map[string][]string{}, reverted: map[string][]string{}}
 	for i := range n {
 		a := &simAgent{buildID: simBuildID, held: map[string]*heldPatch{},
 			next: clk.Now().Add(time.Duration(i%10) * time.Minute)} // spread the check-ins

@@ -1,0 +1,179 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/stitchpatch/stitch/internal/server/api"
+)
+
+// adminFlags are what every admin command needs: the server and, from
+// STITCH_ADMIN_TOKEN (not a flag, so it stays out of ps), the token.
+func adminFlags(fs *flag.FlagSet) (*string, *bool) {
+	return fs.String("server", "http://127.0.0.1:8440", "the stitch server's URL"), fs.Bool("json", false, "print JSON")
+}
+
+func adminClient(server string) (*api.Client, error) {
+	token := os.Getenv("STITCH_ADMIN_TOKEN")
+	if token == "" {
+		return nil, usageError{fmt.Errorf("set STITCH_ADMIN_TOKEN to the server's admin token")}
+	}
+	return &api.Client{BaseURL: server, Token: token, HTTP: &http.Client{Timeout: time.Minute}}, nil
+}
+
+// runRollout: stitch rollout start|halt|resume|blocklist TARGET [--reason R].
+func runRollout(ctx context.Context, st *stdio, args []string) error {
+	if len(args) < 2 || strings.HasPrefix(args[1], "-") {
+		return usageError{fmt.Errorf("rollout: usage: stitch rollout start|halt|resume|blocklist TARGET [--reason R] [--server URL] [--json]")}
+	}
+	op, target := args[0], args[1]
+	fs := flag.NewFlagSet("rollout "+op, flag.ContinueOnError)
+	fs.SetOutput(st.err)
+	server, asJSON := adminFlags(fs)
+	reason := fs.String("reason", "", "why (kept with the rollout)")
+	if err := fs.Parse(args[2:]); err != nil {
+		return usageError{err}
+	}
+	c, err := adminClient(*server)
+	if err != nil {
+		return err
+	}
+	var out api.PatchReport
+	switch op {
+	case "start":
+		err = c.Do(ctx, "POST", "/v1/admin/patches", api.PatchRequest{Target: target}, &out)
+	case "halt", "resume", "blocklist":
+		err = c.Do(ctx, "POST", "/v1/admin/rollouts/"+target+"/"+op, api.RolloutRequest{Reason: *reason}, &out)
+	default:
+		return usageError{fmt.Errorf("rollout: unknown operation %q (start, halt, resume, blocklist)", op)}
+	}
+	if err != nil {
+		return fmt.Errorf("rollout %s %s: %w", op, target, err)
+	}
+	return report(st, *asJSON, out, "%s: %s at stage %d (%.0f%%) %s\n", out.Target, out.State, out.Stage, out.Share*100, out.Reason)
+}
+
+// runFleet: stitch fleet patches|machines|cves|key|channel|group|move ...
+func runFleet(ctx context.Context, st *stdio, args []string) error {
+	if len(args) == 0 {
+		return usageError{fmt.Errorf("fleet: want a subcommand: patches, machines, cves (reports); key, channel NAME, group NAME, move MACHINE GROUP")}
+	}
+	sub, rest := args[0], args[1:]
+	var pos []string // positional arguments before the flags
+	for len(rest) > 0 && !strings.HasPrefix(rest[0], "-") {
+		pos, rest = append(pos, rest[0]), rest[1:]
+	}
+	fs := flag.NewFlagSet("fleet "+sub, flag.ContinueOnError)
+	fs.SetOutput(st.err)
+	server, asJSON := adminFlags(fs)
+	maxMachines := fs.Int("max-machines", 0, "key: machines the key may enroll (0: the free tier's 3)")
+	expires := fs.String("expires", "", "key: expiry, RFC 3339 (empty: never)")
+	group := fs.String("group", "", "key: the group its machines join")
+	delay := fs.Duration("delay", 0, "channel: deploy delay after a patch's registration")
+	cutoff := fs.String("cutoff", "", "channel: no patch registered after this time (RFC 3339)")
+	channel := fs.String("channel", "", "group: its channel")
+	pin := fs.String("pin", "", "group: hold at the patches registered up to this time (RFC 3339)")
+	if err := fs.Parse(rest); err != nil {
+		return usageError{err}
+	}
+	want := map[string]int{"patches": 0, "machines": 0, "cves": 0, "key": 0, "channel": 1, "group": 1, "move": 2}
+	n, ok := want[sub]
+	if !ok {
+		return usageError{fmt.Errorf("fleet: unknown subcommand %q", sub)}
+	}
+	if len(pos) != n {
+		return usageError{fmt.Errorf("fleet %s: want %d argument(s) before the flags, got %d", sub, n, len(pos))}
+	}
+	times := map[string]*time.Time{}
+	for name, v := range map[string]string{"expires": *expires, "cutoff": *cutoff, "pin": *pin} {
+		t := time.Time{}
+		if v != "" {
+			var err error
+			if t, err = time.Parse(time.RFC3339, v); err != nil {
+				return usageError{fmt.Errorf("--%s %q: want RFC 3339, e.g. 2026-12-01T00:00:00Z", name, v)}
+			}
+		}
+		times[name] = &t
+	}
+	c, err := adminClient(*server)
+	if err != nil {
+		return err
+	}
+	switch sub {
+	case "patches", "machines", "cves":
+		return fleetReport(ctx, st, c, sub, *asJSON)
+	case "key":
+		var out api.KeyResponse
+		if err := c.Do(ctx, "POST", "/v1/admin/keys", api.KeyRequest{MaxMachines: *maxMachines, ExpiresAt: *times["expires"], Group: *group}, &out); err != nil {
+			return fmt.Errorf("fleet key: %w", err)
+		}
+		return report(st, *asJSON, out, "%s\n(key %s: up to %d machines, group %s; shown once, keep it secret)\n", out.Key, out.ID, out.MaxMachines, out.Group)
+	case "channel":
+		in := api.Channel{Name: pos[0], DelaySeconds: int64(delay.Seconds()), Cutoff: *times["cutoff"]}
+		if err := c.Do(ctx, "PUT", "/v1/admin/channels/"+url.PathEscape(pos[0]), in, nil); err != nil {
+			return fmt.Errorf("fleet channel: %w", err)
+		}
+		return report(st, *asJSON, in, "channel %s: delay %s\n", in.Name, *delay)
+	case "group":
+		in := api.Group{Name: pos[0], Channel: *channel, Pin: *times["pin"]}
+		if err := c.Do(ctx, "PUT", "/v1/admin/groups/"+url.PathEscape(pos[0]), in, nil); err != nil {
+			return fmt.Errorf("fleet group: %w", err)
+		}
+		return report(st, *asJSON, in, "group %s: channel %s\n", in.Name, in.Channel)
+	default: // move
+		in := api.MachineGroupRequest{Group: pos[1]}
+		if err := c.Do(ctx, "PUT", "/v1/admin/machines/"+url.PathEscape(pos[0])+"/group", in, nil); err != nil {
+			return fmt.Errorf("fleet move: %w", err)
+		}
+		return report(st, *asJSON, in, "machine %s: group %s\n", pos[0], pos[1])
+	}
+}
+
+func fleetReport(ctx context.Context, st *stdio, c *api.Client, kind string, asJSON bool) error {
+	var raw json.RawMessage
+	if err := c.Do(ctx, "GET", "/v1/admin/reports/"+kind, nil, &raw); err != nil {
+		return fmt.Errorf("fleet %s: %w", kind, err)
+	}
+	if asJSON {
+		_, err := fmt.Fprintf(st.out, "%s\n", raw)
+		return err
+	}
+	tw := tabwriter.NewWriter(st.out, 0, 8, 2, ' ', 0)
+	defer tw.Flush()
+	switch kind {
+	case "patches":
+		var rs []api.PatchReport
+		json.Unmarshal(raw, &rs)
+		fmt.Fprintln(tw, "TARGET\tSTATE\tSTAGE\tELIGIBLE\tAPPLIED\tHEALTHY\tFAILED\tPENDING\tCVES")
+		for _, r := range rs {
+			fmt.Fprintf(tw, "%s\t%s\t%d (%.0f%%)\t%d\t%d\t%d\t%d\t%d\t%s\n", r.Target, r.State, r.Stage, r.Share*100, r.Eligible, r.Applied, r.Healthy, r.Failed, r.Pending, strings.Join(r.CVEs, " "))
+		}
+	case "machines":
+		var rs []api.MachineReport
+		json.Unmarshal(raw, &rs)
+		fmt.Fprintln(tw, "MACHINE\tHOST\tGROUP\tKERNEL\tPATCH LEVEL\tAPPLIED\tMISSING\tFIXED CVES")
+		for _, r := range rs {
+			level := "-"
+			if !r.PatchLevel.IsZero() {
+				level = r.PatchLevel.Format(time.DateOnly)
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", r.ID, r.Hostname, r.Group, r.KernelRelease, level, len(r.Applied), len(r.Missing), strings.Join(r.FixedCVEs, " "))
+		}
+	case "cves":
+		var rs []api.CVEReport
+		json.Unmarshal(raw, &rs)
+		fmt.Fprintln(tw, "CVE\tFIXED\tEXPOSED\tPATCHES")
+		for _, r := range rs {
+			fmt.Fprintf(tw, "%s\t%d\t%d\t%s\n", r.CVE, r.Fixed, len(r.Exposed), strings.Join(r.Patches, " "))
+		}
+	}
+	return nil
+}
