@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"net"
 	"net/http"
@@ -100,4 +101,25 @@ func TestValidate(t *testing.T) {
 	if err := h.Validate(); err != nil {
 		t.Error(err)
 	}
+}
+
+// FuzzValidate feeds the server's request validation arbitrary bodies: it
+// must never panic, and what it accepts must survive a round trip.
+func FuzzValidate(f *testing.F) {
+	f.Add([]byte(`{"kernel_release":"6.1.0-54-amd64","kernel_build_id":"887cd47f","agent_version":"1","patches":[{"target":"6.1/a-0123456789abcdef.stitch","name":"a","state":"applied","since":"2026-01-01T00:00:00Z"}]}`))
+	f.Add([]byte(`{"target":"6.1/a-0123456789abcdef.stitch","name":"a","check":"5m","healthy":false,"reason":"oops"}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var c CheckIn
+		if json.Unmarshal(data, &c) == nil && c.Validate() == nil {
+			b, _ := json.Marshal(c)
+			var again CheckIn
+			if err := json.Unmarshal(b, &again); err != nil || again.Validate() != nil {
+				t.Fatalf("accepted check-in does not survive a round trip: %v", err)
+			}
+		}
+		var h Health
+		if json.Unmarshal(data, &h) == nil && h.Validate() == nil && !h.Healthy && h.Reason == "" {
+			t.Fatal("unhealthy report without a reason accepted")
+		}
+	})
 }
