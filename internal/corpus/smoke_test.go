@@ -1,11 +1,8 @@
 package corpus
 
 import (
-	"context"
 	"errors"
-	"path/filepath"
 	"slices"
-	"strings"
 	"testing"
 
 	"github.com/stitchpatch/stitch/internal/testutils"
@@ -29,19 +26,7 @@ func TestRegressions(t *testing.T) {
 // module directory shared as in the corpus runs: each must work there,
 // or a fix's regression could not be told from a broken workload.
 func TestWorkloadsInVM(t *testing.T) {
-	kernel := testutils.RequireVM(t)
-	res, err := vm.Run(context.Background(), vm.Options{
-		Kernel: kernel, Init: testutils.StitchBinary(t), Modules: filepath.Join("/lib/modules", testutils.Release),
-		Files: []vm.File{{Src: testutils.TestBinary(t), Dst: "/guest.test"}},
-		Args:  []string{"/guest.test", "-test.v", "-test.run", "^TestGuestWorkloads$"},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("guest:\n%s", res.Output)
-	if res.ExitCode != 0 || !strings.Contains(res.Output, "--- PASS") {
-		t.Fatalf("guest test failed (exit %d)", res.ExitCode)
-	}
+	testutils.RunGuest(t, "^TestGuestWorkloads$", vm.Options{Modules: testutils.ModulesDir})
 }
 
 func TestGuestWorkloads(t *testing.T) {

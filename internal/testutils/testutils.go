@@ -149,10 +149,19 @@ func BuildModules(t testing.TB, src string, names ...string) map[string]string {
 // any of them fail. Each guest output line is logged as it arrives.
 func RunGuestTests(t *testing.T, run string, files ...vm.File) *vm.Result {
 	t.Helper()
+	return RunGuest(t, run, vm.Options{Files: files})
+}
+
+// ModulesDir is the test kernel's module directory.
+const ModulesDir = "/lib/modules/" + Release
+
+// RunGuest is RunGuestTests with more of the VM's options (Files,
+// Modules, Load, Memory); the kernel, init, command and output are its.
+func RunGuest(t *testing.T, run string, opts vm.Options) *vm.Result {
+	t.Helper()
 	kernel := RequireVM(t)
 	bin := TestBinary(t)
 	stitch := StitchBinary(t)
-	files = append(files, vm.File{Src: bin, Dst: "/guest.test"})
 	pr, pw := io.Pipe()
 	done := make(chan struct{})
 	go func() {
@@ -163,15 +172,14 @@ func RunGuestTests(t *testing.T, run string, files ...vm.File) *vm.Result {
 		}
 	}()
 	var console strings.Builder
-	res, err := vm.Run(context.Background(), vm.Options{
-		Kernel:  kernel,
-		Init:    stitch,
-		Files:   files,
-		Args:    []string{"/guest.test", "-test.v", "-test.count=1", "-test.run", run},
-		Output:  pw,
-		Console: &console,
-		Timeout: 10 * time.Minute,
-	})
+	opts.Kernel, opts.Init = kernel, stitch
+	opts.Files = append(opts.Files, vm.File{Src: bin, Dst: "/guest.test"})
+	opts.Args = []string{"/guest.test", "-test.v", "-test.count=1", "-test.run", run}
+	opts.Output, opts.Console = pw, &console
+	if opts.Timeout == 0 {
+		opts.Timeout = 10 * time.Minute
+	}
+	res, err := vm.Run(context.Background(), opts)
 	pw.Close()
 	<-done
 	if err != nil {

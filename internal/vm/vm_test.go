@@ -169,20 +169,7 @@ func TestBootTimeoutKillsQEMU(t *testing.T) {
 // the guest's /sbin/modprobe, which resolves the alias "fs-xfs" and the
 // soft dependency of libcrc32c on crc32c.
 func TestBootWithModules(t *testing.T) {
-	kernel := testutils.RequireVM(t)
-	mods := filepath.Join("/lib/modules", testutils.Release)
-	res, err := vm.Run(context.Background(), vm.Options{
-		Kernel: kernel, Init: testutils.StitchBinary(t), Modules: mods, Load: []string{"virtio-net"},
-		Files: []vm.File{{Src: testutils.TestBinary(t), Dst: "/guest.test"}},
-		Args:  []string{"/guest.test", "-test.v", "-test.run", "^TestGuestModprobe$"},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("guest:\n%s", res.Output)
-	if res.ExitCode != 0 || !strings.Contains(res.Output, "--- PASS") {
-		t.Fatalf("guest test failed (exit %d)", res.ExitCode)
-	}
+	testutils.RunGuest(t, "^TestGuestModprobe$", vm.Options{Modules: testutils.ModulesDir, Load: []string{"virtio-net"}})
 }
 
 func TestGuestModprobe(t *testing.T) {
