@@ -135,6 +135,11 @@ func (k *Kernel) Sympos(object, name string, near []string) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	if object != kallsyms.Vmlinux {
+		if m, err := k.module(object); err == nil && m.Shadowed(name) {
+			return 0, fmt.Errorf("%w: %s in %s also names init code or data of the module, which livepatch counts while the module loads but not after: the reference cannot be resolved reliably", ErrUnpatchable, name, object)
+		}
+	}
 	occ := t.Lookup(object, name)
 	switch len(occ) {
 	case 0:

@@ -204,6 +204,10 @@ func TestModule(t *testing.T) {
 	if _, err := m.Table.Find("loop", "no_such_function", 0); !errors.Is(err, ErrNotFound) {
 		t.Errorf("missing symbol: %v", err)
 	}
+	// Init code is listed only while the module loads.
+	if _, err := m.Table.Find("loop", "loop_init", 0); !errors.Is(err, ErrNotFound) || !m.Shadowed("loop_init") || m.Shadowed("loop_configure") {
+		t.Errorf("loop_init: %v, shadowed %v; loop_configure shadowed %v", err, m.Shadowed("loop_init"), m.Shadowed("loop_configure"))
+	}
 }
 
 // TestFindObject checks rows of the fix corpus's index (which matched the

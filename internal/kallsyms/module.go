@@ -28,7 +28,17 @@ type Module struct {
 	data  []byte
 	f     *elf.File
 	shndx []elf.SectionIndex // per symbol of Table
+	// loading names the symbols the module has only while it loads
+	// (init code and data), which its kallsyms lists until init ends.
+	loading map[string]bool
 }
+
+// Shadowed tells whether the module has a symbol called name in init code
+// or data. Livepatch looks module symbols up when the module comes (if the
+// patch is loaded first), when those are still listed, or once it is live,
+// when they are gone: the same name counts differently then, so a sympos
+// (or the uniqueness that sympos 0 needs) cannot be trusted for it.
+func (m *Module) Shadowed(name string) bool { return m.loading[name] }
 
 // ReadModule reads the symbols of a .ko file. It keeps the symbols the
 // loaded module keeps in its kallsyms (kernel/module/kallsyms.c,
@@ -54,7 +64,7 @@ func readModule(data []byte, keep bool) (m *Module, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrFormat, err)
 	}
-	m = &Module{f: f}
+	m = &Module{f: f, loading: map[string]bool{}}
 	if keep {
 		m.data = data
 	}
@@ -84,9 +94,12 @@ func readModule(data []byte, keep bool) (m *Module, err error) {
 			continue
 		}
 		sec := f.Sections[s.Section]
+		if strings.HasPrefix(sec.Name, ".init") {
+			m.loading[s.Name] = true
+			continue
+		}
 		// The loader drops SHF_ALLOC from .modinfo and __versions.
-		if sec.Flags&elf.SHF_ALLOC == 0 || strings.HasPrefix(sec.Name, ".init") ||
-			sec.Name == ".modinfo" || sec.Name == "__versions" {
+		if sec.Flags&elf.SHF_ALLOC == 0 || sec.Name == ".modinfo" || sec.Name == "__versions" {
 			continue
 		}
 		typ := moduleType(s, sec)
