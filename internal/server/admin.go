@@ -68,7 +68,7 @@ func (s *Server) registerPatch(w http.ResponseWriter, r *http.Request) {
 func (s *Server) operate(w http.ResponseWriter, r *http.Request) {
 	target, op := r.PathValue("release")+"/"+r.PathValue("file"), r.PathValue("op")
 	var req api.RolloutRequest
-	if !decode(w, r, &req) {
+	if r.ContentLength != 0 && !decode(w, r, &req) { // the reason is optional, and so is the body
 		return
 	}
 	if len(req.Reason) > 1024 {

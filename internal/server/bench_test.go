@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -41,24 +40,7 @@ func BenchmarkCheckIn(b *testing.B) {
 			}
 			return st
 		},
-		"postgres": func(b *testing.B) store.Store {
-			dsn := os.Getenv("STITCH_TEST_POSTGRES")
-			if dsn == "" {
-				b.Skip("STITCH_TEST_POSTGRES unset: run `export \"$(scripts/postgres.sh)\"` to measure PostgreSQL too")
-			}
-			st, err := store.OpenPostgres(context.Background(), dsn)
-			if err != nil {
-				b.Fatal(err)
-			}
-			if err := st.DropAll(context.Background()); err != nil {
-				b.Fatal(err)
-			}
-			st.Close()
-			if st, err = store.OpenPostgres(context.Background(), dsn); err != nil {
-				b.Fatal(err)
-			}
-			return st
-		},
+		"postgres": func(b *testing.B) store.Store { return postgresStore(b, "server_bench") },
 	}
 	for _, name := range []string{"sqlite", "postgres"} {
 		b.Run(name, func(b *testing.B) {

@@ -117,8 +117,8 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 	m := store.Machine{ID: "m-" + randomHex(8), TokenHash: hash(token), Hostname: req.Hostname, Group: req.Group}
 	k, err := s.Store.Enroll(r.Context(), hash(req.Key), m, s.now())
 	switch {
-	case errors.Is(err, store.ErrNotFound) && req.Group != "":
-		fail(w, http.StatusUnauthorized, "unknown enrollment key or group: check the key and group you were given")
+	case errors.Is(err, store.ErrUnknownGroup):
+		fail(w, http.StatusBadRequest, fmt.Sprintf("group %q does not exist: ask the operator for the group name, or enroll without one", req.Group))
 	case errors.Is(err, store.ErrNotFound):
 		fail(w, http.StatusUnauthorized, "unknown enrollment key: check the key you were given")
 	case errors.Is(err, store.ErrLimit):
@@ -232,6 +232,10 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 			return false
 		}
 		fail(w, http.StatusBadRequest, "malformed JSON: "+err.Error())
+		return false
+	}
+	if dec.More() {
+		fail(w, http.StatusBadRequest, "malformed JSON: data after the object: send one JSON object")
 		return false
 	}
 	return true

@@ -3,12 +3,14 @@ package server
 import (
 	"bytes"
 	"context"
+	"database/sql"
 	"encoding/json"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -22,7 +24,7 @@ import (
 
 type env struct {
 	srv   *httptest.Server
-	st    *store.SQL
+	st    store.Store
 	repo  *bundle.Repo
 	admin string
 	s     *Server
@@ -31,11 +33,53 @@ type env struct {
 // newEnv starts a server on SQLite and loopback; opts adjust it first.
 func newEnv(t *testing.T, opts ...func(*Server)) *env {
 	t.Helper()
-	ctx := context.Background()
-	st, err := store.OpenSQLite(ctx, filepath.Join(t.TempDir(), "fleet.db"))
+	st, err := store.OpenSQLite(context.Background(), filepath.Join(t.TempDir(), "fleet.db"))
 	if err != nil {
 		t.Fatal(err)
 	}
+	return newEnvOn(t, st, opts...)
+}
+
+// postgresStore opens the test PostgreSQL (STITCH_TEST_POSTGRES) in a
+// schema of its own, emptied first, so that this package never touches
+// the tables of the store package's tests, even when packages run in
+// parallel. Without the variable it skips, or fails when CI is set.
+func postgresStore(tb testing.TB, schema string) *store.SQL {
+	tb.Helper()
+	dsn := os.Getenv("STITCH_TEST_POSTGRES")
+	if dsn == "" {
+		if os.Getenv("CI") != "" {
+			tb.Fatal("CI is set but STITCH_TEST_POSTGRES is not: run scripts/postgres.sh and export its output")
+		}
+		tb.Skip("STITCH_TEST_POSTGRES unset: run `export \"$(scripts/postgres.sh)\"` to test PostgreSQL too")
+	}
+	if !strings.HasPrefix(dsn, "postgres://") && !strings.HasPrefix(dsn, "postgresql://") {
+		tb.Fatalf("STITCH_TEST_POSTGRES: want a postgres:// URL, got %q", dsn)
+	}
+	db, err := sql.Open("pgx", dsn)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer db.Close()
+	for _, q := range []string{"DROP SCHEMA IF EXISTS " + schema + " CASCADE", "CREATE SCHEMA " + schema} {
+		if _, err := db.Exec(q); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	sep := "?"
+	if strings.Contains(dsn, "?") {
+		sep = "&"
+	}
+	st, err := store.OpenPostgres(context.Background(), dsn+sep+"search_path="+schema)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return st
+}
+
+// newEnvOn starts a server on st (closed at the end) and loopback.
+func newEnvOn(t *testing.T, st store.Store, opts ...func(*Server)) *env {
+	t.Helper()
 	t.Cleanup(func() { st.Close() })
 	repo := &bundle.Repo{Dir: t.TempDir()}
 	if err := repo.Init(); err != nil {
@@ -121,6 +165,8 @@ func TestBadRequestsChangeNothing(t *testing.T) {
 		"unknown field": {[]byte(`{"key":"x","hostname":"h","admin":true}`), 400},
 		"huge":          {append([]byte(`{"key":"`), bytes.Repeat([]byte("a"), 1<<20)...), 413},
 		"bad host":      {js(api.EnrollRequest{Key: key.Key, Hostname: "a b"}), 400},
+		"trailing data": {append(js(api.EnrollRequest{Key: key.Key, Hostname: "h"}), []byte(`{}`)...), 400},
+		"unknown group": {js(api.EnrollRequest{Key: key.Key, Hostname: "h", Group: "nope"}), 400},
 		"wrong key":     {js(api.EnrollRequest{Key: "sk-nope", Hostname: "h"}), 401},
 	} {
 		if c := e.call(t, "POST", "/v1/machines", "", tc.body, nil); c != tc.code {

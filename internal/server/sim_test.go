@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -13,6 +14,7 @@ import (
 	"github.com/stitchpatch/stitch/internal/bundle"
 	"github.com/stitchpatch/stitch/internal/server/api"
 	"github.com/stitchpatch/stitch/internal/server/rollout"
+	"github.com/stitchpatch/stitch/internal/server/store"
 )
 
 // fakeClock is the server's and the agents' time in a simulation.
@@ -178,13 +180,27 @@ func publish(t *testing.T, repo *bundle.Repo, name, buildID string, cves ...stri
 // in the 10% stage break. The bad patch must be blocklisted at that stage
 // by the server itself, nobody ranked beyond 10% may ever be offered it,
 // and every machine that applied it must be told to revert.
+//
+// On PostgreSQL (shared by replicas in production) the same runs with 500
+// agents, to keep CI's time modest.
 func TestRolloutSimulation(t *testing.T) {
 	n := 2000
 	if testing.Short() {
 		n = 300
 	}
+	t.Run("sqlite", func(t *testing.T) {
+		st, err := store.OpenSQLite(context.Background(), filepath.Join(t.TempDir(), "fleet.db"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		simulate(t, st, n)
+	})
+	t.Run("postgres", func(t *testing.T) { simulate(t, postgresStore(t, "server_sim"), min(n, 500)) })
+}
+
+func simulate(t *testing.T, st store.Store, n int) {
 	clk := &fakeClock{t: time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)}
-	e := newEnv(t, func(s *Server) { s.Now, s.CheckInEvery = clk.Now, 10*time.Minute })
+	e := newEnvOn(t, st, func(s *Server) { s.Now, s.CheckInEvery = clk.Now, 10*time.Minute })
 	ctx := context.Background()
 	admin := &api.Client{BaseURL: e.srv.URL, Token: e.admin}
 	if err := admin.Do(ctx, "PUT", "/v1/admin/groups/default", api.Group{Channel: "canary"}, nil); err != nil {

@@ -182,7 +182,7 @@ func (s *SQL) Machines(ctx context.Context) ([]Machine, error) {
 func (s *SQL) SetMachineGroup(ctx context.Context, id, group string) error {
 	var one int
 	if err := s.db.QueryRowContext(ctx, s.q(`SELECT 1 FROM machine_groups WHERE name = ?`), group).Scan(&one); err != nil {
-		return fmt.Errorf("group %q: %w", group, ErrNotFound)
+		return fmt.Errorf("%q: %w", group, ErrUnknownGroup)
 	}
 	res, err := s.db.ExecContext(ctx, s.q(`UPDATE machines SET group_name = ? WHERE id = ?`), group, id)
 	if err != nil {

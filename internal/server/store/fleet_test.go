@@ -122,7 +122,7 @@ func TestConcurrentMigrationsPostgres(t *testing.T) {
 	openPostgres(t).Close()
 	ctx := context.Background()
 	s, _ := OpenPostgres(ctx, postgresDSN(t))
-	if err := s.DropAll(ctx); err != nil {
+	if err := s.dropAll(ctx); err != nil {
 		t.Fatal(err)
 	}
 	s.Close()

@@ -30,6 +30,8 @@ var (
 	ErrLimit    = errors.New("machine limit reached")
 	ErrExpired  = errors.New("enrollment key expired")
 	ErrExists   = errors.New("already exists")
+	// ErrUnknownGroup wraps ErrNotFound: a machine group that does not exist.
+	ErrUnknownGroup = fmt.Errorf("machine group %w", ErrNotFound)
 )
 
 // Key is an enrollment key (the secret is stored only as a hash).
@@ -248,7 +250,7 @@ func (s *SQL) Enroll(ctx context.Context, secretHash string, m Machine, now time
 	}
 	var one int
 	if err := tx.QueryRowContext(ctx, s.q(`SELECT 1 FROM machine_groups WHERE name = ?`), m.Group).Scan(&one); err != nil {
-		return k, fmt.Errorf("enroll %s: group %q: %w", m.ID, m.Group, ErrNotFound)
+		return k, fmt.Errorf("enroll %s: %q: %w", m.ID, m.Group, ErrUnknownGroup)
 	}
 	if _, err := tx.ExecContext(ctx, s.q(`INSERT INTO machines (id, key_id, token_hash, hostname, enrolled_at, group_name) VALUES (?, ?, ?, ?, ?, ?)`),
 		m.ID, k.ID, m.TokenHash, m.Hostname, unix(now), m.Group); err != nil {
@@ -296,18 +298,3 @@ func (s *SQL) lock() string {
 }
 
 func (s *SQL) Close() error { return s.db.Close() }
-
-// tables are every table the migrations create, dependents first.
-var tables = []string{"health_reports", "rollout_machines", "patches", "machine_patches", "machines", "machine_groups", "channels", "enrollment_keys", "schema_migrations"}
-
-// DropAll drops every table of the fleet schema, leaving an empty
-// database: for tests and benchmarks on a shared PostgreSQL, never for a
-// server's own database.
-func (s *SQL) DropAll(ctx context.Context) error {
-	for _, t := range tables {
-		if _, err := s.db.ExecContext(ctx, "DROP TABLE IF EXISTS "+t); err != nil {
-			return fmt.Errorf("drop %s: %w", t, err)
-		}
-	}
-	return nil
-}

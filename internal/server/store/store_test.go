@@ -31,7 +31,7 @@ func openPostgres(t *testing.T) *SQL {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := s.DropAll(ctx); err != nil {
+	if err := s.dropAll(ctx); err != nil {
 		t.Fatal(err)
 	}
 	s.Close()
@@ -98,4 +98,18 @@ func testEnroll(t *testing.T, s *SQL, path string) {
 	if n, _ := s2.CountMachines(ctx, "free"); n != 3 {
 		t.Fatalf("reopened store has %d machines", n)
 	}
+}
+
+// tables are every table the migrations create, dependents first.
+var tables = []string{"health_reports", "rollout_machines", "patches", "machine_patches", "machines", "machine_groups", "channels", "enrollment_keys", "schema_migrations"}
+
+// dropAll drops every table of the fleet schema, leaving the test
+// database empty.
+func (s *SQL) dropAll(ctx context.Context) error {
+	for _, t := range tables {
+		if _, err := s.db.ExecContext(ctx, "DROP TABLE IF EXISTS "+t); err != nil {
+			return fmt.Errorf("drop %s: %w", t, err)
+		}
+	}
+	return nil
 }
