@@ -3,11 +3,7 @@ package server
 import (
 	"context"
 	"fmt"
-	"io"
-	"log/slog"
-	"net"
 	"net/http"
-	"net/http/httptest"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -44,8 +40,7 @@ func BenchmarkCheckIn(b *testing.B) {
 	}
 	for _, name := range []string{"sqlite", "postgres"} {
 		b.Run(name, func(b *testing.B) {
-			st := stores[name](b)
-			defer st.Close()
+			st := stores[name](b) // closed by newEnvOn's cleanup
 			url, tokens, target := benchFleet(b, st)
 			b.Run(fmt.Sprintf("machines=%d", benchMachines), func(b *testing.B) {
 				benchCheckIns(b, url, tokens, target)
@@ -96,32 +91,20 @@ func benchFleet(b *testing.B, st store.Store) (string, []string, string) {
 	}
 	b.Logf("registered %d machines in %s", benchMachines, time.Since(start).Round(time.Second))
 
-	repo := &bundle.Repo{Dir: b.TempDir()}
-	if err := repo.Init(); err != nil {
-		b.Fatal(err)
-	}
+	e := newEnvOn(b, st)
 	data, err := bundle.Pack(testManifest("stitch_bench", simRelease, simBuildID, "CVE-2026-4000"), []byte("module"))
 	if err != nil {
 		b.Fatal(err)
 	}
-	target, err := repo.Publish(data)
+	target, err := e.repo.Publish(data)
 	if err != nil {
 		b.Fatal(err)
 	}
-	s := &Server{Store: st, Repo: repo, AdminToken: "admin-secret", Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
-	hs := httptest.NewUnstartedServer(s.Handler())
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	hs.Listener = l
-	hs.Start()
-	b.Cleanup(hs.Close)
-	admin := &api.Client{BaseURL: hs.URL, Token: "admin-secret"}
+	admin := &api.Client{BaseURL: e.srv.URL, Token: e.admin}
 	if err := admin.Do(ctx, "POST", "/v1/admin/patches", api.PatchRequest{Target: target}, nil); err != nil {
 		b.Fatal(err)
 	}
-	return hs.URL, tokens, target
+	return e.srv.URL, tokens, target
 }
 
 func benchCheckIns(b *testing.B, url string, tokens []string, target string) {

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -78,7 +77,7 @@ func postgresStore(tb testing.TB, schema string) *store.SQL {
 }
 
 // newEnvOn starts a server on st (closed at the end) and loopback.
-func newEnvOn(t *testing.T, st store.Store, opts ...func(*Server)) *env {
+func newEnvOn(t testing.TB, st store.Store, opts ...func(*Server)) *env {
 	t.Helper()
 	t.Cleanup(func() { st.Close() })
 	repo := &bundle.Repo{Dir: t.TempDir()}
@@ -89,13 +88,7 @@ func newEnvOn(t *testing.T, st store.Store, opts ...func(*Server)) *env {
 	for _, o := range opts {
 		o(s)
 	}
-	hs := httptest.NewUnstartedServer(s.Handler())
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hs.Listener = l
-	hs.Start()
+	hs := httptest.NewServer(s.Handler()) // on 127.0.0.1
 	t.Cleanup(hs.Close)
 	return &env{srv: hs, st: st, repo: repo, admin: "admin-secret", s: s}
 }
