@@ -44,7 +44,14 @@ func (s *Server) offered(p store.Patch, m store.Machine, anyState bool) bool {
 	case now.Before(p.RegisteredAt.Add(m.Delay)):
 		return false
 	}
-	return rollout.Rank(p.Target, m.ID) < s.policy().Stages[p.Stage]
+	return rollout.Rank(p.Target, m.ID) < s.share(p)
+}
+
+// share is the share of machines p's stage reaches. A stage past the
+// policy's last (the server restarted with fewer stages) reaches everyone.
+func (s *Server) share(p store.Patch) float64 {
+	st := s.policy().Stages
+	return st[min(max(p.Stage, 0), len(st)-1)]
 }
 
 func (s *Server) checkIn(w http.ResponseWriter, r *http.Request, m store.Machine) {
@@ -211,7 +218,7 @@ func (s *Server) Tick(ctx context.Context) error {
 			if err != nil {
 				return err
 			}
-			last := p.Stage == len(pol.Stages)-1
+			last := p.Stage >= len(pol.Stages)-1
 			switch {
 			case rollout.CanAdvance(c.Machines, c.Unfinished) && last:
 				p.State, event = string(rollout.Complete), "completed"
