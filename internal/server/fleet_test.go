@@ -236,7 +236,8 @@ func TestOperatorHaltResumeBlocklist(t *testing.T) {
 
 // A free-tier fleet of 3 machines: the 1% and 10% stages usually hold
 // nobody, and the rollout must still reach all three, one stage per
-// check-in interval, and complete once they passed their checks.
+// check-in interval, and complete once they passed their checks; and it
+// can still be blocklisted after that.
 func TestSmallFleetIsNotStuck(t *testing.T) {
 	clk := &fakeClock{t: time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)}
 	e := newEnv(t, func(s *Server) { s.Now = clk.Now })
@@ -268,5 +269,16 @@ func TestSmallFleetIsNotStuck(t *testing.T) {
 	admin.Do(ctx, "GET", "/v1/admin/reports/patches", nil, &reps)
 	if len(held) != 3 || reps[0].State != "complete" || reps[0].Healthy != 3 {
 		t.Fatalf("%d of 3 machines got the patch; rollout %+v", len(held), reps[0])
+	}
+	// Complete is not final: failures past the tolerance (here all three
+	// machines oops a day later) blocklist the patch and everyone reverts.
+	clk.Add(24 * time.Hour)
+	for _, c := range ms {
+		if err := c.Health(ctx, api.Health{Target: target, Name: "stitch_fix", Check: api.CheckBoot, Reason: api.ReasonOops}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if acts := checkIn(t, ms[0], api.PatchState{Target: target, Name: "stitch_fix", State: api.StateApplied, Since: held[0]}); len(acts) != 1 || acts[0].Op != api.OpRevert {
+		t.Fatalf("after failures past the tolerance: %+v, want a revert order", acts)
 	}
 }

@@ -153,14 +153,16 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine)
 		if err := tx.PutHealth(store.HealthReport{Target: p.Target, MachineID: m.ID, Check: h.Check, Healthy: h.Healthy, Reason: h.Reason, Detail: h.Detail, At: now}); err != nil {
 			return err
 		}
-		if p.State != string(rollout.Running) {
+		if !newlyFailed || p.State == string(rollout.Blocklisted) {
 			return nil
 		}
+		// Past the threshold a patch is blocklisted whatever its state:
+		// halted or complete, machines that have it must still revert.
 		c, err := tx.Counts(len(pol.Checks))
 		if err != nil {
 			return err
 		}
-		if newlyFailed && pol.Exceeded(c.Failed, c.Machines) {
+		if pol.Exceeded(c.Failed, c.Machines) {
 			p.State = string(rollout.Blocklisted)
 			p.Reason = fmt.Sprintf("%d of %d machines failed at stage %d (last: %s: %s)", c.Failed, c.Machines, p.Stage, m.ID, h.Reason)
 			p.UpdatedAt, event = now, "blocklisted"
@@ -194,7 +196,8 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine)
 // Tick advances every running rollout whose stage is done: the stage has
 // lasted a check-in interval (so each machine in it had its chance to
 // check in and take the patch) and every machine that applied the patch
-// passed every health check. A stage nobody took after that long (a small
+// and did not fail passed every health check (failures within the
+// tolerance do not hold it back; past it the patch is blocklisted). A stage nobody took after that long (a small
 // fleet's 1% is often nobody) moves on too, so small fleets are not stuck;
 // the last stage completes only with machines. Serve calls it every 30
 // seconds; it is safe on several replicas at once, as each rollout is
@@ -220,9 +223,9 @@ func (s *Server) Tick(ctx context.Context) error {
 			}
 			last := p.Stage >= len(pol.Stages)-1
 			switch {
-			case rollout.CanAdvance(c.Machines, c.Unfinished) && last:
+			case rollout.CanAdvance(c.Machines, c.Failed, c.Unfinished) && last:
 				p.State, event = string(rollout.Complete), "completed"
-			case rollout.CanAdvance(c.Machines, c.Unfinished), c.Machines == 0 && !last:
+			case rollout.CanAdvance(c.Machines, c.Failed, c.Unfinished), c.Machines == 0 && !last:
 				p.Stage++
 				event = "advanced"
 			default:

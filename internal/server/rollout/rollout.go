@@ -93,9 +93,11 @@ func (p Policy) Exceeded(failures, machines int) bool {
 	return failures > p.MaxFailures || (machines >= 10 && float64(failures)/float64(machines) > p.MaxRate)
 }
 
-// CanAdvance says whether a stage is done: at least one machine applied
-// the patch and none is failed or still short of a check.
-func CanAdvance(machines, unfinished int) bool { return machines > 0 && unfinished == 0 }
+// CanAdvance says whether a stage is done: at least one machine that
+// applied the patch passed every check, and none that has not failed is
+// still short of a check. Failures within the policy's tolerance do not
+// hold a rollout back (past it, the patch is blocklisted).
+func CanAdvance(machines, failed, unfinished int) bool { return machines > failed && unfinished == 0 }
 
 // machine is what the rollout knows of one machine that applied the patch.
 type machine struct {
@@ -164,7 +166,9 @@ func (r *Rollout) Healthy(id string, t time.Time) {
 }
 
 // Failed records a failure (apply failed, transition timed out, kernel
-// warning or oops, crash loop) and blocklists the patch past the threshold.
+// warning or oops, crash loop) and blocklists the patch past the threshold,
+// whether the rollout is running, halted or complete: machines that have
+// it must revert.
 func (r *Rollout) Failed(id, reason string, t time.Time) {
 	m := r.machines[id]
 	if m == nil {
@@ -180,26 +184,26 @@ func (r *Rollout) Failed(id, reason string, t time.Time) {
 	}
 	m.failed = true
 	r.failures++
-	if r.State == Running && r.Policy.Exceeded(r.failures, len(r.machines)) {
+	if r.State != Blocklisted && r.Policy.Exceeded(r.failures, len(r.machines)) {
 		r.State = Blocklisted
 		r.Reason = fmt.Sprintf("%d of %d machines failed at stage %d (last: %s: %s)", r.failures, len(r.machines), r.Stage, id, reason)
 	}
 }
 
 // Advance moves to the next stage when every machine that applied the
-// patch passed every check and at least one did. It reports whether it
-// advanced.
+// patch and did not fail passed every check, and at least one did (see
+// CanAdvance). It reports whether it advanced.
 func (r *Rollout) Advance() bool {
 	if r.State != Running {
 		return false
 	}
 	unfinished := 0
 	for _, m := range r.machines {
-		if m.failed || m.checks < len(r.Policy.Checks) {
+		if !m.failed && m.checks < len(r.Policy.Checks) {
 			unfinished++
 		}
 	}
-	if !CanAdvance(len(r.machines), unfinished) {
+	if !CanAdvance(len(r.machines), r.failures, unfinished) {
 		return false
 	}
 	if r.Stage == len(r.Policy.Stages)-1 {

@@ -139,3 +139,37 @@ func TestOperatorHands(t *testing.T) {
 		t.Fatal("shrinking stages accepted")
 	}
 }
+
+// Failures within the tolerance do not hold the rollout back; the one past
+// it blocklists even a complete rollout.
+func TestToleratedFailures(t *testing.T) {
+	r, _ := New("p", Policy{Stages: []float64{0.5, 1}, Checks: []time.Duration{time.Minute}, MaxFailures: 1, MaxRate: 0.5})
+	t0 := time.Unix(0, 0)
+	var ids []string
+	for i := 0; len(ids) < 4; i++ {
+		if id := fmt.Sprint(i); r.Offer(id) {
+			ids = append(ids, id)
+		}
+	}
+	for _, id := range ids[:3] {
+		r.Applied(id, t0)
+		r.Healthy(id, t0.Add(time.Minute))
+	}
+	r.Failed(ids[3], "oops", t0)
+	if r.State != Running || !r.Advance() {
+		t.Fatalf("one tolerated failure held the rollout: %s at stage %d", r.State, r.Stage)
+	}
+	r.Advance()
+	if r.State != Complete {
+		t.Fatalf("state %s, want complete", r.State)
+	}
+	for i := 0; ; i++ {
+		if id := fmt.Sprint("late", i); r.Offer(id) {
+			r.Failed(id, "oops", t0)
+			break
+		}
+	}
+	if r.State != Blocklisted || !r.MustRevert(ids[0]) {
+		t.Fatalf("a failure past the tolerance left a complete rollout %s", r.State)
+	}
+}

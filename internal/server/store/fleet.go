@@ -62,7 +62,7 @@ type RolloutMachine struct {
 // RolloutCounts summarises a patch's rollout machines.
 type RolloutCounts struct {
 	Machines, Failed int
-	Unfinished       int // failed or short of the given number of checks
+	Unfinished       int // not failed and short of the given number of checks
 }
 
 // HealthReport is a machine's latest report at one check of one patch.
@@ -399,7 +399,7 @@ func (r *rolloutTx) PutMachine(m RolloutMachine) error {
 
 func (r *rolloutTx) Counts(checks int) (RolloutCounts, error) {
 	var c RolloutCounts
-	err := r.tx.QueryRowContext(r.ctx, r.s.q(`SELECT COUNT(*), COALESCE(SUM(failed), 0), COALESCE(SUM(CASE WHEN failed <> 0 OR checks < ? THEN 1 ELSE 0 END), 0)
+	err := r.tx.QueryRowContext(r.ctx, r.s.q(`SELECT COUNT(*), COALESCE(SUM(failed), 0), COALESCE(SUM(CASE WHEN failed = 0 AND checks < ? THEN 1 ELSE 0 END), 0)
 		FROM rollout_machines WHERE target = ?`), checks, r.target).Scan(&c.Machines, &c.Failed, &c.Unfinished)
 	return c, err
 }
