@@ -1,0 +1,116 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stitchpatch/stitch/internal/build"
+	"github.com/stitchpatch/stitch/internal/bundle"
+	"github.com/stitchpatch/stitch/internal/fingerprint"
+	"github.com/stitchpatch/stitch/internal/server"
+	"github.com/stitchpatch/stitch/internal/server/api"
+	"github.com/stitchpatch/stitch/internal/server/store"
+)
+
+// The operator's path end to end through the commands: a repository, a
+// published build, a server on loopback, a key, a machine checking in, a
+// rollout started and reported, and the exit codes of refused requests.
+func TestPublishRolloutAndFleetCommands(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	repoDir := filepath.Join(dir, "repo")
+	var out bytes.Buffer
+	st := &stdio{out: &out, err: io.Discard, log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	cmd := func(run func(context.Context, *stdio, []string) error, args ...string) error {
+		out.Reset()
+		return run(ctx, st, args)
+	}
+	if err := cmd(runRepo, "init", "--dir", repoDir); err != nil {
+		t.Fatal(err)
+	}
+	ko := []byte("\x7fELF a livepatch module")
+	m := build.Manifest{Version: build.ManifestVersion, Name: "stitch_fix", Module: "stitch_fix.ko", ModuleHash: bundle.SHA256Hex(ko),
+		Kernel: build.KernelID{Release: "6.1.0-54-amd64", BuildID: "887cd47f03581c5baf735611814b0308637cd7f2"}, CVEs: []string{"CVE-2026-12345"},
+		Objects: []build.Object{{Name: "vmlinux", Functions: []build.Function{{Name: "f", Fingerprint: fingerprint.Fingerprint{Size: 8, SHA256: strings.Repeat("ab", 32)}}}}}}
+	mj, _ := json.Marshal(m)
+	os.WriteFile(filepath.Join(dir, "fix.json"), mj, 0o644)
+	os.WriteFile(filepath.Join(dir, "fix.ko"), ko, 0o644)
+	os.WriteFile(filepath.Join(dir, "other.ko"), []byte("another module"), 0o644)
+	if err := cmd(runPublish, "--dir", repoDir, "--module", filepath.Join(dir, "other.ko"), "--manifest", filepath.Join(dir, "fix.json")); exitCode(err) != exitUsage {
+		t.Fatalf("a manifest published with another build's module: %v (exit %d)", err, exitCode(err))
+	}
+	if err := cmd(runPublish, "--dir", repoDir, "--module", filepath.Join(dir, "fix.ko"), "--manifest", filepath.Join(dir, "fix.json"), "--json"); err != nil {
+		t.Fatal(err)
+	}
+	var pub struct{ Target string }
+	json.Unmarshal(out.Bytes(), &pub)
+
+	db, err := store.OpenSQLite(ctx, filepath.Join(dir, "fleet.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	const token = "admin-token-for-the-test"
+	hs := httptest.NewServer((&server.Server{Store: db, Repo: &bundle.Repo{Dir: repoDir}, AdminToken: token, Log: st.log}).Handler())
+	defer hs.Close()
+	srv := "--server=" + hs.URL
+	t.Setenv("STITCH_ADMIN_TOKEN", token)
+
+	if err := cmd(runFleet, "group", "default", "--channel", "canary", srv); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd(runFleet, "key", "--max-machines", "5", "--json", srv); err != nil {
+		t.Fatal(err)
+	}
+	var key api.KeyResponse
+	json.Unmarshal(out.Bytes(), &key)
+	c := &api.Client{BaseURL: hs.URL}
+	enrolled, err := c.Enroll(ctx, api.EnrollRequest{Key: key.Key, Hostname: "web1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Token = enrolled.Token
+	if _, err := c.CheckIn(ctx, api.CheckIn{KernelRelease: m.Kernel.Release, KernelBuildID: m.Kernel.BuildID}); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd(runRollout, "start", pub.Target, srv); err != nil || !strings.Contains(out.String(), "running at stage 0") {
+		t.Fatalf("rollout start: %v %q", err, out.String())
+	}
+	if err := cmd(runFleet, "patches", "--json", srv); err != nil {
+		t.Fatal(err)
+	}
+	var reps []api.PatchReport
+	if err := json.Unmarshal(out.Bytes(), &reps); err != nil || len(reps) != 1 || reps[0].Eligible != 1 || reps[0].CVEs[0] != "CVE-2026-12345" {
+		t.Fatalf("fleet patches: %v %s", err, out.String())
+	}
+	if err := cmd(runFleet, "cves", srv); err != nil || !strings.Contains(out.String(), "CVE-2026-12345  0      1") {
+		t.Fatalf("fleet cves: %v\n%s", err, out.String())
+	}
+
+	for name, tc := range map[string]struct {
+		run  func(context.Context, *stdio, []string) error
+		args []string
+		env  string
+		code int
+	}{
+		"resume a running rollout": {runRollout, []string{"resume", pub.Target, srv}, token, exitUsage},
+		"unknown target":           {runRollout, []string{"halt", "6.1.0-54-amd64/stitch_x-0123456789abcdef.stitch", srv}, token, exitUsage},
+		"wrong admin token":        {runFleet, []string{"machines", srv}, "not-the-admin-token", exitUsage},
+		"no admin token":           {runFleet, []string{"machines", srv}, "", exitUsage},
+		"server down":              {runFleet, []string{"machines", "--server=http://127.0.0.1:1"}, token, exitFailed},
+		"bad date":                 {runFleet, []string{"channel", "slow", "--cutoff", "tomorrow", srv}, token, exitUsage},
+	} {
+		t.Setenv("STITCH_ADMIN_TOKEN", tc.env)
+		if err := cmd(tc.run, tc.args...); exitCode(err) != tc.code {
+			t.Errorf("%s: %v, exit %d, want %d", name, err, exitCode(err), tc.code)
+		}
+	}
+}
