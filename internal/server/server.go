@@ -29,8 +29,8 @@ import (
 	"github.com/stitchpatch/stitch/internal/server/store"
 )
 
-// maxBody bounds every request body: the API's requests are small.
-const maxBody = 64 << 10
+// maxBody bounds every request body.
+const maxBody = api.MaxRequest
 
 // Server handles the API.
 type Server struct {

@@ -147,8 +147,13 @@ var (
 	versionRe = regexp.MustCompile(`^[A-Za-z0-9._+~-]{0,64}$`)
 )
 
-// MaxPatches bounds the patches one check-in may list.
-const MaxPatches = 256
+// MaxRequest is the largest request body the server reads: the API's
+// requests are small, the largest a check-in of MaxPatches patches.
+const MaxRequest = 256 << 10
+
+// MaxPatches bounds the patches one check-in may list, so that a check-in
+// fits MaxRequest.
+const MaxPatches = 128
 
 // ValidTarget says whether s is a bundle's target name in a repository
 // (bundle.TargetName's form: RELEASE/NAME-HASH16.stitch).

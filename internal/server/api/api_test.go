@@ -123,3 +123,18 @@ func FuzzValidate(f *testing.F) {
 		}
 	})
 }
+
+// The largest check-in Validate accepts must fit the server's body limit.
+func TestLargestCheckInFits(t *testing.T) {
+	c := CheckIn{KernelRelease: strings.Repeat("r", 64), KernelBuildID: strings.Repeat("a", 128), AgentVersion: strings.Repeat("v", 64)}
+	for range MaxPatches {
+		c.Patches = append(c.Patches, PatchState{Target: strings.Repeat("r", 64) + "/" + strings.Repeat("n", 55) + "-0123456789abcdef.stitch",
+			Name: strings.Repeat("n", 55), State: StateApplied, Since: time.Now(), Reason: strings.Repeat("x", 1024)})
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := json.Marshal(c); len(b) > MaxRequest {
+		t.Fatalf("the largest valid check-in is %d bytes, over MaxRequest %d", len(b), MaxRequest)
+	}
+}
