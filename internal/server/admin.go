@@ -12,19 +12,6 @@ import (
 	"github.com/stitchpatch/stitch/internal/server/store"
 )
 
-func (s *Server) groupExists(r *http.Request, name string) bool {
-	gs, err := s.Store.Groups(r.Context())
-	if err != nil {
-		return false
-	}
-	for _, g := range gs {
-		if g.Name == name {
-			return true
-		}
-	}
-	return false
-}
-
 // registerPatch starts the rollout of a target already published in the
 // server's repository: the bundle's manifest says which kernel (release
 // and build-id) it is for and which CVEs it fixes.

@@ -150,18 +150,18 @@ func (s *Server) createKey(w http.ResponseWriter, r *http.Request) {
 	if req.Group == "" {
 		req.Group = store.DefaultGroup
 	}
-	if !s.groupExists(r, req.Group) {
-		fail(w, http.StatusBadRequest, fmt.Sprintf("group %q does not exist: create it with PUT /v1/admin/groups/NAME", req.Group))
-		return
-	}
 	if req.MaxMachines == 0 {
 		req.MaxMachines = FreeTierMachines
 	}
 	secret := "sk-" + randomHex(24)
 	k := store.Key{ID: "k-" + randomHex(6), SecretHash: hash(secret), MaxMachines: req.MaxMachines, ExpiresAt: req.ExpiresAt, CreatedAt: s.now(), Group: req.Group}
-	if err := s.Store.CreateKey(r.Context(), k); err != nil {
-		s.log().Error("create key", "err", err)
-		fail(w, http.StatusInternalServerError, "could not create the key")
+	err := s.Store.CreateKey(r.Context(), k)
+	switch {
+	case errors.Is(err, store.ErrUnknownGroup):
+		fail(w, http.StatusBadRequest, fmt.Sprintf("group %q does not exist: create it with PUT /v1/admin/groups/NAME", req.Group))
+		return
+	case err != nil:
+		s.internal(w, "create key", err)
 		return
 	}
 	reply(w, http.StatusCreated, api.KeyResponse{ID: k.ID, Key: secret, MaxMachines: k.MaxMachines, Group: k.Group})

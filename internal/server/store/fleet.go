@@ -180,9 +180,8 @@ func (s *SQL) Machines(ctx context.Context) ([]Machine, error) {
 }
 
 func (s *SQL) SetMachineGroup(ctx context.Context, id, group string) error {
-	var one int
-	if err := s.db.QueryRowContext(ctx, s.q(`SELECT 1 FROM machine_groups WHERE name = ?`), group).Scan(&one); err != nil {
-		return fmt.Errorf("%q: %w", group, ErrUnknownGroup)
+	if err := s.groupExists(ctx, s.db, group); err != nil {
+		return fmt.Errorf("set group of %s: %w", id, err)
 	}
 	res, err := s.db.ExecContext(ctx, s.q(`UPDATE machines SET group_name = ? WHERE id = ?`), group, id)
 	if err != nil {

@@ -39,11 +39,16 @@ func TestFleetCheckInsAndRollout(t *testing.T) {
 		if err := s.PutGroup(ctx, Group{Name: "x", Channel: "nope"}); !errors.Is(err, ErrNotFound) {
 			t.Fatalf("group on an unknown channel: %v", err)
 		}
-		s.CreateKey(ctx, Key{ID: "k", SecretHash: "h", MaxMachines: 10, CreatedAt: now, Group: "web"})
+		if err := s.CreateKey(ctx, Key{ID: "k0", SecretHash: "h0", MaxMachines: 10, CreatedAt: now, Group: "nope"}); !errors.Is(err, ErrUnknownGroup) {
+			t.Fatalf("key for an unknown group: %v", err)
+		}
+		if err := s.CreateKey(ctx, Key{ID: "k", SecretHash: "h", MaxMachines: 10, CreatedAt: now, Group: "web"}); err != nil {
+			t.Fatal(err)
+		}
 		if _, err := s.Enroll(ctx, "h", Machine{ID: "m1", TokenHash: "t1", Hostname: "a"}, now); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := s.Enroll(ctx, "h", Machine{ID: "m2", TokenHash: "t2", Hostname: "b", Group: "nope"}, now); !errors.Is(err, ErrNotFound) {
+		if _, err := s.Enroll(ctx, "h", Machine{ID: "m2", TokenHash: "t2", Hostname: "b", Group: "nope"}, now); !errors.Is(err, ErrUnknownGroup) {
 			t.Fatalf("enroll into an unknown group: %v", err)
 		}
 		ci := CheckIn{KernelRelease: "6.1.0", KernelBuildID: "abcdef01", AgentVersion: "1",

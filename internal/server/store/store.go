@@ -210,6 +210,9 @@ func (s *SQL) CreateKey(ctx context.Context, k Key) error {
 	if k.Group == "" {
 		k.Group = DefaultGroup
 	}
+	if err := s.groupExists(ctx, s.db, k.Group); err != nil {
+		return fmt.Errorf("create key %s: %w", k.ID, err)
+	}
 	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO enrollment_keys (id, secret_hash, max_machines, expires_at, created_at, group_name) VALUES (?, ?, ?, ?, ?, ?)`),
 		k.ID, k.SecretHash, k.MaxMachines, unix(k.ExpiresAt), unix(k.CreatedAt), k.Group)
 	if err != nil {
@@ -248,9 +251,8 @@ func (s *SQL) Enroll(ctx context.Context, secretHash string, m Machine, now time
 	if m.Group == "" {
 		m.Group = k.Group
 	}
-	var one int
-	if err := tx.QueryRowContext(ctx, s.q(`SELECT 1 FROM machine_groups WHERE name = ?`), m.Group).Scan(&one); err != nil {
-		return k, fmt.Errorf("enroll %s: %q: %w", m.ID, m.Group, ErrUnknownGroup)
+	if err := s.groupExists(ctx, tx, m.Group); err != nil {
+		return k, fmt.Errorf("enroll %s: %w", m.ID, err)
 	}
 	if _, err := tx.ExecContext(ctx, s.q(`INSERT INTO machines (id, key_id, token_hash, hostname, enrolled_at, group_name) VALUES (?, ?, ?, ?, ?, ?)`),
 		m.ID, k.ID, m.TokenHash, m.Hostname, unix(now), m.Group); err != nil {
@@ -298,3 +300,15 @@ func (s *SQL) lock() string {
 }
 
 func (s *SQL) Close() error { return s.db.Close() }
+
+// groupExists returns ErrUnknownGroup for a group that does not exist.
+func (s *SQL) groupExists(ctx context.Context, db interface {
+	QueryRowContext(context.Context, string, ...any) *sql.Row
+}, name string) error {
+	var one int
+	err := db.QueryRowContext(ctx, s.q(`SELECT 1 FROM machine_groups WHERE name = ?`), name).Scan(&one)
+	if errors.Is(err, sql.ErrNoRows) {
+		return fmt.Errorf("%q: %w", name, ErrUnknownGroup)
+	}
+	return err
+}
