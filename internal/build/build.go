@@ -127,6 +127,8 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 		if len(d.Changed) == 0 {
 			if len(d.Unsafe) > 0 {
 				objs = append(objs, compiled{Source: p.Source, Diff: d}) // for its refusals
+			} else if len(d.New) > 0 {
+				same = append(same, p.Source+" (only adds functions nothing in it calls)")
 			} else {
 				same = append(same, p.Source)
 			}
