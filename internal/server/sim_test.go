@@ -2,9 +2,11 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -181,8 +183,10 @@ func publish(t *testing.T, repo *bundle.Repo, name, buildID string, cves ...stri
 // by the server itself, nobody ranked beyond 10% may ever be offered it,
 // and every machine that applied it must be told to revert.
 //
-// On PostgreSQL (shared by replicas in production) the same runs with 500
-// agents, to keep CI's time modest.
+// On PostgreSQL the same runs with 500 agents (to keep CI's time modest)
+// against two server replicas sharing the database, half of the agents on
+// each and both running the rollout clock: every decision must still be
+// taken once.
 func TestRolloutSimulation(t *testing.T) {
 	n := 2000
 	if testing.Short() {
@@ -193,14 +197,22 @@ func TestRolloutSimulation(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		simulate(t, st, n)
+		simulate(t, st, n, 1)
 	})
-	t.Run("postgres", func(t *testing.T) { simulate(t, postgresStore(t, "server_sim"), min(n, 500)) })
+	t.Run("postgres", func(t *testing.T) { simulate(t, postgresStore(t, "server_sim"), min(n, 500), 2) })
 }
 
-func simulate(t *testing.T, st store.Store, n int) {
+func simulate(t *testing.T, st store.Store, n, replicas int) {
 	clk := &fakeClock{t: time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)}
 	e := newEnvOn(t, st, func(s *Server) { s.Now, s.CheckInEvery = clk.Now, 10*time.Minute })
+	servers := []*Server{e.s}
+	urls := []string{e.srv.URL}
+	for range replicas - 1 {
+		s := &Server{Store: st, Repo: e.repo, AdminToken: e.admin, Now: clk.Now, CheckInEvery: 10 * time.Minute, Log: e.s.Log}
+		hs := httptest.NewServer(s.Handler())
+		t.Cleanup(hs.Close)
+		servers, urls = append(servers, s), append(urls, hs.URL)
+	}
 	ctx := context.Background()
 	admin := &api.Client{BaseURL: e.srv.URL, Token: e.admin}
 	if err := admin.Do(ctx, "PUT", "/v1/admin/groups/default", api.Group{Channel: "canary"}, nil); err != nil {
@@ -211,14 +223,25 @@ func simulate(t *testing.T, st store.Store, n int) {
 		t.Fatal(err)
 	}
 	hc := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 16}}
-	f := &simFleet{clk: clk, tick: e.s.Tick, received: map[string][]string{}, reverted: map[string][]string{}}
+	f := &simFleet{clk: clk, received: map[string][]string{}, reverted: map[string][]string{}, tick: func(ctx context.Context) error {
+		// All replicas at once: the row lock must let one of them decide.
+		errs := make(chan error, len(servers))
+		for _, s := range servers {
+			go func() { errs <- s.Tick(ctx) }()
+		}
+		var err error
+		for range servers {
+			err = errors.Join(err, <-errs)
+		}
+		return err
+	}}
 	for i := range n {
 		a := &simAgent{buildID: simBuildID, held: map[string]*heldPatch{},
 			next: clk.Now().Add(time.Duration(i%10) * time.Minute)} // spread the check-ins
 		if i%10 == 9 {
 			a.buildID = "1111111111111111111111111111111111111111"
 		}
-		a.c = &api.Client{BaseURL: e.srv.URL, HTTP: hc}
+		a.c = &api.Client{BaseURL: urls[i%len(urls)], HTTP: hc}
 		r, err := a.c.Enroll(ctx, api.EnrollRequest{Key: key.Key, Hostname: fmt.Sprintf("host%d", i)})
 		if err != nil {
 			t.Fatal(err)
@@ -324,18 +347,34 @@ func simulate(t *testing.T, st store.Store, n int) {
 			break
 		}
 	}
-	req, _ := http.NewRequest("GET", e.srv.URL+"/metrics", nil)
-	req.Header.Set("Authorization", "Bearer "+e.admin)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
+	// Each replica counts its own events; together, each decision once.
+	var body string
+	for _, u := range urls {
+		req, _ := http.NewRequest("GET", u+"/metrics", nil)
+		req.Header.Set("Authorization", "Bearer "+e.admin)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		body += string(b)
 	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	for _, want := range []string{`stitch_rollouts{state="blocklisted"} 1`, `stitch_rollouts{state="complete"} 1`, `stitch_rollout_events_total{event="blocklisted"} 1`,
+	for _, want := range []string{`stitch_rollouts{state="blocklisted"} 1`, `stitch_rollouts{state="complete"} 1`,
 		`stitch_http_request_duration_seconds_bucket{route="POST /v1/machines/self/checkin",le="+Inf"}`, `stitch_health_reports_total{result="unhealthy"}`} {
-		if !strings.Contains(string(body), want) {
+		if !strings.Contains(body, want) {
 			t.Errorf("metrics lack %s", want)
 		}
+	}
+	events := map[string]int{}
+	for _, line := range strings.Split(body, "\n") {
+		var ev string
+		var n int
+		if _, err := fmt.Sscanf(line, "stitch_rollout_events_total{event=%q} %d", &ev, &n); err == nil {
+			events[ev] += n
+		}
+	}
+	if events["blocklisted"] != 1 || events["completed"] != 1 || events["advanced"] != 3+1 {
+		t.Errorf("rollout events over %d replicas: %v, want the bad patch blocklisted once, the good one advanced 3 times and completed once, the bad one advanced once", replicas, events)
 	}
 }
