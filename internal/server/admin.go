@@ -36,7 +36,7 @@ func (s *Server) registerPatch(w http.ResponseWriter, r *http.Request) {
 	now := s.now()
 	m := b.Manifest
 	p := store.Patch{Target: req.Target, Name: m.Name, KernelRelease: m.Kernel.Release, KernelBuildID: m.Kernel.BuildID,
-		CVEs: m.CVEs, Description: m.Description, RegisteredAt: now, UpdatedAt: now, State: string(rollout.Running)}
+		CVEs: m.CVEs, Description: m.Description, RegisteredAt: now, UpdatedAt: now, State: string(rollout.Running), StageStarted: []time.Time{now}}
 	err = s.Store.RegisterPatch(r.Context(), p)
 	switch {
 	case errors.Is(err, store.ErrExists):

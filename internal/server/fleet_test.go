@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/server/api"
 	"github.com/stitchpatch/stitch/internal/server/rollout"
+	"github.com/stitchpatch/stitch/internal/server/store"
 )
 
 // onePolicy offers a patch to every eligible machine at once, so tests of
@@ -280,5 +282,42 @@ func TestSmallFleetIsNotStuck(t *testing.T) {
 	}
 	if acts := checkIn(t, ms[0], api.PatchState{Target: target, Name: "stitch_fix", State: api.StateApplied, Since: held[0]}); len(acts) != 1 || acts[0].Op != api.OpRevert {
 		t.Fatalf("after failures past the tolerance: %+v, want a revert order", acts)
+	}
+}
+
+// A channel with a deploy delay replays the rollout's stages that much
+// later: a day after the canary channel reached a stage, the main channel
+// reaches it too, not everything at once.
+func TestDelayedChannelFollowsTheStages(t *testing.T) {
+	t0 := time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)
+	now := t0
+	s := &Server{Now: func() time.Time { return now }}
+	p := store.Patch{Target: simRelease + "/stitch_fix-0123456789abcdef.stitch", KernelRelease: simRelease, KernelBuildID: simBuildID,
+		RegisteredAt: t0, State: string(rollout.Running), Stage: 3,
+		StageStarted: []time.Time{t0, t0.Add(time.Hour), t0.Add(2 * time.Hour), t0.Add(3 * time.Hour)}}
+	machine := func(lo, hi float64) store.Machine {
+		for i := 0; ; i++ {
+			id := fmt.Sprintf("m-%d", i)
+			if r := rollout.Rank(p.Target, id); r >= lo && r < hi {
+				return store.Machine{ID: id, KernelRelease: simRelease, KernelBuildID: simBuildID, Delay: 24 * time.Hour}
+			}
+		}
+	}
+	first, second, last := machine(0, 0.01), machine(0.01, 0.10), machine(0.5, 1)
+	now = t0.Add(4 * time.Hour) // the canary channel is at 100%
+	if s.offered(p, first, false) {
+		t.Fatal("offered before the channel's delay")
+	}
+	now = t0.Add(24*time.Hour + 30*time.Minute)
+	if !s.offered(p, first, false) || s.offered(p, second, false) || s.offered(p, last, false) {
+		t.Fatal("a day later the main channel must be at the first stage only")
+	}
+	now = t0.Add(25*time.Hour + time.Minute)
+	if !s.offered(p, second, false) || s.offered(p, last, false) {
+		t.Fatal("a day and an hour later the main channel must be at the second stage")
+	}
+	now = t0.Add(27 * time.Hour)
+	if !s.offered(p, last, false) {
+		t.Fatal("a day and three hours later the main channel must be at 100%")
 	}
 }

@@ -28,12 +28,13 @@ func (s *Server) self(w http.ResponseWriter, r *http.Request, m store.Machine) {
 
 // offered says whether machine m may receive patch p now: same kernel
 // (release and build-id), the rollout running (or complete), the patch
-// within the channel's cutoff and the group's pin and past the channel's
-// deploy delay, and the machine's rank within the current stage's share.
+// within the channel's cutoff and the group's pin, and the machine's rank
+// within the share of the stage its channel has reached. A channel with a
+// deploy delay follows the rollout's stages that much later, so its
+// machines get a patch in stages too, after the earlier channels had it.
 // anyState leaves out the rollout's state: a machine that was offered the
 // patch may still report on it after the rollout stopped.
 func (s *Server) offered(p store.Patch, m store.Machine, anyState bool) bool {
-	now := s.now()
 	switch {
 	case p.KernelRelease != m.KernelRelease || p.KernelBuildID != m.KernelBuildID:
 		return false
@@ -41,17 +42,33 @@ func (s *Server) offered(p store.Patch, m store.Machine, anyState bool) bool {
 		return false
 	case !m.Cutoff.IsZero() && p.RegisteredAt.After(m.Cutoff), !m.Pin.IsZero() && p.RegisteredAt.After(m.Pin):
 		return false
-	case now.Before(p.RegisteredAt.Add(m.Delay)):
-		return false
 	}
-	return rollout.Rank(p.Target, m.ID) < s.share(p)
+	stage := s.stageAt(p, s.now().Add(-m.Delay))
+	return stage >= 0 && rollout.Rank(p.Target, m.ID) < s.shareOf(stage)
 }
 
-// share is the share of machines p's stage reaches. A stage past the
+// stageAt is the stage p's rollout had reached at t, -1 before it began.
+func (s *Server) stageAt(p store.Patch, t time.Time) int {
+	if len(p.StageStarted) == 0 { // no history: the current stage since registration
+		if t.Before(p.RegisteredAt) {
+			return -1
+		}
+		return p.Stage
+	}
+	stage := -1
+	for i, at := range p.StageStarted {
+		if !at.After(t) {
+			stage = i
+		}
+	}
+	return stage
+}
+
+// shareOf is the share of machines a stage reaches. A stage past the
 // policy's last (the server restarted with fewer stages) reaches everyone.
-func (s *Server) share(p store.Patch) float64 {
+func (s *Server) shareOf(stage int) float64 {
 	st := s.policy().Stages
-	return st[min(max(p.Stage, 0), len(st)-1)]
+	return st[min(max(stage, 0), len(st)-1)]
 }
 
 func (s *Server) checkIn(w http.ResponseWriter, r *http.Request, m store.Machine) {
@@ -227,6 +244,7 @@ func (s *Server) Tick(ctx context.Context) error {
 				p.State, event = string(rollout.Complete), "completed"
 			case rollout.CanAdvance(c.Machines, c.Failed, c.Unfinished), c.Machines == 0 && !last:
 				p.Stage++
+				p.StageStarted = append(p.StageStarted, now)
 				event = "advanced"
 			default:
 				return nil

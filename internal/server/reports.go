@@ -16,7 +16,7 @@ import (
 func (s *Server) patchReport(p store.Patch, machines []store.Machine, rms []store.RolloutMachine) api.PatchReport {
 	pol := s.policy()
 	rep := api.PatchReport{Target: p.Target, Name: p.Name, KernelRelease: p.KernelRelease, KernelBuildID: p.KernelBuildID,
-		CVEs: append([]string{}, p.CVEs...), RegisteredAt: p.RegisteredAt, State: p.State, Reason: p.Reason, Stage: p.Stage, Share: s.share(p)}
+		CVEs: append([]string{}, p.CVEs...), RegisteredAt: p.RegisteredAt, State: p.State, Reason: p.Reason, Stage: p.Stage, Share: s.shareOf(p.Stage)}
 	took := map[string]bool{}
 	for _, rm := range rms {
 		took[rm.MachineID] = true

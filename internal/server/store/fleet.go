@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -48,6 +49,10 @@ type Patch struct {
 	RegisteredAt, UpdatedAt      time.Time
 	Stage                        int
 	State, Reason                string
+	// StageStarted holds when each stage up to Stage began (the first is
+	// the registration): a channel with a deploy delay follows the same
+	// stages that much later.
+	StageStarted []time.Time
 }
 
 // RolloutMachine is a machine that applied (or failed to apply) a patch.
@@ -267,9 +272,9 @@ func (s *SQL) Groups(ctx context.Context) ([]Group, error) {
 }
 
 func (s *SQL) RegisterPatch(ctx context.Context, p Patch) error {
-	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO patches (target, name, kernel_release, kernel_build_id, cves, description, registered_at, stage, state, reason, updated_at)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
-		p.Target, p.Name, p.KernelRelease, p.KernelBuildID, strings.Join(p.CVEs, " "), p.Description, unix(p.RegisteredAt), p.Stage, p.State, p.Reason, unix(p.UpdatedAt))
+	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO patches (target, name, kernel_release, kernel_build_id, cves, description, registered_at, stage, state, reason, updated_at, stage_started)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
+		p.Target, p.Name, p.KernelRelease, p.KernelBuildID, strings.Join(p.CVEs, " "), p.Description, unix(p.RegisteredAt), p.Stage, p.State, p.Reason, unix(p.UpdatedAt), joinTimes(p.StageStarted))
 	if err != nil {
 		if _, e := s.Patch(ctx, p.Target); e == nil {
 			return fmt.Errorf("patch %s: %w", p.Target, ErrExists)
@@ -279,15 +284,31 @@ func (s *SQL) RegisterPatch(ctx context.Context, p Patch) error {
 	return nil
 }
 
-const patchSelect = `SELECT target, name, kernel_release, kernel_build_id, cves, description, registered_at, stage, state, reason, updated_at FROM patches`
+const patchSelect = `SELECT target, name, kernel_release, kernel_build_id, cves, description, registered_at, stage, state, reason, updated_at, stage_started FROM patches`
 
 func scanPatch(row interface{ Scan(...any) error }) (Patch, error) {
 	var p Patch
-	var cves string
+	var cves, started string
 	var reg, upd int64
-	err := row.Scan(&p.Target, &p.Name, &p.KernelRelease, &p.KernelBuildID, &cves, &p.Description, &reg, &p.Stage, &p.State, &p.Reason, &upd)
+	err := row.Scan(&p.Target, &p.Name, &p.KernelRelease, &p.KernelBuildID, &cves, &p.Description, &reg, &p.Stage, &p.State, &p.Reason, &upd, &started)
 	p.CVEs, p.RegisteredAt, p.UpdatedAt = strings.Fields(cves), fromUnix(reg), fromUnix(upd)
+	for _, f := range strings.Fields(started) {
+		v, _ := strconv.ParseInt(f, 10, 64)
+		p.StageStarted = append(p.StageStarted, fromUnix(v))
+	}
 	return p, err
+}
+
+// joinTimes stores times as space-separated Unix seconds.
+func joinTimes(ts []time.Time) string {
+	var b strings.Builder
+	for i, t := range ts {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		b.WriteString(strconv.FormatInt(unix(t), 10))
+	}
+	return b.String()
 }
 
 func (s *SQL) Patch(ctx context.Context, target string) (Patch, error) {
@@ -357,8 +378,8 @@ func (s *SQL) Rollout(ctx context.Context, target string, fn func(RolloutTx, *Pa
 	if err := fn(&rolloutTx{s: s, tx: tx, ctx: ctx, target: target}, &p); err != nil {
 		return err
 	}
-	if _, err := tx.ExecContext(ctx, s.q(`UPDATE patches SET stage = ?, state = ?, reason = ?, updated_at = ? WHERE target = ?`),
-		p.Stage, p.State, p.Reason, unix(p.UpdatedAt), target); err != nil {
+	if _, err := tx.ExecContext(ctx, s.q(`UPDATE patches SET stage = ?, state = ?, reason = ?, updated_at = ?, stage_started = ? WHERE target = ?`),
+		p.Stage, p.State, p.Reason, unix(p.UpdatedAt), joinTimes(p.StageStarted), target); err != nil {
 		return fmt.Errorf("rollout %s: %w", target, err)
 	}
 	if err := tx.Commit(); err != nil {

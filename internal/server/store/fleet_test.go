@@ -70,7 +70,7 @@ func TestFleetCheckInsAndRollout(t *testing.T) {
 		}
 
 		p := Patch{Target: "6.1.0/a-0123456789abcdef.stitch", Name: "a", KernelRelease: "6.1.0", KernelBuildID: "abcdef01",
-			CVEs: []string{"CVE-2024-1", "CVE-2024-2"}, RegisteredAt: now, UpdatedAt: now, State: "running"}
+			CVEs: []string{"CVE-2024-1", "CVE-2024-2"}, RegisteredAt: now, UpdatedAt: now, State: "running", StageStarted: []time.Time{now}}
 		if err := s.RegisterPatch(ctx, p); err != nil {
 			t.Fatal(err)
 		}
@@ -92,12 +92,13 @@ func TestFleetCheckInsAndRollout(t *testing.T) {
 				t.Errorf("counts %+v %v", c, err)
 			}
 			p.State, p.Stage = "blocklisted", 2
+			p.StageStarted = append(p.StageStarted, now.Add(time.Hour), now.Add(2*time.Hour))
 			return tx.PutHealth(HealthReport{Target: p.Target, MachineID: "m1", Check: "1m", Reason: "oops", At: now})
 		})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got, _ := s.Patch(ctx, p.Target); got.State != "blocklisted" || got.Stage != 2 {
+		if got, _ := s.Patch(ctx, p.Target); got.State != "blocklisted" || got.Stage != 2 || len(got.StageStarted) != 3 || !got.StageStarted[2].Equal(now.Add(2*time.Hour)) {
 			t.Fatalf("rollout not written back: %+v", got)
 		}
 		// A failing fn changes nothing.

@@ -1,0 +1,1 @@
+ALTER TABLE patches ADD COLUMN stage_started TEXT NOT NULL DEFAULT ''
