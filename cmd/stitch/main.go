@@ -29,6 +29,7 @@ type command struct {
 
 // stdio carries the process's streams so commands never reach for globals.
 type stdio struct {
+	in       io.Reader
 	out, err io.Writer
 	log      *slog.Logger
 }
@@ -36,6 +37,7 @@ type stdio struct {
 func commands() []command {
 	return []command{
 		{name: "vm", summary: "boot a kernel under QEMU and run a command in it", run: runVM},
+		{name: vm.ForwardCommand, summary: "the host side of a VM's forwarded connection", run: runVMForward, hidden: true},
 		{name: "apply", summary: "load a livepatch module and follow its transition", run: runApply},
 		{name: "revert", summary: "disable a livepatch, follow the reverse transition, unload it", run: runRevert},
 		{name: "status", summary: "show the kernel's livepatch state", run: runStatus},
@@ -70,7 +72,7 @@ func main() {
 }
 
 func run(args []string) int {
-	st := &stdio{out: os.Stdout, err: os.Stderr}
+	st := &stdio{in: os.Stdin, out: os.Stdout, err: os.Stderr}
 	st.log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)

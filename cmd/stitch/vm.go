@@ -85,3 +85,13 @@ func (p prefixWriter) Write(b []byte) (int, error) {
 	}
 	return len(b), nil
 }
+
+// runVMForward is what QEMU runs for each connection the guest makes to a
+// forwarded address: it joins stdin and stdout to a host TCP address.
+func runVMForward(ctx context.Context, st *stdio, args []string) error {
+	fs := newFlagSet(st, vm.ForwardCommand, "HOST:PORT", "The host side of a VM's forwarded connection (run by QEMU).")
+	if err := parseArgs(fs, args, 1); err != nil {
+		return err
+	}
+	return vm.ForwardMain(ctx, fs.Arg(0), st.in, st.out)
+}

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/stitchpatch/stitch/internal/vm"
 )
 
 // A workload exercises one part of the kernel and says whether it worked.
@@ -146,28 +148,9 @@ func unixRoundTrip() error {
 	return nil
 }
 
-// loopUp brings the loopback interface up; the guest's init leaves it
-// down.
-func loopUp() error {
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM, 0)
-	if err != nil {
-		return err
-	}
-	defer unix.Close(fd)
-	ifr, err := unix.NewIfreq("lo")
-	if err != nil {
-		return err
-	}
-	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
-		return err
-	}
-	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
-	return unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr)
-}
-
 // loopback sends a message through 127.0.0.1 and reads the echo.
 func loopback(network string) error {
-	if err := loopUp(); err != nil {
+	if err := vm.LinkUp("lo"); err != nil {
 		return fmt.Errorf("bring lo up: %w", err)
 	}
 	deadline := time.Now().Add(5 * time.Second)
@@ -230,7 +213,7 @@ func echo(c net.Conn, deadline time.Time) error {
 
 // sctpLoopback connects an SCTP socket over loopback and sends a message.
 func sctpLoopback() error {
-	if err := loopUp(); err != nil {
+	if err := vm.LinkUp("lo"); err != nil {
 		return fmt.Errorf("bring lo up: %w", err)
 	}
 	srv, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM, unix.IPPROTO_SCTP)

@@ -29,6 +29,7 @@ type guestConfig struct {
 	// BootModules mount the module share; Load is loaded from it.
 	BootModules []string `json:"boot_modules,omitempty"`
 	Load        []string `json:"load,omitempty"`
+	Network     bool     `json:"network,omitempty"`
 }
 
 // GuestInit is the guest's /init: it mounts the pseudo filesystems, runs
@@ -67,6 +68,12 @@ func guestRun(out *os.File) int {
 	if len(cfg.BootModules) > 0 {
 		if err := guestMountModules(cfg.BootModules, cfg.Load); err != nil {
 			fmt.Fprintf(out, "stitch init: %v\n", err)
+			return 125
+		}
+	}
+	if cfg.Network {
+		if err := guestNetUp(); err != nil {
+			fmt.Fprintf(out, "stitch init: network: %v\n", err)
 			return 125
 		}
 	}

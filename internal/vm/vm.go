@@ -67,6 +67,10 @@ type Options struct {
 	Modules string
 	Load    []string
 
+	// Network, if set, gives the guest a NIC that reaches only the
+	// forwarded host addresses. It needs Modules (for virtio_net).
+	Network *Network
+
 	Output  io.Writer // receives the command's output as it arrives
 	Console io.Writer // receives the kernel console as it arrives
 	Logger  *slog.Logger
@@ -137,6 +141,13 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	}
 	if opts.Modules != "" {
 		args = append(args, qemuModulesArgs(opts.Modules)...)
+	}
+	if opts.Network != nil {
+		netArgs, err := opts.Network.qemuArgs(opts.Init)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrSetup, err)
+		}
+		args = append(args, netArgs...)
 	}
 
 	ctx, cancel := context.WithTimeout(ctx, opts.Timeout)
@@ -268,7 +279,7 @@ func writeInitramfs(path string, opts Options) error {
 	if err := r.AddSymlink("/init", guestBinPath); err != nil {
 		return err
 	}
-	gc := guestConfig{Args: opts.Args, Env: opts.Env, UID: opts.UID, Load: opts.Load}
+	gc := guestConfig{Args: opts.Args, Env: opts.Env, UID: opts.UID, Load: opts.Load, Network: opts.Network != nil}
 	if opts.Modules != "" {
 		boot, err := bootModules(opts.Modules)
 		if err != nil {
@@ -284,8 +295,8 @@ func writeInitramfs(path string, opts Options) error {
 		if err := r.AddSymlink(guestModprobe, guestBinPath); err != nil {
 			return err
 		}
-	} else if len(opts.Load) > 0 {
-		return errors.New("Load needs Modules, the directory to load from")
+	} else if len(opts.Load) > 0 || opts.Network != nil {
+		return errors.New("Load and Network need Modules, the directory to load modules from")
 	}
 	cfg, err := json.Marshal(gc)
 	if err != nil {

@@ -5,6 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -198,5 +201,50 @@ func TestGuestModprobe(t *testing.T) {
 	}
 	if !loaded("crc32c_intel") && !loaded("crc32c_generic") {
 		t.Error("libcrc32c's soft dependency crc32c not loaded")
+	}
+}
+
+// TestBootWithNetwork serves HTTP on the host's loopback and has the guest
+// fetch it through the one forwarded address, twice (each connection is
+// its own forward), and fail to reach the same port at the host's address
+// on the user-mode network, which restrict=on closes.
+func TestBootWithNetwork(t *testing.T) {
+	testutils.RequireVM(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "hello %s", r.URL.Path)
+	})}
+	go srv.Serve(ln)
+	defer srv.Close()
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	testutils.RunGuest(t, "^TestGuestNetwork$", vm.Options{
+		Modules: testutils.ModulesDir,
+		Network: &vm.Network{Forward: []vm.Forward{{Guest: "10.0.2.100:8440", Host: ln.Addr().String()}}},
+		Env:     []string{"STITCH_TEST_HOST_PORT=" + port},
+	})
+}
+
+func TestGuestNetwork(t *testing.T) {
+	testutils.RequireGuest(t)
+	c := &http.Client{Timeout: 10 * time.Second}
+	for _, path := range []string{"/one", "/two"} {
+		resp, err := c.Get("http://10.0.2.100:8440" + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if string(b) != "hello "+path {
+			t.Errorf("GET %s = %q", path, b)
+		}
+	}
+	// The host's loopback port, straight through the user-mode network's
+	// gateway: refused by restrict=on.
+	if conn, err := net.DialTimeout("tcp", "10.0.2.2:"+os.Getenv("STITCH_TEST_HOST_PORT"), 3*time.Second); err == nil {
+		conn.Close()
+		t.Error("the guest reached the host's port past the forward")
 	}
 }
