@@ -34,10 +34,10 @@ func Diff(pre, post *elfobj.Object) *Result {
 		notrace:   map[*elfobj.Symbol]bool{},
 	}
 	d.functions()
+	d.specialEntries()
+	d.data()
 	d.notraceInCallers()
 	d.coldParents()
-	d.data()
-	d.specialEntries()
 	for _, f := range d.changed {
 		d.res.Changed = append(d.res.Changed, describe(d.b, f, c.post2pre[f], d.carried))
 	}
@@ -225,23 +225,17 @@ func (d *differ) data() {
 	}
 }
 
-// specialEntries refuses changed special-section entries of functions the
-// patch does not replace.
+// specialEntries replaces the functions whose code is the same but whose
+// special-section entries changed (a WARN_ON that became WARN_ON_ONCE
+// changes only its __bug_table flags; an exception fixup can move): the
+// patch carries a copy of the function with the new entries, which the
+// kernel consults for the module's code.
 func (d *differ) specialEntries() {
 	ga, gb := entryGroups(d.a), entryGroups(d.b)
 	for fb := range d.unchanged {
-		ea, eb := ga[d.c.post2pre[fb]], gb[fb]
-		if slices.Equal(ea, eb) {
-			continue
+		if !slices.Equal(ga[d.c.post2pre[fb]], gb[fb]) {
+			d.replace(fb)
 		}
-		var tables []string
-		for _, e := range append(slices.Clone(ea), eb...) {
-			if n := specialName(e); !slices.Contains(tables, n) {
-				tables = append(tables, n)
-			}
-		}
-		sort.Strings(tables)
-		d.res.unsafe(KindSpecial, fb.Name, fmt.Sprintf("the code of %s is unchanged but its entries in %s changed; a livepatch cannot update the tables of code it does not replace", fb.Name, strings.Join(tables, ", ")))
 	}
 }
 

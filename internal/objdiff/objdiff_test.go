@@ -137,8 +137,9 @@ func TestFixtures(t *testing.T) {
 		// Only the unlikely part moved to .text.unlikely changed; its
 		// parent jumps to it, so both are replaced.
 		{name: "cold", changed: []string{"check", "check.cold"}},
-		// Same code, but a BUG became a WARN in the function's entry.
-		{name: "special", unsafe: []string{KindSpecial + ":checked"}},
+		// Same code, but a BUG became a WARN in the function's entry:
+		// the function is replaced by a copy with the new entry.
+		{name: "special", changed: []string{"checked"}},
 		// A new compound literal renumbers the table's and new strings
 		// move theirs: the table's literals still pair by their text.
 		{name: "literal", changed: []string{"smbus"}, newData: []string{"smbus_ids"}},

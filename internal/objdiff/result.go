@@ -90,13 +90,12 @@ type Data struct {
 
 // Kinds of unsafe change.
 const (
-	KindData         = "changed-data"    // initialised data or a variable's size changed
-	KindStaticLocal  = "static-local"    // a function's static variable changed
-	KindInit         = "init-code"       // __init or __exit code changed
-	KindNoFentry     = "no-fentry"       // changed function without a __fentry__ call
-	KindSpecial      = "special-section" // special-section entries of an unchanged function changed
-	KindTypeLayout   = "type-layout"     // a struct or union changed layout
-	KindUncorrelated = "uncorrelated"    // a symbol could not be matched with certainty
+	KindData         = "changed-data" // initialised data or a variable's size changed
+	KindStaticLocal  = "static-local" // a function's static variable changed
+	KindInit         = "init-code"    // __init or __exit code changed
+	KindNoFentry     = "no-fentry"    // changed function without a __fentry__ call
+	KindTypeLayout   = "type-layout"  // a struct or union changed layout
+	KindUncorrelated = "uncorrelated" // a symbol could not be matched with certainty
 )
 
 // Problem is one change that cannot be live-patched.

@@ -76,9 +76,3 @@ func entryGroups(s side) map[*elfobj.Symbol][]string {
 	}
 	return groups
 }
-
-// specialName returns the first special section named in a signature.
-func specialName(sig string) string {
-	name, _, _ := strings.Cut(sig, ":")
-	return name
-}
