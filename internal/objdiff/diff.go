@@ -178,7 +178,9 @@ func (d *differ) data() {
 		da := d.c.post2pre[db]
 		if da == nil {
 			d.res.NewData = append(d.res.NewData, Data{Name: db.Name, Section: db.Section.Name, Local: db.Local(), Size: db.Size})
-			if sibling := unmatchedSibling(d.a.obj, d.c, db); sibling != nil {
+			// A new copy of data without state (a constant, a dynamic
+			// debug record) loses nothing even if it was the same one.
+			if sibling := unmatchedSibling(d.a.obj, d.c, db); sibling != nil && !stateless(db) {
 				d.res.unsafe(KindUncorrelated, db.Name, fmt.Sprintf("static variable %s is new but %s of the pre object (same name, different number) has no counterpart: cannot tell whether it is the same variable, whose state the patch would lose", db.Name, sibling.Name))
 			}
 			continue

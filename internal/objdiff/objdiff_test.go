@@ -129,6 +129,10 @@ func TestFixtures(t *testing.T) {
 		// Entries of .discard.addressable, new or pointing at init code,
 		// never reach the kernel: not new data, no reason to refuse.
 		{name: "discard", changed: []string{"clear"}},
+		// g's debug record goes and h brings one: records hold no
+		// state, so an unmatched one of the same name is no reason to
+		// refuse.
+		{name: "dyndbg_renumbered", new: []string{"e", "h"}, newData: []string{"__func__.0", "__func__.2", "descriptor.3", "descriptor.5"}},
 		{name: "layout", changed: []string{"conn_get"}, unsafe: []string{KindTypeLayout + ":struct conn"}},
 		{name: "notrace", changed: []string{"fast"}, unsafe: []string{KindNoFentry + ":fast"}},
 		// A static notrace function is carried as a copy for its
