@@ -1,0 +1,318 @@
+// Package agent keeps one machine patched: it enrolls with a patch server,
+// checks in on an interval, fetches the bundles the server offers for this
+// exact kernel through TUF, proves each was built for the running code
+// before loading it, applies it with the livepatch package, watches the
+// kernel afterwards and reverts on trouble, reports health, and obeys
+// revert orders. It keeps verified bundles so that the patches come back
+// early at boot without a network, and it refuses to load again a patch
+// that was being loaded when the machine went down (the crash marker).
+//
+// Everything it knows lives in one directory (Dir, /var/lib/stitch):
+//
+//	config.json   server, repository, machine id and token (mode 0600)
+//	root.json     the TUF root pinned at enrollment
+//	state.json    the patches and what became of them, last check-in, unsent reports
+//	tuf/          verified metadata and bundles (bundle.Client's cache)
+//	modules/      the module files loaded from those bundles
+//	loading/NAME  crash markers: a patch being loaded or in its first watch
+//	off           the file switch: while it exists nothing is loaded
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/stitchpatch/stitch/internal/build"
+	"github.com/stitchpatch/stitch/internal/bundle"
+	"github.com/stitchpatch/stitch/internal/kmod"
+	"github.com/stitchpatch/stitch/internal/livepatch"
+	"github.com/stitchpatch/stitch/internal/server/api"
+)
+
+// DefaultDir is where the agent keeps its state.
+const DefaultDir = "/var/lib/stitch"
+
+// Errors a caller can test for with errors.Is.
+var (
+	// ErrNotEnrolled means Dir holds no configuration: run enroll first.
+	ErrNotEnrolled = errors.New("agent not enrolled")
+	// ErrLocked means another agent process holds Dir.
+	ErrLocked = errors.New("another stitch agent is running")
+	// ErrServer means the server could not be reached or failed; the
+	// agent keeps its patches and tries again later.
+	ErrServer = errors.New("patch server unavailable")
+)
+
+// Kernel is what the agent needs of the running kernel: *livepatch.Kernel.
+type Kernel interface {
+	Status() (*livepatch.Status, error)
+	Apply(ctx context.Context, path string, opts livepatch.ApplyOptions) (*kmod.Module, error)
+	Revert(ctx context.Context, name string, opts livepatch.ApplyOptions) error
+	Taint() (livepatch.Taint, error)
+}
+
+// KernelLog yields the kernel log lines written since the last call:
+// *livepatch.KernelLog.
+type KernelLog interface{ ReadNew() string }
+
+// DefaultChecks are when a patch's health is checked and reported after
+// it is applied, as the server's rollout policy expects them.
+var DefaultChecks = []Check{{api.Check1m, time.Minute}, {api.Check5m, 5 * time.Minute}, {api.Check15m, 15 * time.Minute}}
+
+// Check is one health check: its name in reports and when it falls due
+// after the apply.
+type Check struct {
+	Name  string
+	After time.Duration
+}
+
+// Agent is one machine's agent. Dir and Kernel are required.
+type Agent struct {
+	Dir    string
+	Kernel Kernel
+	Log    KernelLog // nil: trouble is seen through taint only
+	// Root prefixes /proc (boot id, kernel command line); tests point it
+	// elsewhere.
+	Root    string
+	Version string // reported in check-ins
+	// Checks after an apply; DefaultChecks when nil. The crash marker
+	// lasts until the first one passes, so a patch that brings the
+	// kernel down within it is never loaded again.
+	Checks []Check
+	// Timeout bounds each livepatch transition; 60s when zero.
+	Timeout time.Duration
+	Logger  *slog.Logger
+	Now     func() time.Time
+	// Sleep waits, or returns early with ctx's error; tests shorten it.
+	Sleep func(ctx context.Context, d time.Duration) error
+}
+
+func (a *Agent) now() time.Time {
+	if a.Now != nil {
+		return a.Now()
+	}
+	return time.Now()
+}
+
+func (a *Agent) log() *slog.Logger {
+	if a.Logger != nil {
+		return a.Logger
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+func (a *Agent) checks() []Check {
+	if a.Checks != nil {
+		return a.Checks
+	}
+	return DefaultChecks
+}
+
+func (a *Agent) sleep(ctx context.Context, d time.Duration) error {
+	if a.Sleep != nil {
+		return a.Sleep(ctx, d)
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+func (a *Agent) path(name ...string) string {
+	return filepath.Join(append([]string{a.Dir}, name...)...)
+}
+
+// Config is the agent's configuration, written by Enroll.
+type Config struct {
+	// Server is the patch server's base URL. Empty means a mirror only
+	// (air-gapped): every bundle in Repo for this kernel is applied, with
+	// no check-ins, health reports or revert orders.
+	Server string `json:"server,omitempty"`
+	// Repo is the TUF repository's base URL: the server's /v1/repo by
+	// default, or a mirror (http, https or file://).
+	Repo string `json:"repo"`
+	// Proxy is an HTTP proxy URL; empty means the environment's
+	// (HTTPS_PROXY, HTTP_PROXY, NO_PROXY).
+	Proxy     string `json:"proxy,omitempty"`
+	MachineID string `json:"machine_id,omitempty"`
+	Token     string `json:"token,omitempty"`
+	// Interval between check-ins when the server does not say (and in
+	// mirror mode); an hour when zero.
+	IntervalSeconds int `json:"interval_seconds,omitempty"`
+}
+
+func (c *Config) interval() time.Duration {
+	if c.IntervalSeconds > 0 {
+		return time.Duration(c.IntervalSeconds) * time.Second
+	}
+	return time.Hour
+}
+
+// httpClient honours Proxy and serves file:// URLs from the local disk,
+// so that a mirror can be a directory.
+func (c *Config) httpClient() (*http.Client, error) {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	if c.Proxy != "" {
+		u, err := url.Parse(c.Proxy)
+		if err != nil || u.Host == "" {
+			return nil, fmt.Errorf("proxy %q: want a URL such as http://proxy:3128", c.Proxy)
+		}
+		tr.Proxy = http.ProxyURL(u)
+	}
+	tr.RegisterProtocol("file", http.NewFileTransport(http.Dir("/")))
+	return &http.Client{Transport: tr, Timeout: 5 * time.Minute}, nil
+}
+
+// EnrollOptions are what enrolling needs.
+type EnrollOptions struct {
+	Server string // base URL; empty for a mirror only
+	Key    string // enrollment key (with Server)
+	Group  string
+	Repo   string // default Server + "/v1/repo"
+	Proxy  string
+	Root   []byte // the repository's root.json, from its operator
+	// Hostname reported to the server; os.Hostname when empty.
+	Hostname string
+	Interval time.Duration
+}
+
+// Enroll registers the machine with the server (when there is one) and
+// writes the configuration and the pinned root into Dir. It refuses to
+// enroll twice: remove Dir's config.json to start over.
+func (a *Agent) Enroll(ctx context.Context, o EnrollOptions) (*Config, error) {
+	if _, err := os.Stat(a.path("config.json")); err == nil {
+		return nil, fmt.Errorf("enroll: %s already holds an enrolled agent (remove config.json there to enroll again)", a.Dir)
+	}
+	if len(o.Root) == 0 {
+		return nil, fmt.Errorf("enroll: %w: the repository's root.json is needed (from `stitch repo root`)", bundle.ErrVerify)
+	}
+	if o.Server == "" && o.Repo == "" {
+		return nil, errors.New("enroll: give a server URL, or a mirror's repository URL")
+	}
+	cfg := &Config{Server: strings.TrimRight(o.Server, "/"), Repo: strings.TrimRight(o.Repo, "/"), Proxy: o.Proxy, IntervalSeconds: int(o.Interval / time.Second)}
+	if cfg.Repo == "" {
+		cfg.Repo = cfg.Server + "/v1/repo"
+	}
+	hc, err := cfg.httpClient()
+	if err != nil {
+		return nil, fmt.Errorf("enroll: %w", err)
+	}
+	// The root must verify the repository now, before anything is kept:
+	// a wrong root or an unreachable mirror is caught at enrollment.
+	if err := os.MkdirAll(a.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("enroll: %w", err)
+	}
+	tc := &bundle.Client{BaseURL: cfg.Repo, TrustedRoot: o.Root, CacheDir: a.path("tuf"), HTTP: hc}
+	if _, err := tc.Targets(ctx); err != nil {
+		os.RemoveAll(a.path("tuf"))
+		return nil, fmt.Errorf("enroll: repository %s: %w", cfg.Repo, err)
+	}
+	if cfg.Server != "" {
+		host := o.Hostname
+		if host == "" {
+			host, _ = os.Hostname()
+		}
+		c := &api.Client{BaseURL: cfg.Server, HTTP: hc}
+		r, err := c.Enroll(ctx, api.EnrollRequest{Key: o.Key, Hostname: host, Group: o.Group})
+		if err != nil {
+			return nil, fmt.Errorf("enroll with %s: %w", cfg.Server, err)
+		}
+		cfg.MachineID, cfg.Token = r.MachineID, r.Token
+	}
+	if err := writeFile(a.path("root.json"), o.Root, 0o644); err != nil {
+		return nil, fmt.Errorf("enroll: %w", err)
+	}
+	if err := writeJSON(a.path("config.json"), cfg, 0o600); err != nil {
+		return nil, fmt.Errorf("enroll: %w", err)
+	}
+	return cfg, nil
+}
+
+// config reads the configuration and the pinned root.
+func (a *Agent) config() (*Config, []byte, error) {
+	var cfg Config
+	if err := readJSON(a.path("config.json"), &cfg); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, nil, fmt.Errorf("%w: %s has no config.json (run `stitch agent enroll`)", ErrNotEnrolled, a.Dir)
+		}
+		return nil, nil, err
+	}
+	root, err := os.ReadFile(a.path("root.json"))
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w: %v", ErrNotEnrolled, err)
+	}
+	return &cfg, root, nil
+}
+
+// Disabled says whether loading is switched off, and by what.
+func (a *Agent) Disabled() (bool, string) {
+	if b, err := os.ReadFile(filepath.Join(a.Root, "/proc/cmdline")); err == nil {
+		for _, f := range strings.Fields(string(b)) {
+			if f == "stitch=off" {
+				return true, "stitch=off on the kernel command line"
+			}
+		}
+	}
+	if _, err := os.Stat(a.path("off")); err == nil {
+		return true, a.path("off") + " exists (`stitch agent enable` removes it)"
+	}
+	return false, ""
+}
+
+// SetDisabled creates or removes the off file.
+func (a *Agent) SetDisabled(off bool) error {
+	if !off {
+		if err := os.Remove(a.path("off")); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		return nil
+	}
+	if err := os.MkdirAll(a.Dir, 0o700); err != nil {
+		return err
+	}
+	return writeFile(a.path("off"), []byte("patch loading disabled by `stitch agent disable`\n"), 0o644)
+}
+
+// bootID identifies this boot of the kernel; a crash marker from another
+// boot means the machine went down while the patch was new.
+func (a *Agent) bootID() string {
+	b, err := os.ReadFile(filepath.Join(a.Root, "/proc/sys/kernel/random/boot_id"))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// jitter spreads d by ±10% so that a fleet does not check in in step.
+func jitter(d time.Duration) time.Duration {
+	if d <= 0 {
+		return d
+	}
+	return d - d/10 + rand.N(d/5+1)
+}
+
+// Expect turns a manifest into the checks made before its module is
+// loaded: the exact kernel, the module file, and the running code of every
+// function it replaces.
+func Expect(m *build.Manifest) *livepatch.Expect {
+	e := &livepatch.Expect{Release: m.Kernel.Release, BuildID: m.Kernel.BuildID, ModuleSHA256: m.ModuleHash}
+	for _, o := range m.Objects {
+		for _, f := range o.Functions {
+			e.Code = append(e.Code, livepatch.CodeCheck{Object: o.Name, Name: f.Name, Sympos: f.Sympos, Fingerprint: f.Fingerprint})
+		}
+	}
+	return e
+}

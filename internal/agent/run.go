@@ -1,0 +1,694 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/stitchpatch/stitch/internal/build"
+	"github.com/stitchpatch/stitch/internal/bundle"
+	"github.com/stitchpatch/stitch/internal/kmod"
+	"github.com/stitchpatch/stitch/internal/livepatch"
+	"github.com/stitchpatch/stitch/internal/server/api"
+)
+
+// Poll is how often a running agent looks at the kernel for trouble.
+const Poll = 5 * time.Second
+
+// session is one locked pass over the state.
+type session struct {
+	*Agent
+	cfg    *Config
+	root   []byte
+	st     *State
+	boot   string
+	kernel *livepatch.Status
+	unlock func()
+}
+
+// open locks Dir against a second agent and reads the configuration and
+// state. The lock is an flock on Dir/lock, released if the process dies.
+func (a *Agent) open() (*session, error) {
+	cfg, root, err := a.config()
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(a.path("lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%w on %s (%v)", ErrLocked, a.Dir, err)
+	}
+	st, err := LoadState(a.Dir)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	ks, err := a.Kernel.Status()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	if !ks.Livepatch {
+		f.Close()
+		return nil, fmt.Errorf("%w: this kernel has no /sys/kernel/livepatch (CONFIG_LIVEPATCH)", livepatch.ErrUnsupported)
+	}
+	return &session{Agent: a, cfg: cfg, root: root, st: st, boot: a.bootID(), kernel: ks, unlock: func() { f.Close() }}, nil
+}
+
+func (s *session) close() error {
+	defer s.unlock()
+	return s.saveState(s.st)
+}
+
+// Boot is the early-boot pass, before the network: it settles crash
+// markers and loads again, from the verified local copies, the patches
+// that were applied before the reboot. Nothing is fetched or reported.
+func (a *Agent) Boot(ctx context.Context) error {
+	s, err := a.open()
+	if err != nil {
+		return err
+	}
+	s.recover()
+	err = s.reload(ctx)
+	return errors.Join(err, s.close())
+}
+
+// Once is one full pass: settle crash markers, reload what a reboot
+// dropped, report due health checks, check in (or read the mirror), act
+// on the orders, and watch each newly applied patch through its first
+// health check. A server that cannot be reached is ErrServer; the
+// patches already applied stay.
+func (a *Agent) Once(ctx context.Context) error {
+	s, err := a.open()
+	if err != nil {
+		return err
+	}
+	s.recover()
+	err = s.reload(ctx)
+	s.watch(ctx)
+	if serr := s.sync(ctx); serr != nil {
+		err = errors.Join(err, serr)
+	}
+	if werr := s.settle(ctx); werr != nil {
+		err = errors.Join(err, werr)
+	}
+	s.flush(ctx)
+	return errors.Join(err, s.close())
+}
+
+// Run is the daemon: a pass at every check-in (the server's interval,
+// with jitter; backing off from 30 seconds while the server is down),
+// and between passes a look at the kernel every Poll for trouble after
+// a recent apply and for due health checks.
+func (a *Agent) Run(ctx context.Context) error {
+	failures := 0
+	for {
+		err := a.Once(ctx)
+		var wait time.Duration
+		switch {
+		case ctx.Err() != nil:
+			return ctx.Err()
+		case fatal(err):
+			return err
+		case err != nil:
+			failures++
+			wait = backoff(failures, a.interval())
+			a.log().Warn("pass failed; patches kept, retrying", "in", wait.Round(time.Second), "err", err)
+		default:
+			failures = 0
+			wait = a.untilNextCheckIn()
+		}
+		if err := a.idle(ctx, wait); err != nil {
+			return err
+		}
+	}
+}
+
+// fatal tells the errors no retry can mend: the daemon stops on them.
+func fatal(err error) bool {
+	for _, e := range []error{ErrNotEnrolled, ErrLocked, livepatch.ErrNotRoot, livepatch.ErrUnsupported} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
+
+// backoff doubles from 30 seconds up to the check-in interval.
+func backoff(failures int, max time.Duration) time.Duration {
+	d := 30 * time.Second
+	for i := 1; i < failures && d < max; i++ {
+		d *= 2
+	}
+	return jitter(min(d, max))
+}
+
+func (a *Agent) interval() time.Duration {
+	cfg, _, err := a.config()
+	if err != nil {
+		return time.Hour
+	}
+	return cfg.interval()
+}
+
+func (a *Agent) untilNextCheckIn() time.Duration {
+	st, err := LoadState(a.Dir)
+	if err != nil || st.NextCheckIn.IsZero() {
+		return jitter(a.interval())
+	}
+	return max(st.NextCheckIn.Sub(a.now()), time.Second)
+}
+
+// idle waits d, looking at the kernel every Poll.
+func (a *Agent) idle(ctx context.Context, d time.Duration) error {
+	end := a.now().Add(d)
+	for {
+		left := end.Sub(a.now())
+		if left <= 0 {
+			return nil
+		}
+		if err := a.sleep(ctx, min(left, Poll)); err != nil {
+			return err
+		}
+		s, err := a.open()
+		if err != nil {
+			return err
+		}
+		s.watch(ctx)
+		s.flush(ctx)
+		if err := s.close(); err != nil {
+			return err
+		}
+	}
+}
+
+// recover settles the crash markers left behind. A marker from an
+// earlier boot means the machine went down while its patch was being
+// loaded or in its first watch: the patch is failed for good (never
+// loaded again) and reported. A marker from this boot means only that an
+// agent process died; what the kernel holds is settled by reload.
+func (s *session) recover() {
+	ms, err := s.markers()
+	if err != nil {
+		s.log().Warn("read crash markers", "err", err)
+		return
+	}
+	for name, m := range ms {
+		s.unmark(name)
+		p := s.st.byName(name)
+		if p == nil || (m.BootID == s.boot && s.boot != "") {
+			continue
+		}
+		detail := fmt.Sprintf("the machine went down within the first health check of loading %s (crash marker of boot %s, written %s); it will not be loaded again", p.Name, m.BootID, m.At.Format(time.RFC3339))
+		s.log().Error("crash marker found: patch not loaded again", "patch", p.Name, "target", p.Target)
+		p.set(api.StateFailed, api.ReasonCrashLoop, detail, s.now())
+		s.report(p, api.CheckBoot, false, api.ReasonCrashLoop, detail)
+	}
+}
+
+// reload loads again the applied patches a reboot dropped, from their
+// verified local copies; a patch unloaded in this boot by someone else
+// is taken as reverted rather than forced back.
+func (s *session) reload(ctx context.Context) error {
+	loaded := s.loaded()
+	var errs []error
+	for _, p := range s.st.Patches {
+		if p.State != api.StateApplied || loaded[p.Name] || !s.forKernel(p) {
+			continue
+		}
+		if p.BootID == s.boot && s.boot != "" {
+			p.set(api.StateReverted, "", "unloaded outside the agent (stitch revert, or by hand)", s.now())
+			continue
+		}
+		if off, why := s.Disabled(); off {
+			s.log().Warn("not loading patches", "why", why)
+			return nil
+		}
+		b, err := s.cached(p)
+		if err != nil {
+			p.set(api.StateFailed, api.ReasonVerifyFailed, err.Error(), s.now())
+			s.report(p, api.CheckBoot, false, api.ReasonVerifyFailed, err.Error())
+			continue
+		}
+		if err := s.load(ctx, p, b, api.CheckBoot); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// forKernel says whether p was built for the running kernel.
+func (s *session) forKernel(p *Patch) bool {
+	return p.Release == s.kernel.Release && p.BuildID == s.kernel.BuildID
+}
+
+// loaded names the enabled patches in the kernel.
+func (s *session) loaded() map[string]bool {
+	ks, err := s.Kernel.Status()
+	if err == nil {
+		s.kernel = ks
+	}
+	out := map[string]bool{}
+	for _, p := range s.kernel.Patches {
+		if p.Enabled {
+			out[p.Name] = true
+		}
+	}
+	return out
+}
+
+// cached opens a patch's local bundle, checking it is still the bytes
+// the signed metadata named when it was fetched.
+func (s *session) cached(p *Patch) (*bundle.Bundle, error) {
+	data, err := os.ReadFile(p.Bundle)
+	if err != nil {
+		return nil, fmt.Errorf("local copy of %s: %w", p.Target, err)
+	}
+	if got := bundle.SHA256Hex(data); got != p.BundleSHA256 {
+		return nil, fmt.Errorf("%w: local copy %s of %s changed since it was verified (sha256 %s, signed %s)", bundle.ErrVerify, p.Bundle, p.Target, got, p.BundleSHA256)
+	}
+	return bundle.Open(data)
+}
+
+// load checks a bundle against the running kernel and applies it: the
+// kernel release and build-id, then (in livepatch.Apply) the module's
+// vermagic and hash and the running code of every function it replaces.
+// A patch that does not fit is refused and reported, with nothing
+// loaded; one the kernel rejects or that stalls is failed and reported.
+// Only errors that say nothing about the patch (no root, a transition
+// already running) are returned, and the patch is left to try again.
+func (s *session) load(ctx context.Context, p *Patch, b *bundle.Bundle, check string) error {
+	m := &b.Manifest
+	now := s.now()
+	refuse := func(reason string, err error) {
+		s.log().Error("patch refused", "patch", p.Name, "reason", reason, "err", err)
+		p.set(api.StateRefused, reason, err.Error(), now)
+		s.report(p, check, false, reason, err.Error())
+	}
+	if m.Kernel.Release != s.kernel.Release || m.Kernel.BuildID != s.kernel.BuildID {
+		refuse(api.ReasonVerifyFailed, fmt.Errorf("%w: %s was built for %s (build-id %s), this machine runs %s (build-id %s)",
+			livepatch.ErrWrongKernel, p.Name, m.Kernel.Release, m.Kernel.BuildID, s.kernel.Release, s.kernel.BuildID))
+		return nil
+	}
+	if err := os.MkdirAll(s.path("modules"), 0o700); err != nil {
+		return err
+	}
+	ko := s.path("modules", m.Name+".ko")
+	if err := writeFile(ko, b.Module, 0o600); err != nil {
+		return err
+	}
+	taint, err := s.Kernel.Taint()
+	if err != nil {
+		return err
+	}
+	if err := s.mark(p); err != nil {
+		return fmt.Errorf("write crash marker for %s: %w", p.Name, err)
+	}
+	s.log().Info("applying patch", "patch", p.Name, "target", p.Target, "check", check)
+	_, err = s.Kernel.Apply(ctx, ko, livepatch.ApplyOptions{Timeout: s.Timeout, Expect: Expect(m),
+		Progress: func(pr livepatch.Progress) {
+			s.log().Info("livepatch", "patch", pr.Patch, "phase", pr.Phase, "pending", pr.Pending)
+		}})
+	switch {
+	case err == nil:
+	case errors.Is(err, livepatch.ErrNotRoot), errors.Is(err, livepatch.ErrUnsupported), errors.Is(err, livepatch.ErrBusy), ctx.Err() != nil:
+		s.unmark(p.Name)
+		return fmt.Errorf("apply %s: %w", p.Name, err)
+	case errors.Is(err, livepatch.ErrWrongKernel):
+		s.unmark(p.Name)
+		refuse(api.ReasonFingerprintMismatch, err)
+		return nil
+	case errors.Is(err, kmod.ErrVermagic), errors.Is(err, kmod.ErrNotModule), errors.Is(err, kmod.ErrNotELF), errors.Is(err, kmod.ErrNotLivepatch):
+		s.unmark(p.Name)
+		refuse(api.ReasonVerifyFailed, err)
+		return nil
+	default:
+		s.unmark(p.Name)
+		reason := api.ReasonApplyFailed
+		if errors.Is(err, livepatch.ErrTimeout) {
+			reason = api.ReasonTransitionTimeout
+		}
+		s.log().Error("patch failed", "patch", p.Name, "reason", reason, "err", err)
+		p.set(api.StateFailed, reason, err.Error(), now)
+		s.report(p, check, false, reason, err.Error())
+		return nil
+	}
+	p.set(api.StateApplied, "", "", now)
+	p.AppliedAt, p.BootID, p.Taint, p.Checks = now, s.boot, taint.Value, nil
+	s.report(p, check, true, "", "")
+	s.st.Pending = slices.DeleteFunc(s.st.Pending, func(t string) bool { return t == p.Target })
+	return nil
+}
+
+// watch looks at the kernel for trouble since each patch in its watch
+// window (this boot, before its last health check) was applied, reverts
+// the patches the trouble is blamed on, and reports the health checks
+// that fell due. Trouble is a new W, D or L taint bit, or a kernel log
+// line of a warning or oops; a line that names a patch's module blames
+// that patch only, anything else every patch in its window.
+func (s *session) watch(ctx context.Context) {
+	taint, err := s.Kernel.Taint()
+	if err != nil {
+		s.log().Warn("read taint", "err", err)
+		return
+	}
+	var lines []string
+	if s.Log != nil {
+		lines = livepatch.TroubleLines(s.Log.ReadNew())
+	}
+	checks := s.checks()
+	var window []*Patch
+	for _, p := range s.st.Patches {
+		if p.State == api.StateApplied && p.BootID == s.boot && p.watched(checks) {
+			window = append(window, p)
+		}
+	}
+	named := map[*Patch][]string{}
+	for _, l := range lines {
+		for _, p := range window {
+			if strings.Contains(l, "["+p.Name+"]") {
+				named[p] = append(named[p], l)
+			}
+		}
+	}
+	for _, p := range window {
+		newBits := taint.Value & livepatch.TroubleTaint &^ p.Taint
+		var blame []string
+		switch {
+		case len(named) > 0:
+			blame = named[p]
+		case newBits != 0 || len(lines) > 0:
+			blame = lines
+			if len(blame) == 0 {
+				blame = []string{"new kernel taint " + livepatch.DecodeTaint(newBits).String()}
+			}
+		}
+		next := nextCheck(p, checks)
+		if len(blame) > 0 {
+			s.fail(ctx, p, next, blame)
+			continue
+		}
+		for _, c := range checks {
+			if !p.checked(c.Name) && !s.now().Before(p.AppliedAt.Add(c.After)) {
+				s.report(p, c.Name, true, "", "")
+				if c.Name == checks[0].Name {
+					s.unmark(p.Name)
+				}
+			}
+		}
+	}
+}
+
+// nextCheck is the first health check p has not reported.
+func nextCheck(p *Patch, checks []Check) string {
+	for _, c := range checks {
+		if !p.checked(c.Name) {
+			return c.Name
+		}
+	}
+	return checks[len(checks)-1].Name
+}
+
+// fail reverts a patch the kernel's trouble is blamed on and reports it.
+func (s *session) fail(ctx context.Context, p *Patch, check string, lines []string) {
+	reason := api.ReasonKernelWarning
+	for _, l := range lines {
+		if strings.Contains(l, "Oops") || strings.Contains(l, "BUG:") || strings.Contains(l, "general protection") {
+			reason = api.ReasonOops
+		}
+	}
+	detail := strings.Join(lines, "\n")
+	s.log().Error("kernel trouble after a patch: reverting it", "patch", p.Name, "reason", reason, "log", detail)
+	if err := s.Kernel.Revert(ctx, p.Name, livepatch.ApplyOptions{Timeout: s.Timeout}); err != nil {
+		detail += "\nrevert failed: " + err.Error()
+	}
+	s.unmark(p.Name)
+	p.set(api.StateFailed, reason, detail, s.now())
+	s.report(p, check, false, reason, detail)
+}
+
+// settle waits until every patch applied in this pass has passed (or
+// failed) its first health check: the crash marker's window.
+func (s *session) settle(ctx context.Context) error {
+	first := s.checks()[0]
+	for {
+		var waiting bool
+		for _, p := range s.st.Patches {
+			if p.State == api.StateApplied && p.BootID == s.boot && !p.checked(first.Name) {
+				waiting = true
+			}
+		}
+		if !waiting {
+			return nil
+		}
+		if err := s.saveState(s.st); err != nil {
+			return err
+		}
+		if err := s.sleep(ctx, min(Poll, first.After)); err != nil {
+			return err
+		}
+		s.watch(ctx)
+	}
+}
+
+// report queues a health report for the server (none in mirror mode)
+// and records the check.
+func (s *session) report(p *Patch, check string, healthy bool, reason, detail string) {
+	if !p.checked(check) {
+		p.Checks = append(p.Checks, check)
+	}
+	if s.cfg.Server == "" {
+		return
+	}
+	if len(detail) > 1024 {
+		detail = detail[:1024]
+	}
+	s.st.Outbox = append(s.st.Outbox, api.Health{Target: p.Target, Name: p.Name, Check: check, Healthy: healthy, Reason: reason, Detail: detail})
+}
+
+// flush sends the queued health reports; what cannot be sent now stays.
+// A report the server refuses (the patch is unknown to it now) is
+// dropped: sending it again would not change the answer.
+func (s *session) flush(ctx context.Context) {
+	if s.cfg.Server == "" || len(s.st.Outbox) == 0 {
+		return
+	}
+	c := s.client()
+	for len(s.st.Outbox) > 0 {
+		h := s.st.Outbox[0]
+		err := c.Health(ctx, h)
+		var se *api.StatusError
+		switch {
+		case err == nil:
+		case errors.As(err, &se) && se.Code < 500:
+			s.log().Warn("health report refused by the server; dropped", "patch", h.Name, "check", h.Check, "err", err)
+		default:
+			s.log().Warn("health report not sent; kept", "patch", h.Name, "err", err)
+			return
+		}
+		s.st.Outbox = s.st.Outbox[1:]
+	}
+}
+
+func (s *session) client() *api.Client {
+	hc, _ := s.cfg.httpClient() // the proxy was checked at enrollment
+	return &api.Client{BaseURL: s.cfg.Server, Token: s.cfg.Token, HTTP: hc}
+}
+
+func (s *session) tuf() (*bundle.Client, error) {
+	hc, err := s.cfg.httpClient()
+	if err != nil {
+		return nil, err
+	}
+	return &bundle.Client{BaseURL: s.cfg.Repo, TrustedRoot: s.root, CacheDir: s.path("tuf"), HTTP: hc, Now: s.Now}, nil
+}
+
+// sync checks in and carries out the orders, or, with no server, applies
+// what the mirror holds for this kernel.
+func (s *session) sync(ctx context.Context) error {
+	if s.cfg.Server == "" {
+		return s.mirror(ctx)
+	}
+	s.flush(ctx)
+	resp, err := s.checkIn(ctx)
+	if err != nil {
+		return err
+	}
+	acted, err := s.act(ctx, resp.Actions)
+	if acted {
+		// Tell the server at once what became of its orders.
+		if _, cerr := s.checkIn(ctx); cerr != nil {
+			err = errors.Join(err, cerr)
+		}
+	}
+	return err
+}
+
+func (s *session) checkIn(ctx context.Context) (api.CheckInResponse, error) {
+	now := s.now()
+	s.st.LastAttempt = now
+	resp, err := s.client().CheckIn(ctx, s.checkInReport())
+	if err != nil {
+		s.st.LastError = err.Error()
+		s.st.NextCheckIn = now.Add(backoff(1, s.cfg.interval()))
+		var se *api.StatusError
+		if errors.As(err, &se) && se.Code < 500 {
+			return resp, fmt.Errorf("check-in with %s: %w", s.cfg.Server, err)
+		}
+		return resp, fmt.Errorf("%w: check-in with %s: %v", ErrServer, s.cfg.Server, err)
+	}
+	s.st.LastCheckIn, s.st.LastError = now, ""
+	every := time.Duration(resp.NextCheckinSeconds) * time.Second
+	if every <= 0 {
+		every = s.cfg.interval()
+	}
+	s.st.NextCheckIn = now.Add(jitter(every))
+	return resp, nil
+}
+
+// checkInReport lists every patch with what the kernel actually holds: a
+// patch the agent wants applied but that is not loaded (loading is off)
+// is reported reverted, so the server never counts it as protection.
+func (s *session) checkInReport() api.CheckIn {
+	loaded := s.loaded()
+	ci := api.CheckIn{KernelRelease: s.kernel.Release, KernelBuildID: s.kernel.BuildID, AgentVersion: s.Version, Patches: []api.PatchState{}}
+	for _, p := range s.st.Patches {
+		if p.Release != "" && !s.forKernel(p) {
+			continue
+		}
+		ps := api.PatchState{Target: p.Target, Name: p.Name, State: p.State, Since: p.Since, Reason: p.Reason}
+		if p.State == api.StateApplied && !loaded[p.Name] {
+			ps.State, ps.Reason = api.StateReverted, "not loaded"
+		}
+		ci.Patches = append(ci.Patches, ps)
+		if len(ci.Patches) == api.MaxPatches {
+			break
+		}
+	}
+	return ci
+}
+
+// act carries out a check-in's orders: reverts first (a blocklisted patch
+// must go even when loading is off), then applies.
+func (s *session) act(ctx context.Context, actions []api.Action) (bool, error) {
+	acted := false
+	for _, a := range actions {
+		if a.Op != api.OpRevert {
+			continue
+		}
+		p := s.st.patch(a.Target)
+		if p == nil || p.State != api.StateApplied {
+			continue
+		}
+		s.log().Warn("server ordered a revert (patch blocklisted)", "patch", p.Name, "target", p.Target)
+		if err := s.Kernel.Revert(ctx, p.Name, livepatch.ApplyOptions{Timeout: s.Timeout}); err != nil && !errors.Is(err, livepatch.ErrUnknownPatch) {
+			return acted, fmt.Errorf("revert %s as ordered: %w", p.Name, err)
+		}
+		s.unmark(p.Name)
+		p.set(api.StateReverted, "", "blocklisted by the server", s.now())
+		acted = true
+	}
+	s.st.Pending = nil
+	for _, a := range actions {
+		if a.Op != api.OpApply || s.st.patch(a.Target) != nil {
+			continue
+		}
+		if off, why := s.Disabled(); off {
+			s.st.Pending = append(s.st.Pending, a.Target)
+			s.log().Warn("patch offered but loading is off", "target", a.Target, "why", why)
+			continue
+		}
+		ok, err := s.fetchAndLoad(ctx, a.Target, a.Name, a.CVEs)
+		acted = acted || ok
+		if err != nil {
+			s.st.Pending = append(s.st.Pending, a.Target)
+			return acted, err
+		}
+	}
+	return acted, nil
+}
+
+// fetchAndLoad fetches a target through TUF and loads it. It reports
+// whether a patch was decided on (applied, refused or failed).
+func (s *session) fetchAndLoad(ctx context.Context, target, name string, cves []string) (bool, error) {
+	tc, err := s.tuf()
+	if err != nil {
+		return false, err
+	}
+	b, path, err := tc.Fetch(ctx, target)
+	p := &Patch{Target: target, Name: name, CVEs: cves, Since: s.now()}
+	switch {
+	case err == nil:
+	case errors.Is(err, bundle.ErrVerify), errors.Is(err, bundle.ErrBadBundle), errors.Is(err, build.ErrBadManifest):
+		s.st.Patches = append(s.st.Patches, p)
+		s.log().Error("bundle refused", "target", target, "err", err)
+		p.set(api.StateRefused, api.ReasonVerifyFailed, err.Error(), s.now())
+		s.report(p, api.CheckApply, false, api.ReasonVerifyFailed, err.Error())
+		return true, nil
+	default:
+		// Network trouble, a missing target: try again at the next check-in.
+		return false, fmt.Errorf("%w: fetch %s: %v", ErrServer, target, err)
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return false, err
+	}
+	p.Name, p.Bundle, p.BundleSHA256 = b.Manifest.Name, path, bundle.SHA256Hex(data)
+	p.Description, p.Release, p.BuildID = b.Manifest.Description, b.Manifest.Kernel.Release, b.Manifest.Kernel.BuildID
+	if len(p.CVEs) == 0 {
+		p.CVEs = b.Manifest.CVEs
+	}
+	if old := s.st.byName(p.Name); old != nil {
+		// The kernel holds one patch of a name: a rebuilt patch replaces
+		// the old one only after the old is reverted.
+		err := fmt.Errorf("a patch named %s is already applied (%s); revert it first", p.Name, old.Target)
+		p.set(api.StateRefused, api.ReasonApplyFailed, err.Error(), s.now())
+		s.st.Patches = append(s.st.Patches, p)
+		s.report(p, api.CheckApply, false, api.ReasonApplyFailed, err.Error())
+		return true, nil
+	}
+	s.st.Patches = append(s.st.Patches, p)
+	if err := s.load(ctx, p, b, api.CheckApply); err != nil {
+		s.st.Patches = s.st.Patches[:len(s.st.Patches)-1]
+		return false, err
+	}
+	return true, nil
+}
+
+// mirror applies, with no server, every bundle the repository holds for
+// this kernel that the agent has not decided on yet.
+func (s *session) mirror(ctx context.Context) error {
+	now := s.now()
+	s.st.LastAttempt = now
+	tc, err := s.tuf()
+	if err != nil {
+		return err
+	}
+	names, err := tc.Targets(ctx)
+	if err != nil {
+		s.st.LastError = err.Error()
+		if errors.Is(err, bundle.ErrVerify) {
+			return fmt.Errorf("mirror %s: %w", s.cfg.Repo, err)
+		}
+		return fmt.Errorf("%w: mirror %s: %v", ErrServer, s.cfg.Repo, err)
+	}
+	s.st.LastCheckIn, s.st.LastError, s.st.NextCheckIn = now, "", now.Add(jitter(s.cfg.interval()))
+	slices.Sort(names)
+	var actions []api.Action
+	for _, n := range names {
+		if strings.HasPrefix(n, s.kernel.Release+"/") {
+			actions = append(actions, api.Action{Target: n, Op: api.OpApply})
+		}
+	}
+	_, err = s.act(ctx, actions)
+	return err
+}

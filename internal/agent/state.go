@@ -1,0 +1,203 @@
+package agent
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/stitchpatch/stitch/internal/server/api"
+)
+
+// State is what the agent remembers between runs and boots.
+type State struct {
+	// Patches in the order they were first applied, which is the order
+	// they are loaded again at boot.
+	Patches     []*Patch  `json:"patches"`
+	LastCheckIn time.Time `json:"last_checkin,omitzero"`
+	// LastAttempt and LastError tell of the last check-in that failed.
+	LastAttempt time.Time `json:"last_attempt,omitzero"`
+	LastError   string    `json:"last_error,omitempty"`
+	NextCheckIn time.Time `json:"next_checkin,omitzero"`
+	// Pending are the targets the server offered at the last check-in
+	// that are not applied yet (loading off, or the work was cut short).
+	Pending []string `json:"pending,omitempty"`
+	// Outbox holds health reports the server has not acknowledged.
+	Outbox []api.Health `json:"outbox,omitempty"`
+}
+
+// Patch is one patch the agent was told about or found, and its fate.
+type Patch struct {
+	Target      string   `json:"target"`
+	Name        string   `json:"name"`
+	CVEs        []string `json:"cves,omitempty"`
+	Description string   `json:"description,omitempty"`
+	// Release and BuildID are the kernel the patch is for: after a reboot
+	// into another kernel it is kept, but not loaded or reported.
+	Release string `json:"release,omitempty"`
+	BuildID string `json:"build_id,omitempty"`
+	// State is the agent's decision: applied (wanted loaded), reverted,
+	// failed or refused (api.State*). Whether an applied patch is loaded
+	// now is the kernel's to say.
+	State  string    `json:"state"`
+	Since  time.Time `json:"since"`
+	Reason string    `json:"reason,omitempty"` // api.Reason* for failed and refused
+	Detail string    `json:"detail,omitempty"`
+	// BundleSHA256 is the bundle's hash as the signed metadata gave it;
+	// Bundle is the verified copy, reused at boot without a network.
+	Bundle       string `json:"bundle,omitempty"`
+	BundleSHA256 string `json:"bundle_sha256,omitempty"`
+	// AppliedAt is the last load, in boot BootID, with the taint the
+	// kernel had just before it; Checks are the health checks reported
+	// since.
+	AppliedAt time.Time `json:"applied_at,omitzero"`
+	BootID    string    `json:"boot_id,omitempty"`
+	Taint     uint64    `json:"taint"`
+	Checks    []string  `json:"checks,omitempty"`
+}
+
+func (s *State) patch(target string) *Patch {
+	for _, p := range s.Patches {
+		if p.Target == target {
+			return p
+		}
+	}
+	return nil
+}
+
+// byName finds the patch holding a module name, which the kernel allows
+// once.
+func (s *State) byName(name string) *Patch {
+	for _, p := range s.Patches {
+		if p.Name == name && p.State == api.StateApplied {
+			return p
+		}
+	}
+	return nil
+}
+
+func (p *Patch) set(state, reason, detail string, now time.Time) {
+	p.State, p.Reason, p.Detail, p.Since = state, reason, detail, now
+}
+
+func (p *Patch) checked(name string) bool { return slices.Contains(p.Checks, name) }
+
+// watched says whether some health check of p is still to come.
+func (p *Patch) watched(checks []Check) bool {
+	return slices.ContainsFunc(checks, func(c Check) bool { return !p.checked(c.Name) })
+}
+
+// LoadState reads the state in dir; a missing file is an empty state.
+func LoadState(dir string) (*State, error) {
+	s := &State{}
+	if err := readJSON(filepath.Join(dir, "state.json"), s); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	return s, nil
+}
+
+func (a *Agent) saveState(s *State) error {
+	return writeJSON(a.path("state.json"), s, 0o600)
+}
+
+// marker is a crash marker's content.
+type marker struct {
+	Target string    `json:"target"`
+	BootID string    `json:"boot_id"`
+	At     time.Time `json:"at"`
+}
+
+func (a *Agent) markerPath(name string) string { return a.path("loading", name) }
+
+// mark writes a patch's crash marker, synced to disk before the module is
+// loaded: if the kernel dies, the marker is what survives to tell.
+func (a *Agent) mark(p *Patch) error {
+	if err := os.MkdirAll(a.path("loading"), 0o700); err != nil {
+		return err
+	}
+	b, err := json.Marshal(marker{Target: p.Target, BootID: a.bootID(), At: a.now()})
+	if err != nil {
+		return err
+	}
+	return writeFile(a.markerPath(p.Name), b, 0o600)
+}
+
+func (a *Agent) unmark(name string) {
+	os.Remove(a.markerPath(name))
+}
+
+// markers lists the crash markers left behind, by patch name.
+func (a *Agent) markers() (map[string]marker, error) {
+	ents, err := os.ReadDir(a.path("loading"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]marker{}
+	for _, e := range ents {
+		var m marker
+		if err := readJSON(a.path("loading", e.Name()), &m); err != nil {
+			// A marker cut short by the crash still names its patch.
+			m = marker{}
+		}
+		out[e.Name()] = m
+	}
+	return out, nil
+}
+
+func readJSON(path string, v any) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		return fmt.Errorf("%s: %w (remove it to start afresh)", path, err)
+	}
+	return nil
+}
+
+func writeJSON(path string, v any, perm os.FileMode) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	return writeFile(path, append(b, '\n'), perm)
+}
+
+// writeFile replaces path atomically and durably: a power cut leaves the
+// old content or the new, never a torn file.
+func writeFile(path string, data []byte, perm os.FileMode) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Chmod(perm); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return err
+	}
+	if d, err := os.Open(filepath.Dir(path)); err == nil {
+		d.Sync()
+		d.Close()
+	}
+	return nil
+}
