@@ -4,6 +4,7 @@ import (
 	"errors"
 	"flag"
 
+	"github.com/stitchpatch/stitch/internal/agent"
 	"github.com/stitchpatch/stitch/internal/build"
 	"github.com/stitchpatch/stitch/internal/bundle"
 	"github.com/stitchpatch/stitch/internal/kbuild"
@@ -26,6 +27,10 @@ const (
 	exitRolledBack  = 5 // the transition timed out and was rolled back
 	exitTrouble     = 6 // the kernel warned or oopsed after patching; reverted
 	exitRefused     = 7 // build: the fix cannot be live-patched safely, or was not built for this kernel's code; a repository's signatures do not verify
+	// stitch status: the machine's coverage, for monitoring checks.
+	exitPending     = 8  // patches offered but not applied yet
+	exitNotCovered  = 9  // no agent, no livepatch, loading off, or a patch failed or is not loaded
+	exitStatusError = 10 // the agent's check-ins fail or are overdue
 	exitVMTimeout   = 124
 	exitVMFailed    = 125
 )
@@ -53,7 +58,7 @@ func exitCode(err error) int {
 		return exitRolledBack
 	case errors.Is(err, livepatch.ErrKernelTrouble):
 		return exitTrouble
-	case errors.Is(err, livepatch.ErrBusy):
+	case errors.Is(err, livepatch.ErrBusy), errors.Is(err, agent.ErrLocked):
 		return exitBusy
 	case errors.Is(err, livepatch.ErrNotRoot), errors.Is(err, livepatch.ErrUnsupported),
 		errors.Is(err, kbuild.ErrNoSource), errors.Is(err, kbuild.ErrCompiler), errors.Is(err, kbuild.ErrNoHeaders):
@@ -79,7 +84,7 @@ func isBadInput(err error) bool {
 		livepatch.ErrUnknownPatch, livepatch.ErrAlreadyLoaded, livepatch.ErrWrongKernel,
 		build.ErrBadFix, build.ErrBadManifest,
 		bundle.ErrBadBundle, bundle.ErrExists, bundle.ErrNoRepo, rollout.ErrBadPolicy,
-		api.ErrBadRequest, api.ErrUnauthorized, api.ErrForbidden,
+		api.ErrBadRequest, api.ErrUnauthorized, api.ErrForbidden, agent.ErrNotEnrolled,
 	} {
 		if errors.Is(err, e) {
 			return true

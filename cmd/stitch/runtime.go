@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/stitchpatch/stitch/internal/agent"
 	"github.com/stitchpatch/stitch/internal/build"
 	"github.com/stitchpatch/stitch/internal/livepatch"
 )
@@ -87,7 +88,7 @@ func runApply(ctx context.Context, st *stdio, args []string) error {
 		if err != nil {
 			return usageError{fmt.Errorf("%s: %w", *manifest, err)}
 		}
-		opts.Expect = expectFromManifest(m)
+		opts.Expect = agent.Expect(m)
 	}
 	if opts.Force {
 		fmt.Fprintln(st.err, "WARNING: --force skips livepatch's consistency check for stalled tasks; the module can never be unloaded afterwards")
@@ -100,17 +101,6 @@ func runApply(ctx context.Context, st *stdio, args []string) error {
 		}
 		return "", err
 	}, k)
-}
-
-// expectFromManifest turns a manifest into the checks apply makes.
-func expectFromManifest(m *build.Manifest) *livepatch.Expect {
-	e := &livepatch.Expect{Release: m.Kernel.Release, BuildID: m.Kernel.BuildID, ModuleSHA256: m.ModuleHash}
-	for _, o := range m.Objects {
-		for _, f := range o.Functions {
-			e.Code = append(e.Code, livepatch.CodeCheck{Object: o.Name, Name: f.Name, Sympos: f.Sympos, Fingerprint: f.Fingerprint})
-		}
-	}
-	return e
 }
 
 func runRevert(ctx context.Context, st *stdio, args []string) error {
@@ -167,20 +157,17 @@ func runTransition(st *stdio, action string, jsonOut bool, opts *livepatch.Apply
 }
 
 func runStatus(ctx context.Context, st *stdio, args []string) error {
-	fs := newFlagSet(st, "status", "", "Shows the kernel release, livepatch support, loaded patches and taint.")
+	fs := newFlagSet(st, "status", "", `Shows the kernel release, livepatch support, loaded patches and taint, and the agent's view: the effective kernel version, the CVEs fixed, check-ins, and coverage. The exit status is the coverage, for monitoring: 0 up to date, 8 patches pending, 9 not covered (no agent, loading off, a patch failed or not loaded), 10 error (check-ins failing or overdue).`)
 	jsonOut := fs.Bool("json", false, "print JSON")
+	dir := fs.String("dir", agent.DefaultDir, "the agent's state directory")
 	if err := parseArgs(fs, args, 0); err != nil {
 		return err
 	}
-	k := &livepatch.Kernel{Logger: st.log}
-	s, err := k.Status()
-	if err != nil {
-		return err
-	}
-	if *jsonOut {
-		return printJSON(st.out, s)
-	}
-	w := st.out
+	return printAgentStatus(st, &agent.Agent{Dir: *dir}, *jsonOut, true)
+}
+
+// printKernelStatus prints the kernel's livepatch state.
+func printKernelStatus(w io.Writer, s *livepatch.Status) {
 	fmt.Fprintf(w, "kernel:    %s (build-id %s)\n", s.Release, s.BuildID)
 	fmt.Fprintf(w, "livepatch: %s\n", map[bool]string{true: "supported", false: "NOT supported (no /sys/kernel/livepatch)"}[s.Livepatch])
 	fmt.Fprintf(w, "taint:     %d %s\n", s.Taint.Value, s.Taint)
@@ -209,5 +196,4 @@ func runStatus(ctx context.Context, st *stdio, args []string) error {
 			fmt.Fprintf(w, "  %s (%s): %s\n", o.Name, map[bool]string{true: "patched", false: "not loaded"}[o.Patched], strings.Join(fns, " "))
 		}
 	}
-	return nil
 }

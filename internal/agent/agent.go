@@ -259,12 +259,8 @@ func (a *Agent) config() (*Config, []byte, error) {
 
 // Disabled says whether loading is switched off, and by what.
 func (a *Agent) Disabled() (bool, string) {
-	if b, err := os.ReadFile(filepath.Join(a.Root, "/proc/cmdline")); err == nil {
-		for _, f := range strings.Fields(string(b)) {
-			if f == "stitch=off" {
-				return true, "stitch=off on the kernel command line"
-			}
-		}
+	if b, err := os.ReadFile(filepath.Join(a.Root, "/proc/cmdline")); err == nil && bootDisabled(string(b)) {
+		return true, "stitch=off on the kernel command line"
 	}
 	if _, err := os.Stat(a.path("off")); err == nil {
 		return true, a.path("off") + " exists (`stitch agent enable` removes it)"

@@ -101,7 +101,9 @@ func (a *Agent) Once(ctx context.Context) error {
 	if werr := s.settle(ctx); werr != nil {
 		err = errors.Join(err, werr)
 	}
-	s.flush(ctx)
+	if err == nil {
+		err = s.flush(ctx)
+	}
 	return errors.Join(err, s.close())
 }
 
@@ -184,7 +186,11 @@ func (a *Agent) idle(ctx context.Context, d time.Duration) error {
 			return err
 		}
 		s.watch(ctx)
-		s.flush(ctx)
+		if s.st.LastError == "" {
+			// Health reports go out as they fall due, unless the server
+			// is failing: then they wait for the next pass's backoff.
+			s.flush(ctx) // kept on failure, for the next pass
+		}
 		if err := s.close(); err != nil {
 			return err
 		}
@@ -475,12 +481,13 @@ func (s *session) report(p *Patch, check string, healthy bool, reason, detail st
 	s.st.Outbox = append(s.st.Outbox, api.Health{Target: p.Target, Name: p.Name, Check: check, Healthy: healthy, Reason: reason, Detail: detail})
 }
 
-// flush sends the queued health reports; what cannot be sent now stays.
-// A report the server refuses (the patch is unknown to it now) is
-// dropped: sending it again would not change the answer.
-func (s *session) flush(ctx context.Context) {
+// flush sends the queued health reports; what cannot be sent now stays,
+// and the error says why. A report the server refuses (the patch is
+// unknown to it now) is dropped: sending it again would not change the
+// answer.
+func (s *session) flush(ctx context.Context) error {
 	if s.cfg.Server == "" || len(s.st.Outbox) == 0 {
-		return
+		return nil
 	}
 	c := s.client()
 	for len(s.st.Outbox) > 0 {
@@ -493,10 +500,11 @@ func (s *session) flush(ctx context.Context) {
 			s.log().Warn("health report refused by the server; dropped", "patch", h.Name, "check", h.Check, "err", err)
 		default:
 			s.log().Warn("health report not sent; kept", "patch", h.Name, "err", err)
-			return
+			return err
 		}
 		s.st.Outbox = s.st.Outbox[1:]
 	}
+	return nil
 }
 
 func (s *session) client() *api.Client {
@@ -518,7 +526,10 @@ func (s *session) sync(ctx context.Context) error {
 	if s.cfg.Server == "" {
 		return s.mirror(ctx)
 	}
-	s.flush(ctx)
+	if err := s.flush(ctx); err != nil {
+		s.st.LastAttempt, s.st.LastError = s.now(), err.Error()
+		return fmt.Errorf("%w: %s: %v", ErrServer, s.cfg.Server, err)
+	}
 	resp, err := s.checkIn(ctx)
 	if err != nil {
 		return err
@@ -625,7 +636,9 @@ func (s *session) fetchAndLoad(ctx context.Context, target, name string, cves []
 		return false, err
 	}
 	b, path, err := tc.Fetch(ctx, target)
-	p := &Patch{Target: target, Name: name, CVEs: cves, Since: s.now()}
+	// The server offers only patches for this kernel; the manifest says
+	// for sure once it is verified.
+	p := &Patch{Target: target, Name: name, CVEs: cves, Since: s.now(), Release: s.kernel.Release, BuildID: s.kernel.BuildID}
 	switch {
 	case err == nil:
 	case errors.Is(err, bundle.ErrVerify), errors.Is(err, bundle.ErrBadBundle), errors.Is(err, build.ErrBadManifest):

@@ -1,0 +1,610 @@
+package agent_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stitchpatch/stitch/internal/agent"
+	"github.com/stitchpatch/stitch/internal/bundle"
+	"github.com/stitchpatch/stitch/internal/kmod"
+	"github.com/stitchpatch/stitch/internal/livepatch"
+	"github.com/stitchpatch/stitch/internal/server/api"
+)
+
+// The tests in this file drive the agent's logic against a real server
+// and TUF repository, with a stand-in kernel (fakeKernel). The same flows
+// run on the real kernel in the VM (vm_test.go).
+
+const (
+	release = "6.1.0-54-amd64"
+	buildID = "0123456789abcdef0123456789abcdef01234567"
+)
+
+// fakeKernel holds patches by name, as /sys/kernel/livepatch does.
+type fakeKernel struct {
+	mu      sync.Mutex
+	loaded  map[string]bool
+	taint   uint64
+	badCode map[string]bool // function names whose running code differs
+	applies int
+}
+
+func newKernel() *fakeKernel {
+	return &fakeKernel{loaded: map[string]bool{}, badCode: map[string]bool{}}
+}
+
+func (k *fakeKernel) Status() (*livepatch.Status, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	s := &livepatch.Status{Release: release, BuildID: buildID, Livepatch: true}
+	for n := range k.loaded {
+		s.Patches = append(s.Patches, livepatch.Patch{Name: n, Enabled: true})
+	}
+	return s, nil
+}
+
+func (k *fakeKernel) Apply(ctx context.Context, path string, o livepatch.ApplyOptions) (*kmod.Module, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	name := strings.TrimSuffix(filepath.Base(path), ".ko")
+	if k.loaded[name] {
+		return nil, livepatch.ErrAlreadyLoaded
+	}
+	for _, c := range o.Expect.Code {
+		if k.badCode[c.Name] {
+			return nil, fmt.Errorf("%w: %s differs", livepatch.ErrWrongKernel, c.Name)
+		}
+	}
+	k.applies++
+	k.loaded[name] = true
+	return &kmod.Module{Name: name}, nil
+}
+
+func (k *fakeKernel) Revert(ctx context.Context, name string, o livepatch.ApplyOptions) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if !k.loaded[name] {
+		return livepatch.ErrUnknownPatch
+	}
+	delete(k.loaded, name)
+	return nil
+}
+
+func (k *fakeKernel) Taint() (livepatch.Taint, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return livepatch.DecodeTaint(k.taint), nil
+}
+
+func (k *fakeKernel) isLoaded(name string) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.loaded[name]
+}
+
+// fakeLog is a kernel log a test writes to.
+type fakeLog struct {
+	mu    sync.Mutex
+	lines string
+}
+
+func (l *fakeLog) ReadNew() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	s := l.lines
+	l.lines = ""
+	return s
+}
+
+func (l *fakeLog) write(s string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.lines += s + "\n"
+}
+
+// machine is an agent on a stand-in kernel with its own /proc (boot id
+// and command line) and a fast health-check schedule.
+type machine struct {
+	*agent.Agent
+	k    *fakeKernel
+	log  *fakeLog
+	proc string
+}
+
+var fastChecks = []agent.Check{{Name: api.Check1m, After: 50 * time.Millisecond}, {Name: api.Check5m, After: 100 * time.Millisecond}, {Name: api.Check15m, After: 150 * time.Millisecond}}
+
+func newMachine(t *testing.T) *machine {
+	t.Helper()
+	m := &machine{k: newKernel(), log: &fakeLog{}, proc: t.TempDir()}
+	m.Agent = &agent.Agent{Dir: t.TempDir(), Kernel: m.k, Log: m.log, Root: m.proc, Version: "test", Checks: fastChecks,
+		Sleep: func(ctx context.Context, d time.Duration) error {
+			time.Sleep(min(d, 20*time.Millisecond))
+			return ctx.Err()
+		}}
+	m.setBoot("boot-1", "console=ttyS0")
+	return m
+}
+
+// setBoot simulates a boot: a new boot id, a command line, nothing loaded.
+func (m *machine) setBoot(id, cmdline string) {
+	must(os.MkdirAll(filepath.Join(m.proc, "proc/sys/kernel/random"), 0o755))
+	must(os.WriteFile(filepath.Join(m.proc, "proc/sys/kernel/random/boot_id"), []byte(id+"\n"), 0o644))
+	must(os.WriteFile(filepath.Join(m.proc, "proc/cmdline"), []byte(cmdline+"\n"), 0o644))
+	m.k.mu.Lock()
+	m.k.loaded = map[string]bool{}
+	m.k.mu.Unlock()
+}
+
+func must(err error) {
+	if err != nil {
+		panic(err)
+	}
+}
+
+func (m *machine) enroll(t *testing.T, f *fleet) {
+	t.Helper()
+	if _, err := m.Enroll(context.Background(), agent.EnrollOptions{Server: f.srv.URL, Key: f.key(), Root: f.root(), Hostname: "m"}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (m *machine) state(t *testing.T, target string) *agent.Patch {
+	t.Helper()
+	st, err := agent.LoadState(m.Dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range st.Patches {
+		if p.Target == target {
+			return p
+		}
+	}
+	return nil
+}
+
+func (m *machine) status(t *testing.T) *agent.Status {
+	t.Helper()
+	ks, _ := m.k.Status()
+	s, err := m.Status(ks)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func TestApplyReportAndRevertOrder(t *testing.T) {
+	f := newFleet(t)
+	m := newMachine(t)
+	m.enroll(t, f)
+	if s := m.status(t); s.Coverage != agent.Error {
+		t.Errorf("before any check-in: coverage %s, want error (%s)", s.Coverage, s.Why)
+	}
+	target := f.publish(manifest("fix_one", release, buildID, "CVE-2024-0001"), []byte("module one"))
+	other := f.publish(manifest("fix_other", release, "ffffffffffffffffffffffffffffffffffffffff"), []byte("module other"))
+
+	if err := m.Once(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if !m.k.isLoaded("fix_one") {
+		t.Fatal("fix_one not applied")
+	}
+	p := m.state(t, target)
+	if p.State != api.StateApplied || !slices(p.Checks, api.CheckApply, api.Check1m) {
+		t.Fatalf("state after the pass: %+v", p)
+	}
+	if m.state(t, other) != nil {
+		t.Error("a patch for another build of the kernel was handled")
+	}
+	s := m.status(t)
+	if s.Coverage != agent.UpToDate || s.Level != 1 || s.Effective != release+" + stitch level 1" || len(s.FixedCVEs) != 1 {
+		t.Errorf("status: %+v", s)
+	}
+	// The 5m and 15m checks fall due later, and are reported by the next pass.
+	time.Sleep(200 * time.Millisecond)
+	if err := m.Once(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if r := f.patch(target); r.Applied != 1 || r.Healthy != 1 {
+		t.Errorf("server sees %+v, want 1 applied and healthy", r)
+	}
+
+	f.operate(target, "blocklist")
+	if err := m.Once(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if m.k.isLoaded("fix_one") {
+		t.Fatal("blocklisted patch still loaded")
+	}
+	if p := m.state(t, target); p.State != api.StateReverted {
+		t.Errorf("after the revert order: %+v", p)
+	}
+	if s := m.status(t); s.Level != 0 || s.Effective != release {
+		t.Errorf("status after revert: %+v", s)
+	}
+}
+
+func slices(have []string, want ...string) bool {
+	for _, w := range want {
+		found := false
+		for _, h := range have {
+			found = found || h == w
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
+}
+
+func TestServerDownKeepsPatchesAndBacksOff(t *testing.T) {
+	f := newFleet(t)
+	m := newMachine(t)
+	m.enroll(t, f)
+	target := f.publish(manifest("fix_one", release, buildID), []byte("module"))
+	if err := m.Once(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	f.srv.Close()
+	err := m.Once(context.Background())
+	if !errors.Is(err, agent.ErrServer) {
+		t.Fatalf("with the server down: %v, want ErrServer", err)
+	}
+	if !m.k.isLoaded("fix_one") || m.state(t, target).State != api.StateApplied {
+		t.Error("the agent dropped its patch when the server went away")
+	}
+	if s := m.status(t); s.Coverage != agent.Error || !strings.Contains(s.Why, "check-in failed") {
+		t.Errorf("status with the server down: %s: %s", s.Coverage, s.Why)
+	}
+
+	// The daemon retries with growing waits (30 s doubling up to the
+	// interval, an hour) and keeps its patches; over two hours of a
+	// failing server that is about 8 attempts, not the 240 of a fixed 30 s.
+	var attempts atomic.Int32
+	down := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		attempts.Add(1)
+		http.Error(w, "down", http.StatusServiceUnavailable)
+	}))
+	defer down.Close()
+	repoint(t, m, down.URL, "")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	now := time.Now()
+	end := now.Add(2 * time.Hour)
+	m.Now = func() time.Time { return now }
+	m.Sleep = func(c context.Context, d time.Duration) error {
+		now = now.Add(d)
+		if now.After(end) {
+			cancel()
+		}
+		return ctx.Err()
+	}
+	if err := m.Run(ctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Run = %v", err)
+	}
+	if !m.k.isLoaded("fix_one") {
+		t.Error("patch dropped while the server was down")
+	}
+	if n := attempts.Load(); n < 5 || n > 12 {
+		t.Errorf("%d check-in attempts in two hours of a down server, want about 8", n)
+	}
+}
+
+func TestSlowServerTimesOut(t *testing.T) {
+	f := newFleet(t)
+	m := newMachine(t)
+	m.enroll(t, f)
+	block := make(chan struct{})
+	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { <-block }))
+	defer slow.Close()
+	defer close(block)
+	repoint(t, m, slow.URL, "")
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	if err := m.Once(ctx); !errors.Is(err, agent.ErrServer) {
+		t.Fatalf("slow server: %v", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("a slow server held the pass %s", d)
+	}
+}
+
+// repoint edits the agent's configuration to use other URLs.
+func repoint(t *testing.T, m *machine, server, repo string) {
+	t.Helper()
+	path := filepath.Join(m.Dir, "config.json")
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg agent.Config
+	must(json.Unmarshal(b, &cfg))
+	if server != "" {
+		cfg.Server = server
+	}
+	if repo != "" {
+		cfg.Repo = repo
+	}
+	b, err = json.Marshal(cfg)
+	must(err)
+	must(os.WriteFile(path, b, 0o600))
+}
+
+func TestTruncatedDownloadIsRetried(t *testing.T) {
+	f := newFleet(t)
+	m := newMachine(t)
+	m.enroll(t, f)
+	target := f.publish(manifest("fix_one", release, buildID), []byte(strings.Repeat("module ", 4096)))
+	// A proxy that cuts the first bundle download short: the right
+	// Content-Length, half the body, then the connection closed.
+	u, _ := url.Parse(f.srv.URL)
+	var cut atomic.Bool
+	rp := httputil.NewSingleHostReverseProxy(u)
+	proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !strings.Contains(r.URL.Path, "/targets/") || !cut.CompareAndSwap(false, true) {
+			rp.ServeHTTP(w, r)
+			return
+		}
+		resp, err := http.Get(f.srv.URL + r.URL.Path)
+		if err != nil {
+			panic(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		c, buf, err := w.(http.Hijacker).Hijack()
+		if err != nil {
+			panic(err)
+		}
+		fmt.Fprintf(buf, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n", len(body))
+		buf.Write(body[:len(body)/2])
+		buf.Flush()
+		c.Close()
+	}))
+	defer proxy.Close()
+	repoint(t, m, proxy.URL, proxy.URL+"/v1/repo")
+	if err := m.Once(context.Background()); !errors.Is(err, agent.ErrServer) {
+		t.Fatalf("truncated download: %v, want ErrServer (retry later)", err)
+	}
+	if m.k.applies != 0 || m.state(t, target) != nil {
+		t.Fatal("a truncated download was acted on")
+	}
+	if s := m.status(t); len(s.Pending) != 1 {
+		t.Errorf("pending after the cut: %v", s.Pending)
+	}
+	if err := m.Once(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if !m.k.isLoaded("fix_one") {
+		t.Error("not applied on the retry")
+	}
+}
+
+func TestTamperedBundleRefused(t *testing.T) {
+	f := newFleet(t)
+	m := newMachine(t)
+	m.enroll(t, f)
+	target := f.publish(manifest("fix_one", release, buildID), []byte("module"))
+	path := filepath.Join(f.repo.TargetsDir(), target)
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(b)-600] ^= 1
+	must(os.WriteFile(path, b, 0o644))
+	if err := m.Once(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	p := m.state(t, target)
+	if m.k.applies != 0 || p == nil || p.State != api.StateRefused || p.Reason != api.ReasonVerifyFailed {
+		t.Fatalf("tampered bundle: applies %d, state %+v", m.k.applies, p)
+	}
+	if r := f.patch(target); r.Failed != 1 {
+		t.Errorf("server did not get the failure: %+v", r)
+	}
+	if s := m.status(t); s.Coverage != agent.NotCovered {
+		t.Errorf("coverage with a refused patch: %s", s.Coverage)
+	}
+}
+
+func TestFingerprintMismatchRefused(t *testing.T) {
+	f := newFleet(t)
+	m := newMachine(t)
+	m.enroll(t, f)
+	m.k.badCode["cmdline_proc_show"] = true
+	target := f.publish(manifest("fix_one", release, buildID), []byte("module"))
+	if err := m.Once(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	p := m.state(t, target)
+	if m.k.isLoaded("fix_one") || p.State != api.StateRefused || p.Reason != api.ReasonFingerprintMismatch {
+		t.Fatalf("state %+v", p)
+	}
+	if _, err := os.Stat(filepath.Join(m.Dir, "loading", "fix_one")); err == nil {
+		t.Error("crash marker left for a patch never loaded")
+	}
+	// Refused once, it is not offered again.
+	if err := m.Once(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if m.k.applies != 0 {
+		t.Error("refused patch tried again")
+	}
+}
+
+func TestTroubleAfterApplyReverts(t *testing.T) {
+	f := newFleet(t)
+	m := newMachine(t)
+	m.enroll(t, f)
+	m.Checks = []agent.Check{{Name: api.Check1m, After: 300 * time.Millisecond}, {Name: api.Check5m, After: 400 * time.Millisecond}, {Name: api.Check15m, After: 500 * time.Millisecond}}
+	good := f.publish(manifest("fix_good", release, buildID), []byte("good"))
+	if err := m.Once(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	bad := f.publish(manifest("fix_bad", release, buildID), []byte("bad"))
+	go func() {
+		for !m.k.isLoaded("fix_bad") {
+			time.Sleep(5 * time.Millisecond)
+		}
+		m.log.write("WARNING: CPU: 0 PID: 1 at lp.c:9 bad_show+0x15/0x30 [fix_bad]")
+		m.k.mu.Lock()
+		m.k.taint |= 1 << 9
+		m.k.mu.Unlock()
+	}()
+	if err := m.Once(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	p := m.state(t, bad)
+	if m.k.isLoaded("fix_bad") || p.State != api.StateFailed || p.Reason != api.ReasonKernelWarning || !strings.Contains(p.Detail, "[fix_bad]") {
+		t.Fatalf("warning after apply: loaded %v, state %+v", m.k.isLoaded("fix_bad"), p)
+	}
+	if !m.k.isLoaded("fix_good") || m.state(t, good).State != api.StateApplied {
+		t.Error("a patch the warning does not name was reverted")
+	}
+	if r := f.patch(bad); r.Failed != 1 {
+		t.Errorf("server: %+v", r)
+	}
+}
+
+func TestCrashMarkerStopsReload(t *testing.T) {
+	f := newFleet(t)
+	m := newMachine(t)
+	m.enroll(t, f)
+	target := f.publish(manifest("fix_one", release, buildID), []byte("module"))
+	if err := m.Once(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+
+	// A reboot: the patch comes back from the cache, with no network.
+	f.srv.Close()
+	m.setBoot("boot-2", "console=ttyS0")
+	if err := m.Boot(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if !m.k.isLoaded("fix_one") {
+		t.Fatal("not reloaded at boot")
+	}
+	// The machine dies within the patch's first check: the marker stays.
+	if _, err := os.Stat(filepath.Join(m.Dir, "loading", "fix_one")); err != nil {
+		t.Fatalf("no crash marker during the first watch: %v", err)
+	}
+	m.setBoot("boot-3", "console=ttyS0")
+	if err := m.Boot(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	p := m.state(t, target)
+	if m.k.isLoaded("fix_one") || p.State != api.StateFailed || p.Reason != api.ReasonCrashLoop {
+		t.Fatalf("after a crash with the marker: loaded %v, %+v", m.k.isLoaded("fix_one"), p)
+	}
+	m.setBoot("boot-4", "console=ttyS0")
+	if err := m.Boot(context.Background()); err != nil || m.k.isLoaded("fix_one") {
+		t.Fatalf("crash-looped patch loaded again (%v)", err)
+	}
+	st, _ := agent.LoadState(m.Dir)
+	if len(st.Outbox) == 0 || st.Outbox[len(st.Outbox)-1].Reason != api.ReasonCrashLoop {
+		t.Errorf("crash-loop not queued for the server: %+v", st.Outbox)
+	}
+}
+
+func TestSwitchesDisableLoading(t *testing.T) {
+	f := newFleet(t)
+	m := newMachine(t)
+	m.enroll(t, f)
+	target := f.publish(manifest("fix_one", release, buildID), []byte("module"))
+	must(m.SetDisabled(true))
+	if err := m.Once(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	s := m.status(t)
+	if m.k.applies != 0 || s.Coverage != agent.NotCovered || len(s.Pending) != 1 || s.Disabled == "" {
+		t.Fatalf("off file: applies %d, status %+v", m.k.applies, s)
+	}
+	must(m.SetDisabled(false))
+	if err := m.Once(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if !m.k.isLoaded("fix_one") {
+		t.Fatal("not applied once enabled")
+	}
+	// stitch=off on the kernel command line: the next boot loads nothing.
+	m.setBoot("boot-2", "console=ttyS0 stitch=off")
+	if err := m.Boot(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if m.k.isLoaded("fix_one") {
+		t.Fatal("loaded at boot with stitch=off")
+	}
+	if p := m.state(t, target); p.State != api.StateApplied {
+		t.Errorf("stitch=off changed the patch's state: %+v", p)
+	}
+	if s := m.status(t); s.Coverage != agent.NotCovered {
+		t.Errorf("coverage with stitch=off: %s", s.Coverage)
+	}
+	m.setBoot("boot-3", "console=ttyS0")
+	if err := m.Boot(context.Background()); err != nil || !m.k.isLoaded("fix_one") {
+		t.Fatalf("not reloaded without the switch: %v", err)
+	}
+}
+
+func TestMirrorWithoutServer(t *testing.T) {
+	f := newFleet(t)
+	f.publish(manifest("fix_one", release, buildID), []byte("module"))
+	f.publish(manifest("fix_two", release, "ffffffffffffffffffffffffffffffffffffffff"), []byte("other build"))
+	// An air-gapped copy: the repository exported, imported elsewhere,
+	// and read as files.
+	pr, pw := io.Pipe()
+	go func() { pw.CloseWithError(f.repo.Export(pw)) }()
+	mirror := &bundle.Repo{Dir: filepath.Join(t.TempDir(), "mirror")}
+	if err := mirror.Import(pr); err != nil {
+		t.Fatal(err)
+	}
+	m := newMachine(t)
+	if _, err := m.Enroll(context.Background(), agent.EnrollOptions{Repo: "file://" + mirror.Dir, Root: f.root()}); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Once(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if !m.k.isLoaded("fix_one") || m.k.isLoaded("fix_two") {
+		t.Fatalf("mirror: loaded %v", m.k.loaded)
+	}
+	if s := m.status(t); s.Coverage != agent.UpToDate {
+		t.Errorf("mirror status: %s %s", s.Coverage, s.Why)
+	}
+}
+
+func TestEnrollRefusals(t *testing.T) {
+	f := newFleet(t)
+	m := newMachine(t)
+	other := newFleet(t)
+	_, err := m.Enroll(context.Background(), agent.EnrollOptions{Server: f.srv.URL, Key: f.key(), Root: other.root()})
+	if err == nil || !strings.Contains(err.Error(), "repository") {
+		t.Fatalf("enroll with another repository's root: %v", err)
+	}
+	if _, err := m.Enroll(context.Background(), agent.EnrollOptions{Server: f.srv.URL, Key: "wrong", Root: f.root()}); !errors.Is(err, api.ErrUnauthorized) && !errors.Is(err, api.ErrForbidden) && !errors.Is(err, api.ErrBadRequest) {
+		t.Fatalf("enroll with a wrong key: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(m.Dir, "config.json")); err == nil {
+		t.Fatal("a failed enrollment left a configuration")
+	}
+	if err := m.Once(context.Background()); !errors.Is(err, agent.ErrNotEnrolled) {
+		t.Fatalf("Once unenrolled: %v", err)
+	}
+	m.enroll(t, f)
+	if _, err := m.Enroll(context.Background(), agent.EnrollOptions{Server: f.srv.URL, Key: f.key(), Root: f.root()}); err == nil {
+		t.Fatal("enrolled twice")
+	}
+}

@@ -1,0 +1,127 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/stitchpatch/stitch/internal/livepatch"
+	"github.com/stitchpatch/stitch/internal/server/api"
+)
+
+// Coverage is the one-word answer a monitoring check wants.
+type Coverage string
+
+const (
+	UpToDate   Coverage = "up-to-date"  // every offered patch is applied and loaded
+	Pending    Coverage = "pending"     // patches were offered that are not applied yet
+	NotCovered Coverage = "not-covered" // no agent, no livepatch, loading off, or a patch failed or is not loaded
+	Error      Coverage = "error"       // the agent cannot check in, or has not for too long
+)
+
+// Status is what the agent knows of the machine's protection.
+type Status struct {
+	Coverage Coverage `json:"coverage"`
+	Why      string   `json:"why,omitempty"`
+	Enrolled bool     `json:"enrolled"`
+	Server   string   `json:"server,omitempty"`
+	Repo     string   `json:"repo,omitempty"`
+	Machine  string   `json:"machine_id,omitempty"`
+	// Level counts the agent's patches loaded in the running kernel;
+	// Effective names the kernel with it, e.g. "6.1.0-54-amd64 + stitch level 3".
+	Level       int           `json:"level"`
+	Effective   string        `json:"effective_kernel"`
+	FixedCVEs   []string      `json:"fixed_cves"`
+	Patches     []PatchStatus `json:"patches"`
+	Pending     []string      `json:"pending,omitempty"`
+	Disabled    string        `json:"disabled,omitempty"` // why loading is off
+	LastCheckIn time.Time     `json:"last_checkin,omitzero"`
+	NextCheckIn time.Time     `json:"next_checkin,omitzero"`
+	LastError   string        `json:"last_error,omitempty"`
+}
+
+// PatchStatus is one of the agent's patches for the running kernel.
+type PatchStatus struct {
+	Name   string    `json:"name"`
+	Target string    `json:"target"`
+	CVEs   []string  `json:"cves"`
+	State  string    `json:"state"`
+	Loaded bool      `json:"loaded"`
+	Since  time.Time `json:"since"`
+	Reason string    `json:"reason,omitempty"`
+	Detail string    `json:"detail,omitempty"`
+}
+
+// Status reads the agent's state without taking its lock, and judges it
+// against the kernel's livepatch state ks.
+func (a *Agent) Status(ks *livepatch.Status) (*Status, error) {
+	out := &Status{Effective: ks.Release, FixedCVEs: []string{}, Patches: []PatchStatus{}}
+	cfg, _, err := a.config()
+	if errors.Is(err, ErrNotEnrolled) {
+		out.Coverage, out.Why = NotCovered, fmt.Sprintf("no agent enrolled in %s (stitch agent enroll)", a.Dir)
+		return out, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	st, err := LoadState(a.Dir)
+	if err != nil {
+		return nil, err
+	}
+	out.Enrolled, out.Server, out.Repo, out.Machine = true, cfg.Server, cfg.Repo, cfg.MachineID
+	out.LastCheckIn, out.NextCheckIn, out.LastError, out.Pending = st.LastCheckIn, st.NextCheckIn, st.LastError, st.Pending
+	_, out.Disabled = a.Disabled()
+	loaded := map[string]bool{}
+	for _, p := range ks.Patches {
+		loaded[p.Name] = p.Enabled
+	}
+	var failed, missing []string
+	for _, p := range st.Patches {
+		if p.Release != ks.Release || p.BuildID != ks.BuildID {
+			continue
+		}
+		ps := PatchStatus{Name: p.Name, Target: p.Target, CVEs: p.CVEs, State: p.State, Since: p.Since, Reason: p.Reason, Detail: p.Detail}
+		if ps.CVEs == nil {
+			ps.CVEs = []string{}
+		}
+		ps.Loaded = p.State == api.StateApplied && loaded[p.Name]
+		out.Patches = append(out.Patches, ps)
+		switch {
+		case ps.Loaded:
+			out.Level++
+			out.FixedCVEs = append(out.FixedCVEs, p.CVEs...)
+		case p.State == api.StateApplied:
+			missing = append(missing, p.Name)
+		case p.State == api.StateFailed || p.State == api.StateRefused:
+			failed = append(failed, p.Name)
+		}
+	}
+	slices.Sort(out.FixedCVEs)
+	out.FixedCVEs = slices.Compact(out.FixedCVEs)
+	if out.Level > 0 {
+		out.Effective = fmt.Sprintf("%s + stitch level %d", ks.Release, out.Level)
+	}
+	overdue := !st.NextCheckIn.IsZero() && a.now().After(st.NextCheckIn.Add(cfg.interval()))
+	switch {
+	case st.LastError != "" && st.LastAttempt.After(st.LastCheckIn):
+		out.Coverage, out.Why = Error, "last check-in failed: "+st.LastError
+	case st.LastCheckIn.IsZero():
+		out.Coverage, out.Why = Error, "the agent has not checked in yet"
+	case overdue:
+		out.Coverage, out.Why = Error, fmt.Sprintf("no check-in since %s (is the agent running? systemctl status stitch-agent)", st.LastCheckIn.Format(time.RFC3339))
+	case !ks.Livepatch:
+		out.Coverage, out.Why = NotCovered, "the kernel has no livepatch support"
+	case out.Disabled != "":
+		out.Coverage, out.Why = NotCovered, "loading is off: "+out.Disabled
+	case len(missing) > 0:
+		out.Coverage, out.Why = NotCovered, fmt.Sprintf("applied but not loaded: %v (run stitch agent --boot, or check the boot log)", missing)
+	case len(failed) > 0:
+		out.Coverage, out.Why = NotCovered, fmt.Sprintf("failed or refused, so their fixes are missing: %v", failed)
+	case len(st.Pending) > 0:
+		out.Coverage, out.Why = Pending, fmt.Sprintf("%d offered patch(es) not applied yet", len(st.Pending))
+	default:
+		out.Coverage = UpToDate
+	}
+	return out, nil
+}
