@@ -223,7 +223,7 @@ func (a *Agent) Enroll(ctx context.Context, o EnrollOptions) (*Config, error) {
 	if cfg.Server != "" {
 		host := o.Hostname
 		if host == "" {
-			host, _ = os.Hostname()
+			host = hostname()
 		}
 		c := &api.Client{BaseURL: cfg.Server, HTTP: hc}
 		r, err := c.Enroll(ctx, api.EnrollRequest{Key: o.Key, Hostname: host, Group: o.Group})
@@ -239,6 +239,18 @@ func (a *Agent) Enroll(ctx context.Context, o EnrollOptions) (*Config, error) {
 		return nil, fmt.Errorf("enroll: %w", err)
 	}
 	return cfg, nil
+}
+
+// hostname names the machine to its server: the host name, or, on a
+// machine that has none set (an initramfs, a fresh image), its machine id.
+func hostname() string {
+	if h, err := os.Hostname(); err == nil && h != "" && h != "(none)" && h != "localhost" {
+		return h
+	}
+	if b, err := os.ReadFile("/etc/machine-id"); err == nil && len(strings.TrimSpace(string(b))) > 0 {
+		return "machine-" + strings.TrimSpace(string(b))
+	}
+	return "unnamed"
 }
 
 // config reads the configuration and the pinned root.

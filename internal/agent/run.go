@@ -351,6 +351,9 @@ func (s *session) load(ctx context.Context, p *Patch, b *bundle.Bundle, check st
 	p.set(api.StateApplied, "", "", now)
 	p.AppliedAt, p.BootID, p.Taint, p.Checks = now, s.boot, taint.Value, nil
 	s.report(p, check, true, "", "")
+	// The server times a machine's checks from its first report: send
+	// this one now, not after the first watch.
+	s.flush(ctx)
 	s.st.Pending = slices.DeleteFunc(s.st.Pending, func(t string) bool { return t == p.Target })
 	return nil
 }
@@ -404,7 +407,10 @@ func (s *session) watch(ctx context.Context) {
 			continue
 		}
 		for _, c := range checks {
-			if !p.checked(c.Name) && !s.now().Before(p.AppliedAt.Add(c.After)) {
+			// A check is reported a twentieth of its time late, so that
+			// the server, whose clock for the patch started at the first
+			// report (a moment after the apply), counts it.
+			if !p.checked(c.Name) && !s.now().Before(p.AppliedAt.Add(c.After+c.After/20)) {
 				s.report(p, c.Name, true, "", "")
 				if c.Name == checks[0].Name {
 					s.unmark(p.Name)
@@ -459,7 +465,7 @@ func (s *session) settle(ctx context.Context) error {
 		if err := s.saveState(s.st); err != nil {
 			return err
 		}
-		if err := s.sleep(ctx, min(Poll, first.After)); err != nil {
+		if err := s.sleep(ctx, min(Poll, first.After/4)); err != nil {
 			return err
 		}
 		s.watch(ctx)

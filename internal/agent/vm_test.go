@@ -1,0 +1,258 @@
+package agent_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stitchpatch/stitch/internal/agent"
+	"github.com/stitchpatch/stitch/internal/build"
+	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/livepatch"
+	"github.com/stitchpatch/stitch/internal/server/api"
+	"github.com/stitchpatch/stitch/internal/testutils"
+	"github.com/stitchpatch/stitch/internal/vm"
+)
+
+// guestServer is where the guest reaches the host's server: QEMU's
+// user-mode network, restricted to this one forwarded address.
+const guestServer = "http://10.0.2.100:8440"
+
+// vmChecks are the guest agent's health checks, each a little after the
+// server's (vmPolicy), so that a report at a check counts for it.
+var vmChecks = []agent.Check{{Name: api.Check1m, After: 3 * time.Second}, {Name: api.Check5m, After: 5 * time.Second}, {Name: api.Check15m, After: 7 * time.Second}}
+
+// vmPatches are the bundles of the VM tests, built on the host for the
+// real 6.1.0-54 kernel.
+type vmPatches struct {
+	demo, badCode, warn build.Manifest
+	demoKo, warnKo      []byte
+}
+
+// buildPatches builds the demo fix (internal/demo/fix/cmdline.patch) with
+// stitch build's engine, a copy of its manifest whose pre-fix fingerprint
+// no longer matches the kernel, and the livepatch package's lp_warn test
+// module (it WARNs whenever /proc/cmdline is read) with a manifest made
+// from the demo's, since both replace cmdline_proc_show.
+func buildPatches(t *testing.T) *vmPatches {
+	t.Helper()
+	testutils.RequireHeaders(t)
+	root := testutils.ModuleRoot(t)
+	ctx := context.Background()
+	env, err := build.OpenEnv(ctx, testutils.Release, vm.DefaultKernel, kbuild.CacheDir(), nil)
+	if errors.Is(err, kbuild.ErrNoSource) {
+		testutils.Unavailable(t, "%v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	diff, err := os.ReadFile(filepath.Join(root, "internal/demo/fix/cmdline.patch"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fix, err := build.ParseFix("cmdline.patch", diff)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := env.Build(ctx, []*build.Fix{fix}, build.Options{Out: t.TempDir(), Name: "stitch_agent_demo"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &vmPatches{demo: *res.Manifest}
+	p.demo.CVEs = []string{"CVE-2099-0001"} // a test id: the demo fix fixes none
+	if p.demoKo, err = os.ReadFile(res.Module); err != nil {
+		t.Fatal(err)
+	}
+	p.badCode = p.demo // with lp_warn's module, as the demo's is loaded when it comes
+	p.badCode.Name = "stitch_agent_badcode"
+	p.badCode.CVEs = []string{"CVE-2099-0002"}
+	p.badCode.Objects = []build.Object{p.demo.Objects[0]}
+	p.badCode.Objects[0].Functions = append([]build.Function(nil), p.demo.Objects[0].Functions...)
+	fp := &p.badCode.Objects[0].Functions[0].Fingerprint
+	fp.SHA256 = strings.Repeat("0", 64)
+
+	kos := testutils.BuildModules(t, filepath.Join(root, "internal/livepatch/testdata/modules"), "lp_warn")
+	if p.warnKo, err = os.ReadFile(kos["lp_warn"]); err != nil {
+		t.Fatal(err)
+	}
+	p.badCode.ModuleHash = ""
+	p.warn = p.demo
+	p.warn.Name, p.warn.Module, p.warn.ModuleHash = "lp_warn", "lp_warn.ko", ""
+	p.warn.CVEs = []string{"CVE-2099-0003"}
+	return p
+}
+
+// TestAgentInVM runs the agent in the real 6.1.0-54 kernel against a
+// server on the host's loopback, which the guest reaches only through the
+// one forwarded port. The host drives the story through the server as the
+// guest agent reports: the demo patch is rolled out, applied and reported
+// healthy at every check; then a patch whose pre-fix code does not match
+// the running kernel (refused, reported, nothing loaded); then a patch
+// that warns once loaded (reverted, reported); then the demo patch is
+// blocklisted and the agent reverts it.
+func TestAgentInVM(t *testing.T) {
+	testutils.RequireVM(t)
+	p := buildPatches(t)
+	f := newFleetWith(t, policy(2*time.Second, 4*time.Second, 6*time.Second))
+	rootFile := filepath.Join(t.TempDir(), "root.json")
+	if err := os.WriteFile(rootFile, f.root(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	key := f.key()
+
+	story := make(chan error, 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { story <- driveStory(ctx, t, f, p) }()
+
+	testutils.RunGuest(t, "^TestGuestAgent$", vm.Options{
+		Modules: testutils.ModulesDir,
+		Network: &vm.Network{Forward: []vm.Forward{{Guest: strings.TrimPrefix(guestServer, "http://"), Host: f.srv.Listener.Addr().String()}}},
+		Files:   []vm.File{{Src: rootFile, Dst: "/root.json"}},
+		Env:     []string{"STITCH_ENROLL_KEY=" + key},
+		Memory:  1024,
+	})
+	cancel()
+	if err := <-story; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// driveStory publishes each patch once the guest has dealt with the
+// previous one, and finally blocklists the demo patch.
+func driveStory(ctx context.Context, t *testing.T, f *fleet, p *vmPatches) error {
+	wait := func(target, what string, ok func(api.PatchReport) bool) error {
+		for ctx.Err() == nil {
+			if r := f.patch(target); ok(r) {
+				t.Logf("host: %s %s: %+v", target, what, r)
+				return nil
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+		return fmt.Errorf("host: %s never %s", target, what)
+	}
+	demo := f.publish(p.demo, p.demoKo)
+	if err := wait(demo, "healthy at every check", func(r api.PatchReport) bool { return r.Healthy == 1 }); err != nil {
+		return err
+	}
+	bad := f.publish(p.badCode, p.warnKo)
+	if err := wait(bad, "failed", func(r api.PatchReport) bool { return r.Failed == 1 }); err != nil {
+		return err
+	}
+	warn := f.publish(p.warn, p.warnKo)
+	if err := wait(warn, "failed", func(r api.PatchReport) bool { return r.Failed == 1 }); err != nil {
+		return err
+	}
+	f.operate(demo, "blocklist")
+	return nil
+}
+
+// TestGuestAgent is the guest side of TestAgentInVM: it enrolls with the
+// command, then runs the agent's passes until the story is told, reading
+// /proc/cmdline all along (which is what makes lp_warn warn).
+func TestGuestAgent(t *testing.T) {
+	testutils.RequireGuest(t)
+	dir := "/var/lib/stitch"
+	if out, err := exec.Command("stitch", "agent", "enroll", "--server", guestServer, "--root", "/root.json", "--dir", dir).CombinedOutput(); err != nil {
+		t.Fatalf("stitch agent enroll: %v\n%s", err, out)
+	}
+	before := readCmdline(t)
+	var sawPatched atomic.Bool
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(300 * time.Millisecond):
+			}
+			if b, err := os.ReadFile("/proc/cmdline"); err == nil && strings.Contains(string(b), "patched live by stitch") {
+				sawPatched.Store(true)
+			}
+		}
+	}()
+
+	kl := livepatch.OpenKernelLog()
+	defer kl.Close()
+	a := &agent.Agent{Dir: dir, Kernel: &livepatch.Kernel{}, Log: kl, Version: "guest-test", Checks: vmChecks}
+	done := func() bool {
+		st, err := agent.LoadState(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := map[string]string{"stitch_agent_demo": api.StateReverted, "stitch_agent_badcode": api.StateRefused, "lp_warn": api.StateFailed}
+		for _, p := range st.Patches {
+			if want[p.Name] == p.State {
+				delete(want, p.Name)
+			}
+		}
+		return len(want) == 0
+	}
+	deadline := time.Now().Add(6 * time.Minute)
+	for !done() {
+		if time.Now().After(deadline) {
+			t.Fatal("the story did not finish in 6 minutes")
+		}
+		if err := a.Once(context.Background()); err != nil {
+			t.Logf("pass: %v", err)
+		}
+		time.Sleep(time.Second)
+	}
+
+	st, _ := agent.LoadState(dir)
+	for _, p := range st.Patches {
+		t.Logf("%s: %s %s %s", p.Name, p.State, p.Reason, firstLine(p.Detail))
+		switch p.Name {
+		case "stitch_agent_badcode":
+			if p.Reason != api.ReasonFingerprintMismatch {
+				t.Errorf("bad code patch refused for %q, want %q", p.Reason, api.ReasonFingerprintMismatch)
+			}
+		case "lp_warn":
+			if p.Reason != api.ReasonKernelWarning || !strings.Contains(p.Detail, "[lp_warn]") {
+				t.Errorf("lp_warn failed for %q: %s", p.Reason, p.Detail)
+			}
+		}
+	}
+	if !sawPatched.Load() {
+		t.Error("/proc/cmdline never showed the demo patch")
+	}
+	if after := readCmdline(t); after != before {
+		t.Errorf("/proc/cmdline not restored: %q", after)
+	}
+	if ents, _ := os.ReadDir("/sys/kernel/livepatch"); len(ents) != 0 {
+		t.Errorf("livepatches left loaded: %v", ents)
+	}
+
+	// stitch status: the failed and refused patches leave the machine
+	// not covered (exit 9).
+	cmd := exec.Command("stitch", "status", "--json", "--dir", dir)
+	out, _ := cmd.Output()
+	var rep struct {
+		Agent agent.Status `json:"agent"`
+	}
+	if err := json.Unmarshal(out, &rep); err != nil || cmd.ProcessState.ExitCode() != 9 || rep.Agent.Coverage != agent.NotCovered || rep.Agent.Level != 0 {
+		t.Errorf("stitch status: exit %d, %v, %+v", cmd.ProcessState.ExitCode(), err, rep.Agent)
+	}
+}
+
+func readCmdline(t *testing.T) string {
+	b, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+func firstLine(s string) string {
+	l, _, _ := strings.Cut(s, "\n")
+	return l
+}
