@@ -608,3 +608,101 @@ func TestEnrollRefusals(t *testing.T) {
 		t.Fatal("enrolled twice")
 	}
 }
+
+func TestThroughProxy(t *testing.T) {
+	f := newFleet(t)
+	// A forward proxy: requests arrive with absolute URLs.
+	var through atomic.Int32
+	proxy := httptest.NewServer(&httputil.ReverseProxy{Rewrite: func(r *httputil.ProxyRequest) {
+		through.Add(1)
+		r.Out.URL = r.In.URL
+	}})
+	defer proxy.Close()
+	m := newMachine(t)
+	if _, err := m.Enroll(context.Background(), agent.EnrollOptions{Server: f.srv.URL, Key: f.key(), Root: f.root(), Proxy: proxy.URL}); err != nil {
+		t.Fatal(err)
+	}
+	f.publish(manifest("fix_one", release, buildID), []byte("module"))
+	if err := m.Once(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if !m.k.isLoaded("fix_one") {
+		t.Fatal("not applied through the proxy")
+	}
+	// Enrollment, metadata, the bundle, check-ins and reports.
+	if n := through.Load(); n < 6 {
+		t.Errorf("only %d requests went through the proxy", n)
+	}
+	if _, err := newMachine(t).Enroll(context.Background(), agent.EnrollOptions{Server: f.srv.URL, Key: f.key(), Root: f.root(), Proxy: "::bad"}); err == nil || !strings.Contains(err.Error(), "proxy") {
+		t.Errorf("a bad proxy URL: %v", err)
+	}
+}
+
+func TestCoverage(t *testing.T) {
+	f := newFleet(t)
+	m := newMachine(t)
+	m.enroll(t, f)
+	var skew time.Duration // how far the machine's clock runs ahead
+	m.Now = func() time.Time { return time.Now().Add(skew) }
+	f.publish(manifest("fix_one", release, buildID, "CVE-2024-0001"), []byte("one"))
+	f.publish(manifest("fix_two", release, buildID, "CVE-2024-0002", "CVE-2024-0001"), []byte("two"))
+	must(m.SetDisabled(true))
+	if err := m.Once(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	must(m.SetDisabled(false))
+	if s := m.status(t); s.Coverage != agent.Pending || len(s.Pending) != 2 {
+		t.Errorf("offered, not applied: %s %v", s.Coverage, s.Pending)
+	}
+	if err := m.Once(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	s := m.status(t)
+	if s.Coverage != agent.UpToDate || s.Level != 2 || strings.Join(s.FixedCVEs, " ") != "CVE-2024-0001 CVE-2024-0002" {
+		t.Errorf("both applied: %+v", s)
+	}
+	// An agent that stopped checking in: error once an interval overdue.
+	skew = 3 * time.Minute // the fleet's interval is a minute
+	if s := m.status(t); s.Coverage != agent.Error || !strings.Contains(s.Why, "no check-in since") {
+		t.Errorf("overdue: %s %s", s.Coverage, s.Why)
+	}
+	skew = 0
+	// Unloaded by hand: reported reverted, and the machine not covered.
+	must(m.k.Revert(context.Background(), "fix_two", livepatch.ApplyOptions{}))
+	if s := m.status(t); s.Coverage != agent.NotCovered || s.Level != 1 {
+		t.Errorf("a patch unloaded by hand: %s %s", s.Coverage, s.Why)
+	}
+	if err := m.Once(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if m.k.isLoaded("fix_two") {
+		t.Error("the agent forced back a patch reverted by hand in this boot")
+	}
+}
+
+func TestInstall(t *testing.T) {
+	root := t.TempDir()
+	self := filepath.Join(root, "self")
+	must(os.WriteFile(self, []byte("binary"), 0o755))
+	bin, units := filepath.Join(root, "sbin/stitch"), filepath.Join(root, "units")
+	var log strings.Builder
+	if err := agent.Install(self, bin, units, "/var/lib/stitch", &log); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(bin); string(b) != "binary" {
+		t.Error("binary not installed")
+	}
+	boot, _ := os.ReadFile(filepath.Join(units, "stitch-agent-boot.service"))
+	for _, want := range []string{"ExecStart=" + bin + " agent --boot --dir /var/lib/stitch", "ConditionKernelCommandLine=!stitch=off", "Before=sysinit.target network-pre.target"} {
+		if !strings.Contains(string(boot), want) {
+			t.Errorf("boot unit lacks %q:\n%s", want, boot)
+		}
+	}
+	daemon, _ := os.ReadFile(filepath.Join(units, "stitch-agent.service"))
+	if !strings.Contains(string(daemon), "ExecStart="+bin+" agent --dir /var/lib/stitch") {
+		t.Errorf("daemon unit:\n%s", daemon)
+	}
+	if err := agent.Install(self, "relative/stitch", units, "/var/lib/stitch", &log); err == nil {
+		t.Error("a relative binary path was accepted")
+	}
+}

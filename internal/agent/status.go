@@ -102,7 +102,8 @@ func (a *Agent) Status(ks *livepatch.Status) (*Status, error) {
 	if out.Level > 0 {
 		out.Effective = fmt.Sprintf("%s + stitch level %d", ks.Release, out.Level)
 	}
-	overdue := !st.NextCheckIn.IsZero() && a.now().After(st.NextCheckIn.Add(cfg.interval()))
+	// Overdue: a whole interval (as last planned) past the next check-in.
+	overdue := !st.NextCheckIn.IsZero() && a.now().After(st.NextCheckIn.Add(st.NextCheckIn.Sub(st.LastCheckIn)))
 	switch {
 	case st.LastError != "" && st.LastAttempt.After(st.LastCheckIn):
 		out.Coverage, out.Why = Error, "last check-in failed: "+st.LastError
