@@ -1,0 +1,53 @@
+package main
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestAgentCommandInput checks the agent commands' answers to bad input
+// and their exit codes; the agent itself is tested in internal/agent.
+func TestAgentCommandInput(t *testing.T) {
+	dir := t.TempDir()
+	run := func(args ...string) (string, int) {
+		var out, errs strings.Builder
+		st := &stdio{in: strings.NewReader(""), out: &out, err: &errs, log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+		err := runAgent(context.Background(), st, args)
+		if err != nil {
+			errs.WriteString(err.Error())
+			return out.String() + errs.String(), exitCode(err)
+		}
+		return out.String() + errs.String(), 0
+	}
+	for _, c := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"bogus"}, exitUsage, "unknown subcommand"},
+		{[]string{"--once", "--boot", "--dir", dir}, exitUsage, "not both"},
+		{[]string{"--once", "--dir", dir}, exitUsage, "stitch agent enroll"},
+		{[]string{"enroll", "--server", "http://127.0.0.1:1", "--dir", dir}, exitUsage, "--root is required"},
+		{[]string{"enroll", "--server", "http://127.0.0.1:1", "--key", "k", "--root", filepath.Join(dir, "missing.json"), "--dir", dir}, exitUsage, "missing.json"},
+		{[]string{"disable", "--dir", dir}, exitOK, "patch loading disabled"},
+	} {
+		out, code := run(c.args...)
+		if code != c.code || !strings.Contains(out, c.want) {
+			t.Errorf("stitch agent %s: exit %d, want %d; output %q lacks %q", strings.Join(c.args, " "), code, c.code, out, c.want)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "off")); err != nil {
+		t.Errorf("disable left no off file: %v", err)
+	}
+	if out, code := run("enable", "--dir", dir); code != 0 || !strings.Contains(out, "enabled") {
+		t.Errorf("enable: %d %q", code, out)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "off")); err == nil {
+		t.Error("enable left the off file")
+	}
+}
