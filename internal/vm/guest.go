@@ -27,9 +27,10 @@ type guestConfig struct {
 	Env  []string `json:"env,omitempty"`
 	UID  int      `json:"uid,omitempty"`
 	// BootModules mount the module share; Load is loaded from it.
-	BootModules []string `json:"boot_modules,omitempty"`
-	Load        []string `json:"load,omitempty"`
-	Network     bool     `json:"network,omitempty"`
+	BootModules []string     `json:"boot_modules,omitempty"`
+	Load        []string     `json:"load,omitempty"`
+	Network     bool         `json:"network,omitempty"`
+	Shares      []guestShare `json:"shares,omitempty"`
 }
 
 // GuestInit is the guest's /init: it mounts the pseudo filesystems, runs
@@ -67,6 +68,12 @@ func guestRun(out *os.File) int {
 	}
 	if len(cfg.BootModules) > 0 {
 		if err := guestMountModules(cfg.BootModules, cfg.Load); err != nil {
+			fmt.Fprintf(out, "stitch init: %v\n", err)
+			return 125
+		}
+	}
+	for _, sh := range cfg.Shares {
+		if err := sh.mount(); err != nil {
 			fmt.Fprintf(out, "stitch init: %v\n", err)
 			return 125
 		}

@@ -71,6 +71,12 @@ type Options struct {
 	// forwarded host addresses. It needs Modules (for virtio_net).
 	Network *Network
 
+	// Shares are host directories the guest mounts read-write, uncached,
+	// so that what the guest writes reaches the host at once and outlives
+	// the guest, even a kernel panic: state kept across two boots, as
+	// across a reboot. They need Modules (for 9p).
+	Shares []Share
+
 	Output  io.Writer // receives the command's output as it arrives
 	Console io.Writer // receives the kernel console as it arrives
 	Logger  *slog.Logger
@@ -141,6 +147,9 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	}
 	if opts.Modules != "" {
 		args = append(args, qemuModulesArgs(opts.Modules)...)
+	}
+	for i, sh := range opts.Shares {
+		args = append(args, sh.qemuArgs(i)...)
 	}
 	if opts.Network != nil {
 		netArgs, err := opts.Network.qemuArgs(opts.Init)
@@ -280,6 +289,12 @@ func writeInitramfs(path string, opts Options) error {
 		return err
 	}
 	gc := guestConfig{Args: opts.Args, Env: opts.Env, UID: opts.UID, Load: opts.Load, Network: opts.Network != nil}
+	for i, sh := range opts.Shares {
+		if err := sh.check(); err != nil {
+			return err
+		}
+		gc.Shares = append(gc.Shares, guestShare{Tag: shareTag(i), Path: sh.Guest})
+	}
 	if opts.Modules != "" {
 		boot, err := bootModules(opts.Modules)
 		if err != nil {
@@ -295,8 +310,8 @@ func writeInitramfs(path string, opts Options) error {
 		if err := r.AddSymlink(guestModprobe, guestBinPath); err != nil {
 			return err
 		}
-	} else if len(opts.Load) > 0 || opts.Network != nil {
-		return errors.New("Load and Network need Modules, the directory to load modules from")
+	} else if len(opts.Load) > 0 || opts.Network != nil || len(opts.Shares) > 0 {
+		return errors.New("Load, Network and Shares need Modules, the directory to load modules from")
 	}
 	cfg, err := json.Marshal(gc)
 	if err != nil {

@@ -249,3 +249,48 @@ func TestGuestNetwork(t *testing.T) {
 		t.Error("the guest reached the host's port past the forward")
 	}
 }
+
+// TestBootWithShare keeps a file across two boots in a read-write share,
+// as a reboot would, and sees a file the host wrote in between.
+func TestBootWithShare(t *testing.T) {
+	testutils.RequireVM(t)
+	dir := t.TempDir()
+	share := []vm.Share{{Host: dir, Guest: "/var/lib/kept"}}
+	testutils.RunGuest(t, "^TestGuestShare$", vm.Options{Modules: testutils.ModulesDir, Shares: share, Env: []string{"STITCH_TEST_BOOT=1"}})
+	b, err := os.ReadFile(filepath.Join(dir, "sub", "boot1"))
+	if err != nil || string(b) != "written in boot 1" {
+		t.Fatalf("after boot 1 the host reads %q (%v)", b, err)
+	}
+	must(t, os.WriteFile(filepath.Join(dir, "host"), []byte("written by the host"), 0o644))
+	testutils.RunGuest(t, "^TestGuestShare$", vm.Options{Modules: testutils.ModulesDir, Shares: share, Env: []string{"STITCH_TEST_BOOT=2"}})
+	if _, err := os.Stat(filepath.Join(dir, "sub", "boot1")); !os.IsNotExist(err) {
+		t.Errorf("boot 2 renamed the file away, the host still sees it: %v", err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dir, "boot2")); string(b) != "written in boot 1" {
+		t.Errorf("after boot 2 the host reads %q", b)
+	}
+	if _, err := vm.Run(context.Background(), vm.Options{Init: testutils.StitchBinary(t), Shares: []vm.Share{{Host: dir, Guest: "relative"}}, Modules: testutils.ModulesDir, Args: []string{"true"}}); err == nil || !strings.Contains(err.Error(), "not absolute") {
+		t.Errorf("a relative guest path: %v", err)
+	}
+}
+
+func TestGuestShare(t *testing.T) {
+	testutils.RequireGuest(t)
+	switch os.Getenv("STITCH_TEST_BOOT") {
+	case "1":
+		must(t, os.MkdirAll("/var/lib/kept/sub", 0o755))
+		f, err := os.Create("/var/lib/kept/sub/boot1")
+		must(t, err)
+		_, err = f.WriteString("written in boot 1")
+		must(t, err)
+		must(t, f.Sync())
+		must(t, f.Close())
+	case "2":
+		if b, _ := os.ReadFile("/var/lib/kept/host"); string(b) != "written by the host" {
+			t.Errorf("the host's file reads %q", b)
+		}
+		must(t, os.Rename("/var/lib/kept/sub/boot1", "/var/lib/kept/boot2"))
+	default:
+		t.Fatal("STITCH_TEST_BOOT unset")
+	}
+}
