@@ -41,15 +41,15 @@ Subcommands: enroll, install, disable, enable (stitch agent SUB -h).`)
 	if err := parseArgs(fs, args, 0); err != nil {
 		return err
 	}
+	if *once && *boot {
+		return usageError{errors.New("agent: --once or --boot, not both")}
+	}
 	level := slog.LevelInfo
 	if !*verbose && (*once || *boot) {
 		level = slog.LevelWarn
 	}
 	a := newAgent(st, *dir, level)
 	if *once || *boot {
-		if *once && *boot {
-			return usageError{errors.New("agent: --once or --boot, not both")}
-		}
 		var err error
 		if *boot {
 			err = a.Boot(ctx)
@@ -81,18 +81,24 @@ func newAgent(st *stdio, dir string, level slog.Level) *agent.Agent {
 	return a
 }
 
-// version is the module version the binary was built from.
+// version names the build in check-ins: the module version, or for a
+// build from a checkout "devel+" and the commit, in the characters the
+// server accepts.
 func version() string {
-	if bi, ok := debug.ReadBuildInfo(); ok {
-		v := bi.Main.Version
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "unknown"
+	}
+	v := bi.Main.Version
+	if v == "" || v == "(devel)" {
+		v = "devel"
 		for _, s := range bi.Settings {
 			if s.Key == "vcs.revision" && len(s.Value) >= 12 {
-				v = s.Value[:12]
+				v += "+" + s.Value[:12]
 			}
 		}
-		return "stitch/" + v
 	}
-	return "stitch/unknown"
+	return v
 }
 
 func runAgentEnroll(ctx context.Context, st *stdio, args []string) error {

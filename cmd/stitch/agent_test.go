@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/stitchpatch/stitch/internal/server/api"
 )
 
 // TestAgentCommandInput checks the agent commands' answers to bad input
@@ -49,5 +51,12 @@ func TestAgentCommandInput(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "off")); err == nil {
 		t.Error("enable left the off file")
+	}
+}
+
+func TestVersionIsAcceptedByTheServer(t *testing.T) {
+	ci := api.CheckIn{KernelRelease: "6.1.0-54-amd64", KernelBuildID: strings.Repeat("ab", 20), AgentVersion: version(), Patches: []api.PatchState{}}
+	if err := ci.Validate(); err != nil {
+		t.Errorf("version %q: %v", version(), err)
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -162,6 +163,14 @@ func (m *machine) enroll(t *testing.T, f *fleet) {
 	}
 }
 
+// pass runs one agent pass that must succeed.
+func (m *machine) pass(t *testing.T) {
+	t.Helper()
+	if err := m.Once(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func (m *machine) state(t *testing.T, target string) *agent.Patch {
 	t.Helper()
 	st, err := agent.LoadState(m.Dir)
@@ -196,14 +205,12 @@ func TestApplyReportAndRevertOrder(t *testing.T) {
 	target := f.publish(manifest("fix_one", release, buildID, "CVE-2024-0001"), []byte("module one"))
 	other := f.publish(manifest("fix_other", release, "ffffffffffffffffffffffffffffffffffffffff"), []byte("module other"))
 
-	if err := m.Once(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	m.pass(t)
 	if !m.k.isLoaded("fix_one") {
 		t.Fatal("fix_one not applied")
 	}
 	p := m.state(t, target)
-	if p.State != api.StateApplied || !slices(p.Checks, api.CheckApply, api.Check1m) {
+	if p.State != api.StateApplied || !hasAll(p.Checks, api.CheckApply, api.Check1m) {
 		t.Fatalf("state after the pass: %+v", p)
 	}
 	if m.state(t, other) != nil {
@@ -215,17 +222,13 @@ func TestApplyReportAndRevertOrder(t *testing.T) {
 	}
 	// The 5m and 15m checks fall due later, and are reported by the next pass.
 	time.Sleep(200 * time.Millisecond)
-	if err := m.Once(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	m.pass(t)
 	if r := f.patch(target); r.Applied != 1 || r.Healthy != 1 {
 		t.Errorf("server sees %+v, want 1 applied and healthy", r)
 	}
 
 	f.operate(target, "blocklist")
-	if err := m.Once(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	m.pass(t)
 	if m.k.isLoaded("fix_one") {
 		t.Fatal("blocklisted patch still loaded")
 	}
@@ -237,13 +240,9 @@ func TestApplyReportAndRevertOrder(t *testing.T) {
 	}
 }
 
-func slices(have []string, want ...string) bool {
+func hasAll(have []string, want ...string) bool {
 	for _, w := range want {
-		found := false
-		for _, h := range have {
-			found = found || h == w
-		}
-		if !found {
+		if !slices.Contains(have, w) {
 			return false
 		}
 	}
@@ -255,9 +254,7 @@ func TestServerDownKeepsPatchesAndBacksOff(t *testing.T) {
 	m := newMachine(t)
 	m.enroll(t, f)
 	target := f.publish(manifest("fix_one", release, buildID), []byte("module"))
-	if err := m.Once(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	m.pass(t)
 	f.srv.Close()
 	err := m.Once(context.Background())
 	if !errors.Is(err, agent.ErrServer) {
@@ -385,9 +382,7 @@ func TestTruncatedDownloadIsRetried(t *testing.T) {
 	if s := m.status(t); len(s.Pending) != 1 {
 		t.Errorf("pending after the cut: %v", s.Pending)
 	}
-	if err := m.Once(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	m.pass(t)
 	if !m.k.isLoaded("fix_one") {
 		t.Error("not applied on the retry")
 	}
@@ -405,9 +400,7 @@ func TestTamperedBundleRefused(t *testing.T) {
 	}
 	b[len(b)-600] ^= 1
 	must(os.WriteFile(path, b, 0o644))
-	if err := m.Once(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	m.pass(t)
 	p := m.state(t, target)
 	if m.k.applies != 0 || p == nil || p.State != api.StateRefused || p.Reason != api.ReasonVerifyFailed {
 		t.Fatalf("tampered bundle: applies %d, state %+v", m.k.applies, p)
@@ -426,9 +419,7 @@ func TestFingerprintMismatchRefused(t *testing.T) {
 	m.enroll(t, f)
 	m.k.badCode["cmdline_proc_show"] = true
 	target := f.publish(manifest("fix_one", release, buildID), []byte("module"))
-	if err := m.Once(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	m.pass(t)
 	p := m.state(t, target)
 	if m.k.isLoaded("fix_one") || p.State != api.StateRefused || p.Reason != api.ReasonFingerprintMismatch {
 		t.Fatalf("state %+v", p)
@@ -437,9 +428,7 @@ func TestFingerprintMismatchRefused(t *testing.T) {
 		t.Error("crash marker left for a patch never loaded")
 	}
 	// Refused once, it is not offered again.
-	if err := m.Once(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	m.pass(t)
 	if m.k.applies != 0 {
 		t.Error("refused patch tried again")
 	}
@@ -451,9 +440,7 @@ func TestTroubleAfterApplyReverts(t *testing.T) {
 	m.enroll(t, f)
 	m.Checks = []agent.Check{{Name: api.Check1m, After: 300 * time.Millisecond}, {Name: api.Check5m, After: 400 * time.Millisecond}, {Name: api.Check15m, After: 500 * time.Millisecond}}
 	good := f.publish(manifest("fix_good", release, buildID), []byte("good"))
-	if err := m.Once(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	m.pass(t)
 	bad := f.publish(manifest("fix_bad", release, buildID), []byte("bad"))
 	go func() {
 		for !m.k.isLoaded("fix_bad") {
@@ -464,9 +451,7 @@ func TestTroubleAfterApplyReverts(t *testing.T) {
 		m.k.taint |= 1 << 9
 		m.k.mu.Unlock()
 	}()
-	if err := m.Once(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	m.pass(t)
 	p := m.state(t, bad)
 	if m.k.isLoaded("fix_bad") || p.State != api.StateFailed || p.Reason != api.ReasonKernelWarning || !strings.Contains(p.Detail, "[fix_bad]") {
 		t.Fatalf("warning after apply: loaded %v, state %+v", m.k.isLoaded("fix_bad"), p)
@@ -484,9 +469,7 @@ func TestCrashMarkerStopsReload(t *testing.T) {
 	m := newMachine(t)
 	m.enroll(t, f)
 	target := f.publish(manifest("fix_one", release, buildID), []byte("module"))
-	if err := m.Once(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	m.pass(t)
 
 	// A reboot: the patch comes back from the cache, with no network.
 	f.srv.Close()
@@ -525,17 +508,13 @@ func TestSwitchesDisableLoading(t *testing.T) {
 	m.enroll(t, f)
 	target := f.publish(manifest("fix_one", release, buildID), []byte("module"))
 	must(m.SetDisabled(true))
-	if err := m.Once(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	m.pass(t)
 	s := m.status(t)
 	if m.k.applies != 0 || s.Coverage != agent.NotCovered || len(s.Pending) != 1 || s.Disabled == "" {
 		t.Fatalf("off file: applies %d, status %+v", m.k.applies, s)
 	}
 	must(m.SetDisabled(false))
-	if err := m.Once(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	m.pass(t)
 	if !m.k.isLoaded("fix_one") {
 		t.Fatal("not applied once enabled")
 	}
@@ -575,9 +554,7 @@ func TestMirrorWithoutServer(t *testing.T) {
 	if _, err := m.Enroll(context.Background(), agent.EnrollOptions{Repo: "file://" + mirror.Dir, Root: f.root()}); err != nil {
 		t.Fatal(err)
 	}
-	if err := m.Once(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	m.pass(t)
 	if !m.k.isLoaded("fix_one") || m.k.isLoaded("fix_two") {
 		t.Fatalf("mirror: loaded %v", m.k.loaded)
 	}
@@ -623,9 +600,7 @@ func TestThroughProxy(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.publish(manifest("fix_one", release, buildID), []byte("module"))
-	if err := m.Once(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	m.pass(t)
 	if !m.k.isLoaded("fix_one") {
 		t.Fatal("not applied through the proxy")
 	}
@@ -647,16 +622,12 @@ func TestCoverage(t *testing.T) {
 	f.publish(manifest("fix_one", release, buildID, "CVE-2024-0001"), []byte("one"))
 	f.publish(manifest("fix_two", release, buildID, "CVE-2024-0002", "CVE-2024-0001"), []byte("two"))
 	must(m.SetDisabled(true))
-	if err := m.Once(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	m.pass(t)
 	must(m.SetDisabled(false))
 	if s := m.status(t); s.Coverage != agent.Pending || len(s.Pending) != 2 {
 		t.Errorf("offered, not applied: %s %v", s.Coverage, s.Pending)
 	}
-	if err := m.Once(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	m.pass(t)
 	s := m.status(t)
 	if s.Coverage != agent.UpToDate || s.Level != 2 || strings.Join(s.FixedCVEs, " ") != "CVE-2024-0001 CVE-2024-0002" {
 		t.Errorf("both applied: %+v", s)
@@ -672,9 +643,7 @@ func TestCoverage(t *testing.T) {
 	if s := m.status(t); s.Coverage != agent.NotCovered || s.Level != 1 {
 		t.Errorf("a patch unloaded by hand: %s %s", s.Coverage, s.Why)
 	}
-	if err := m.Once(context.Background()); err != nil {
-		t.Fatal(err)
-	}
+	m.pass(t)
 	if m.k.isLoaded("fix_two") {
 		t.Error("the agent forced back a patch reverted by hand in this boot")
 	}

@@ -201,19 +201,38 @@ func (a *Agent) idle(ctx context.Context, d time.Duration) error {
 // earlier boot means the machine went down while its patch was being
 // loaded or in its first watch: the patch is failed for good (never
 // loaded again) and reported. A marker from this boot means only that an
-// agent process died; what the kernel holds is settled by reload.
+// agent process died on the way: the kernel says whether the load
+// happened, and a loaded patch keeps its marker for its first watch.
 func (s *session) recover() {
 	ms, err := s.markers()
 	if err != nil {
 		s.log().Warn("read crash markers", "err", err)
 		return
 	}
+	loaded := s.loaded()
 	for name, m := range ms {
-		s.unmark(name)
-		p := s.st.byName(name)
-		if p == nil || (m.BootID == s.boot && s.boot != "") {
+		p := s.st.patch(m.Target)
+		if p == nil {
+			p = s.st.byName(name)
+		}
+		if p == nil {
+			s.unmark(name)
 			continue
 		}
+		if m.BootID == s.boot && s.boot != "" {
+			switch {
+			case loaded[p.Name] && p.State != api.StateApplied:
+				p.set(api.StateApplied, "", "", s.now())
+				p.AppliedAt, p.BootID, p.Checks = s.now(), s.boot, nil
+			case !loaded[p.Name]:
+				s.unmark(name)
+				if p.State == "" { // never loaded: the next check-in offers it again
+					s.st.Patches = slices.DeleteFunc(s.st.Patches, func(q *Patch) bool { return q == p })
+				}
+			}
+			continue
+		}
+		s.unmark(name)
 		detail := fmt.Sprintf("the machine went down within the first health check of loading %s (crash marker of boot %s, written %s); it will not be loaded again", p.Name, m.BootID, m.At.Format(time.RFC3339))
 		s.log().Error("crash marker found: patch not loaded again", "patch", p.Name, "target", p.Target)
 		p.set(api.StateFailed, api.ReasonCrashLoop, detail, s.now())
@@ -316,8 +335,14 @@ func (s *session) load(ctx context.Context, p *Patch, b *bundle.Bundle, check st
 	if err != nil {
 		return err
 	}
+	// The marker and the state that names its patch must both be on disk
+	// before the module is: a crash in the load must find them.
 	if err := s.mark(p); err != nil {
 		return fmt.Errorf("write crash marker for %s: %w", p.Name, err)
+	}
+	if err := s.saveState(s.st); err != nil {
+		s.unmark(p.Name)
+		return err
 	}
 	s.log().Info("applying patch", "patch", p.Name, "target", p.Target, "check", check)
 	_, err = s.Kernel.Apply(ctx, ko, livepatch.ApplyOptions{Timeout: s.Timeout, Expect: Expect(m),

@@ -92,37 +92,128 @@ func buildPatches(t *testing.T) *vmPatches {
 
 // TestAgentInVM runs the agent in the real 6.1.0-54 kernel against a
 // server on the host's loopback, which the guest reaches only through the
-// one forwarded port. The host drives the story through the server as the
-// guest agent reports: the demo patch is rolled out, applied and reported
-// healthy at every check; then a patch whose pre-fix code does not match
-// the running kernel (refused, reported, nothing loaded); then a patch
-// that warns once loaded (reverted, reported); then the demo patch is
-// blocklisted and the agent reverts it.
+// one forwarded port.
 func TestAgentInVM(t *testing.T) {
 	testutils.RequireVM(t)
 	p := buildPatches(t)
-	f := newFleetWith(t, policy(2*time.Second, 4*time.Second, 6*time.Second))
+	t.Run("rollout", func(t *testing.T) { testRollout(t, p) })
+	t.Run("crash-loop", func(t *testing.T) { testCrashLoop(t, p) })
+}
+
+// guestOptions are the VM options of a guest agent talking to f.
+func guestOptions(t *testing.T, f *fleet) vm.Options {
 	rootFile := filepath.Join(t.TempDir(), "root.json")
 	if err := os.WriteFile(rootFile, f.root(), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	key := f.key()
+	return vm.Options{
+		Modules: testutils.ModulesDir,
+		Network: &vm.Network{Forward: []vm.Forward{{Guest: strings.TrimPrefix(guestServer, "http://"), Host: f.srv.Listener.Addr().String()}}},
+		Files:   []vm.File{{Src: rootFile, Dst: "/root.json"}},
+		Env:     []string{"STITCH_ENROLL_KEY=" + f.key()},
+		Memory:  1024,
+	}
+}
 
+// testRollout: the host drives the story through the server as the guest
+// agent reports. The demo patch is rolled out, applied and reported
+// healthy at every check; then a patch whose pre-fix code does not match
+// the running kernel (refused, reported, nothing loaded); then a patch
+// that warns once loaded (reverted, reported); then the demo patch is
+// blocklisted and the agent reverts it.
+func testRollout(t *testing.T, p *vmPatches) {
+	f := newFleetWith(t, policy(2*time.Second, 4*time.Second, 6*time.Second))
 	story := make(chan error, 1)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go func() { story <- driveStory(ctx, t, f, p) }()
-
-	testutils.RunGuest(t, "^TestGuestAgent$", vm.Options{
-		Modules: testutils.ModulesDir,
-		Network: &vm.Network{Forward: []vm.Forward{{Guest: strings.TrimPrefix(guestServer, "http://"), Host: f.srv.Listener.Addr().String()}}},
-		Files:   []vm.File{{Src: rootFile, Dst: "/root.json"}},
-		Env:     []string{"STITCH_ENROLL_KEY=" + key},
-		Memory:  1024,
-	})
+	testutils.RunGuest(t, "^TestGuestAgent$", guestOptions(t, f))
 	cancel()
 	if err := <-story; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// testCrashLoop boots twice with the agent's directory kept on the host.
+// In the first boot, with panic_on_warn, the agent applies lp_warn and
+// the kernel panics at its first warning, inside the patch's first watch.
+// In the second, the boot pass finds the crash marker, does not load the
+// patch, and the next pass reports the crash loop to the server.
+func testCrashLoop(t *testing.T, p *vmPatches) {
+	f := newFleetWith(t, policy(2*time.Second, 4*time.Second, 6*time.Second))
+	target := f.publish(p.warn, p.warnKo)
+	state := t.TempDir()
+	opts := guestOptions(t, f)
+	opts.Shares = []vm.Share{{Host: state, Guest: "/var/lib/stitch"}}
+	opts.Kernel, opts.Init = vm.DefaultKernel, testutils.StitchBinary(t)
+	opts.Files = append(opts.Files, vm.File{Src: testutils.TestBinary(t), Dst: "/guest.test"})
+
+	var out strings.Builder
+	first := opts
+	first.Append = "panic_on_warn=1"
+	first.Args = []string{"/guest.test", "-test.v", "-test.run", "^TestGuestCrashFirstBoot$"}
+	first.Output = &out
+	res, err := vm.Run(context.Background(), first)
+	t.Logf("first boot: %v\n%s", err, out.String())
+	if err == nil && res.ExitCode == 0 {
+		t.Fatal("the first boot did not go down")
+	}
+	if _, err := os.Stat(filepath.Join(state, "loading", "lp_warn")); err != nil {
+		t.Fatalf("no crash marker survived the panic: %v", err)
+	}
+
+	second := opts
+	second.Args = []string{"/guest.test", "-test.v", "-test.run", "^TestGuestCrashSecondBoot$"}
+	out.Reset()
+	second.Output = &out
+	res, err = vm.Run(context.Background(), second)
+	t.Logf("second boot:\n%s", out.String())
+	if err != nil || res.ExitCode != 0 {
+		t.Fatalf("second boot: %v %+v", err, res)
+	}
+	if r := f.patch(target); r.Failed != 1 {
+		t.Errorf("server did not hear of the crash loop: %+v", r)
+	}
+}
+
+// TestGuestCrashFirstBoot enrolls and runs a pass while reading
+// /proc/cmdline, which makes lp_warn warn and, with panic_on_warn, the
+// kernel panic. It fails if the kernel survives.
+func TestGuestCrashFirstBoot(t *testing.T) {
+	testutils.RequireGuest(t)
+	if out, err := exec.Command("stitch", "agent", "enroll", "--server", guestServer, "--root", "/root.json", "--dir", "/var/lib/stitch").CombinedOutput(); err != nil {
+		t.Fatalf("enroll: %v\n%s", err, out)
+	}
+	go func() {
+		for {
+			os.ReadFile("/proc/cmdline")
+			time.Sleep(200 * time.Millisecond)
+		}
+	}()
+	a := &agent.Agent{Dir: "/var/lib/stitch", Kernel: &livepatch.Kernel{}, Version: "guest-test", Checks: vmChecks}
+	err := a.Once(context.Background())
+	t.Fatalf("the kernel survived lp_warn with panic_on_warn (pass: %v)", err)
+}
+
+// TestGuestCrashSecondBoot: the boot pass must not load lp_warn again.
+func TestGuestCrashSecondBoot(t *testing.T) {
+	testutils.RequireGuest(t)
+	if out, err := exec.Command("stitch", "agent", "--boot", "--dir", "/var/lib/stitch").CombinedOutput(); err != nil {
+		t.Fatalf("stitch agent --boot: %v\n%s", err, out)
+	}
+	if _, err := os.Stat("/sys/kernel/livepatch/lp_warn"); err == nil {
+		t.Fatal("lp_warn loaded again after the crash")
+	}
+	st, err := agent.LoadState("/var/lib/stitch")
+	if err != nil || len(st.Patches) != 1 || st.Patches[0].State != api.StateFailed || st.Patches[0].Reason != api.ReasonCrashLoop {
+		t.Fatalf("state after the crash: %v %+v", err, st)
+	}
+	t.Logf("lp_warn: %s", st.Patches[0].Detail)
+	if out, err := exec.Command("stitch", "agent", "--once", "--dir", "/var/lib/stitch").CombinedOutput(); err != nil {
+		t.Fatalf("stitch agent --once: %v\n%s", err, out)
+	}
+	if _, err := os.Stat("/sys/kernel/livepatch/lp_warn"); err == nil {
+		t.Fatal("lp_warn loaded by the next pass")
 	}
 }
 
@@ -232,10 +323,20 @@ func TestGuestAgent(t *testing.T) {
 		t.Errorf("livepatches left loaded: %v", ents)
 	}
 
+	// One more pass by the command: nothing to do, and it says so.
+	once := exec.Command("stitch", "agent", "--once", "--json", "--dir", dir)
+	out, err := once.Output()
+	var after struct {
+		Agent agent.Status `json:"agent"`
+	}
+	if err != nil || json.Unmarshal(out, &after) != nil || after.Agent.LastCheckIn.IsZero() || len(after.Agent.Patches) != 3 {
+		t.Errorf("stitch agent --once --json: %v\n%s", err, out)
+	}
+
 	// stitch status: the failed and refused patches leave the machine
 	// not covered (exit 9).
 	cmd := exec.Command("stitch", "status", "--json", "--dir", dir)
-	out, _ := cmd.Output()
+	out, _ = cmd.Output()
 	var rep struct {
 		Agent agent.Status `json:"agent"`
 	}
