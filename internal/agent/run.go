@@ -373,6 +373,8 @@ func (s *session) load(ctx context.Context, p *Patch, b *bundle.Bundle, check st
 		s.report(p, check, false, reason, err.Error())
 		return nil
 	}
+	// The checks count from the end of the transition.
+	now = s.now()
 	p.set(api.StateApplied, "", "", now)
 	p.AppliedAt, p.BootID, p.Taint, p.Checks = now, s.boot, taint.Value, nil
 	s.report(p, check, true, "", "")
