@@ -96,6 +96,8 @@ func LoadState(dir string) (*State, error) {
 	if err := readJSON(filepath.Join(dir, "state.json"), s); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, err
 	}
+	// A damaged file may hold nulls; they name no patch.
+	s.Patches = slices.DeleteFunc(s.Patches, func(p *Patch) bool { return p == nil })
 	return s, nil
 }
 
