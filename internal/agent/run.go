@@ -434,10 +434,7 @@ func (s *session) watch(ctx context.Context) {
 			continue
 		}
 		for _, c := range checks {
-			// A check is reported a twentieth of its time late, so that
-			// the server, whose clock for the patch started at the first
-			// report (a moment after the apply), counts it.
-			if !p.checked(c.Name) && !s.now().Before(p.AppliedAt.Add(c.After+c.After/20)) {
+			if !p.checked(c.Name) && !s.now().Before(p.AppliedAt.Add(c.After)) {
 				s.report(p, c.Name, true, "", "")
 				if c.Name == checks[0].Name {
 					s.unmark(p.Name)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/server/api"
@@ -125,6 +126,10 @@ func (s *Server) checkInEvery() time.Duration {
 	return time.Hour
 }
 
+// timedChecks are the health checks that fall at the policy's times, in
+// order.
+var timedChecks = []string{api.Check1m, api.Check5m, api.Check15m}
+
 // errNotOffered refuses a report about a patch the machine was never
 // offered: it must not widen a rollout, nor count against one, by itself.
 var errNotOffered = errors.New("not offered")
@@ -162,7 +167,7 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine)
 		case newlyFailed:
 			rm.Failed, rm.Reason = true, h.Reason
 		case h.Healthy && !rm.Failed:
-			rm.Checks = pol.ChecksPassed(rm.AppliedAt, now, rm.Checks)
+			rm.Checks = pol.ChecksPassed(rm.AppliedAt, now, rm.Checks, slices.Index(timedChecks, h.Check))
 		}
 		if err := tx.PutMachine(rm); err != nil {
 			return err

@@ -75,10 +75,19 @@ func Rank(patch, machine string) float64 {
 
 // ChecksPassed is how many health checks a machine that applied at applied
 // and has passed done of them has passed after a healthy report at now:
-// every check whose time since the apply has come counts.
-func (p Policy) ChecksPassed(applied, now time.Time, done int) int {
-	for done < len(p.Checks) && now.Sub(applied) >= p.Checks[done] {
+// every check whose time since the apply has come counts. named is the
+// index of the check the report names (-1 for none): it counts, with
+// those before it, once half its time has come. The machine times its
+// checks from its own apply, and the server's clock for it starts only
+// at its first report, a moment or (after an outage) a long while later;
+// the floor keeps a hasty agent from rushing a rollout.
+func (p Policy) ChecksPassed(applied, now time.Time, done, named int) int {
+	elapsed := now.Sub(applied)
+	for done < len(p.Checks) && elapsed >= p.Checks[done] {
 		done++
+	}
+	if named >= done && named < len(p.Checks) && elapsed >= p.Checks[named]/2 {
+		done = named + 1
 	}
 	return done
 }
@@ -162,7 +171,7 @@ func (r *Rollout) Healthy(id string, t time.Time) {
 	if m == nil || m.failed {
 		return
 	}
-	m.checks = r.Policy.ChecksPassed(m.applied, t, m.checks)
+	m.checks = r.Policy.ChecksPassed(m.applied, t, m.checks, -1)
 }
 
 // Failed records a failure (apply failed, transition timed out, kernel

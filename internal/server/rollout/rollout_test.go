@@ -173,3 +173,29 @@ func TestToleratedFailures(t *testing.T) {
 		t.Fatalf("a failure past the tolerance left a complete rollout %s", r.State)
 	}
 }
+
+// A report naming a check counts it (with those before it) once half its
+// time has passed on the server's clock, which starts at the machine's
+// first report, after the machine's own apply.
+func TestNamedCheckCounts(t *testing.T) {
+	p := DefaultPolicy
+	t0 := time.Unix(0, 0)
+	for _, c := range []struct {
+		elapsed     time.Duration
+		done, named int
+		want        int
+	}{
+		{59 * time.Second, 0, -1, 0},
+		{60 * time.Second, 0, -1, 1},
+		{59 * time.Second, 0, 0, 1}, // "1m", 59 s after the server heard of the apply
+		{14 * time.Minute, 1, 2, 3}, // "15m" a minute late in the server's eyes
+		{7 * time.Minute, 1, 2, 2},  // "15m" after 7 minutes: too early; the 5m check counts by time
+		{5 * time.Second, 0, 2, 0},  // a hasty agent rushes nothing
+		{20 * time.Minute, 0, 0, 3}, // time alone passes later checks
+		{2 * time.Minute, 3, 1, 3},  // never fewer than done
+	} {
+		if got := p.ChecksPassed(t0, t0.Add(c.elapsed), c.done, c.named); got != c.want {
+			t.Errorf("ChecksPassed(+%s, done %d, named %d) = %d, want %d", c.elapsed, c.done, c.named, got, c.want)
+		}
+	}
+}
