@@ -11,6 +11,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -95,6 +96,26 @@ func (k *fakeKernel) isLoaded(name string) bool {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	return k.loaded[name]
+}
+
+// fakeModule compiles an object with what makes a .ko for kmod (a
+// .modinfo naming it, a this_module section) and pad bytes of ballast;
+// the stand-in kernel loads nothing, but the agent checks the name.
+func fakeModule(t *testing.T, name string, pad int) []byte {
+	t.Helper()
+	dir := t.TempDir()
+	src := fmt.Sprintf(`__attribute__((section(".modinfo"), used)) static const char info[] = "name=%s\0vermagic=6.1.0-54-amd64 SMP preempt mod_unload modversions ";
+__attribute__((section(".gnu.linkonce.this_module"), used)) static int this_module;
+__attribute__((section(".ballast"), used)) static const char ballast[%d + 1] = "x";
+`, name, pad)
+	must(os.WriteFile(filepath.Join(dir, "m.c"), []byte(src), 0o644))
+	cmd := exec.Command("gcc", "-c", "-o", filepath.Join(dir, "m.ko"), filepath.Join(dir, "m.c"))
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("gcc: %v\n%s", err, out)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "m.ko"))
+	must(err)
+	return b
 }
 
 // fakeLog is a kernel log a test writes to.
@@ -202,8 +223,8 @@ func TestApplyReportAndRevertOrder(t *testing.T) {
 	if s := m.status(t); s.Coverage != agent.Error {
 		t.Errorf("before any check-in: coverage %s, want error (%s)", s.Coverage, s.Why)
 	}
-	target := f.publish(manifest("fix_one", release, buildID, "CVE-2024-0001"), []byte("module one"))
-	other := f.publish(manifest("fix_other", release, "ffffffffffffffffffffffffffffffffffffffff"), []byte("module other"))
+	target := f.publish(manifest("fix_one", release, buildID, "CVE-2024-0001"), fakeModule(t, "fix_one", 0))
+	other := f.publish(manifest("fix_other", release, "ffffffffffffffffffffffffffffffffffffffff"), fakeModule(t, "fix_other", 0))
 
 	m.pass(t)
 	if !m.k.isLoaded("fix_one") {
@@ -253,7 +274,7 @@ func TestServerDownKeepsPatchesAndBacksOff(t *testing.T) {
 	f := newFleet(t)
 	m := newMachine(t)
 	m.enroll(t, f)
-	target := f.publish(manifest("fix_one", release, buildID), []byte("module"))
+	target := f.publish(manifest("fix_one", release, buildID), fakeModule(t, "fix_one", 0))
 	m.pass(t)
 	f.srv.Close()
 	err := m.Once(context.Background())
@@ -345,7 +366,7 @@ func TestTruncatedDownloadIsRetried(t *testing.T) {
 	f := newFleet(t)
 	m := newMachine(t)
 	m.enroll(t, f)
-	target := f.publish(manifest("fix_one", release, buildID), []byte(strings.Repeat("module ", 4096)))
+	target := f.publish(manifest("fix_one", release, buildID), fakeModule(t, "fix_one", 64<<10))
 	// A proxy that cuts the first bundle download short: the right
 	// Content-Length, half the body, then the connection closed.
 	u, _ := url.Parse(f.srv.URL)
@@ -392,7 +413,7 @@ func TestTamperedBundleRefused(t *testing.T) {
 	f := newFleet(t)
 	m := newMachine(t)
 	m.enroll(t, f)
-	target := f.publish(manifest("fix_one", release, buildID), []byte("module"))
+	target := f.publish(manifest("fix_one", release, buildID), fakeModule(t, "fix_one", 0))
 	path := filepath.Join(f.repo.TargetsDir(), target)
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -413,12 +434,24 @@ func TestTamperedBundleRefused(t *testing.T) {
 	}
 }
 
+func TestModuleNameMustMatchManifest(t *testing.T) {
+	f := newFleet(t)
+	m := newMachine(t)
+	m.enroll(t, f)
+	target := f.publish(manifest("fix_one", release, buildID), fakeModule(t, "fix_other", 0))
+	m.pass(t)
+	p := m.state(t, target)
+	if m.k.applies != 0 || p.State != api.StateRefused || !strings.Contains(p.Detail, "calls itself fix_other") {
+		t.Fatalf("a module named otherwise than its manifest: %+v", p)
+	}
+}
+
 func TestFingerprintMismatchRefused(t *testing.T) {
 	f := newFleet(t)
 	m := newMachine(t)
 	m.enroll(t, f)
 	m.k.badCode["cmdline_proc_show"] = true
-	target := f.publish(manifest("fix_one", release, buildID), []byte("module"))
+	target := f.publish(manifest("fix_one", release, buildID), fakeModule(t, "fix_one", 0))
 	m.pass(t)
 	p := m.state(t, target)
 	if m.k.isLoaded("fix_one") || p.State != api.StateRefused || p.Reason != api.ReasonFingerprintMismatch {
@@ -439,9 +472,9 @@ func TestTroubleAfterApplyReverts(t *testing.T) {
 	m := newMachine(t)
 	m.enroll(t, f)
 	m.Checks = []agent.Check{{Name: api.Check1m, After: 300 * time.Millisecond}, {Name: api.Check5m, After: 400 * time.Millisecond}, {Name: api.Check15m, After: 500 * time.Millisecond}}
-	good := f.publish(manifest("fix_good", release, buildID), []byte("good"))
+	good := f.publish(manifest("fix_good", release, buildID), fakeModule(t, "fix_good", 0))
 	m.pass(t)
-	bad := f.publish(manifest("fix_bad", release, buildID), []byte("bad"))
+	bad := f.publish(manifest("fix_bad", release, buildID), fakeModule(t, "fix_bad", 0))
 	go func() {
 		for !m.k.isLoaded("fix_bad") {
 			time.Sleep(5 * time.Millisecond)
@@ -468,7 +501,7 @@ func TestCrashMarkerStopsReload(t *testing.T) {
 	f := newFleet(t)
 	m := newMachine(t)
 	m.enroll(t, f)
-	target := f.publish(manifest("fix_one", release, buildID), []byte("module"))
+	target := f.publish(manifest("fix_one", release, buildID), fakeModule(t, "fix_one", 0))
 	m.pass(t)
 
 	// A reboot: the patch comes back from the cache, with no network.
@@ -506,7 +539,7 @@ func TestSwitchesDisableLoading(t *testing.T) {
 	f := newFleet(t)
 	m := newMachine(t)
 	m.enroll(t, f)
-	target := f.publish(manifest("fix_one", release, buildID), []byte("module"))
+	target := f.publish(manifest("fix_one", release, buildID), fakeModule(t, "fix_one", 0))
 	must(m.SetDisabled(true))
 	m.pass(t)
 	s := m.status(t)
@@ -540,8 +573,8 @@ func TestSwitchesDisableLoading(t *testing.T) {
 
 func TestMirrorWithoutServer(t *testing.T) {
 	f := newFleet(t)
-	f.publish(manifest("fix_one", release, buildID), []byte("module"))
-	f.publish(manifest("fix_two", release, "ffffffffffffffffffffffffffffffffffffffff"), []byte("other build"))
+	f.publish(manifest("fix_one", release, buildID), fakeModule(t, "fix_one", 0))
+	f.publish(manifest("fix_two", release, "ffffffffffffffffffffffffffffffffffffffff"), fakeModule(t, "fix_two", 0))
 	// An air-gapped copy: the repository exported, imported elsewhere,
 	// and read as files.
 	pr, pw := io.Pipe()
@@ -599,7 +632,7 @@ func TestThroughProxy(t *testing.T) {
 	if _, err := m.Enroll(context.Background(), agent.EnrollOptions{Server: f.srv.URL, Key: f.key(), Root: f.root(), Proxy: proxy.URL}); err != nil {
 		t.Fatal(err)
 	}
-	f.publish(manifest("fix_one", release, buildID), []byte("module"))
+	f.publish(manifest("fix_one", release, buildID), fakeModule(t, "fix_one", 0))
 	m.pass(t)
 	if !m.k.isLoaded("fix_one") {
 		t.Fatal("not applied through the proxy")
@@ -619,8 +652,8 @@ func TestCoverage(t *testing.T) {
 	m.enroll(t, f)
 	var skew time.Duration // how far the machine's clock runs ahead
 	m.Now = func() time.Time { return time.Now().Add(skew) }
-	f.publish(manifest("fix_one", release, buildID, "CVE-2024-0001"), []byte("one"))
-	f.publish(manifest("fix_two", release, buildID, "CVE-2024-0002", "CVE-2024-0001"), []byte("two"))
+	f.publish(manifest("fix_one", release, buildID, "CVE-2024-0001"), fakeModule(t, "fix_one", 0))
+	f.publish(manifest("fix_two", release, buildID, "CVE-2024-0002", "CVE-2024-0001"), fakeModule(t, "fix_two", 0))
 	must(m.SetDisabled(true))
 	m.pass(t)
 	must(m.SetDisabled(false))

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -322,6 +323,15 @@ func (s *session) load(ctx context.Context, p *Patch, b *bundle.Bundle, check st
 	if m.Kernel.Release != s.kernel.Release || m.Kernel.BuildID != s.kernel.BuildID {
 		refuse(api.ReasonVerifyFailed, fmt.Errorf("%w: %s was built for %s (build-id %s), this machine runs %s (build-id %s)",
 			livepatch.ErrWrongKernel, p.Name, m.Kernel.Release, m.Kernel.BuildID, s.kernel.Release, s.kernel.BuildID))
+		return nil
+	}
+	// The kernel knows the patch by the module's own name: the manifest
+	// must say the same, or a later revert would aim at another patch.
+	if km, err := kmod.Read(bytes.NewReader(b.Module)); err != nil || km.Name != m.Name {
+		if err == nil {
+			err = fmt.Errorf("%w: the module calls itself %s, its manifest %s", kmod.ErrNotModule, km.Name, m.Name)
+		}
+		refuse(api.ReasonVerifyFailed, err)
 		return nil
 	}
 	if err := os.MkdirAll(s.path("modules"), 0o700); err != nil {

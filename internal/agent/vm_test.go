@@ -71,8 +71,10 @@ func buildPatches(t *testing.T) *vmPatches {
 	if p.demoKo, err = os.ReadFile(res.Module); err != nil {
 		t.Fatal(err)
 	}
-	p.badCode = p.demo // with lp_warn's module, as the demo's is loaded when it comes
-	p.badCode.Name = "stitch_agent_badcode"
+	// The bad-code patch carries lp_warn's module (the demo's is loaded
+	// when it comes), under the module's own name.
+	p.badCode = p.demo
+	p.badCode.Name, p.badCode.Module = "lp_warn", "lp_warn.ko"
 	p.badCode.CVEs = []string{"CVE-2099-0002"}
 	p.badCode.Objects = []build.Object{p.demo.Objects[0]}
 	p.badCode.Objects[0].Functions = append([]build.Function(nil), p.demo.Objects[0].Functions...)
@@ -280,10 +282,11 @@ func TestGuestAgent(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		want := map[string]string{"stitch_agent_demo": api.StateReverted, "stitch_agent_badcode": api.StateRefused, "lp_warn": api.StateFailed}
+		// By CVE: the bad-code patch and lp_warn share a module name.
+		want := map[string]string{"CVE-2099-0001": api.StateReverted, "CVE-2099-0002": api.StateRefused, "CVE-2099-0003": api.StateFailed}
 		for _, p := range st.Patches {
-			if want[p.Name] == p.State {
-				delete(want, p.Name)
+			if len(p.CVEs) == 1 && want[p.CVEs[0]] == p.State {
+				delete(want, p.CVEs[0])
 			}
 		}
 		return len(want) == 0
@@ -302,12 +305,12 @@ func TestGuestAgent(t *testing.T) {
 	st, _ := agent.LoadState(dir)
 	for _, p := range st.Patches {
 		t.Logf("%s: %s %s %s", p.Name, p.State, p.Reason, firstLine(p.Detail))
-		switch p.Name {
-		case "stitch_agent_badcode":
+		switch p.CVEs[0] {
+		case "CVE-2099-0002":
 			if p.Reason != api.ReasonFingerprintMismatch {
 				t.Errorf("bad code patch refused for %q, want %q", p.Reason, api.ReasonFingerprintMismatch)
 			}
-		case "lp_warn":
+		case "CVE-2099-0003":
 			if p.Reason != api.ReasonKernelWarning || !strings.Contains(p.Detail, "[lp_warn]") {
 				t.Errorf("lp_warn failed for %q: %s", p.Reason, p.Detail)
 			}
