@@ -228,6 +228,7 @@ func (a *Agent) Enroll(ctx context.Context, o EnrollOptions) (*Config, error) {
 		c := &api.Client{BaseURL: cfg.Server, HTTP: hc}
 		r, err := c.Enroll(ctx, api.EnrollRequest{Key: o.Key, Hostname: host, Group: o.Group})
 		if err != nil {
+			os.RemoveAll(a.path("tuf"))
 			return nil, fmt.Errorf("enroll with %s: %w", cfg.Server, err)
 		}
 		cfg.MachineID, cfg.Token = r.MachineID, r.Token

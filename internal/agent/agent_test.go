@@ -607,8 +607,10 @@ func TestEnrollRefusals(t *testing.T) {
 	if _, err := m.Enroll(context.Background(), agent.EnrollOptions{Server: f.srv.URL, Key: "wrong", Root: f.root()}); !errors.Is(err, api.ErrUnauthorized) && !errors.Is(err, api.ErrForbidden) && !errors.Is(err, api.ErrBadRequest) {
 		t.Fatalf("enroll with a wrong key: %v", err)
 	}
-	if _, err := os.Stat(filepath.Join(m.Dir, "config.json")); err == nil {
-		t.Fatal("a failed enrollment left a configuration")
+	for _, f := range []string{"config.json", "root.json", "tuf"} {
+		if _, err := os.Stat(filepath.Join(m.Dir, f)); err == nil {
+			t.Fatalf("a failed enrollment left %s behind", f)
+		}
 	}
 	if err := m.Once(context.Background()); !errors.Is(err, agent.ErrNotEnrolled) {
 		t.Fatalf("Once unenrolled: %v", err)
