@@ -177,6 +177,20 @@ func must(err error) {
 	}
 }
 
+// enrolled starts a fleet and enrolls a machine with it.
+func enrolled(t *testing.T) (*fleet, *machine) {
+	t.Helper()
+	f, m := newFleet(t), newMachine(t)
+	m.enroll(t, f)
+	return f, m
+}
+
+// fix publishes a patch named name for the machines' kernel.
+func (f *fleet) fix(t *testing.T, name string, cves ...string) string {
+	t.Helper()
+	return f.publish(manifest(name, release, buildID, cves...), fakeModule(t, name, 0))
+}
+
 func (m *machine) enroll(t *testing.T, f *fleet) {
 	t.Helper()
 	if _, err := m.Enroll(context.Background(), agent.EnrollOptions{Server: f.srv.URL, Key: f.key(), Root: f.root(), Hostname: "m"}); err != nil {
@@ -217,13 +231,11 @@ func (m *machine) status(t *testing.T) *agent.Status {
 }
 
 func TestApplyReportAndRevertOrder(t *testing.T) {
-	f := newFleet(t)
-	m := newMachine(t)
-	m.enroll(t, f)
+	f, m := enrolled(t)
 	if s := m.status(t); s.Coverage != agent.Error {
 		t.Errorf("before any check-in: coverage %s, want error (%s)", s.Coverage, s.Why)
 	}
-	target := f.publish(manifest("fix_one", release, buildID, "CVE-2024-0001"), fakeModule(t, "fix_one", 0))
+	target := f.fix(t, "fix_one", "CVE-2024-0001")
 	other := f.publish(manifest("fix_other", release, "ffffffffffffffffffffffffffffffffffffffff"), fakeModule(t, "fix_other", 0))
 
 	m.pass(t)
@@ -271,10 +283,8 @@ func hasAll(have []string, want ...string) bool {
 }
 
 func TestServerDownKeepsPatchesAndBacksOff(t *testing.T) {
-	f := newFleet(t)
-	m := newMachine(t)
-	m.enroll(t, f)
-	target := f.publish(manifest("fix_one", release, buildID), fakeModule(t, "fix_one", 0))
+	f, m := enrolled(t)
+	target := f.fix(t, "fix_one")
 	m.pass(t)
 	f.srv.Close()
 	err := m.Once(context.Background())
@@ -322,9 +332,7 @@ func TestServerDownKeepsPatchesAndBacksOff(t *testing.T) {
 }
 
 func TestSlowServerTimesOut(t *testing.T) {
-	f := newFleet(t)
-	m := newMachine(t)
-	m.enroll(t, f)
+	_, m := enrolled(t)
 	block := make(chan struct{})
 	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { <-block }))
 	defer slow.Close()
@@ -363,9 +371,7 @@ func repoint(t *testing.T, m *machine, server, repo string) {
 }
 
 func TestTruncatedDownloadIsRetried(t *testing.T) {
-	f := newFleet(t)
-	m := newMachine(t)
-	m.enroll(t, f)
+	f, m := enrolled(t)
 	target := f.publish(manifest("fix_one", release, buildID), fakeModule(t, "fix_one", 64<<10))
 	// A proxy that cuts the first bundle download short: the right
 	// Content-Length, half the body, then the connection closed.
@@ -410,10 +416,8 @@ func TestTruncatedDownloadIsRetried(t *testing.T) {
 }
 
 func TestTamperedBundleRefused(t *testing.T) {
-	f := newFleet(t)
-	m := newMachine(t)
-	m.enroll(t, f)
-	target := f.publish(manifest("fix_one", release, buildID), fakeModule(t, "fix_one", 0))
+	f, m := enrolled(t)
+	target := f.fix(t, "fix_one")
 	path := filepath.Join(f.repo.TargetsDir(), target)
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -435,9 +439,7 @@ func TestTamperedBundleRefused(t *testing.T) {
 }
 
 func TestModuleNameMustMatchManifest(t *testing.T) {
-	f := newFleet(t)
-	m := newMachine(t)
-	m.enroll(t, f)
+	f, m := enrolled(t)
 	target := f.publish(manifest("fix_one", release, buildID), fakeModule(t, "fix_other", 0))
 	m.pass(t)
 	p := m.state(t, target)
@@ -447,11 +449,9 @@ func TestModuleNameMustMatchManifest(t *testing.T) {
 }
 
 func TestFingerprintMismatchRefused(t *testing.T) {
-	f := newFleet(t)
-	m := newMachine(t)
-	m.enroll(t, f)
+	f, m := enrolled(t)
 	m.k.badCode["cmdline_proc_show"] = true
-	target := f.publish(manifest("fix_one", release, buildID), fakeModule(t, "fix_one", 0))
+	target := f.fix(t, "fix_one")
 	m.pass(t)
 	p := m.state(t, target)
 	if m.k.isLoaded("fix_one") || p.State != api.StateRefused || p.Reason != api.ReasonFingerprintMismatch {
@@ -468,13 +468,11 @@ func TestFingerprintMismatchRefused(t *testing.T) {
 }
 
 func TestTroubleAfterApplyReverts(t *testing.T) {
-	f := newFleet(t)
-	m := newMachine(t)
-	m.enroll(t, f)
+	f, m := enrolled(t)
 	m.Checks = []agent.Check{{Name: api.Check1m, After: 300 * time.Millisecond}, {Name: api.Check5m, After: 400 * time.Millisecond}, {Name: api.Check15m, After: 500 * time.Millisecond}}
-	good := f.publish(manifest("fix_good", release, buildID), fakeModule(t, "fix_good", 0))
+	good := f.fix(t, "fix_good")
 	m.pass(t)
-	bad := f.publish(manifest("fix_bad", release, buildID), fakeModule(t, "fix_bad", 0))
+	bad := f.fix(t, "fix_bad")
 	go func() {
 		for !m.k.isLoaded("fix_bad") {
 			time.Sleep(5 * time.Millisecond)
@@ -498,10 +496,8 @@ func TestTroubleAfterApplyReverts(t *testing.T) {
 }
 
 func TestCrashMarkerStopsReload(t *testing.T) {
-	f := newFleet(t)
-	m := newMachine(t)
-	m.enroll(t, f)
-	target := f.publish(manifest("fix_one", release, buildID), fakeModule(t, "fix_one", 0))
+	f, m := enrolled(t)
+	target := f.fix(t, "fix_one")
 	m.pass(t)
 
 	// A reboot: the patch comes back from the cache, with no network.
@@ -536,10 +532,8 @@ func TestCrashMarkerStopsReload(t *testing.T) {
 }
 
 func TestSwitchesDisableLoading(t *testing.T) {
-	f := newFleet(t)
-	m := newMachine(t)
-	m.enroll(t, f)
-	target := f.publish(manifest("fix_one", release, buildID), fakeModule(t, "fix_one", 0))
+	f, m := enrolled(t)
+	target := f.fix(t, "fix_one")
 	must(m.SetDisabled(true))
 	m.pass(t)
 	s := m.status(t)
@@ -573,7 +567,7 @@ func TestSwitchesDisableLoading(t *testing.T) {
 
 func TestMirrorWithoutServer(t *testing.T) {
 	f := newFleet(t)
-	f.publish(manifest("fix_one", release, buildID), fakeModule(t, "fix_one", 0))
+	f.fix(t, "fix_one")
 	f.publish(manifest("fix_two", release, "ffffffffffffffffffffffffffffffffffffffff"), fakeModule(t, "fix_two", 0))
 	// An air-gapped copy: the repository exported, imported elsewhere,
 	// and read as files.
@@ -634,7 +628,7 @@ func TestThroughProxy(t *testing.T) {
 	if _, err := m.Enroll(context.Background(), agent.EnrollOptions{Server: f.srv.URL, Key: f.key(), Root: f.root(), Proxy: proxy.URL}); err != nil {
 		t.Fatal(err)
 	}
-	f.publish(manifest("fix_one", release, buildID), fakeModule(t, "fix_one", 0))
+	f.fix(t, "fix_one")
 	m.pass(t)
 	if !m.k.isLoaded("fix_one") {
 		t.Fatal("not applied through the proxy")
@@ -649,13 +643,11 @@ func TestThroughProxy(t *testing.T) {
 }
 
 func TestCoverage(t *testing.T) {
-	f := newFleet(t)
-	m := newMachine(t)
-	m.enroll(t, f)
+	f, m := enrolled(t)
 	var skew time.Duration // how far the machine's clock runs ahead
 	m.Now = func() time.Time { return time.Now().Add(skew) }
-	f.publish(manifest("fix_one", release, buildID, "CVE-2024-0001"), fakeModule(t, "fix_one", 0))
-	f.publish(manifest("fix_two", release, buildID, "CVE-2024-0002", "CVE-2024-0001"), fakeModule(t, "fix_two", 0))
+	f.fix(t, "fix_one", "CVE-2024-0001")
+	f.fix(t, "fix_two", "CVE-2024-0002", "CVE-2024-0001")
 	must(m.SetDisabled(true))
 	m.pass(t)
 	must(m.SetDisabled(false))
