@@ -698,6 +698,16 @@ func TestInstall(t *testing.T) {
 	if !strings.Contains(string(daemon), "ExecStart="+bin+" agent --dir /var/lib/stitch") {
 		t.Errorf("daemon unit:\n%s", daemon)
 	}
+	// systemd's own check of the units, where systemd is installed.
+	if _, err := exec.LookPath("systemd-analyze"); err != nil {
+		t.Log("systemd-analyze not installed: units not verified by systemd")
+	} else {
+		cmd := exec.Command("systemd-analyze", "verify", "--man=no", "./stitch-agent.service", "./stitch-agent-boot.service")
+		cmd.Dir = units
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Errorf("systemd-analyze verify: %v\n%s", err, out)
+		}
+	}
 	if err := agent.Install(self, "relative/stitch", units, "/var/lib/stitch", &log); err == nil {
 		t.Error("a relative binary path was accepted")
 	}
