@@ -124,8 +124,7 @@ func runAgentEnroll(ctx context.Context, st *stdio, args []string) error {
 		return usageError{fmt.Errorf("--root: %w", err)}
 	}
 	o.Root = b
-	a := newAgent(st, *dir, slog.LevelWarn)
-	cfg, err := a.Enroll(ctx, o)
+	cfg, err := (&agent.Agent{Dir: *dir}).Enroll(ctx, o)
 	if err != nil {
 		return err
 	}
