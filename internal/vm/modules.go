@@ -51,7 +51,7 @@ func bootModules(dir string) ([]string, error) {
 // qemuModulesArgs shares dir with the guest, read-only.
 func qemuModulesArgs(dir string) []string {
 	return []string{
-		"-fsdev", "local,id=modules,path=" + dir + ",security_model=none,readonly=on",
+		"-fsdev", "local,id=modules,path=" + qemuEscape(dir) + ",security_model=none,readonly=on",
 		"-device", "virtio-9p-pci,fsdev=modules,mount_tag=" + modulesTag,
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -32,10 +33,14 @@ func (s Share) check() error {
 func (s Share) qemuArgs(i int) []string {
 	tag := shareTag(i)
 	return []string{
-		"-fsdev", "local,id=" + tag + ",path=" + s.Host + ",security_model=none",
+		"-fsdev", "local,id=" + tag + ",path=" + qemuEscape(s.Host) + ",security_model=none",
 		"-device", "virtio-9p-pci,fsdev=" + tag + ",mount_tag=" + tag,
 	}
 }
+
+// qemuEscape doubles the commas in an option value: QEMU would otherwise
+// read a comma in a host path as the start of the next option.
+func qemuEscape(v string) string { return strings.ReplaceAll(v, ",", ",,") }
 
 // guestShare is a share as the guest's init mounts it.
 type guestShare struct {

@@ -254,7 +254,8 @@ func TestGuestNetwork(t *testing.T) {
 // as a reboot would, and sees a file the host wrote in between.
 func TestBootWithShare(t *testing.T) {
 	testutils.RequireVM(t)
-	dir := t.TempDir()
+	dir := filepath.Join(t.TempDir(), "kept,state") // a comma QEMU must not split on
+	must(t, os.Mkdir(dir, 0o755))
 	share := []vm.Share{{Host: dir, Guest: "/var/lib/kept"}}
 	testutils.RunGuest(t, "^TestGuestShare$", vm.Options{Modules: testutils.ModulesDir, Shares: share, Env: []string{"STITCH_TEST_BOOT=1"}})
 	b, err := os.ReadFile(filepath.Join(dir, "sub", "boot1"))
@@ -269,8 +270,20 @@ func TestBootWithShare(t *testing.T) {
 	if b, _ := os.ReadFile(filepath.Join(dir, "boot2")); string(b) != "written in boot 1" {
 		t.Errorf("after boot 2 the host reads %q", b)
 	}
-	if _, err := vm.Run(context.Background(), vm.Options{Init: testutils.StitchBinary(t), Shares: []vm.Share{{Host: dir, Guest: "relative"}}, Modules: testutils.ModulesDir, Args: []string{"true"}}); err == nil || !strings.Contains(err.Error(), "not absolute") {
-		t.Errorf("a relative guest path: %v", err)
+	for _, c := range []struct {
+		name    string
+		share   vm.Share
+		modules string
+		want    string
+	}{
+		{"a relative guest path", vm.Share{Host: dir, Guest: "relative"}, testutils.ModulesDir, "not absolute"},
+		{"a missing host directory", vm.Share{Host: filepath.Join(dir, "none"), Guest: "/x"}, testutils.ModulesDir, "not a directory"},
+		{"no Modules", vm.Share{Host: dir, Guest: "/x"}, "", "need Modules"},
+	} {
+		_, err := vm.Run(context.Background(), vm.Options{Init: testutils.StitchBinary(t), Shares: []vm.Share{c.share}, Modules: c.modules, Args: []string{"true"}})
+		if !errors.Is(err, vm.ErrSetup) || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: Run = %v, want a setup error with %q", c.name, err, c.want)
+		}
 	}
 }
 
