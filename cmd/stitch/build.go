@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/build"
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/kbuild"
 )
 
@@ -70,7 +71,7 @@ func runBuild(ctx context.Context, st *stdio, args []string) error {
 	if *jsonOut {
 		return printJSON(st.out, struct {
 			*build.Result
-			Manifest *build.Manifest `json:"manifest_contents"`
+			Manifest *contract.Manifest `json:"manifest_contents"`
 		}{res, res.Manifest})
 	}
 	m := res.Manifest

@@ -12,12 +12,13 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/stitchpatch/stitch/internal/build"
 	"github.com/stitchpatch/stitch/internal/bundle"
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/fingerprint"
 	"github.com/stitchpatch/stitch/internal/server"
 	"github.com/stitchpatch/stitch/internal/server/api"
 	"github.com/stitchpatch/stitch/internal/server/store"
+	"github.com/stitchpatch/stitch/internal/testutils"
 )
 
 // The operator's path end to end through the commands: a repository, a
@@ -36,16 +37,34 @@ func TestPublishRolloutAndFleetCommands(t *testing.T) {
 	if err := cmd(runRepo, "init", "--dir", repoDir); err != nil {
 		t.Fatal(err)
 	}
-	ko := []byte("\x7fELF a livepatch module")
-	m := build.Manifest{Version: build.ManifestVersion, Name: "stitch_fix", Module: "stitch_fix.ko", ModuleHash: bundle.SHA256Hex(ko),
-		Kernel: build.KernelID{Release: "6.1.0-54-amd64", BuildID: "887cd47f03581c5baf735611814b0308637cd7f2"}, CVEs: []string{"CVE-2026-12345"},
-		Objects: []build.Object{{Name: "vmlinux", Functions: []build.Function{{Name: "f", Fingerprint: fingerprint.Fingerprint{Size: 8, SHA256: strings.Repeat("ab", 32)}}}}}}
+	ko := testutils.StandInModule(t, "stitch_fix", "6.1.0-54-amd64", "")
+	m := contract.Manifest{Version: contract.ManifestVersion, Name: "stitch_fix", Module: "stitch_fix.ko", ModuleHash: bundle.SHA256Hex(ko),
+		Kernel: contract.KernelID{Release: "6.1.0-54-amd64", BuildID: "887cd47f03581c5baf735611814b0308637cd7f2"}, CVEs: []string{"CVE-2026-12345"},
+		Objects: []contract.Object{{Name: "vmlinux", Functions: []contract.Function{{Name: "f", Fingerprint: fingerprint.Fingerprint{Size: 8, SHA256: strings.Repeat("ab", 32)}}}}}}
 	mj, _ := json.Marshal(m)
 	os.WriteFile(filepath.Join(dir, "fix.json"), mj, 0o644)
 	os.WriteFile(filepath.Join(dir, "fix.ko"), ko, 0o644)
-	os.WriteFile(filepath.Join(dir, "other.ko"), []byte("another module"), 0o644)
-	if err := cmd(runPublish, "--dir", repoDir, "--module", filepath.Join(dir, "other.ko"), "--manifest", filepath.Join(dir, "fix.json")); exitCode(err) != exitUsage {
-		t.Fatalf("a manifest published with another build's module: %v (exit %d)", err, exitCode(err))
+	// Modules that disagree with the manifest are refused as bad input:
+	// another build's (hash), an ordinary module, one for another kernel,
+	// one that calls itself otherwise.
+	for name, other := range map[string][]byte{
+		"another build's module":   []byte("another module"),
+		"a module not a livepatch": testutils.StandInPlainModule(t, "stitch_fix", "6.1.0-54-amd64"),
+		"a module for 6.1.0-27":    testutils.StandInModule(t, "stitch_fix", "6.1.0-27-amd64", ""),
+		"a module named otherwise": testutils.StandInModule(t, "stitch_other", "6.1.0-54-amd64", ""),
+	} {
+		m := m
+		m.ModuleHash = bundle.SHA256Hex(other)
+		mj, _ := json.Marshal(m)
+		os.WriteFile(filepath.Join(dir, "other.json"), mj, 0o644)
+		os.WriteFile(filepath.Join(dir, "other.ko"), other, 0o644)
+		manifest := filepath.Join(dir, "other.json")
+		if name == "another build's module" {
+			manifest = filepath.Join(dir, "fix.json")
+		}
+		if err := cmd(runPublish, "--dir", repoDir, "--module", filepath.Join(dir, "other.ko"), "--manifest", manifest); exitCode(err) != exitUsage {
+			t.Fatalf("%s published: %v (exit %d)", name, err, exitCode(err))
+		}
 	}
 	if err := cmd(runPublish, "--dir", repoDir, "--module", filepath.Join(dir, "fix.ko"), "--manifest", filepath.Join(dir, "fix.json"), "--json"); err != nil {
 		t.Fatal(err)

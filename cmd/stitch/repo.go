@@ -8,8 +8,8 @@ import (
 	"io"
 	"os"
 
-	"github.com/stitchpatch/stitch/internal/build"
 	"github.com/stitchpatch/stitch/internal/bundle"
+	"github.com/stitchpatch/stitch/internal/contract"
 )
 
 // runRepo: stitch repo init|refresh|list|export|import|root [--dir DIR].
@@ -105,7 +105,7 @@ func runPublish(ctx context.Context, st *stdio, args []string) error {
 	var data []byte
 	switch {
 	case *module != "" && *manifest != "" && fs.NArg() == 0:
-		m, err := build.ReadManifest(*manifest)
+		m, err := contract.ReadManifest(*manifest)
 		if err != nil {
 			return fmt.Errorf("publish %s: %w", *manifest, err)
 		}

@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/agent"
-	"github.com/stitchpatch/stitch/internal/build"
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/livepatch"
 )
 
@@ -84,7 +84,7 @@ func runApply(ctx context.Context, st *stdio, args []string) error {
 		return usageError{fmt.Errorf("%s: %w", path, errors.Unwrap(err))}
 	}
 	if *manifest != "" {
-		m, err := build.ReadManifest(*manifest)
+		m, err := contract.ReadManifest(*manifest)
 		if err != nil {
 			return usageError{fmt.Errorf("%s: %w", *manifest, err)}
 		}

@@ -31,8 +31,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/stitchpatch/stitch/internal/build"
 	"github.com/stitchpatch/stitch/internal/bundle"
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/kmod"
 	"github.com/stitchpatch/stitch/internal/livepatch"
 	"github.com/stitchpatch/stitch/internal/server/api"
@@ -64,17 +64,6 @@ type Kernel interface {
 // *livepatch.KernelLog.
 type KernelLog interface{ ReadNew() string }
 
-// DefaultChecks are when a patch's health is checked and reported after
-// it is applied, as the server's rollout policy expects them.
-var DefaultChecks = []Check{{api.Check1m, time.Minute}, {api.Check5m, 5 * time.Minute}, {api.Check15m, 15 * time.Minute}}
-
-// Check is one health check: its name in reports and when it falls due
-// after the apply.
-type Check struct {
-	Name  string
-	After time.Duration
-}
-
 // Agent is one machine's agent. Dir and Kernel are required.
 type Agent struct {
 	Dir    string
@@ -84,10 +73,12 @@ type Agent struct {
 	// elsewhere.
 	Root    string
 	Version string // reported in check-ins
-	// Checks after an apply; DefaultChecks when nil. The crash marker
+	// Checks after an apply, overriding the schedule the server gives in
+	// its check-in answers (and contract.DefaultSchedule, which a mirror
+	// and an old server go by); for tests. The crash marker
 	// lasts until the first one passes, so a patch that brings the
 	// kernel down within it is never loaded again.
-	Checks []Check
+	Checks contract.Schedule
 	// Timeout bounds each livepatch transition; 60s when zero.
 	Timeout time.Duration
 	Logger  *slog.Logger
@@ -108,13 +99,6 @@ func (a *Agent) log() *slog.Logger {
 		return a.Logger
 	}
 	return slog.New(slog.DiscardHandler)
-}
-
-func (a *Agent) checks() []Check {
-	if a.Checks != nil {
-		return a.Checks
-	}
-	return DefaultChecks
 }
 
 func (a *Agent) sleep(ctx context.Context, d time.Duration) error {
@@ -316,7 +300,7 @@ func jitter(d time.Duration) time.Duration {
 // Expect turns a manifest into the checks made before its module is
 // loaded: the exact kernel, the module file, and the running code of every
 // function it replaces.
-func Expect(m *build.Manifest) *livepatch.Expect {
+func Expect(m *contract.Manifest) *livepatch.Expect {
 	e := &livepatch.Expect{Release: m.Kernel.Release, BuildID: m.Kernel.BuildID, ModuleSHA256: m.ModuleHash}
 	for _, o := range m.Objects {
 		for _, f := range o.Functions {

@@ -22,9 +22,11 @@ import (
 
 	"github.com/stitchpatch/stitch/internal/agent"
 	"github.com/stitchpatch/stitch/internal/bundle"
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/kmod"
 	"github.com/stitchpatch/stitch/internal/livepatch"
 	"github.com/stitchpatch/stitch/internal/server/api"
+	"github.com/stitchpatch/stitch/internal/testutils"
 )
 
 // The tests in this file drive the agent's logic against a real server
@@ -98,26 +100,6 @@ func (k *fakeKernel) isLoaded(name string) bool {
 	return k.loaded[name]
 }
 
-// fakeModule compiles an object with what makes a .ko for kmod (a
-// .modinfo naming it, a this_module section) and pad bytes of ballast;
-// the stand-in kernel loads nothing, but the agent checks the name.
-func fakeModule(t *testing.T, name string, pad int) []byte {
-	t.Helper()
-	dir := t.TempDir()
-	src := fmt.Sprintf(`__attribute__((section(".modinfo"), used)) static const char info[] = "name=%s\0vermagic=6.1.0-54-amd64 SMP preempt mod_unload modversions ";
-__attribute__((section(".gnu.linkonce.this_module"), used)) static int this_module;
-__attribute__((section(".ballast"), used)) static const char ballast[%d + 1] = "x";
-`, name, pad)
-	must(os.WriteFile(filepath.Join(dir, "m.c"), []byte(src), 0o644))
-	cmd := exec.Command("gcc", "-c", "-o", filepath.Join(dir, "m.ko"), filepath.Join(dir, "m.c"))
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("gcc: %v\n%s", err, out)
-	}
-	b, err := os.ReadFile(filepath.Join(dir, "m.ko"))
-	must(err)
-	return b
-}
-
 // fakeLog is a kernel log a test writes to.
 type fakeLog struct {
 	mu    sync.Mutex
@@ -147,12 +129,14 @@ type machine struct {
 	proc string
 }
 
-var fastChecks = []agent.Check{{Name: api.Check1m, After: 50 * time.Millisecond}, {Name: api.Check5m, After: 100 * time.Millisecond}, {Name: api.Check15m, After: 150 * time.Millisecond}}
+// fastChecks is the schedule of an agent without a server (a mirror);
+// with one, the agent goes by the server's (newFleet's policy).
+var fastChecks = contract.NewSchedule(40*time.Millisecond, 80*time.Millisecond, 120*time.Millisecond)
 
 func newMachine(t *testing.T) *machine {
 	t.Helper()
 	m := &machine{k: newKernel(), log: &fakeLog{}, proc: t.TempDir()}
-	m.Agent = &agent.Agent{Dir: t.TempDir(), Kernel: m.k, Log: m.log, Root: m.proc, Version: "test", Checks: fastChecks,
+	m.Agent = &agent.Agent{Dir: t.TempDir(), Kernel: m.k, Log: m.log, Root: m.proc, Version: "test",
 		Sleep: func(ctx context.Context, d time.Duration) error {
 			time.Sleep(min(d, 20*time.Millisecond))
 			return ctx.Err()
@@ -188,7 +172,7 @@ func enrolled(t *testing.T) (*fleet, *machine) {
 // fix publishes a patch named name for the machines' kernel.
 func (f *fleet) fix(t *testing.T, name string, cves ...string) string {
 	t.Helper()
-	return f.publish(manifest(name, release, buildID, cves...), fakeModule(t, name, 0))
+	return f.publish(manifest(name, release, buildID, cves...), testutils.StandInModule(t, name, release, ""))
 }
 
 func (m *machine) enroll(t *testing.T, f *fleet) {
@@ -236,14 +220,16 @@ func TestApplyReportAndRevertOrder(t *testing.T) {
 		t.Errorf("before any check-in: coverage %s, want error (%s)", s.Coverage, s.Why)
 	}
 	target := f.fix(t, "fix_one", "CVE-2024-0001")
-	other := f.publish(manifest("fix_other", release, "ffffffffffffffffffffffffffffffffffffffff"), fakeModule(t, "fix_other", 0))
+	other := f.publish(manifest("fix_other", release, "ffffffffffffffffffffffffffffffffffffffff"), testutils.StandInModule(t, "fix_other", release, ""))
 
 	m.pass(t)
 	if !m.k.isLoaded("fix_one") {
 		t.Fatal("fix_one not applied")
 	}
 	p := m.state(t, target)
-	if p.State != api.StateApplied || !hasAll(p.Checks, api.CheckApply, api.Check1m) {
+	// The checks are named by the server's schedule (40ms...), not the
+	// default one (1m...): the agent went by what the server said.
+	if p.State != contract.StateApplied || !hasAll(p.Checks, contract.CheckApply, "40ms") {
 		t.Fatalf("state after the pass: %+v", p)
 	}
 	if m.state(t, other) != nil {
@@ -265,7 +251,7 @@ func TestApplyReportAndRevertOrder(t *testing.T) {
 	if m.k.isLoaded("fix_one") {
 		t.Fatal("blocklisted patch still loaded")
 	}
-	if p := m.state(t, target); p.State != api.StateReverted {
+	if p := m.state(t, target); p.State != contract.StateReverted {
 		t.Errorf("after the revert order: %+v", p)
 	}
 	if s := m.status(t); s.Level != 0 || s.Effective != release {
@@ -291,7 +277,7 @@ func TestServerDownKeepsPatchesAndBacksOff(t *testing.T) {
 	if !errors.Is(err, agent.ErrServer) {
 		t.Fatalf("with the server down: %v, want ErrServer", err)
 	}
-	if !m.k.isLoaded("fix_one") || m.state(t, target).State != api.StateApplied {
+	if !m.k.isLoaded("fix_one") || m.state(t, target).State != contract.StateApplied {
 		t.Error("the agent dropped its patch when the server went away")
 	}
 	if s := m.status(t); s.Coverage != agent.Error || !strings.Contains(s.Why, "check-in failed") {
@@ -372,7 +358,7 @@ func repoint(t *testing.T, m *machine, server, repo string) {
 
 func TestTruncatedDownloadIsRetried(t *testing.T) {
 	f, m := enrolled(t)
-	target := f.publish(manifest("fix_one", release, buildID), fakeModule(t, "fix_one", 64<<10))
+	target := f.publish(manifest("fix_one", release, buildID), testutils.StandInModule(t, "fix_one", release, strings.Repeat("x", 64<<10)))
 	// A proxy that cuts the first bundle download short: the right
 	// Content-Length, half the body, then the connection closed.
 	u, _ := url.Parse(f.srv.URL)
@@ -427,7 +413,7 @@ func TestTamperedBundleRefused(t *testing.T) {
 	must(os.WriteFile(path, b, 0o644))
 	m.pass(t)
 	p := m.state(t, target)
-	if m.k.applies != 0 || p == nil || p.State != api.StateRefused || p.Reason != api.ReasonVerifyFailed {
+	if m.k.applies != 0 || p == nil || p.State != contract.StateRefused || p.Reason != contract.ReasonVerifyFailed {
 		t.Fatalf("tampered bundle: applies %d, state %+v", m.k.applies, p)
 	}
 	if r := f.patch(target); r.Failed != 1 {
@@ -438,23 +424,13 @@ func TestTamperedBundleRefused(t *testing.T) {
 	}
 }
 
-func TestModuleNameMustMatchManifest(t *testing.T) {
-	f, m := enrolled(t)
-	target := f.publish(manifest("fix_one", release, buildID), fakeModule(t, "fix_other", 0))
-	m.pass(t)
-	p := m.state(t, target)
-	if m.k.applies != 0 || p.State != api.StateRefused || !strings.Contains(p.Detail, "calls itself fix_other") {
-		t.Fatalf("a module named otherwise than its manifest: %+v", p)
-	}
-}
-
 func TestFingerprintMismatchRefused(t *testing.T) {
 	f, m := enrolled(t)
 	m.k.badCode["cmdline_proc_show"] = true
 	target := f.fix(t, "fix_one")
 	m.pass(t)
 	p := m.state(t, target)
-	if m.k.isLoaded("fix_one") || p.State != api.StateRefused || p.Reason != api.ReasonFingerprintMismatch {
+	if m.k.isLoaded("fix_one") || p.State != contract.StateRefused || p.Reason != contract.ReasonFingerprintMismatch {
 		t.Fatalf("state %+v", p)
 	}
 	if _, err := os.Stat(filepath.Join(m.Dir, "loading", "fix_one")); err == nil {
@@ -468,8 +444,10 @@ func TestFingerprintMismatchRefused(t *testing.T) {
 }
 
 func TestTroubleAfterApplyReverts(t *testing.T) {
-	f, m := enrolled(t)
-	m.Checks = []agent.Check{{Name: api.Check1m, After: 300 * time.Millisecond}, {Name: api.Check5m, After: 400 * time.Millisecond}, {Name: api.Check15m, After: 500 * time.Millisecond}}
+	// Slower checks than newFleet's: the watch window must outlast the
+	// trouble below.
+	f, m := newFleetWith(t, policy(300*time.Millisecond, 400*time.Millisecond, 500*time.Millisecond)), newMachine(t)
+	m.enroll(t, f)
 	good := f.fix(t, "fix_good")
 	m.pass(t)
 	bad := f.fix(t, "fix_bad")
@@ -484,10 +462,10 @@ func TestTroubleAfterApplyReverts(t *testing.T) {
 	}()
 	m.pass(t)
 	p := m.state(t, bad)
-	if m.k.isLoaded("fix_bad") || p.State != api.StateFailed || p.Reason != api.ReasonKernelWarning || !strings.Contains(p.Detail, "[fix_bad]") {
+	if m.k.isLoaded("fix_bad") || p.State != contract.StateFailed || p.Reason != contract.ReasonKernelWarning || !strings.Contains(p.Detail, "[fix_bad]") {
 		t.Fatalf("warning after apply: loaded %v, state %+v", m.k.isLoaded("fix_bad"), p)
 	}
-	if !m.k.isLoaded("fix_good") || m.state(t, good).State != api.StateApplied {
+	if !m.k.isLoaded("fix_good") || m.state(t, good).State != contract.StateApplied {
 		t.Error("a patch the warning does not name was reverted")
 	}
 	if r := f.patch(bad); r.Failed != 1 {
@@ -518,7 +496,7 @@ func TestCrashMarkerStopsReload(t *testing.T) {
 		t.Fatal(err)
 	}
 	p := m.state(t, target)
-	if m.k.isLoaded("fix_one") || p.State != api.StateFailed || p.Reason != api.ReasonCrashLoop {
+	if m.k.isLoaded("fix_one") || p.State != contract.StateFailed || p.Reason != contract.ReasonCrashLoop {
 		t.Fatalf("after a crash with the marker: loaded %v, %+v", m.k.isLoaded("fix_one"), p)
 	}
 	m.setBoot("boot-4", "console=ttyS0")
@@ -526,7 +504,7 @@ func TestCrashMarkerStopsReload(t *testing.T) {
 		t.Fatalf("crash-looped patch loaded again (%v)", err)
 	}
 	st, _ := agent.LoadState(m.Dir)
-	if len(st.Outbox) == 0 || st.Outbox[len(st.Outbox)-1].Reason != api.ReasonCrashLoop {
+	if len(st.Outbox) == 0 || st.Outbox[len(st.Outbox)-1].Reason != contract.ReasonCrashLoop {
 		t.Errorf("crash-loop not queued for the server: %+v", st.Outbox)
 	}
 }
@@ -553,7 +531,7 @@ func TestSwitchesDisableLoading(t *testing.T) {
 	if m.k.isLoaded("fix_one") {
 		t.Fatal("loaded at boot with stitch=off")
 	}
-	if p := m.state(t, target); p.State != api.StateApplied {
+	if p := m.state(t, target); p.State != contract.StateApplied {
 		t.Errorf("stitch=off changed the patch's state: %+v", p)
 	}
 	if s := m.status(t); s.Coverage != agent.NotCovered {
@@ -568,7 +546,7 @@ func TestSwitchesDisableLoading(t *testing.T) {
 func TestMirrorWithoutServer(t *testing.T) {
 	f := newFleet(t)
 	f.fix(t, "fix_one")
-	f.publish(manifest("fix_two", release, "ffffffffffffffffffffffffffffffffffffffff"), fakeModule(t, "fix_two", 0))
+	f.publish(manifest("fix_two", release, "ffffffffffffffffffffffffffffffffffffffff"), testutils.StandInModule(t, "fix_two", release, ""))
 	// An air-gapped copy: the repository exported, imported elsewhere,
 	// and read as files.
 	pr, pw := io.Pipe()
@@ -578,6 +556,7 @@ func TestMirrorWithoutServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := newMachine(t)
+	m.Checks = fastChecks // no server to tell the schedule
 	if _, err := m.Enroll(context.Background(), agent.EnrollOptions{Repo: "file://" + mirror.Dir, Root: f.root()}); err != nil {
 		t.Fatal(err)
 	}

@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/stitchpatch/stitch/internal/build"
 	"github.com/stitchpatch/stitch/internal/bundle"
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/fingerprint"
 	"github.com/stitchpatch/stitch/internal/server"
 	"github.com/stitchpatch/stitch/internal/server/api"
@@ -34,8 +34,8 @@ func policy(checks ...time.Duration) rollout.Policy {
 	return rollout.Policy{Stages: []float64{1}, Checks: checks, MaxFailures: rollout.DefaultPolicy.MaxFailures, MaxRate: rollout.DefaultPolicy.MaxRate}
 }
 
-// newFleet starts a fleet whose health checks fall due a little before
-// the fast agent's (fastChecks).
+// newFleet starts a fleet with a fast health-check schedule, which its
+// agents learn from the check-in answers.
 func newFleet(t testing.TB) *fleet {
 	return newFleetWith(t, policy(40*time.Millisecond, 80*time.Millisecond, 120*time.Millisecond))
 }
@@ -84,7 +84,7 @@ func (f *fleet) key() string {
 }
 
 // publish packs, publishes and registers a bundle, starting its rollout.
-func (f *fleet) publish(m build.Manifest, module []byte) string {
+func (f *fleet) publish(m contract.Manifest, module []byte) string {
 	f.t.Helper()
 	data, err := bundle.Pack(m, module)
 	if err != nil {
@@ -126,11 +126,11 @@ func (f *fleet) patch(target string) api.PatchReport {
 
 // manifest is a valid manifest for a module patching one vmlinux
 // function of the kernel release/buildID.
-func manifest(name, release, buildID string, cves ...string) build.Manifest {
-	return build.Manifest{
-		Version: build.ManifestVersion, Name: name, Module: name + ".ko",
-		Kernel: build.KernelID{Release: release, BuildID: buildID}, CVEs: cves,
-		Objects: []build.Object{{Name: "vmlinux", Functions: []build.Function{{
+func manifest(name, release, buildID string, cves ...string) contract.Manifest {
+	return contract.Manifest{
+		Version: contract.ManifestVersion, Name: name, Module: name + ".ko",
+		Kernel: contract.KernelID{Release: release, BuildID: buildID}, CVEs: cves,
+		Objects: []contract.Object{{Name: "vmlinux", Functions: []contract.Function{{
 			Name: "cmdline_proc_show", Fingerprint: fingerprint.Fingerprint{Size: 16, SHA256: strings.Repeat("ab", 32)},
 		}}}},
 	}

@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -12,8 +11,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/stitchpatch/stitch/internal/build"
 	"github.com/stitchpatch/stitch/internal/bundle"
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/kmod"
 	"github.com/stitchpatch/stitch/internal/livepatch"
 	"github.com/stitchpatch/stitch/internal/server/api"
@@ -63,6 +62,18 @@ func (a *Agent) open() (*session, error) {
 		return nil, fmt.Errorf("%w: this kernel has no /sys/kernel/livepatch (CONFIG_LIVEPATCH)", livepatch.ErrUnsupported)
 	}
 	return &session{Agent: a, cfg: cfg, root: root, st: st, boot: a.bootID(), kernel: ks, unlock: func() { f.Close() }}, nil
+}
+
+// checks is the health-check schedule in force: the test's override, or
+// the one the server gave last, or the default.
+func (s *session) checks() contract.Schedule {
+	switch {
+	case s.Checks != nil:
+		return s.Checks
+	case len(s.st.Schedule) > 0:
+		return s.st.Schedule
+	}
+	return contract.DefaultSchedule
 }
 
 func (s *session) close() error {
@@ -222,8 +233,8 @@ func (s *session) recover() {
 		}
 		if m.BootID == s.boot && s.boot != "" {
 			switch {
-			case loaded[p.Name] && p.State != api.StateApplied:
-				p.set(api.StateApplied, "", "", s.now())
+			case loaded[p.Name] && p.State != contract.StateApplied:
+				p.set(contract.StateApplied, "", "", s.now())
 				p.AppliedAt, p.BootID, p.Checks = s.now(), s.boot, nil
 			case !loaded[p.Name]:
 				s.unmark(name)
@@ -236,8 +247,8 @@ func (s *session) recover() {
 		s.unmark(name)
 		detail := fmt.Sprintf("the machine went down within the first health check of loading %s (crash marker of boot %s, written %s); it will not be loaded again", p.Name, m.BootID, m.At.Format(time.RFC3339))
 		s.log().Error("crash marker found: patch not loaded again", "patch", p.Name, "target", p.Target)
-		p.set(api.StateFailed, api.ReasonCrashLoop, detail, s.now())
-		s.report(p, api.CheckBoot, false, api.ReasonCrashLoop, detail)
+		p.set(contract.StateFailed, contract.ReasonCrashLoop, detail, s.now())
+		s.report(p, contract.CheckBoot, false, contract.ReasonCrashLoop, detail)
 	}
 }
 
@@ -248,11 +259,11 @@ func (s *session) reload(ctx context.Context) error {
 	loaded := s.loaded()
 	var errs []error
 	for _, p := range s.st.Patches {
-		if p.State != api.StateApplied || loaded[p.Name] || !s.forKernel(p) {
+		if p.State != contract.StateApplied || loaded[p.Name] || !s.forKernel(p) {
 			continue
 		}
 		if p.BootID == s.boot && s.boot != "" {
-			p.set(api.StateReverted, "", "unloaded outside the agent (stitch revert, or by hand)", s.now())
+			p.set(contract.StateReverted, "", "unloaded outside the agent (stitch revert, or by hand)", s.now())
 			continue
 		}
 		if off, why := s.Disabled(); off {
@@ -261,11 +272,11 @@ func (s *session) reload(ctx context.Context) error {
 		}
 		b, err := s.cached(p)
 		if err != nil {
-			p.set(api.StateFailed, api.ReasonVerifyFailed, err.Error(), s.now())
-			s.report(p, api.CheckBoot, false, api.ReasonVerifyFailed, err.Error())
+			p.set(contract.StateFailed, contract.ReasonVerifyFailed, err.Error(), s.now())
+			s.report(p, contract.CheckBoot, false, contract.ReasonVerifyFailed, err.Error())
 			continue
 		}
-		if err := s.load(ctx, p, b, api.CheckBoot); err != nil {
+		if err := s.load(ctx, p, b, contract.CheckBoot); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -317,21 +328,12 @@ func (s *session) load(ctx context.Context, p *Patch, b *bundle.Bundle, check st
 	now := s.now()
 	refuse := func(reason string, err error) {
 		s.log().Error("patch refused", "patch", p.Name, "reason", reason, "err", err)
-		p.set(api.StateRefused, reason, err.Error(), now)
+		p.set(contract.StateRefused, reason, err.Error(), now)
 		s.report(p, check, false, reason, err.Error())
 	}
 	if m.Kernel.Release != s.kernel.Release || m.Kernel.BuildID != s.kernel.BuildID {
-		refuse(api.ReasonVerifyFailed, fmt.Errorf("%w: %s was built for %s (build-id %s), this machine runs %s (build-id %s)",
+		refuse(contract.ReasonVerifyFailed, fmt.Errorf("%w: %s was built for %s (build-id %s), this machine runs %s (build-id %s)",
 			livepatch.ErrWrongKernel, p.Name, m.Kernel.Release, m.Kernel.BuildID, s.kernel.Release, s.kernel.BuildID))
-		return nil
-	}
-	// The kernel knows the patch by the module's own name: the manifest
-	// must say the same, or a later revert would aim at another patch.
-	if km, err := kmod.Read(bytes.NewReader(b.Module)); err != nil || km.Name != m.Name {
-		if err == nil {
-			err = fmt.Errorf("%w: the module calls itself %s, its manifest %s", kmod.ErrNotModule, km.Name, m.Name)
-		}
-		refuse(api.ReasonVerifyFailed, err)
 		return nil
 	}
 	if err := os.MkdirAll(s.path("modules"), 0o700); err != nil {
@@ -366,26 +368,26 @@ func (s *session) load(ctx context.Context, p *Patch, b *bundle.Bundle, check st
 		return fmt.Errorf("apply %s: %w", p.Name, err)
 	case errors.Is(err, livepatch.ErrWrongKernel):
 		s.unmark(p.Name)
-		refuse(api.ReasonFingerprintMismatch, err)
+		refuse(contract.ReasonFingerprintMismatch, err)
 		return nil
 	case errors.Is(err, kmod.ErrVermagic), errors.Is(err, kmod.ErrNotModule), errors.Is(err, kmod.ErrNotELF), errors.Is(err, kmod.ErrNotLivepatch):
 		s.unmark(p.Name)
-		refuse(api.ReasonVerifyFailed, err)
+		refuse(contract.ReasonVerifyFailed, err)
 		return nil
 	default:
 		s.unmark(p.Name)
-		reason := api.ReasonApplyFailed
+		reason := contract.ReasonApplyFailed
 		if errors.Is(err, livepatch.ErrTimeout) {
-			reason = api.ReasonTransitionTimeout
+			reason = contract.ReasonTransitionTimeout
 		}
 		s.log().Error("patch failed", "patch", p.Name, "reason", reason, "err", err)
-		p.set(api.StateFailed, reason, err.Error(), now)
+		p.set(contract.StateFailed, reason, err.Error(), now)
 		s.report(p, check, false, reason, err.Error())
 		return nil
 	}
 	// The checks count from the end of the transition.
 	now = s.now()
-	p.set(api.StateApplied, "", "", now)
+	p.set(contract.StateApplied, "", "", now)
 	p.AppliedAt, p.BootID, p.Taint, p.Checks = now, s.boot, taint.Value, nil
 	s.report(p, check, true, "", "")
 	// The server times a machine's checks from its first report: send
@@ -414,7 +416,7 @@ func (s *session) watch(ctx context.Context) {
 	checks := s.checks()
 	var window []*Patch
 	for _, p := range s.st.Patches {
-		if p.State == api.StateApplied && p.BootID == s.boot && p.watched(checks) {
+		if p.State == contract.StateApplied && p.BootID == s.boot && p.watched(checks) {
 			window = append(window, p)
 		}
 	}
@@ -455,7 +457,7 @@ func (s *session) watch(ctx context.Context) {
 }
 
 // nextCheck is the first health check p has not reported.
-func nextCheck(p *Patch, checks []Check) string {
+func nextCheck(p *Patch, checks contract.Schedule) string {
 	for _, c := range checks {
 		if !p.checked(c.Name) {
 			return c.Name
@@ -466,10 +468,10 @@ func nextCheck(p *Patch, checks []Check) string {
 
 // fail reverts a patch the kernel's trouble is blamed on and reports it.
 func (s *session) fail(ctx context.Context, p *Patch, check string, lines []string) {
-	reason := api.ReasonKernelWarning
+	reason := contract.ReasonKernelWarning
 	for _, l := range lines {
 		if strings.Contains(l, "Oops") || strings.Contains(l, "BUG:") || strings.Contains(l, "general protection") {
-			reason = api.ReasonOops
+			reason = contract.ReasonOops
 		}
 	}
 	detail := strings.Join(lines, "\n")
@@ -478,7 +480,7 @@ func (s *session) fail(ctx context.Context, p *Patch, check string, lines []stri
 		detail += "\nrevert failed: " + err.Error()
 	}
 	s.unmark(p.Name)
-	p.set(api.StateFailed, reason, detail, s.now())
+	p.set(contract.StateFailed, reason, detail, s.now())
 	s.report(p, check, false, reason, detail)
 }
 
@@ -489,7 +491,7 @@ func (s *session) settle(ctx context.Context) error {
 	for {
 		var waiting bool
 		for _, p := range s.st.Patches {
-			if p.State == api.StateApplied && p.BootID == s.boot && !p.checked(first.Name) {
+			if p.State == contract.StateApplied && p.BootID == s.boot && !p.checked(first.Name) {
 				waiting = true
 			}
 		}
@@ -598,6 +600,13 @@ func (s *session) checkIn(ctx context.Context) (api.CheckInResponse, error) {
 		return resp, fmt.Errorf("%w: check-in with %s: %v", ErrServer, s.cfg.Server, err)
 	}
 	s.st.LastCheckIn, s.st.LastError = now, ""
+	if len(resp.Checks) > 0 {
+		if err := resp.Checks.Validate(); err != nil {
+			s.log().Warn("the server's health-check schedule is unusable; keeping the last one", "err", err)
+		} else {
+			s.st.Schedule = resp.Checks
+		}
+	}
 	every := time.Duration(resp.NextCheckinSeconds) * time.Second
 	if every <= 0 {
 		every = s.cfg.interval()
@@ -617,8 +626,8 @@ func (s *session) checkInReport() api.CheckIn {
 			continue
 		}
 		ps := api.PatchState{Target: p.Target, Name: p.Name, State: p.State, Since: p.Since, Reason: p.Reason}
-		if p.State == api.StateApplied && !loaded[p.Name] {
-			ps.State, ps.Reason = api.StateReverted, "not loaded"
+		if p.State == contract.StateApplied && !loaded[p.Name] {
+			ps.State, ps.Reason = contract.StateReverted, "not loaded"
 		}
 		ci.Patches = append(ci.Patches, ps)
 		if len(ci.Patches) == api.MaxPatches {
@@ -637,7 +646,7 @@ func (s *session) act(ctx context.Context, actions []api.Action) (bool, error) {
 			continue
 		}
 		p := s.st.patch(a.Target)
-		if p == nil || p.State != api.StateApplied {
+		if p == nil || p.State != contract.StateApplied {
 			continue
 		}
 		s.log().Warn("server ordered a revert (patch blocklisted)", "patch", p.Name, "target", p.Target)
@@ -645,7 +654,7 @@ func (s *session) act(ctx context.Context, actions []api.Action) (bool, error) {
 			return acted, fmt.Errorf("revert %s as ordered: %w", p.Name, err)
 		}
 		s.unmark(p.Name)
-		p.set(api.StateReverted, "", "blocklisted by the server", s.now())
+		p.set(contract.StateReverted, "", "blocklisted by the server", s.now())
 		acted = true
 	}
 	s.st.Pending = nil
@@ -681,11 +690,11 @@ func (s *session) fetchAndLoad(ctx context.Context, target, name string, cves []
 	p := &Patch{Target: target, Name: name, CVEs: cves, Since: s.now(), Release: s.kernel.Release, BuildID: s.kernel.BuildID}
 	switch {
 	case err == nil:
-	case errors.Is(err, bundle.ErrVerify), errors.Is(err, bundle.ErrBadBundle), errors.Is(err, build.ErrBadManifest):
+	case errors.Is(err, bundle.ErrVerify), errors.Is(err, bundle.ErrBadBundle), errors.Is(err, contract.ErrBadManifest):
 		s.st.Patches = append(s.st.Patches, p)
 		s.log().Error("bundle refused", "target", target, "err", err)
-		p.set(api.StateRefused, api.ReasonVerifyFailed, err.Error(), s.now())
-		s.report(p, api.CheckApply, false, api.ReasonVerifyFailed, err.Error())
+		p.set(contract.StateRefused, contract.ReasonVerifyFailed, err.Error(), s.now())
+		s.report(p, contract.CheckApply, false, contract.ReasonVerifyFailed, err.Error())
 		return true, nil
 	default:
 		// Network trouble, a missing target: try again at the next check-in.
@@ -704,13 +713,13 @@ func (s *session) fetchAndLoad(ctx context.Context, target, name string, cves []
 		// The kernel holds one patch of a name: a rebuilt patch replaces
 		// the old one only after the old is reverted.
 		err := fmt.Errorf("a patch named %s is already applied (%s); revert it first", p.Name, old.Target)
-		p.set(api.StateRefused, api.ReasonApplyFailed, err.Error(), s.now())
+		p.set(contract.StateRefused, contract.ReasonApplyFailed, err.Error(), s.now())
 		s.st.Patches = append(s.st.Patches, p)
-		s.report(p, api.CheckApply, false, api.ReasonApplyFailed, err.Error())
+		s.report(p, contract.CheckApply, false, contract.ReasonApplyFailed, err.Error())
 		return true, nil
 	}
 	s.st.Patches = append(s.st.Patches, p)
-	if err := s.load(ctx, p, b, api.CheckApply); err != nil {
+	if err := s.load(ctx, p, b, contract.CheckApply); err != nil {
 		s.st.Patches = s.st.Patches[:len(s.st.Patches)-1]
 		return false, err
 	}

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/server/api"
 )
 
@@ -27,6 +28,8 @@ type State struct {
 	Pending []string `json:"pending,omitempty"`
 	// Outbox holds health reports the server has not acknowledged.
 	Outbox []api.Health `json:"outbox,omitempty"`
+	// Schedule is the health-check schedule the server gave last.
+	Schedule contract.Schedule `json:"schedule,omitempty"`
 }
 
 // Patch is one patch the agent was told about or found, and its fate.
@@ -40,11 +43,11 @@ type Patch struct {
 	Release string `json:"release,omitempty"`
 	BuildID string `json:"build_id,omitempty"`
 	// State is the agent's decision: applied (wanted loaded), reverted,
-	// failed or refused (api.State*). Whether an applied patch is loaded
+	// failed or refused (contract.State*). Whether an applied patch is loaded
 	// now is the kernel's to say.
 	State  string    `json:"state"`
 	Since  time.Time `json:"since"`
-	Reason string    `json:"reason,omitempty"` // api.Reason* for failed and refused
+	Reason string    `json:"reason,omitempty"` // contract.Reason* for failed and refused
 	Detail string    `json:"detail,omitempty"`
 	// BundleSHA256 is the bundle's hash as the signed metadata gave it;
 	// Bundle is the verified copy, reused at boot without a network.
@@ -72,7 +75,7 @@ func (s *State) patch(target string) *Patch {
 // once.
 func (s *State) byName(name string) *Patch {
 	for _, p := range s.Patches {
-		if p.Name == name && p.State == api.StateApplied {
+		if p.Name == name && p.State == contract.StateApplied {
 			return p
 		}
 	}
@@ -86,8 +89,8 @@ func (p *Patch) set(state, reason, detail string, now time.Time) {
 func (p *Patch) checked(name string) bool { return slices.Contains(p.Checks, name) }
 
 // watched says whether some health check of p is still to come.
-func (p *Patch) watched(checks []Check) bool {
-	return slices.ContainsFunc(checks, func(c Check) bool { return !p.checked(c.Name) })
+func (p *Patch) watched(checks contract.Schedule) bool {
+	return slices.ContainsFunc(checks, func(c contract.Check) bool { return !p.checked(c.Name) })
 }
 
 // LoadState reads the state in dir; a missing file is an empty state.

@@ -6,8 +6,8 @@ import (
 	"slices"
 	"time"
 
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/livepatch"
-	"github.com/stitchpatch/stitch/internal/server/api"
 )
 
 // Coverage is the one-word answer a monitoring check wants.
@@ -85,15 +85,15 @@ func (a *Agent) Status(ks *livepatch.Status) (*Status, error) {
 		if ps.CVEs == nil {
 			ps.CVEs = []string{}
 		}
-		ps.Loaded = p.State == api.StateApplied && loaded[p.Name]
+		ps.Loaded = p.State == contract.StateApplied && loaded[p.Name]
 		out.Patches = append(out.Patches, ps)
 		switch {
 		case ps.Loaded:
 			out.Level++
 			out.FixedCVEs = append(out.FixedCVEs, p.CVEs...)
-		case p.State == api.StateApplied:
+		case p.State == contract.StateApplied:
 			missing = append(missing, p.Name)
-		case p.State == api.StateFailed || p.State == api.StateRefused:
+		case p.State == contract.StateFailed || p.State == contract.StateRefused:
 			failed = append(failed, p.Name)
 		}
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/stitchpatch/stitch/internal/agent"
 	"github.com/stitchpatch/stitch/internal/build"
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/livepatch"
 	"github.com/stitchpatch/stitch/internal/server/api"
@@ -26,14 +27,14 @@ import (
 // user-mode network, restricted to this one forwarded address.
 const guestServer = "http://10.0.2.100:8440"
 
-// vmChecks are the guest agent's health checks, each a little after the
-// server's (vmPolicy), so that a report at a check counts for it.
-var vmChecks = []agent.Check{{Name: api.Check1m, After: 3 * time.Second}, {Name: api.Check5m, After: 5 * time.Second}, {Name: api.Check15m, After: 7 * time.Second}}
+// vmChecks are the health checks of the VM tests' server, which the guest
+// agent learns at its first check-in.
+var vmChecks = []time.Duration{3 * time.Second, 5 * time.Second, 7 * time.Second}
 
 // vmPatches are the bundles of the VM tests, built on the host for the
 // real 6.1.0-54 kernel.
 type vmPatches struct {
-	demo, badCode, warn build.Manifest
+	demo, badCode, warn contract.Manifest
 	demoKo, warnKo      []byte
 }
 
@@ -76,8 +77,8 @@ func buildPatches(t *testing.T) *vmPatches {
 	p.badCode = p.demo
 	p.badCode.Name, p.badCode.Module = "lp_warn", "lp_warn.ko"
 	p.badCode.CVEs = []string{"CVE-2099-0002"}
-	p.badCode.Objects = []build.Object{p.demo.Objects[0]}
-	p.badCode.Objects[0].Functions = append([]build.Function(nil), p.demo.Objects[0].Functions...)
+	p.badCode.Objects = []contract.Object{p.demo.Objects[0]}
+	p.badCode.Objects[0].Functions = append([]contract.Function(nil), p.demo.Objects[0].Functions...)
 	fp := &p.badCode.Objects[0].Functions[0].Fingerprint
 	fp.SHA256 = strings.Repeat("0", 64)
 
@@ -124,7 +125,7 @@ func guestOptions(t *testing.T, f *fleet) vm.Options {
 // that warns once loaded (reverted, reported); then the demo patch is
 // blocklisted and the agent reverts it.
 func testRollout(t *testing.T, p *vmPatches) {
-	f := newFleetWith(t, policy(2*time.Second, 4*time.Second, 6*time.Second))
+	f := newFleetWith(t, policy(vmChecks...))
 	story := make(chan error, 1)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -142,7 +143,7 @@ func testRollout(t *testing.T, p *vmPatches) {
 // In the second, the boot pass finds the crash marker, does not load the
 // patch, and the next pass reports the crash loop to the server.
 func testCrashLoop(t *testing.T, p *vmPatches) {
-	f := newFleetWith(t, policy(2*time.Second, 4*time.Second, 6*time.Second))
+	f := newFleetWith(t, policy(vmChecks...))
 	target := f.publish(p.warn, p.warnKo)
 	state := t.TempDir()
 	opts := guestOptions(t, f)
@@ -192,7 +193,7 @@ func TestGuestCrashFirstBoot(t *testing.T) {
 			time.Sleep(200 * time.Millisecond)
 		}
 	}()
-	a := &agent.Agent{Dir: "/var/lib/stitch", Kernel: &livepatch.Kernel{}, Version: "guest-test", Checks: vmChecks}
+	a := &agent.Agent{Dir: "/var/lib/stitch", Kernel: &livepatch.Kernel{}, Version: "guest-test"}
 	err := a.Once(context.Background())
 	t.Fatalf("the kernel survived lp_warn with panic_on_warn (pass: %v)", err)
 }
@@ -207,7 +208,7 @@ func TestGuestCrashSecondBoot(t *testing.T) {
 		t.Fatal("lp_warn loaded again after the crash")
 	}
 	st, err := agent.LoadState("/var/lib/stitch")
-	if err != nil || len(st.Patches) != 1 || st.Patches[0].State != api.StateFailed || st.Patches[0].Reason != api.ReasonCrashLoop {
+	if err != nil || len(st.Patches) != 1 || st.Patches[0].State != contract.StateFailed || st.Patches[0].Reason != contract.ReasonCrashLoop {
 		t.Fatalf("state after the crash: %v %+v", err, st)
 	}
 	t.Logf("lp_warn: %s", st.Patches[0].Detail)
@@ -276,14 +277,14 @@ func TestGuestAgent(t *testing.T) {
 
 	kl := livepatch.OpenKernelLog()
 	defer kl.Close()
-	a := &agent.Agent{Dir: dir, Kernel: &livepatch.Kernel{}, Log: kl, Version: "guest-test", Checks: vmChecks}
+	a := &agent.Agent{Dir: dir, Kernel: &livepatch.Kernel{}, Log: kl, Version: "guest-test"}
 	done := func() bool {
 		st, err := agent.LoadState(dir)
 		if err != nil {
 			t.Fatal(err)
 		}
 		// By CVE: the bad-code patch and lp_warn share a module name.
-		want := map[string]string{"CVE-2099-0001": api.StateReverted, "CVE-2099-0002": api.StateRefused, "CVE-2099-0003": api.StateFailed}
+		want := map[string]string{"CVE-2099-0001": contract.StateReverted, "CVE-2099-0002": contract.StateRefused, "CVE-2099-0003": contract.StateFailed}
 		for _, p := range st.Patches {
 			if len(p.CVEs) == 1 && want[p.CVEs[0]] == p.State {
 				delete(want, p.CVEs[0])
@@ -307,11 +308,11 @@ func TestGuestAgent(t *testing.T) {
 		t.Logf("%s: %s %s %s", p.Name, p.State, p.Reason, firstLine(p.Detail))
 		switch p.CVEs[0] {
 		case "CVE-2099-0002":
-			if p.Reason != api.ReasonFingerprintMismatch {
-				t.Errorf("bad code patch refused for %q, want %q", p.Reason, api.ReasonFingerprintMismatch)
+			if p.Reason != contract.ReasonFingerprintMismatch {
+				t.Errorf("bad code patch refused for %q, want %q", p.Reason, contract.ReasonFingerprintMismatch)
 			}
 		case "CVE-2099-0003":
-			if p.Reason != api.ReasonKernelWarning || !strings.Contains(p.Detail, "[lp_warn]") {
+			if p.Reason != contract.ReasonKernelWarning || !strings.Contains(p.Detail, "[lp_warn]") {
 				t.Errorf("lp_warn failed for %q: %s", p.Reason, p.Detail)
 			}
 		}

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/fingerprint"
 	"github.com/stitchpatch/stitch/internal/klpmod"
 	"github.com/stitchpatch/stitch/internal/objdiff"
@@ -61,7 +62,7 @@ type compiled struct {
 // assemble checks the compiled objects against the target (run-pre),
 // writes the diff objects and the registration into dir, links the module
 // and returns it with its manifest.
-func assemble(ctx context.Context, headers, dir, name string, fixes []*Fix, objs []compiled, t Target, progress io.Writer) (string, *Manifest, error) {
+func assemble(ctx context.Context, headers, dir, name string, fixes []*Fix, objs []compiled, t Target, progress io.Writer) (string, *contract.Manifest, error) {
 	var problems []string
 	for _, c := range objs {
 		for _, p := range c.Diff.Unsafe {
@@ -72,13 +73,13 @@ func assemble(ctx context.Context, headers, dir, name string, fixes []*Fix, objs
 		return "", nil, fmt.Errorf("%w:\n  %s", ErrUnpatchable, strings.Join(problems, "\n  "))
 	}
 
-	m := &Manifest{
-		Version: ManifestVersion, Name: name, Module: name + ".ko",
-		Kernel: KernelID{Release: t.Release(), BuildID: t.BuildID()},
+	m := &contract.Manifest{
+		Version: contract.ManifestVersion, Name: name, Module: name + ".ko",
+		Kernel: contract.KernelID{Release: t.Release(), BuildID: t.BuildID()},
 		Built:  time.Now().UTC().Format(time.RFC3339),
 	}
 	for _, f := range fixes {
-		m.Fixes = append(m.Fixes, *f)
+		m.Fixes = append(m.Fixes, f.Fix)
 		for _, c := range f.CVEs {
 			if !contains(m.CVEs, c) {
 				m.CVEs = append(m.CVEs, c)
@@ -91,7 +92,7 @@ func assemble(ctx context.Context, headers, dir, name string, fixes []*Fix, objs
 
 	mod := &klpmod.Module{Name: name, Description: m.Description}
 	hooks := map[string]*klpmod.HookObject{} // by klp object
-	manifestObjs := map[string]*Object{}
+	manifestObjs := map[string]*contract.Object{}
 	var order []string
 	for i, c := range objs {
 		if len(c.Diff.Changed) == 0 {
@@ -143,13 +144,13 @@ func assemble(ctx context.Context, headers, dir, name string, fixes []*Fix, objs
 		mod.DiffObjects = append(mod.DiffObjects, diffObj)
 		if hooks[c.Object] == nil {
 			hooks[c.Object] = &klpmod.HookObject{Name: c.Object}
-			manifestObjs[c.Object] = &Object{Name: c.Object}
+			manifestObjs[c.Object] = &contract.Object{Name: c.Object}
 			order = append(order, c.Object)
 		}
 		h, mo := hooks[c.Object], manifestObjs[c.Object]
 		for _, f := range fns {
 			h.Funcs = append(h.Funcs, klpmod.HookFunc{OldName: f.name, Sympos: f.sympos, Alias: alias[f.post]})
-			mo.Functions = append(mo.Functions, Function{Name: f.name, Sympos: f.sympos, Fingerprint: f.fp})
+			mo.Functions = append(mo.Functions, contract.Function{Name: f.name, Sympos: f.sympos, Fingerprint: f.fp})
 		}
 	}
 	if len(mod.DiffObjects) == 0 {

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/elfobj"
 	"github.com/stitchpatch/stitch/internal/objdiff"
 )
@@ -62,10 +63,10 @@ type Options struct {
 
 // Result is a finished build.
 type Result struct {
-	Module       string    `json:"module"`
-	ManifestPath string    `json:"manifest"`
-	Manifest     *Manifest `json:"-"`
-	Work         string    `json:"work,omitempty"` // kept scratch directory
+	Module       string             `json:"module"`
+	ManifestPath string             `json:"manifest"`
+	Manifest     *contract.Manifest `json:"-"`
+	Work         string             `json:"work,omitempty"` // kept scratch directory
 }
 
 // Build turns fixes into a livepatch module for the target.
@@ -86,6 +87,16 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 	name := o.Name
 	if name == "" {
 		name = moduleName(fixes[0])
+	}
+	// What the manifest will say of the patch is checked before the
+	// compiler runs, by the rules the fleet applies.
+	if !contract.ValidName(name) {
+		return nil, fmt.Errorf("%w: name %q: want 1-55 characters of A-Z, a-z, 0-9, _, -", contract.ErrBadManifest, name)
+	}
+	for _, c := range o.CVEs {
+		if !contract.ValidCVE(c) {
+			return nil, fmt.Errorf("%w: cve %q: want CVE-YYYY-NNNN", contract.ErrBadManifest, c)
+		}
 	}
 	work := o.Work
 	if work == "" {
@@ -186,6 +197,11 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 	}
 	if err := os.WriteFile(res.Module, b, 0o644); err != nil {
 		return nil, err
+	}
+	// The manifest goes to fleets: check it by the rules the server and
+	// the agent apply before anything is written.
+	if err := m.Validate(); err != nil {
+		return nil, fmt.Errorf("manifest of %s: %w", name, err)
 	}
 	mj, err := json.MarshalIndent(m, "", "  ")
 	if err != nil {

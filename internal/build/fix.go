@@ -13,9 +13,10 @@ import (
 	"errors"
 	"fmt"
 	"path"
-	"regexp"
 	"sort"
 	"strings"
+
+	"github.com/stitchpatch/stitch/internal/contract"
 )
 
 // ErrBadFix means the fix is not a usable unified diff.
@@ -23,23 +24,18 @@ var ErrBadFix = errors.New("bad fix")
 
 // Fix is a source fix: a unified diff against the kernel source tree,
 // as `patch -p1` takes it.
+// Its record in the manifest is the embedded contract.Fix.
 type Fix struct {
-	Name        string   `json:"name"`
-	Hash        string   `json:"sha256"`
-	Description string   `json:"description,omitempty"`
-	CVEs        []string `json:"cves,omitempty"`
-	Files       []string `json:"files"` // source files changed, relative to the tree's root
-	Diff        []byte   `json:"-"`
+	contract.Fix
+	Diff []byte
 }
-
-var cveRE = regexp.MustCompile(`CVE-\d{4}-\d{4,}`)
 
 // ParseFix reads a unified diff. The description is taken from a
 // "Subject:" line (git format-patch) or else the first line of the text
 // before the diff; CVE ids from anywhere in that text.
 func ParseFix(name string, diff []byte) (*Fix, error) {
 	sum := sha256.Sum256(diff)
-	f := &Fix{Name: name, Hash: hex.EncodeToString(sum[:]), Diff: diff}
+	f := &Fix{Fix: contract.Fix{Name: name, Hash: hex.EncodeToString(sum[:])}, Diff: diff}
 	seen := map[string]bool{}
 	var header []string
 	inHeader := true
@@ -87,11 +83,7 @@ func ParseFix(name string, diff []byte) (*Fix, error) {
 			}
 		}
 	}
-	for _, c := range cveRE.FindAllString(text, -1) {
-		if !contains(f.CVEs, c) {
-			f.CVEs = append(f.CVEs, c)
-		}
-	}
+	f.CVEs = contract.FindCVEs(text)
 	return f, nil
 }
 

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/stitchpatch/stitch/internal/build"
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/livepatch"
 	"github.com/stitchpatch/stitch/internal/testutils"
@@ -113,16 +114,16 @@ func TestVM(t *testing.T) {
 
 // tamperedManifests writes manifests that do not describe the running
 // kernel: another build-id, and another pre-fix code.
-func tamperedManifests(t *testing.T, m *build.Manifest) []vm.File {
+func tamperedManifests(t *testing.T, m *contract.Manifest) []vm.File {
 	t.Helper()
 	dir := t.TempDir()
 	var files []vm.File
-	for name, mutate := range map[string]func(*build.Manifest){
-		"buildid": func(m *build.Manifest) { m.Kernel.BuildID = strings.Repeat("0", 40) },
-		"code":    func(m *build.Manifest) { m.Objects[0].Functions[0].Fingerprint.SHA256 = strings.Repeat("0", 64) },
+	for name, mutate := range map[string]func(*contract.Manifest){
+		"buildid": func(m *contract.Manifest) { m.Kernel.BuildID = strings.Repeat("0", 40) },
+		"code":    func(m *contract.Manifest) { m.Objects[0].Functions[0].Fingerprint.SHA256 = strings.Repeat("0", 64) },
 	} {
 		c := *m
-		c.Objects = []build.Object{{Name: m.Objects[0].Name, Functions: append([]build.Function(nil), m.Objects[0].Functions...)}}
+		c.Objects = []contract.Object{{Name: m.Objects[0].Name, Functions: append([]contract.Function(nil), m.Objects[0].Functions...)}}
 		mutate(&c)
 		b, err := json.Marshal(&c)
 		if err != nil {

@@ -1,5 +1,5 @@
 // Package bundle is the unit Stitch distributes: a livepatch module and its
-// manifest (build.Manifest, as stitch build writes it), content-addressed
+// manifest (contract.Manifest, as stitch build writes it), content-addressed
 // by SHA-256, published into a repository whose metadata is signed with The
 // Update Framework (TUF), and fetched by agents through a client that
 // refuses tampered, rolled-back, mixed or stale metadata.
@@ -19,11 +19,12 @@ import (
 	"io"
 	"time"
 
-	"github.com/stitchpatch/stitch/internal/build"
+	"github.com/stitchpatch/stitch/internal/contract"
+	"github.com/stitchpatch/stitch/internal/kmod"
 )
 
 // Sentinel errors. ErrBadBundle means bad input (the file is not what it
-// should be; a bad manifest inside is build.ErrBadManifest); ErrVerify means
+// should be; a bad manifest inside is contract.ErrBadManifest); ErrVerify means
 // signed metadata or content was refused; ErrNoRepo and ErrNotFound mean a
 // missing repository or target.
 var (
@@ -54,14 +55,14 @@ const (
 
 // Bundle is a parsed bundle.
 type Bundle struct {
-	Manifest build.Manifest
+	Manifest contract.Manifest
 	Module   []byte
 }
 
 // Pack builds the bundle bytes and validates the manifest. An empty
 // m.ModuleHash is filled from module; one that differs is refused, because
 // it means the manifest of another build was paired with this module.
-func Pack(m build.Manifest, module []byte) ([]byte, error) {
+func Pack(m contract.Manifest, module []byte) ([]byte, error) {
 	if len(module) == 0 || len(module) > MaxModuleSize {
 		return nil, fmt.Errorf("%w: module is %d bytes, want 1..%d", ErrBadBundle, len(module), MaxModuleSize)
 	}
@@ -71,6 +72,9 @@ func Pack(m build.Manifest, module []byte) ([]byte, error) {
 	}
 	m.ModuleHash = sum
 	if err := m.Validate(); err != nil {
+		return nil, err
+	}
+	if err := checkModule(&m, module); err != nil {
 		return nil, err
 	}
 	mj, err := json.MarshalIndent(&m, "", "  ")
@@ -126,7 +130,7 @@ func Open(data []byte) (*Bundle, error) {
 	if _, err := tr.Next(); !errors.Is(err, io.EOF) {
 		return nil, fmt.Errorf("%w: extra entries after %s", ErrBadBundle, moduleEntry)
 	}
-	m, err := build.ParseManifest(parts[0])
+	m, err := contract.ParseManifest(parts[0])
 	if err != nil {
 		return nil, err
 	}
@@ -136,12 +140,32 @@ func Open(data []byte) (*Bundle, error) {
 	if got := SHA256Hex(parts[1]); got != m.ModuleHash {
 		return nil, fmt.Errorf("%w: module.ko sha256 %s does not match the manifest's %s", ErrBadBundle, got, m.ModuleHash)
 	}
+	if err := checkModule(m, parts[1]); err != nil {
+		return nil, err
+	}
 	return &Bundle{Manifest: *m, Module: parts[1]}, nil
 }
 
-// TargetName is the bundle's name in a repository: the kernel release as a
-// directory, then the module name and the first 16 hex digits of the bundle's
-// SHA-256, so two builds never collide and a name pins exact content.
-func TargetName(m *build.Manifest, data []byte) string {
-	return fmt.Sprintf("%s/%s-%s.stitch", m.Kernel.Release, m.Name, SHA256Hex(data)[:16])
+// checkModule holds a bundle's module to its manifest: a livepatch module
+// (the kernel runs klp_enable_patch only for livepatch=Y), built for the
+// manifest's kernel release, and calling itself by the manifest's name,
+// which is the name the kernel gives the patch and a revert aims at.
+func checkModule(m *contract.Manifest, module []byte) error {
+	km, err := kmod.Read(bytes.NewReader(module))
+	switch {
+	case err != nil:
+		return fmt.Errorf("%w: module.ko: %w", ErrBadBundle, err)
+	case !km.Livepatch:
+		return fmt.Errorf("%w: module.ko %s: %w: modinfo has no livepatch=Y; bundle the module stitch build wrote", ErrBadBundle, km.Name, kmod.ErrNotLivepatch)
+	case km.Release() != m.Kernel.Release:
+		return fmt.Errorf("%w: module.ko %s: %w: vermagic names %s, the manifest %s", ErrBadBundle, km.Name, kmod.ErrVermagic, km.Release(), m.Kernel.Release)
+	case km.Name != m.Name:
+		return fmt.Errorf("%w: module.ko calls itself %s, the manifest %s: is this the manifest stitch build wrote with it?", ErrBadBundle, km.Name, m.Name)
+	}
+	return nil
+}
+
+// TargetName is the bundle's name in a repository (contract.TargetName).
+func TargetName(m *contract.Manifest, data []byte) string {
+	return contract.TargetName(m, SHA256Hex(data))
 }

@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"net"
 	"net/http"
@@ -14,26 +15,34 @@ import (
 	"testing"
 	"time"
 
-	"github.com/stitchpatch/stitch/internal/build"
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/fingerprint"
+	"github.com/stitchpatch/stitch/internal/testutils"
 )
 
 // testManifest is a complete manifest such as stitch build writes; the
 // module hash is left for Pack to fill.
-func testManifest() build.Manifest {
-	return build.Manifest{
-		Version: build.ManifestVersion, Name: "stitch_fix_1", Module: "stitch_fix_1.ko",
-		Kernel: build.KernelID{Release: "6.1.0-28-amd64", BuildID: "0123456789abcdef0123456789abcdef01234567"},
-		Objects: []build.Object{{Name: "vmlinux", Functions: []build.Function{{
+func testManifest() contract.Manifest {
+	return contract.Manifest{
+		Version: contract.ManifestVersion, Name: "stitch_fix_1", Module: "stitch_fix_1.ko",
+		Kernel: contract.KernelID{Release: "6.1.0-28-amd64", BuildID: "0123456789abcdef0123456789abcdef01234567"},
+		Objects: []contract.Object{{Name: "vmlinux", Functions: []contract.Function{{
 			Name: "load_misc_binary", Fingerprint: fingerprint.Fingerprint{Size: 64, SHA256: strings.Repeat("ab", 32)},
 		}}}},
 		CVEs: []string{"CVE-2024-1234"}, Description: "test fix",
 	}
 }
 
-func testBundle(t testing.TB, module string) []byte {
+// testModule is a stand-in module for testManifest, told apart by ballast.
+func testModule(t testing.TB, ballast string) []byte {
 	t.Helper()
-	b, err := Pack(testManifest(), []byte(module))
+	m := testManifest()
+	return testutils.StandInModule(t, m.Name, m.Kernel.Release, ballast)
+}
+
+func testBundle(t testing.TB, ballast string) []byte {
+	t.Helper()
+	b, err := Pack(testManifest(), testModule(t, ballast))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -50,7 +59,7 @@ func TestPackOpenRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if string(b.Module) != "\x7fELF module bytes" || b.Manifest.ModuleHash != SHA256Hex(b.Module) {
+	if !bytes.Equal(b.Module, testModule(t, "\x7fELF module bytes")) || b.Manifest.ModuleHash != SHA256Hex(b.Module) {
 		t.Fatalf("round trip lost data: %+v", b.Manifest)
 	}
 	name := TargetName(&b.Manifest, data)
@@ -69,7 +78,7 @@ func TestOpenRefusesBadBundles(t *testing.T) {
 		"empty": nil, "garbage": []byte("not a tar"), "truncated": good[:600], "tampered module": tampered,
 	} {
 		_, err := Open(data)
-		if !errors.Is(err, ErrBadBundle) && !errors.Is(err, build.ErrBadManifest) {
+		if !errors.Is(err, ErrBadBundle) && !errors.Is(err, contract.ErrBadManifest) {
 			t.Errorf("%s: got %v, want ErrBadBundle", name, err)
 		}
 	}
@@ -81,12 +90,12 @@ func TestOpenRefusesBadBundles(t *testing.T) {
 func TestPackRefusesBadManifests(t *testing.T) {
 	other := testManifest()
 	other.ModuleHash = SHA256Hex([]byte("another build's module"))
-	if _, err := Pack(other, []byte("module")); !errors.Is(err, ErrBadBundle) || !strings.Contains(err.Error(), "module_sha256") {
+	if _, err := Pack(other, testModule(t, "module")); !errors.Is(err, ErrBadBundle) || !strings.Contains(err.Error(), "module_sha256") {
 		t.Errorf("manifest of another module: %v", err)
 	}
 	bad := testManifest()
 	bad.Kernel.BuildID = "xyz"
-	if _, err := Pack(bad, []byte("module")); !errors.Is(err, build.ErrBadManifest) {
+	if _, err := Pack(bad, testModule(t, "module")); !errors.Is(err, contract.ErrBadManifest) {
 		t.Errorf("bad build-id: %v", err)
 	}
 	// A bundle whose manifest has an unknown field is refused on Open.
@@ -94,8 +103,46 @@ func TestPackRefusesBadManifests(t *testing.T) {
 	i := bytes.Index(data, []byte(`"name"`))
 	tampered := bytes.Clone(data)
 	copy(tampered[i:], `"typo"`)
-	if _, err := Open(tampered); !errors.Is(err, build.ErrBadManifest) {
+	if _, err := Open(tampered); !errors.Is(err, contract.ErrBadManifest) {
 		t.Errorf("unknown manifest field: %v", err)
+	}
+}
+
+// A bundle's module must be what its manifest says: a livepatch module,
+// for the manifest's kernel, by the manifest's name. Each is refused by
+// Pack (stitch publish --module --manifest) and by Open (a bundle file,
+// and every fetch), naming the disagreement.
+func TestModuleMustMatchManifest(t *testing.T) {
+	m := testManifest()
+	for name, c := range map[string]struct {
+		module []byte
+		want   string
+	}{
+		"not a livepatch": {testutils.StandInPlainModule(t, m.Name, m.Kernel.Release), "livepatch=Y"},
+		"other kernel":    {testutils.StandInModule(t, m.Name, "6.1.0-27-amd64", ""), "vermagic names 6.1.0-27-amd64"},
+		"other name":      {testutils.StandInModule(t, "stitch_other", m.Kernel.Release, ""), "calls itself stitch_other"},
+		"not a module":    {[]byte("\x7fELF but no module"), "module.ko"},
+	} {
+		if _, err := Pack(m, c.module); !errors.Is(err, ErrBadBundle) || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("Pack, %s: %v, want ErrBadBundle naming %q", name, err, c.want)
+		}
+		// The same module in a bundle packed by hand: Open refuses it.
+		mm := m
+		mm.ModuleHash = SHA256Hex(c.module)
+		mj, _ := json.Marshal(&mm)
+		var buf bytes.Buffer
+		tw := tar.NewWriter(&buf)
+		for _, e := range []struct {
+			name string
+			data []byte
+		}{{"manifest.json", mj}, {"module.ko", c.module}} {
+			tw.WriteHeader(&tar.Header{Name: e.name, Mode: 0o644, Size: int64(len(e.data)), Typeflag: tar.TypeReg})
+			tw.Write(e.data)
+		}
+		tw.Close()
+		if _, err := Open(buf.Bytes()); !errors.Is(err, ErrBadBundle) || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("Open, %s: %v, want ErrBadBundle naming %q", name, err, c.want)
+		}
 	}
 }
 
@@ -166,7 +213,7 @@ func TestFetchVerified(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if string(b.Module) != "module one" {
+	if !bytes.Contains(b.Module, []byte("module one")) {
 		t.Fatalf("module %q", b.Module)
 	}
 	if _, err := os.Stat(path); err != nil {

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/bundle"
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/server/api"
 	"github.com/stitchpatch/stitch/internal/server/rollout"
 	"github.com/stitchpatch/stitch/internal/server/store"
@@ -20,7 +21,7 @@ func (s *Server) registerPatch(w http.ResponseWriter, r *http.Request) {
 	if !decode(w, r, &req) {
 		return
 	}
-	if !api.ValidTarget(req.Target) {
+	if !contract.ValidTarget(req.Target) {
 		fail(w, http.StatusBadRequest, fmt.Sprintf("target %q: want a published target name (RELEASE/NAME-HASH.stitch, see `stitch repo list`)", req.Target))
 		return
 	}

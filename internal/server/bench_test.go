@@ -12,8 +12,10 @@ import (
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/bundle"
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/server/api"
 	"github.com/stitchpatch/stitch/internal/server/store"
+	"github.com/stitchpatch/stitch/internal/testutils"
 )
 
 // benchMachines is the fleet the load benchmark registers.
@@ -102,7 +104,7 @@ func benchFleet(b *testing.B, st store.Store) (string, []string, string) {
 	b.Logf("registered %d machines in %s", benchMachines, time.Since(start).Round(time.Second))
 
 	e := newEnvOn(b, st)
-	data, err := bundle.Pack(testManifest("stitch_bench", simRelease, simBuildID, "CVE-2026-4000"), []byte("module"))
+	data, err := bundle.Pack(testManifest("stitch_bench", simRelease, simBuildID, "CVE-2026-4000"), testutils.StandInModule(b, "stitch_bench", simRelease, ""))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -133,7 +135,7 @@ func (c *checker) checkIn(ctx context.Context) error {
 	cl := &api.Client{BaseURL: c.url, Token: c.tokens[i], HTTP: c.hc}
 	t0 := time.Now()
 	_, err := cl.CheckIn(ctx, api.CheckIn{KernelRelease: simRelease, KernelBuildID: simBuildID, AgentVersion: "bench",
-		Patches: []api.PatchState{{Target: c.target, Name: "stitch_bench", State: api.StateApplied, Since: t0}}})
+		Patches: []api.PatchState{{Target: c.target, Name: "stitch_bench", State: contract.StateApplied, Since: t0}}})
 	d := time.Since(t0)
 	c.mu.Lock()
 	c.lat = append(c.lat, d)

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/server/api"
 	"github.com/stitchpatch/stitch/internal/server/rollout"
 	"github.com/stitchpatch/stitch/internal/server/store"
@@ -103,10 +104,10 @@ func TestMachineAPIAuthAndBadRequests(t *testing.T) {
 		h    api.Health
 		code int
 	}{
-		"unknown target": {api.Health{Target: simRelease + "/stitch_x-0123456789abcdef.stitch", Name: "stitch_x", Check: api.CheckApply, Healthy: true}, 404},
-		"other kernel":   {api.Health{Target: other, Name: "stitch_other", Check: api.CheckApply, Reason: api.ReasonOops}, 409},
-		"wrong name":     {api.Health{Target: other, Name: "stitch_x", Check: api.CheckApply, Healthy: true}, 409},
-		"no reason":      {api.Health{Target: other, Name: "stitch_other", Check: api.CheckApply}, 400},
+		"unknown target": {api.Health{Target: simRelease + "/stitch_x-0123456789abcdef.stitch", Name: "stitch_x", Check: contract.CheckApply, Healthy: true}, 404},
+		"other kernel":   {api.Health{Target: other, Name: "stitch_other", Check: contract.CheckApply, Reason: contract.ReasonOops}, 409},
+		"wrong name":     {api.Health{Target: other, Name: "stitch_x", Check: contract.CheckApply, Healthy: true}, 409},
+		"no reason":      {api.Health{Target: other, Name: "stitch_other", Check: contract.CheckApply}, 400},
 		"bad check":      {api.Health{Target: other, Name: "stitch_other", Check: "2m", Healthy: true}, 400},
 	} {
 		var se *api.StatusError
@@ -212,10 +213,10 @@ func TestOperatorHaltResumeBlocklist(t *testing.T) {
 	if acts := checkIn(t, ms[0]); len(acts) != 1 || acts[0].Op != api.OpApply {
 		t.Fatalf("actions %+v", acts)
 	}
-	if err := ms[0].Health(ctx, api.Health{Target: target, Name: "stitch_fix", Check: api.CheckApply, Healthy: true}); err != nil {
+	if err := ms[0].Health(ctx, api.Health{Target: target, Name: "stitch_fix", Check: contract.CheckApply, Healthy: true}); err != nil {
 		t.Fatal(err)
 	}
-	held := api.PatchState{Target: target, Name: "stitch_fix", State: api.StateApplied, Since: clk.Now()}
+	held := api.PatchState{Target: target, Name: "stitch_fix", State: contract.StateApplied, Since: clk.Now()}
 	op("halt")
 	if acts := checkIn(t, ms[1]); len(acts) != 0 {
 		t.Fatalf("halted rollout offered: %+v", acts)
@@ -253,13 +254,13 @@ func TestSmallFleetIsNotStuck(t *testing.T) {
 	for hour := 0; hour < 12; hour++ {
 		for i, c := range ms {
 			if since, ok := held[i]; ok {
-				checkIn(t, c, api.PatchState{Target: target, Name: "stitch_fix", State: api.StateApplied, Since: since})
-				if err := c.Health(ctx, api.Health{Target: target, Name: "stitch_fix", Check: api.Check15m, Healthy: true}); err != nil {
+				checkIn(t, c, api.PatchState{Target: target, Name: "stitch_fix", State: contract.StateApplied, Since: since})
+				if err := c.Health(ctx, api.Health{Target: target, Name: "stitch_fix", Check: contract.DefaultSchedule[2].Name, Healthy: true}); err != nil {
 					t.Fatal(err)
 				}
 			} else if acts := checkIn(t, c); len(acts) == 1 {
 				held[i] = clk.Now()
-				c.Health(ctx, api.Health{Target: target, Name: "stitch_fix", Check: api.CheckApply, Healthy: true})
+				c.Health(ctx, api.Health{Target: target, Name: "stitch_fix", Check: contract.CheckApply, Healthy: true})
 			}
 		}
 		clk.Add(30 * time.Minute)
@@ -276,11 +277,11 @@ func TestSmallFleetIsNotStuck(t *testing.T) {
 	// machines oops a day later) blocklist the patch and everyone reverts.
 	clk.Add(24 * time.Hour)
 	for _, c := range ms {
-		if err := c.Health(ctx, api.Health{Target: target, Name: "stitch_fix", Check: api.CheckBoot, Reason: api.ReasonOops}); err != nil {
+		if err := c.Health(ctx, api.Health{Target: target, Name: "stitch_fix", Check: contract.CheckBoot, Reason: contract.ReasonOops}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if acts := checkIn(t, ms[0], api.PatchState{Target: target, Name: "stitch_fix", State: api.StateApplied, Since: held[0]}); len(acts) != 1 || acts[0].Op != api.OpRevert {
+	if acts := checkIn(t, ms[0], api.PatchState{Target: target, Name: "stitch_fix", State: contract.StateApplied, Since: held[0]}); len(acts) != 1 || acts[0].Op != api.OpRevert {
 		t.Fatalf("after failures past the tolerance: %+v, want a revert order", acts)
 	}
 }

@@ -5,9 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"slices"
 	"time"
 
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/server/api"
 	"github.com/stitchpatch/stitch/internal/server/rollout"
 	"github.com/stitchpatch/stitch/internal/server/store"
@@ -102,11 +102,11 @@ func (s *Server) checkIn(w http.ResponseWriter, r *http.Request, m store.Machine
 		s.internal(w, "check-in", err)
 		return
 	}
-	resp := api.CheckInResponse{Actions: []api.Action{}, NextCheckinSeconds: int(s.checkInEvery().Seconds())}
+	resp := api.CheckInResponse{Actions: []api.Action{}, NextCheckinSeconds: int(s.checkInEvery().Seconds()), Checks: s.schedule()}
 	for _, p := range patches {
 		state, known := reported[p.Target]
 		switch {
-		case state == api.StateApplied && p.State == string(rollout.Blocklisted):
+		case state == contract.StateApplied && p.State == string(rollout.Blocklisted):
 			resp.Actions = append(resp.Actions, api.Action{Target: p.Target, Name: p.Name, CVEs: p.CVEs, Op: api.OpRevert})
 		case !known && s.offered(p, m, false):
 			// A patch the machine reported in any state (failed, refused,
@@ -126,9 +126,9 @@ func (s *Server) checkInEvery() time.Duration {
 	return time.Hour
 }
 
-// timedChecks are the health checks that fall at the policy's times, in
-// order.
-var timedChecks = []string{api.Check1m, api.Check5m, api.Check15m}
+// schedule is the health checks at the policy's times, which machines
+// are told in every check-in answer.
+func (s *Server) schedule() contract.Schedule { return contract.NewSchedule(s.policy().Checks...) }
 
 // errNotOffered refuses a report about a patch the machine was never
 // offered: it must not widen a rollout, nor count against one, by itself.
@@ -139,7 +139,7 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine)
 	if !decode(w, r, &h) {
 		return
 	}
-	if err := h.Validate(); err != nil {
+	if err := h.Validate(s.schedule()); err != nil {
 		fail(w, http.StatusBadRequest, "health: "+err.Error())
 		return
 	}
@@ -167,7 +167,7 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine)
 		case newlyFailed:
 			rm.Failed, rm.Reason = true, h.Reason
 		case h.Healthy && !rm.Failed:
-			rm.Checks = pol.ChecksPassed(rm.AppliedAt, now, rm.Checks, slices.Index(timedChecks, h.Check))
+			rm.Checks = pol.ChecksPassed(rm.AppliedAt, now, rm.Checks, s.schedule().Index(h.Check))
 		}
 		if err := tx.PutMachine(rm); err != nil {
 			return err

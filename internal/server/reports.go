@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"slices"
 
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/server/api"
 	"github.com/stitchpatch/stitch/internal/server/rollout"
 	"github.com/stitchpatch/stitch/internal/server/store"
@@ -86,7 +87,7 @@ func (s *Server) readFleet(r *http.Request) (*fleet, error) {
 		return nil, err
 	}
 	for _, mp := range mps {
-		if mp.State != api.StateApplied {
+		if mp.State != contract.StateApplied {
 			continue
 		}
 		if f.applied[mp.MachineID] == nil {

@@ -14,11 +14,12 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/stitchpatch/stitch/internal/build"
 	"github.com/stitchpatch/stitch/internal/bundle"
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/fingerprint"
 	"github.com/stitchpatch/stitch/internal/server/api"
 	"github.com/stitchpatch/stitch/internal/server/store"
+	"github.com/stitchpatch/stitch/internal/testutils"
 )
 
 type env struct {
@@ -180,7 +181,8 @@ func TestBadRequestsChangeNothing(t *testing.T) {
 
 func TestRepoServedAndVerified(t *testing.T) {
 	e := newEnv(t)
-	data, err := bundle.Pack(testManifest("fix_a", "6.1.0", "abcdef0123"), []byte("ko bytes"))
+	ko := testutils.StandInModule(t, "fix_a", "6.1.0", "")
+	data, err := bundle.Pack(testManifest("fix_a", "6.1.0", "abcdef0123"), ko)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -191,18 +193,18 @@ func TestRepoServedAndVerified(t *testing.T) {
 	root, _ := e.repo.TrustedRoot()
 	c := &bundle.Client{BaseURL: e.srv.URL + "/v1/repo", TrustedRoot: root, CacheDir: t.TempDir(), HTTP: e.srv.Client()}
 	b, _, err := c.Fetch(context.Background(), name)
-	if err != nil || string(b.Module) != "ko bytes" {
+	if err != nil || !bytes.Equal(b.Module, ko) {
 		t.Fatalf("fetch through the server: %v", err)
 	}
 }
 
 // testManifest is a minimal valid manifest for a patch to kernel
 // release/buildID.
-func testManifest(name, release, buildID string, cves ...string) build.Manifest {
-	return build.Manifest{
-		Version: build.ManifestVersion, Name: name, Module: name + ".ko",
-		Kernel: build.KernelID{Release: release, BuildID: buildID}, CVEs: cves,
-		Objects: []build.Object{{Name: "vmlinux", Functions: []build.Function{{
+func testManifest(name, release, buildID string, cves ...string) contract.Manifest {
+	return contract.Manifest{
+		Version: contract.ManifestVersion, Name: name, Module: name + ".ko",
+		Kernel: contract.KernelID{Release: release, BuildID: buildID}, CVEs: cves,
+		Objects: []contract.Object{{Name: "vmlinux", Functions: []contract.Function{{
 			Name: "f", Fingerprint: fingerprint.Fingerprint{Size: 16, SHA256: strings.Repeat("ab", 32)},
 		}}}},
 	}

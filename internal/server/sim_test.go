@@ -14,9 +14,11 @@ import (
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/bundle"
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/server/api"
 	"github.com/stitchpatch/stitch/internal/server/rollout"
 	"github.com/stitchpatch/stitch/internal/server/store"
+	"github.com/stitchpatch/stitch/internal/testutils"
 )
 
 // fakeClock is the server's and the agents' time in a simulation.
@@ -71,17 +73,16 @@ type simFleet struct {
 	reverted map[string][]string
 }
 
-var simChecks = []struct {
-	name  string
-	after time.Duration
-}{{api.Check1m, time.Minute}, {api.Check5m, 5 * time.Minute}, {api.Check15m, 15 * time.Minute}}
+// simChecks is the schedule the simulated server runs (the default
+// policy's), which its agents follow.
+var simChecks = contract.DefaultSchedule
 
 func (f *simFleet) step(ctx context.Context, a *simAgent) error {
 	now := f.clk.Now()
 	for target, h := range a.held {
-		for h.state == api.StateApplied && h.sent < len(simChecks) && now.Sub(h.since) >= simChecks[h.sent].after {
-			if err := a.c.Health(ctx, api.Health{Target: target, Name: h.name, Check: simChecks[h.sent].name, Healthy: true}); err != nil {
-				return fmt.Errorf("%s: health %s: %w", a.id, simChecks[h.sent].name, err)
+		for h.state == contract.StateApplied && h.sent < len(simChecks) && now.Sub(h.since) >= simChecks[h.sent].After {
+			if err := a.c.Health(ctx, api.Health{Target: target, Name: h.name, Check: simChecks[h.sent].Name, Healthy: true}); err != nil {
+				return fmt.Errorf("%s: health %s: %w", a.id, simChecks[h.sent].Name, err)
 			}
 			h.sent++
 		}
@@ -108,15 +109,15 @@ func (f *simFleet) step(ctx context.Context, a *simAgent) error {
 		f.mu.Unlock()
 		switch {
 		case act.Op == api.OpRevert:
-			a.held[act.Target].state, a.held[act.Target].since = api.StateReverted, now
+			a.held[act.Target].state, a.held[act.Target].since = contract.StateReverted, now
 		case f.breaks(a, act.Target):
-			a.held[act.Target] = &heldPatch{name: act.Name, state: api.StateFailed, since: now}
-			if err := a.c.Health(ctx, api.Health{Target: act.Target, Name: act.Name, Check: api.CheckApply, Reason: api.ReasonKernelWarning, Detail: "WARNING: at fs/proc/base.c"}); err != nil {
+			a.held[act.Target] = &heldPatch{name: act.Name, state: contract.StateFailed, since: now}
+			if err := a.c.Health(ctx, api.Health{Target: act.Target, Name: act.Name, Check: contract.CheckApply, Reason: contract.ReasonKernelWarning, Detail: "WARNING: at fs/proc/base.c"}); err != nil {
 				return fmt.Errorf("%s: failure report: %w", a.id, err)
 			}
 		default:
-			a.held[act.Target] = &heldPatch{name: act.Name, state: api.StateApplied, since: now}
-			if err := a.c.Health(ctx, api.Health{Target: act.Target, Name: act.Name, Check: api.CheckApply, Healthy: true}); err != nil {
+			a.held[act.Target] = &heldPatch{name: act.Name, state: contract.StateApplied, since: now}
+			if err := a.c.Health(ctx, api.Health{Target: act.Target, Name: act.Name, Check: contract.CheckApply, Healthy: true}); err != nil {
 				return fmt.Errorf("%s: apply report: %w", a.id, err)
 			}
 		}
@@ -164,7 +165,7 @@ func (f *simFleet) run(ctx context.Context, t *testing.T, d time.Duration, done 
 
 func publish(t *testing.T, repo *bundle.Repo, name, buildID string, cves ...string) string {
 	t.Helper()
-	data, err := bundle.Pack(testManifest(name, simRelease, buildID, cves...), []byte("module "+name))
+	data, err := bundle.Pack(testManifest(name, simRelease, buildID, cves...), testutils.StandInModule(t, name, simRelease, buildID))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -310,10 +311,10 @@ func simulate(t *testing.T, st store.Store, n, replicas int) {
 		}
 	}
 	for _, a := range f.agents {
-		if h := a.held[bad]; h != nil && h.state == api.StateApplied {
+		if h := a.held[bad]; h != nil && h.state == contract.StateApplied {
 			t.Errorf("machine %s still runs the blocklisted patch", a.id)
 		}
-		if h := a.held[good]; a.buildID == simBuildID && (h == nil || h.state != api.StateApplied) {
+		if h := a.held[good]; a.buildID == simBuildID && (h == nil || h.state != contract.StateApplied) {
 			t.Errorf("machine %s lacks the good patch", a.id)
 		}
 	}

@@ -233,3 +233,45 @@ func Corpus(t testing.TB) string {
 	}
 	return dir
 }
+
+// StandInModule compiles a stand-in for a livepatch module: an x86-64
+// ELF relocatable with the sections and modinfo (name, vermagic for
+// release, livepatch=Y) that Stitch reads before loading a module, the
+// ballast string (which makes two stand-ins differ), and no code. The
+// kernel would refuse it; everything short of the kernel takes it for the
+// real thing. It skips the test without gcc.
+func StandInModule(t testing.TB, name, release, ballast string) []byte {
+	t.Helper()
+	return standIn(t, fmt.Sprintf(`name=%s\0vermagic=%s SMP preempt mod_unload modversions \0livepatch=Y`, name, release), ballast)
+}
+
+// StandInPlainModule is StandInModule without livepatch=Y: an ordinary
+// module, which no livepatch bundle may carry.
+func StandInPlainModule(t testing.TB, name, release string) []byte {
+	t.Helper()
+	return standIn(t, fmt.Sprintf(`name=%s\0vermagic=%s SMP preempt mod_unload modversions `, name, release), "")
+}
+
+func standIn(t testing.TB, modinfo, ballast string) []byte {
+	cc, err := exec.LookPath("gcc")
+	if err != nil {
+		Unavailable(t, "gcc not installed")
+	}
+	dir := t.TempDir()
+	src := fmt.Sprintf(`__attribute__((section(".modinfo"), used)) static const char info[] = "%s";
+__attribute__((section(".gnu.linkonce.this_module"), used)) static int this_module;
+__attribute__((section(".ballast"), used)) static const char ballast[] = %q;
+`, modinfo, ballast)
+	if err := os.WriteFile(filepath.Join(dir, "m.c"), []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, "m.ko")
+	if b, err := exec.Command(cc, "-c", "-o", out, filepath.Join(dir, "m.c")).CombinedOutput(); err != nil {
+		t.Fatalf("gcc: %v\n%s", err, b)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}

@@ -6,9 +6,10 @@ package api
 
 import (
 	"fmt"
-	"regexp"
 	"slices"
 	"time"
+
+	"github.com/stitchpatch/stitch/internal/contract"
 )
 
 // Paths of the machine API.
@@ -41,19 +42,11 @@ type Error struct {
 	Error string `json:"error"`
 }
 
-// Patch states a machine reports in a check-in.
-const (
-	StateApplied  = "applied"  // loaded and enabled
-	StateReverted = "reverted" // was applied, now removed
-	StateFailed   = "failed"   // apply was attempted and failed
-	StateRefused  = "refused"  // the agent would not try (wrong kernel, verification)
-)
-
 // PatchState is one patch as the machine sees it.
 type PatchState struct {
 	Target string    `json:"target"` // TUF target name
 	Name   string    `json:"name"`   // module (patch) name
-	State  string    `json:"state"`  // StateApplied, ...
+	State  string    `json:"state"`  // contract.StateApplied, ...
 	Since  time.Time `json:"since"`
 	Reason string    `json:"reason,omitempty"`
 }
@@ -87,42 +80,19 @@ type Action struct {
 type CheckInResponse struct {
 	Actions            []Action `json:"actions"`
 	NextCheckinSeconds int      `json:"next_checkin_seconds"`
+	// Checks is the server's health-check schedule: when, after an
+	// apply, the machine reports on a patch. Absent from old servers,
+	// whose schedule was contract.DefaultSchedule.
+	Checks contract.Schedule `json:"checks,omitempty"`
 }
-
-// Health checks: right after the apply, then at fixed times after it, and
-// after a reboot.
-const (
-	CheckApply = "apply"
-	Check1m    = "1m"
-	Check5m    = "5m"
-	Check15m   = "15m"
-	CheckBoot  = "boot"
-)
-
-// Reasons for an unhealthy report.
-const (
-	ReasonApplyFailed         = "apply-failed"
-	ReasonTransitionTimeout   = "transition-timeout"
-	ReasonKernelWarning       = "kernel-warning"
-	ReasonOops                = "oops"
-	ReasonCrashLoop           = "crash-loop"
-	ReasonFingerprintMismatch = "fingerprint-mismatch"
-	ReasonVerifyFailed        = "verify-failed"
-)
-
-var (
-	states  = []string{StateApplied, StateReverted, StateFailed, StateRefused}
-	checks  = []string{CheckApply, Check1m, Check5m, Check15m, CheckBoot}
-	reasons = []string{ReasonApplyFailed, ReasonTransitionTimeout, ReasonKernelWarning, ReasonOops, ReasonCrashLoop, ReasonFingerprintMismatch, ReasonVerifyFailed}
-)
 
 // Health is a machine's report on one patch at one check.
 type Health struct {
 	Target  string `json:"target"`
 	Name    string `json:"name"`
-	Check   string `json:"check"` // CheckApply, ...
+	Check   string `json:"check"` // contract.CheckApply, a check of the schedule, contract.CheckBoot
 	Healthy bool   `json:"healthy"`
-	Reason  string `json:"reason,omitempty"` // when unhealthy: ReasonApplyFailed, ...
+	Reason  string `json:"reason,omitempty"` // when unhealthy: contract.ReasonApplyFailed, ...
 	Detail  string `json:"detail,omitempty"` // e.g. the kernel's warning line
 }
 
@@ -139,14 +109,6 @@ type MachineView struct {
 	Patches       []PatchState `json:"patches"`
 }
 
-var (
-	targetRe  = regexp.MustCompile(`^[A-Za-z0-9._+~-]{1,64}/[A-Za-z0-9_-]{1,55}-[0-9a-f]{16}\.stitch$`)
-	nameRe    = regexp.MustCompile(`^[A-Za-z0-9_-]{1,55}$`)
-	releaseRe = regexp.MustCompile(`^[A-Za-z0-9._+~-]{1,64}$`)
-	buildIDRe = regexp.MustCompile(`^[0-9a-f]{8,128}$`)
-	versionRe = regexp.MustCompile(`^[A-Za-z0-9._+~-]{0,64}$`)
-)
-
 // MaxRequest is the largest request body the server reads: the API's
 // requests are small, the largest a check-in of MaxPatches patches.
 const MaxRequest = 256 << 10
@@ -155,30 +117,26 @@ const MaxRequest = 256 << 10
 // fits MaxRequest.
 const MaxPatches = 128
 
-// ValidTarget says whether s is a bundle's target name in a repository
-// (bundle.TargetName's form: RELEASE/NAME-HASH16.stitch).
-func ValidTarget(s string) bool { return targetRe.MatchString(s) }
-
 // Validate names the first field that is wrong and what it should be.
 func (c *CheckIn) Validate() error {
 	switch {
-	case !releaseRe.MatchString(c.KernelRelease):
+	case !contract.ValidRelease(c.KernelRelease):
 		return fmt.Errorf("kernel_release %q: want uname -r", c.KernelRelease)
-	case !buildIDRe.MatchString(c.KernelBuildID):
+	case !contract.ValidBuildID(c.KernelBuildID):
 		return fmt.Errorf("kernel_build_id %q: want the running vmlinux's GNU build-id in lower-case hex", c.KernelBuildID)
-	case !versionRe.MatchString(c.AgentVersion):
+	case !contract.ValidAgentVersion(c.AgentVersion):
 		return fmt.Errorf("agent_version %q: want at most 64 characters of A-Z, a-z, 0-9, ._+~-", c.AgentVersion)
 	case len(c.Patches) > MaxPatches:
 		return fmt.Errorf("patches: %d listed, at most %d", len(c.Patches), MaxPatches)
 	}
 	for i, p := range c.Patches {
 		switch {
-		case !ValidTarget(p.Target):
+		case !contract.ValidTarget(p.Target):
 			return fmt.Errorf("patches[%d].target %q: want a repository target name (RELEASE/NAME-HASH.stitch)", i, p.Target)
-		case !nameRe.MatchString(p.Name):
+		case !contract.ValidName(p.Name):
 			return fmt.Errorf("patches[%d].name %q: want the module name", i, p.Name)
-		case !slices.Contains(states, p.State):
-			return fmt.Errorf("patches[%d].state %q: want one of %v", i, p.State, states)
+		case !slices.Contains(contract.States, p.State):
+			return fmt.Errorf("patches[%d].state %q: want one of %v", i, p.State, contract.States)
 		case len(p.Reason) > 1024:
 			return fmt.Errorf("patches[%d].reason: %d bytes, at most 1024", i, len(p.Reason))
 		}
@@ -186,19 +144,20 @@ func (c *CheckIn) Validate() error {
 	return nil
 }
 
-// Validate names the first field that is wrong and what it should be.
-func (h *Health) Validate() error {
+// Validate names the first field that is wrong and what it should be;
+// the check must be one of schedule's, or apply or boot.
+func (h *Health) Validate(schedule contract.Schedule) error {
 	switch {
-	case !ValidTarget(h.Target):
+	case !contract.ValidTarget(h.Target):
 		return fmt.Errorf("target %q: want a repository target name (RELEASE/NAME-HASH.stitch)", h.Target)
-	case !nameRe.MatchString(h.Name):
+	case !contract.ValidName(h.Name):
 		return fmt.Errorf("name %q: want the module name", h.Name)
-	case !slices.Contains(checks, h.Check):
-		return fmt.Errorf("check %q: want one of %v", h.Check, checks)
+	case !schedule.ValidCheck(h.Check):
+		return fmt.Errorf("check %q: want %s, %s or one of the schedule's %v", h.Check, contract.CheckApply, contract.CheckBoot, schedule)
 	case h.Healthy && h.Reason != "":
 		return fmt.Errorf("reason %q given for a healthy report: leave it empty", h.Reason)
-	case !h.Healthy && !slices.Contains(reasons, h.Reason):
-		return fmt.Errorf("reason %q: an unhealthy report needs one of %v", h.Reason, reasons)
+	case !h.Healthy && !slices.Contains(contract.Reasons, h.Reason):
+		return fmt.Errorf("reason %q: an unhealthy report needs one of %v", h.Reason, contract.Reasons)
 	case len(h.Detail) > 4096:
 		return fmt.Errorf("detail: %d bytes, at most 4096", len(h.Detail))
 	}

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/stitchpatch/stitch/internal/contract"
 )
 
 // serve answers every request with code and body, on loopback.
@@ -76,7 +78,7 @@ func TestClientDecodesAndLimits(t *testing.T) {
 func TestValidate(t *testing.T) {
 	now := time.Now()
 	good := CheckIn{KernelRelease: "6.1.0-54-amd64", KernelBuildID: "887cd47f03581c5b", AgentVersion: "0.1",
-		Patches: []PatchState{{Target: "6.1.0-54-amd64/stitch_fix-0123456789abcdef.stitch", Name: "stitch_fix", State: StateApplied, Since: now}}}
+		Patches: []PatchState{{Target: "6.1.0-54-amd64/stitch_fix-0123456789abcdef.stitch", Name: "stitch_fix", State: contract.StateApplied, Since: now}}}
 	if err := good.Validate(); err != nil {
 		t.Fatal(err)
 	}
@@ -93,13 +95,18 @@ func TestValidate(t *testing.T) {
 			t.Errorf("%s accepted", name)
 		}
 	}
-	h := Health{Target: good.Patches[0].Target, Name: "stitch_fix", Check: Check5m, Healthy: false}
-	if h.Validate() == nil {
+	sched := contract.DefaultSchedule
+	h := Health{Target: good.Patches[0].Target, Name: "stitch_fix", Check: "5m", Healthy: false}
+	if h.Validate(sched) == nil {
 		t.Error("unhealthy report without a reason accepted")
 	}
-	h.Reason = ReasonOops
-	if err := h.Validate(); err != nil {
+	h.Reason = contract.ReasonOops
+	if err := h.Validate(sched); err != nil {
 		t.Error(err)
+	}
+	// A check is valid only on the server's schedule.
+	if err := h.Validate(contract.NewSchedule(time.Second)); err == nil {
+		t.Error("check 5m accepted by a server whose schedule is only 1s")
 	}
 }
 
@@ -118,7 +125,7 @@ func FuzzValidate(f *testing.F) {
 			}
 		}
 		var h Health
-		if json.Unmarshal(data, &h) == nil && h.Validate() == nil && !h.Healthy && h.Reason == "" {
+		if json.Unmarshal(data, &h) == nil && h.Validate(contract.DefaultSchedule) == nil && !h.Healthy && h.Reason == "" {
 			t.Fatal("unhealthy report without a reason accepted")
 		}
 	})
@@ -129,7 +136,7 @@ func TestLargestCheckInFits(t *testing.T) {
 	c := CheckIn{KernelRelease: strings.Repeat("r", 64), KernelBuildID: strings.Repeat("a", 128), AgentVersion: strings.Repeat("v", 64)}
 	for range MaxPatches {
 		c.Patches = append(c.Patches, PatchState{Target: strings.Repeat("r", 64) + "/" + strings.Repeat("n", 55) + "-0123456789abcdef.stitch",
-			Name: strings.Repeat("n", 55), State: StateApplied, Since: time.Now(), Reason: strings.Repeat("x", 1024)})
+			Name: strings.Repeat("n", 55), State: contract.StateApplied, Since: time.Now(), Reason: strings.Repeat("x", 1024)})
 	}
 	if err := c.Validate(); err != nil {
 		t.Fatal(err)

@@ -12,6 +12,8 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/stitchpatch/stitch/internal/contract"
 )
 
 // ErrBadPolicy means a policy that cannot work (bad input).
@@ -39,7 +41,7 @@ type Policy struct {
 // blocklist on the third failure or on more than 2% failing.
 var DefaultPolicy = Policy{
 	Stages:      []float64{0.01, 0.10, 0.50, 1},
-	Checks:      []time.Duration{time.Minute, 5 * time.Minute, 15 * time.Minute},
+	Checks:      contract.DefaultSchedule.Times(),
 	MaxFailures: 2,
 	MaxRate:     0.02,
 }

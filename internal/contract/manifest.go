@@ -1,4 +1,13 @@
-package build
+// Package contract is what the stages of the pipeline agree on: the
+// manifest stitch build writes and bundle, server and agent read, the
+// identity of a kernel, a patch's name in a repository, and the words of
+// the machine protocol (the states a machine reports a patch in, the
+// health checks and their schedule, the reasons a patch failed). Every
+// stage validates with the rules here, so that a manifest build accepts is
+// one the server and the agent accept. It imports nothing of the pipeline
+// but the fingerprint type, so the agent reads a manifest without linking
+// the compiler pipeline.
+package contract
 
 import (
 	"bytes"
@@ -6,7 +15,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"regexp"
 	"strings"
 
 	"github.com/stitchpatch/stitch/internal/fingerprint"
@@ -35,6 +43,16 @@ type Manifest struct {
 type KernelID struct {
 	Release string `json:"release"`  // uname -r
 	BuildID string `json:"build_id"` // GNU build-id of vmlinux
+}
+
+// Fix is the record of one source fix in a manifest: which diff (by
+// name and SHA-256) went into the module, and what it says of itself.
+type Fix struct {
+	Name        string   `json:"name"`
+	Hash        string   `json:"sha256"`
+	Description string   `json:"description,omitempty"`
+	CVEs        []string `json:"cves,omitempty"`
+	Files       []string `json:"files"` // source files changed, relative to the tree's root
 }
 
 // Object is one patched object: "vmlinux" or a module.
@@ -83,15 +101,6 @@ func ParseManifest(b []byte) (*Manifest, error) {
 	return &m, nil
 }
 
-var (
-	nameRe  = regexp.MustCompile(`^[A-Za-z0-9_-]{1,55}$`) // the kernel's module name limit is 55 usable bytes
-	relRe   = regexp.MustCompile(`^[A-Za-z0-9._+~-]{1,64}$`)
-	hexRe   = regexp.MustCompile(`^[0-9a-f]{8,128}$`)
-	shaRe   = regexp.MustCompile(`^[0-9a-f]{64}$`)
-	cveRe   = regexp.MustCompile(`^CVE-[0-9]{4}-[0-9]{4,7}$`)
-	identRe = regexp.MustCompile(`^[A-Za-z0-9_.$-]{1,128}$`)
-)
-
 // Validate checks every field a machine relies on, naming the first bad one
 // and what it should be. Manifests travel to fleets, so they are checked
 // as untrusted input even when stitch build wrote them.
@@ -102,15 +111,15 @@ func (m *Manifest) Validate() error {
 	switch {
 	case m.Version != ManifestVersion:
 		return bad("version %d, this stitch reads version %d", m.Version, ManifestVersion)
-	case !nameRe.MatchString(m.Name):
+	case !ValidName(m.Name):
 		return bad("name %q: want 1-55 characters of A-Z, a-z, 0-9, _, -", m.Name)
 	case m.Module == "" || len(m.Module) > 255 || strings.ContainsAny(m.Module, "/\\\x00"):
 		return bad("module %q: want the .ko's file name, without a directory", m.Module)
-	case !shaRe.MatchString(m.ModuleHash):
+	case !validSHA256(m.ModuleHash):
 		return bad("module_sha256 %q: want 64 lower-case hex digits", m.ModuleHash)
-	case !relRe.MatchString(m.Kernel.Release):
+	case !ValidRelease(m.Kernel.Release):
 		return bad("kernel.release %q: want a uname -r string", m.Kernel.Release)
-	case !hexRe.MatchString(m.Kernel.BuildID):
+	case !ValidBuildID(m.Kernel.BuildID):
 		return bad("kernel.build_id %q: want the vmlinux GNU build-id in lower-case hex", m.Kernel.BuildID)
 	case len(m.Objects) == 0:
 		return bad("objects: patches nothing")
@@ -118,26 +127,26 @@ func (m *Manifest) Validate() error {
 		return bad("description: %d bytes, at most 4096", len(m.Description))
 	}
 	for _, c := range m.CVEs {
-		if !cveRe.MatchString(c) {
+		if !ValidCVE(c) {
 			return bad("cve %q: want CVE-YYYY-NNNN", c)
 		}
 	}
 	for _, f := range m.Fixes {
-		if !shaRe.MatchString(f.Hash) {
+		if !validSHA256(f.Hash) {
 			return bad("fix %q: sha256 %q: want 64 lower-case hex digits", f.Name, f.Hash)
 		}
 	}
 	for _, o := range m.Objects {
-		if !identRe.MatchString(o.Name) {
+		if !validSymbol(o.Name) {
 			return bad("object name %q: want a module name or vmlinux", o.Name)
 		}
 		for _, f := range o.Functions {
 			switch {
-			case !identRe.MatchString(f.Name):
+			case !validSymbol(f.Name):
 				return bad("object %s: function %q is not a symbol name", o.Name, f.Name)
 			case f.Sympos < 0:
 				return bad("function %s of %s: sympos %d is negative", f.Name, o.Name, f.Sympos)
-			case f.Fingerprint.Size <= 0 || !shaRe.MatchString(f.Fingerprint.SHA256):
+			case f.Fingerprint.Size <= 0 || !validSHA256(f.Fingerprint.SHA256):
 				return bad("function %s of %s has no pre-fix fingerprint", f.Name, o.Name)
 			}
 		}

@@ -1,4 +1,4 @@
-package build
+package contract
 
 import (
 	"encoding/json"

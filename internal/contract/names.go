@@ -1,0 +1,101 @@
+package contract
+
+import (
+	"fmt"
+	"regexp"
+)
+
+// The shapes of the names every stage checks. Each is anchored: a name is
+// valid whole or not at all.
+var (
+	// The kernel keeps 55 usable bytes of a module's name.
+	nameRe    = regexp.MustCompile(`^[A-Za-z0-9_-]{1,55}$`)
+	releaseRe = regexp.MustCompile(`^[A-Za-z0-9._+~-]{1,64}$`)
+	buildIDRe = regexp.MustCompile(`^[0-9a-f]{8,128}$`)
+	sha256Re  = regexp.MustCompile(`^[0-9a-f]{64}$`)
+	symbolRe  = regexp.MustCompile(`^[A-Za-z0-9_.$-]{1,128}$`)
+	versionRe = regexp.MustCompile(`^[A-Za-z0-9._+~-]{0,64}$`)
+	// cvePattern is a CVE id as MITRE assigns them: a year and at least
+	// four digits (seven is the most any has had).
+	cvePattern = `CVE-[0-9]{4}-[0-9]{4,7}`
+	cveRe      = regexp.MustCompile(`^` + cvePattern + `$`)
+	cveFindRe  = regexp.MustCompile(`\b` + cvePattern + `\b`)
+	// targetRe is TargetName's form.
+	targetRe = regexp.MustCompile(`^([A-Za-z0-9._+~-]{1,64})/([A-Za-z0-9_-]{1,55})-([0-9a-f]{16})\.stitch$`)
+)
+
+// ValidName says whether s can name a livepatch module (and so a patch).
+func ValidName(s string) bool { return nameRe.MatchString(s) }
+
+// ValidRelease says whether s has the shape of a kernel release (uname -r).
+func ValidRelease(s string) bool { return releaseRe.MatchString(s) }
+
+// ValidBuildID says whether s is a GNU build-id in lower-case hex.
+func ValidBuildID(s string) bool { return buildIDRe.MatchString(s) }
+
+// ValidCVE says whether s is one CVE id, CVE-YYYY-NNNN.
+func ValidCVE(s string) bool { return cveRe.MatchString(s) }
+
+// ValidAgentVersion says whether s can be an agent's version string
+// (empty allowed: a development build).
+func ValidAgentVersion(s string) bool { return versionRe.MatchString(s) }
+
+// FindCVEs returns the CVE ids in text, in order, each once.
+func FindCVEs(text string) []string {
+	var ids []string
+	for _, c := range cveFindRe.FindAllString(text, -1) {
+		if !contains(ids, c) {
+			ids = append(ids, c)
+		}
+	}
+	return ids
+}
+
+func validSHA256(s string) bool { return sha256Re.MatchString(s) }
+func validSymbol(s string) bool { return symbolRe.MatchString(s) }
+
+func contains(list []string, s string) bool {
+	for _, v := range list {
+		if v == s {
+			return true
+		}
+	}
+	return false
+}
+
+// Target is a bundle's name in a repository, RELEASE/NAME-HASH16.stitch:
+// the kernel release as a directory, then the patch's name and the first
+// 16 hex digits of the bundle's SHA-256, so two builds never collide and
+// a name pins exact content.
+type Target struct {
+	Release, Name string
+	Hash          string // 16 hex digits of the bundle's SHA-256
+}
+
+// TargetName names the bundle whose SHA-256 (lower-case hex) is bundleHash,
+// built from manifest m.
+func TargetName(m *Manifest, bundleHash string) string {
+	return Target{Release: m.Kernel.Release, Name: m.Name, Hash: bundleHash[:min(16, len(bundleHash))]}.String()
+}
+
+func (t Target) String() string { return fmt.Sprintf("%s/%s-%s.stitch", t.Release, t.Name, t.Hash) }
+
+// ParseTarget splits a target name into its parts, or says what a target
+// name looks like.
+func ParseTarget(s string) (Target, error) {
+	m := targetRe.FindStringSubmatch(s)
+	if m == nil {
+		return Target{}, fmt.Errorf("target %q: want a repository target name, RELEASE/NAME-HASH16.stitch (see `stitch repo list`)", s)
+	}
+	return Target{Release: m[1], Name: m[2], Hash: m[3]}, nil
+}
+
+// ValidTarget says whether s is a well-formed target name.
+func ValidTarget(s string) bool { return targetRe.MatchString(s) }
+
+// Matches says whether target t can hold a bundle built from m: the same
+// kernel release and patch name. A bundle filed under another name would
+// let one patch pose as another.
+func (t Target) Matches(m *Manifest) bool {
+	return t.Release == m.Kernel.Release && t.Name == m.Name
+}
