@@ -322,19 +322,19 @@ func TestDelayedChannelFollowsTheStages(t *testing.T) {
 	}
 	first, second, last := machine(0, 0.01), machine(0.01, 0.10), machine(0.5, 1)
 	now = t0.Add(4 * time.Hour) // the canary channel is at 100%
-	if s.offered(p, first, false) {
+	if s.offered(p, first) {
 		t.Fatal("offered before the channel's delay")
 	}
 	now = t0.Add(24*time.Hour + 30*time.Minute)
-	if !s.offered(p, first, false) || s.offered(p, second, false) || s.offered(p, last, false) {
+	if !s.offered(p, first) || s.offered(p, second) || s.offered(p, last) {
 		t.Fatal("a day later the main channel must be at the first stage only")
 	}
 	now = t0.Add(25*time.Hour + time.Minute)
-	if !s.offered(p, second, false) || s.offered(p, last, false) {
+	if !s.offered(p, second) || s.offered(p, last) {
 		t.Fatal("a day and an hour later the main channel must be at the second stage")
 	}
 	now = t0.Add(27 * time.Hour)
-	if !s.offered(p, last, false) {
+	if !s.offered(p, last) {
 		t.Fatal("a day and three hours later the main channel must be at 100%")
 	}
 }

@@ -27,19 +27,19 @@ func (s *Server) self(w http.ResponseWriter, r *http.Request, m store.Machine) {
 	reply(w, http.StatusOK, v)
 }
 
-// offered says whether machine m may receive patch p now: same kernel
+// offered says whether machine m may be offered patch p now: same kernel
 // (release and build-id), the rollout running (or complete), the patch
 // within the channel's cutoff and the group's pin, and the machine's rank
 // within the share of the stage its channel has reached. A channel with a
 // deploy delay follows the rollout's stages that much later, so its
 // machines get a patch in stages too, after the earlier channels had it.
-// anyState leaves out the rollout's state: a machine that was offered the
-// patch may still report on it after the rollout stopped.
-func (s *Server) offered(p store.Patch, m store.Machine, anyState bool) bool {
+// The offers a check-in makes are recorded: those machines, and only
+// those, may report on the patch, even after the rollout stopped.
+func (s *Server) offered(p store.Patch, m store.Machine) bool {
 	switch {
 	case p.KernelRelease != m.KernelRelease || p.KernelBuildID != m.KernelBuildID:
 		return false
-	case !anyState && !rollout.State(p.State).Offers():
+	case !rollout.State(p.State).Offers():
 		return false
 	case !m.Cutoff.IsZero() && p.RegisteredAt.After(m.Cutoff), !m.Pin.IsZero() && p.RegisteredAt.After(m.Pin):
 		return false
@@ -105,7 +105,7 @@ func (s *Server) checkIn(w http.ResponseWriter, r *http.Request, m store.Machine
 		switch {
 		case state == api.StateApplied && p.State == string(rollout.Blocklisted):
 			resp.Actions = append(resp.Actions, api.Action{Target: p.Target, Name: p.Name, CVEs: p.CVEs, Op: api.OpRevert})
-		case !known && s.offered(p, m, false):
+		case !known && s.offered(p, m):
 			// A patch the machine reported in any state (failed, refused,
 			// reverted) is not offered again: its agent decided.
 			resp.Actions = append(resp.Actions, api.Action{Target: p.Target, Name: p.Name, CVEs: p.CVEs, Op: api.OpApply})
@@ -225,8 +225,8 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine)
 		if err := tx.PutHealth(store.HealthReport{Target: p.Target, MachineID: m.ID, Check: h.Check, Healthy: h.Healthy, Reason: h.Reason, Detail: h.Detail, At: now}); err != nil {
 			return err
 		}
-		if !newlyFailed {
-			return nil
+		if !newlyFailed || p.State == string(rollout.Blocklisted) {
+			return nil // nothing to decide (Decide keeps a blocklisting): spare the counts
 		}
 		// A new failure is judged at once, whatever the rollout's state:
 		// halted or complete, past both thresholds machines that have it

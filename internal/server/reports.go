@@ -28,7 +28,7 @@ func (s *Server) patchReport(p store.Patch, machines []store.Machine, rms []stor
 			continue
 		}
 		rep.Eligible++
-		if !took[m.ID] && s.offered(p, m, false) {
+		if !took[m.ID] && s.offered(p, m) {
 			rep.Pending++
 		}
 	}
