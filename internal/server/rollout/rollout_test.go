@@ -417,7 +417,8 @@ func TestDecideExhaustively(t *testing.T) {
 			}
 		}
 	}
-	for _, a := range keysets[:len(keysets):len(keysets)] {
+	one := keysets
+	for _, a := range one { // and a second key, healthy or not
 		for _, f := range []int{0, 1, 3} {
 			keysets = append(keysets, append([]KeyCounts{{Key: "b", Failed: f, Healthy: 6}}, a...))
 		}
