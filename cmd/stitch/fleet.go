@@ -152,9 +152,16 @@ func fleetReport(ctx context.Context, st *stdio, c *api.Client, kind string, asJ
 	case "patches":
 		var rs []api.PatchReport
 		json.Unmarshal(raw, &rs)
-		fmt.Fprintln(tw, "TARGET\tSTATE\tSTAGE\tELIGIBLE\tAPPLIED\tHEALTHY\tFAILED\tPENDING\tCVES")
+		fmt.Fprintln(tw, "TARGET\tSTATE\tSTAGE\tELIGIBLE\tAPPLIED\tHEALTHY\tLOST\tFAILED\tPENDING\tCVES")
 		for _, r := range rs {
-			fmt.Fprintf(tw, "%s\t%s\t%d (%.0f%%)\t%d\t%d\t%d\t%d\t%d\t%s\n", r.Target, r.State, r.Stage, r.Share*100, r.Eligible, r.Applied, r.Healthy, r.Failed, r.Pending, strings.Join(r.CVEs, " "))
+			fmt.Fprintf(tw, "%s\t%s\t%d (%.0f%%)\t%d\t%d\t%d\t%d\t%d\t%d\t%s\n", r.Target, r.State, r.Stage, r.Share*100, r.Eligible, r.Applied, r.Healthy, r.Lost, r.Failed, r.Pending, strings.Join(r.CVEs, " "))
+		}
+		// Why stopped rollouts stopped, under the table.
+		tw.Flush()
+		for _, r := range rs {
+			if r.Reason != "" && r.State != "running" && r.State != "complete" {
+				fmt.Fprintf(st.out, "%s %s: %s\n", r.Target, r.State, r.Reason)
+			}
 		}
 	case "machines":
 		var rs []api.MachineReport

@@ -27,12 +27,15 @@ func runServer(ctx context.Context, st *stdio, args []string) error {
 	dir := fs.String("dir", "stitch-repo", "repository directory made by `stitch repo init`")
 	every := fs.Duration("checkin-interval", time.Hour, "how long machines are told to wait between check-ins")
 	stages := fs.String("stages", "1,10,50,100", "rollout stages, percent of eligible machines, growing to 100")
-	maxFailures := fs.Int("max-failures", rollout.DefaultPolicy.MaxFailures, "failures a rollout tolerates; one more blocklists the patch")
-	maxRate := fs.Float64("max-failure-rate", rollout.DefaultPolicy.MaxRate*100, "percent of machines that may fail (once 10 took part); more blocklists the patch")
+	maxFailures := fs.Int("max-failures", rollout.DefaultPolicy.MaxFailures,
+		fmt.Sprintf("failures a rollout tolerates (each enrollment key's counting for at most max(%d, half its machines)); more halt it for an operator, or blocklist the patch past --max-failure-rate too", rollout.DefaultMaxFailuresPerKey))
+	maxRate := fs.Float64("max-failure-rate", rollout.DefaultPolicy.MaxRate*100,
+		fmt.Sprintf("percent of machines that may fail (once %d took part); more, with more than --max-failures, blocklists the patch", rollout.DefaultMinMachines))
 	if err := fs.Parse(args); err != nil {
 		return usageError{err}
 	}
-	policy := rollout.Policy{Checks: rollout.DefaultPolicy.Checks, MaxFailures: *maxFailures, MaxRate: *maxRate / 100}
+	policy := rollout.DefaultPolicy
+	policy.Stages, policy.MaxFailures, policy.MaxRate = nil, *maxFailures, *maxRate/100
 	for _, f := range strings.Split(*stages, ",") {
 		pct, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
 		if err != nil {

@@ -49,7 +49,7 @@ func (s *Server) registerPatch(w http.ResponseWriter, r *http.Request) {
 	}
 	s.metrics.event("started")
 	s.log().Info("rollout started", "target", p.Target, "kernel", p.KernelRelease, "build_id", p.KernelBuildID, "cves", p.CVEs)
-	reply(w, http.StatusCreated, s.patchReport(p, nil, nil))
+	reply(w, http.StatusCreated, s.patchReport(p, nil, nil, nil))
 }
 
 // operate is the operator's halt, resume and blocklist.
@@ -68,27 +68,28 @@ func (s *Server) operate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var out store.Patch
-	err := s.Store.Rollout(r.Context(), target, func(_ store.RolloutTx, p *store.Patch) error {
-		// The rollout package's rules decide which transitions are allowed.
-		ro := &rollout.Rollout{Patch: p.Target, Policy: s.policy(), Stage: p.Stage, State: rollout.State(p.State), Reason: p.Reason}
+	err := s.Store.Rollout(r.Context(), target, func(tx store.RolloutTx, p *store.Patch) error {
+		// The rule book decides which transitions are allowed.
+		state, err := rollout.Operate(rollout.State(p.State), rollout.Op(op))
+		if err != nil {
+			return fmt.Errorf("%w: rollout of %s: %v", errConflict, p.Target, err)
+		}
 		reason := req.Reason
 		if reason == "" {
 			reason = "by the operator"
 		}
-		switch op {
-		case "halt":
-			ro.Halt(reason)
-			if ro.State != rollout.Halted {
-				return fmt.Errorf("%w: rollout of %s is %s, only a running one can be halted", errConflict, p.Target, p.State)
+		switch state {
+		case rollout.Running:
+			// Resuming accepts the failures counted so far: the
+			// thresholds apply to those that come after.
+			pol := s.policy()
+			keys, err := tx.Counts(len(pol.Checks), s.silentBefore(s.now()))
+			if err != nil {
+				return err
 			}
-		case "resume":
-			if err := ro.Resume(); err != nil {
-				return fmt.Errorf("%w: %v", errConflict, err)
-			}
-		case "blocklist":
-			ro.Blocklist(reason)
+			p.Tolerated, reason = pol.Tally(keys).Counted, ""
 		}
-		p.State, p.Reason, p.UpdatedAt = string(ro.State), ro.Reason, s.now()
+		p.State, p.Reason, p.UpdatedAt = string(state), reason, s.now()
 		out = *p
 		return nil
 	})
@@ -105,7 +106,7 @@ func (s *Server) operate(w http.ResponseWriter, r *http.Request) {
 	}
 	s.metrics.event(map[string]string{"halt": "halted", "resume": "resumed", "blocklist": "blocklisted"}[op])
 	s.log().Warn("rollout "+op+" by the operator", "target", target, "reason", req.Reason)
-	reply(w, http.StatusOK, s.patchReport(out, nil, nil))
+	reply(w, http.StatusOK, s.patchReport(out, nil, nil, nil))
 }
 
 var errConflict = errors.New("conflict")

@@ -27,19 +27,19 @@ func (s *Server) self(w http.ResponseWriter, r *http.Request, m store.Machine) {
 	reply(w, http.StatusOK, v)
 }
 
-// offered says whether machine m may receive patch p now: same kernel
+// offered says whether machine m may be offered patch p now: same kernel
 // (release and build-id), the rollout running (or complete), the patch
 // within the channel's cutoff and the group's pin, and the machine's rank
 // within the share of the stage its channel has reached. A channel with a
 // deploy delay follows the rollout's stages that much later, so its
 // machines get a patch in stages too, after the earlier channels had it.
-// anyState leaves out the rollout's state: a machine that was offered the
-// patch may still report on it after the rollout stopped.
-func (s *Server) offered(p store.Patch, m store.Machine, anyState bool) bool {
+// The offers a check-in makes are recorded: those machines, and only
+// those, may report on the patch, even after the rollout stopped.
+func (s *Server) offered(p store.Patch, m store.Machine) bool {
 	switch {
 	case p.KernelRelease != m.KernelRelease || p.KernelBuildID != m.KernelBuildID:
 		return false
-	case !anyState && p.State != string(rollout.Running) && p.State != string(rollout.Complete):
+	case !rollout.State(p.State).Offers():
 		return false
 	case !m.Cutoff.IsZero() && p.RegisteredAt.After(m.Cutoff), !m.Pin.IsZero() && p.RegisteredAt.After(m.Pin):
 		return false
@@ -65,12 +65,8 @@ func (s *Server) stageAt(p store.Patch, t time.Time) int {
 	return stage
 }
 
-// shareOf is the share of machines a stage reaches. A stage past the
-// policy's last (the server restarted with fewer stages) reaches everyone.
-func (s *Server) shareOf(stage int) float64 {
-	st := s.policy().Stages
-	return st[min(max(stage, 0), len(st)-1)]
-}
+// shareOf is the share of machines a stage reaches.
+func (s *Server) shareOf(stage int) float64 { return s.policy().Share(stage) }
 
 func (s *Server) checkIn(w http.ResponseWriter, r *http.Request, m store.Machine) {
 	var req api.CheckIn
@@ -103,15 +99,25 @@ func (s *Server) checkIn(w http.ResponseWriter, r *http.Request, m store.Machine
 		return
 	}
 	resp := api.CheckInResponse{Actions: []api.Action{}, NextCheckinSeconds: int(s.checkInEvery().Seconds()), Checks: s.schedule()}
+	var offers []string
 	for _, p := range patches {
 		state, known := reported[p.Target]
 		switch {
 		case state == contract.StateApplied && p.State == string(rollout.Blocklisted):
 			resp.Actions = append(resp.Actions, api.Action{Target: p.Target, Name: p.Name, CVEs: p.CVEs, Op: api.OpRevert})
-		case !known && s.offered(p, m, false):
+		case !known && s.offered(p, m):
 			// A patch the machine reported in any state (failed, refused,
 			// reverted) is not offered again: its agent decided.
 			resp.Actions = append(resp.Actions, api.Action{Target: p.Target, Name: p.Name, CVEs: p.CVEs, Op: api.OpApply})
+			offers = append(offers, p.Target)
+		}
+	}
+	// Recorded before the answer: only a machine offered a patch may
+	// report on it.
+	if len(offers) > 0 {
+		if err := s.Store.RecordOffers(r.Context(), m.ID, offers, now); err != nil {
+			s.internal(w, "check-in", err)
+			return
 		}
 	}
 	s.metrics.checkins.Add(1)
@@ -134,6 +140,42 @@ func (s *Server) schedule() contract.Schedule { return contract.NewSchedule(s.po
 // offered: it must not widen a rollout, nor count against one, by itself.
 var errNotOffered = errors.New("not offered")
 
+// silentBefore is the time before which a machine short of a check must
+// last have been heard from to count as lost.
+func (s *Server) silentBefore(now time.Time) time.Time {
+	return now.Add(-rollout.SilentAfter(s.checkInEvery()))
+}
+
+// decide runs the rule book on p's rollout inside its transaction and
+// applies the decision to p; it returns the event to count and log ("" for
+// none). The stage has soaked when it lasted a check-in interval since the
+// rollout last changed.
+func (s *Server) decide(tx store.RolloutTx, p *store.Patch, now time.Time) (event string, err error) {
+	pol := s.policy()
+	keys, err := tx.Counts(len(pol.Checks), s.silentBefore(now))
+	if err != nil {
+		return "", err
+	}
+	st := rollout.Status{State: rollout.State(p.State), Stage: p.Stage, Soaked: now.Sub(p.UpdatedAt) >= s.checkInEvery(), Tolerated: p.Tolerated}
+	d := rollout.Decide(pol, st, keys)
+	switch d.Action {
+	case rollout.Advance:
+		p.Stage++
+		p.StageStarted = append(p.StageStarted, now)
+		event = "advanced"
+	case rollout.Finish:
+		p.State, event = string(rollout.Complete), "completed"
+	case rollout.Halt:
+		p.State, p.Reason, event = string(rollout.Halted), d.Reason, "halted"
+	case rollout.Blocklist:
+		p.State, p.Reason, event = string(rollout.Blocklisted), d.Reason, "blocklisted"
+	default:
+		return "", nil
+	}
+	p.UpdatedAt = now
+	return event, nil
+}
+
 func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine) {
 	var h api.Health
 	if !decode(w, r, &h) {
@@ -144,7 +186,7 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine)
 		return
 	}
 	pol, now := s.policy(), s.now()
-	var event string
+	var event, reason string
 	err := s.Store.Rollout(r.Context(), h.Target, func(tx store.RolloutTx, p *store.Patch) error {
 		if p.Name != h.Name {
 			return fmt.Errorf("%w: target %s is patch %s, not %s", errNotOffered, p.Target, p.Name, h.Name)
@@ -155,13 +197,20 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine)
 		}
 		if !ok {
 			// The first report, whatever its check, starts the machine's
-			// clock; it must have been offered the patch (perhaps just
-			// before the rollout stopped).
-			if !s.offered(*p, m, true) {
-				return fmt.Errorf("%w: %s was not offered %s (kernel %s, stage %d, %s)", errNotOffered, m.ID, p.Target, m.KernelRelease, p.Stage, p.State)
+			// clock; the server must have offered it the patch (perhaps
+			// just before the rollout stopped).
+			offered, err := tx.Offered(m.ID)
+			if err != nil {
+				return err
+			}
+			if !offered {
+				return fmt.Errorf("%w: %s was not offered %s (%s at stage %d): check in first, the server offers what it rolls out",
+					errNotOffered, m.ID, p.Target, p.State, p.Stage)
 			}
 			rm.AppliedAt = now
 		}
+		// A failure counts once per machine: a machine that failed stays
+		// failed whatever it reports next.
 		newlyFailed := !h.Healthy && !rm.Failed
 		switch {
 		case newlyFailed:
@@ -169,6 +218,7 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine)
 		case h.Healthy && !rm.Failed:
 			rm.Checks = pol.ChecksPassed(rm.AppliedAt, now, rm.Checks, s.schedule().Index(h.Check))
 		}
+		rm.LastReport = now
 		if err := tx.PutMachine(rm); err != nil {
 			return err
 		}
@@ -176,18 +226,17 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine)
 			return err
 		}
 		if !newlyFailed || p.State == string(rollout.Blocklisted) {
-			return nil
+			return nil // nothing to decide (Decide keeps a blocklisting): spare the counts
 		}
-		// Past the threshold a patch is blocklisted whatever its state:
-		// halted or complete, machines that have it must still revert.
-		c, err := tx.Counts(len(pol.Checks))
-		if err != nil {
+		// A new failure is judged at once, whatever the rollout's state:
+		// halted or complete, past both thresholds machines that have it
+		// must still revert.
+		if event, err = s.decide(tx, p, now); err != nil {
 			return err
 		}
-		if pol.Exceeded(c.Failed, c.Machines) {
-			p.State = string(rollout.Blocklisted)
-			p.Reason = fmt.Sprintf("%d of %d machines failed at stage %d (last: %s: %s)", c.Failed, c.Machines, p.Stage, m.ID, h.Reason)
-			p.UpdatedAt, event = now, "blocklisted"
+		if event == "halted" || event == "blocklisted" {
+			p.Reason = fmt.Sprintf("%s (last: %s: %s)", p.Reason, m.ID, h.Reason)
+			reason = p.Reason
 		}
 		return nil
 	})
@@ -210,57 +259,51 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine)
 	}
 	if event != "" {
 		s.metrics.event(event)
-		s.log().Warn("rollout "+event, "target", h.Target, "machine", m.ID)
+		s.log().Warn("rollout "+event, "target", h.Target, "machine", m.ID, "reason", reason)
 	}
 	w.WriteHeader(http.StatusNoContent)
 }
 
-// Tick advances every running rollout whose stage is done: the stage has
-// lasted a check-in interval (so each machine in it had its chance to
-// check in and take the patch) and every machine that applied the patch
-// and did not fail passed every health check (failures within the
-// tolerance do not hold it back; past it the patch is blocklisted). A stage nobody took after that long (a small
-// fleet's 1% is often nobody) moves on too, so small fleets are not stuck;
-// the last stage completes only with machines. Serve calls it every 30
-// seconds; it is safe on several replicas at once, as each rollout is
-// decided inside its locked transaction.
+// Tick runs the rule book (rollout.Decide) on every running rollout whose
+// stage has lasted a check-in interval, so that each machine in it had its
+// chance to check in and take the patch: it advances the stage once every
+// machine that applied the patch and did not fail passed every health
+// check, machines silent for longer than rollout.SilentAfter counting as
+// lost instead of holding it; a stage nobody took after that long moves
+// on too, so small fleets are not stuck; the last stage completes only
+// with a healthy machine. Counts that changed with no new failure (lost
+// machines, the per-key caps) can halt or blocklist it here too. Serve
+// calls it every 30 seconds; it is safe on several replicas at once, as
+// each rollout is decided inside its locked transaction.
 func (s *Server) Tick(ctx context.Context) error {
 	ps, err := s.Store.Patches(ctx)
 	if err != nil {
 		return fmt.Errorf("tick: %w", err)
 	}
-	pol, now, soak := s.policy(), s.now(), s.checkInEvery()
+	now, soak := s.now(), s.checkInEvery()
 	for _, p := range ps {
 		if p.State != string(rollout.Running) || now.Sub(p.UpdatedAt) < soak {
 			continue
 		}
-		var event string
+		var event, reason string
 		err := s.Store.Rollout(ctx, p.Target, func(tx store.RolloutTx, p *store.Patch) error {
 			if p.State != string(rollout.Running) || now.Sub(p.UpdatedAt) < soak {
 				return nil // another replica was first
 			}
-			c, err := tx.Counts(len(pol.Checks))
-			if err != nil {
-				return err
-			}
-			last := p.Stage >= len(pol.Stages)-1
-			switch {
-			case rollout.CanAdvance(c.Machines, c.Failed, c.Unfinished) && last:
-				p.State, event = string(rollout.Complete), "completed"
-			case rollout.CanAdvance(c.Machines, c.Failed, c.Unfinished), c.Machines == 0 && !last:
-				p.Stage++
-				p.StageStarted = append(p.StageStarted, now)
-				event = "advanced"
-			default:
-				return nil
-			}
-			p.UpdatedAt = now
-			return nil
+			var derr error
+			event, derr = s.decide(tx, p, now)
+			reason = p.Reason
+			return derr
 		})
 		if err != nil {
 			return fmt.Errorf("tick: %w", err)
 		}
-		if event != "" {
+		switch event {
+		case "":
+		case "halted", "blocklisted":
+			s.metrics.event(event)
+			s.log().Warn("rollout "+event, "target", p.Target, "reason", reason)
+		default:
 			s.metrics.event(event)
 			s.log().Info("rollout "+event, "target", p.Target)
 		}

@@ -13,30 +13,23 @@ import (
 // Reports read the whole fleet: they are for operators, a few times a
 // minute at most, not for the machines' hot path.
 
-// patchReport sums up p's rollout over machines (nil: counts left zero).
-func (s *Server) patchReport(p store.Patch, machines []store.Machine, rms []store.RolloutMachine) api.PatchReport {
-	pol := s.policy()
+// patchReport sums up p's rollout over machines, rms (the machines in
+// it) and keys (its counts by enrollment key); nil leaves counts zero.
+func (s *Server) patchReport(p store.Patch, machines []store.Machine, rms []store.RolloutMachine, keys []rollout.KeyCounts) api.PatchReport {
+	t := s.policy().Tally(keys)
 	rep := api.PatchReport{Target: p.Target, Name: p.Name, KernelRelease: p.KernelRelease, KernelBuildID: p.KernelBuildID,
-		CVEs: append([]string{}, p.CVEs...), RegisteredAt: p.RegisteredAt, State: p.State, Reason: p.Reason, Stage: p.Stage, Share: s.shareOf(p.Stage)}
+		CVEs: append([]string{}, p.CVEs...), RegisteredAt: p.RegisteredAt, State: p.State, Reason: p.Reason, Stage: p.Stage, Share: s.shareOf(p.Stage),
+		Applied: t.Healthy + t.Unfinished + t.Lost, Healthy: t.Healthy, Failed: t.Failed, Lost: t.Lost, Counted: t.Counted}
 	took := map[string]bool{}
 	for _, rm := range rms {
 		took[rm.MachineID] = true
-		switch {
-		case rm.Failed:
-			rep.Failed++
-		case rm.Checks >= len(pol.Checks):
-			rep.Applied++
-			rep.Healthy++
-		default:
-			rep.Applied++
-		}
 	}
 	for _, m := range machines {
 		if m.KernelRelease != p.KernelRelease || m.KernelBuildID != p.KernelBuildID {
 			continue
 		}
 		rep.Eligible++
-		if !took[m.ID] && s.offered(p, m, false) {
+		if !took[m.ID] && s.offered(p, m) {
 			rep.Pending++
 		}
 	}
@@ -54,6 +47,7 @@ func (s *Server) reportPatches(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "report", err)
 		return
 	}
+	checks, silent := len(s.policy().Checks), s.silentBefore(s.now())
 	out := []api.PatchReport{}
 	for _, p := range ps {
 		rms, err := s.Store.RolloutMachines(r.Context(), p.Target)
@@ -61,7 +55,12 @@ func (s *Server) reportPatches(w http.ResponseWriter, r *http.Request) {
 			s.internal(w, "report", err)
 			return
 		}
-		out = append(out, s.patchReport(p, ms, rms))
+		keys, err := s.Store.RolloutCounts(r.Context(), p.Target, checks, silent)
+		if err != nil {
+			s.internal(w, "report", err)
+			return
+		}
+		out = append(out, s.patchReport(p, ms, rms, keys))
 	}
 	reply(w, http.StatusOK, out)
 }

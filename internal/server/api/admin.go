@@ -69,6 +69,12 @@ type PatchReport struct {
 	Healthy       int       `json:"healthy"`  // applied and passed every check
 	Failed        int       `json:"failed"`
 	Pending       int       `json:"pending"` // offered now, not applied yet
+	// Lost: applied, short of a check, and silent (no check-in, no
+	// report) for over two check-in intervals; they no longer hold a stage.
+	Lost int `json:"lost"`
+	// Counted: the failures the rollout's thresholds count, at most a
+	// bounded number per enrollment key.
+	Counted int `json:"counted"`
 }
 
 // MachineReport is one machine's patch level.

@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/stitchpatch/stitch/internal/server/rollout"
 )
 
 // DefaultGroup is the group of machines enrolled without one.
@@ -53,6 +55,9 @@ type Patch struct {
 	// the registration): a channel with a deploy delay follows the same
 	// stages that much later.
 	StageStarted []time.Time
+	// Tolerated are the counted failures an operator accepted by resuming
+	// the rollout (rollout.Status.Tolerated).
+	Tolerated int
 }
 
 // RolloutMachine is a machine that applied (or failed to apply) a patch.
@@ -62,12 +67,10 @@ type RolloutMachine struct {
 	Checks            int
 	Failed            bool
 	Reason            string
-}
-
-// RolloutCounts summarises a patch's rollout machines.
-type RolloutCounts struct {
-	Machines, Failed int
-	Unfinished       int // not failed and short of the given number of checks
+	// LastReport is the machine's latest health report on the patch:
+	// with its last check-in, it tells a silent machine (lost) from one
+	// still working through its checks.
+	LastReport time.Time
 }
 
 // HealthReport is a machine's latest report at one check of one patch.
@@ -83,7 +86,11 @@ type HealthReport struct {
 type RolloutTx interface {
 	Machine(id string) (RolloutMachine, bool, error)
 	PutMachine(RolloutMachine) error
-	Counts(checks int) (RolloutCounts, error)
+	// Offered says whether the patch was offered to the machine.
+	Offered(machineID string) (bool, error)
+	// Counts are the rollout's machines by enrollment key (see
+	// Fleet.RolloutCounts).
+	Counts(checks int, silentBefore time.Time) ([]rollout.KeyCounts, error)
 	PutHealth(HealthReport) error
 }
 
@@ -106,6 +113,15 @@ type Fleet interface {
 	Patches(ctx context.Context) ([]Patch, error)
 	PatchesForKernel(ctx context.Context, release, buildID string) ([]Patch, error)
 	RolloutMachines(ctx context.Context, target string) ([]RolloutMachine, error)
+	// RolloutCounts are the machines that reported on the patch, by the
+	// enrollment key they enrolled with: failed, healthy (not failed, at
+	// least checks passed), unfinished (short of checks, heard from, by a
+	// check-in or a report on the patch, at or after silentBefore) and
+	// lost (short of checks and silent since before it).
+	RolloutCounts(ctx context.Context, target string, checks int, silentBefore time.Time) ([]rollout.KeyCounts, error)
+	// RecordOffers records that machineID was offered targets at at (a
+	// target offered before keeps its first time).
+	RecordOffers(ctx context.Context, machineID string, targets []string, at time.Time) error
 	// Rollout runs fn on the patch's rollout in one transaction; p is
 	// written back when fn returns nil.
 	Rollout(ctx context.Context, target string, fn func(tx RolloutTx, p *Patch) error) error
@@ -272,9 +288,9 @@ func (s *SQL) Groups(ctx context.Context) ([]Group, error) {
 }
 
 func (s *SQL) RegisterPatch(ctx context.Context, p Patch) error {
-	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO patches (target, name, kernel_release, kernel_build_id, cves, description, registered_at, stage, state, reason, updated_at, stage_started)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
-		p.Target, p.Name, p.KernelRelease, p.KernelBuildID, strings.Join(p.CVEs, " "), p.Description, unix(p.RegisteredAt), p.Stage, p.State, p.Reason, unix(p.UpdatedAt), joinTimes(p.StageStarted))
+	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO patches (target, name, kernel_release, kernel_build_id, cves, description, registered_at, stage, state, reason, updated_at, stage_started, tolerated)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
+		p.Target, p.Name, p.KernelRelease, p.KernelBuildID, strings.Join(p.CVEs, " "), p.Description, unix(p.RegisteredAt), p.Stage, p.State, p.Reason, unix(p.UpdatedAt), joinTimes(p.StageStarted), p.Tolerated)
 	if err != nil {
 		if _, e := s.Patch(ctx, p.Target); e == nil {
 			return fmt.Errorf("patch %s: %w", p.Target, ErrExists)
@@ -284,13 +300,13 @@ func (s *SQL) RegisterPatch(ctx context.Context, p Patch) error {
 	return nil
 }
 
-const patchSelect = `SELECT target, name, kernel_release, kernel_build_id, cves, description, registered_at, stage, state, reason, updated_at, stage_started FROM patches`
+const patchSelect = `SELECT target, name, kernel_release, kernel_build_id, cves, description, registered_at, stage, state, reason, updated_at, stage_started, tolerated FROM patches`
 
 func scanPatch(row interface{ Scan(...any) error }) (Patch, error) {
 	var p Patch
 	var cves, started string
 	var reg, upd int64
-	err := row.Scan(&p.Target, &p.Name, &p.KernelRelease, &p.KernelBuildID, &cves, &p.Description, &reg, &p.Stage, &p.State, &p.Reason, &upd, &started)
+	err := row.Scan(&p.Target, &p.Name, &p.KernelRelease, &p.KernelBuildID, &cves, &p.Description, &reg, &p.Stage, &p.State, &p.Reason, &upd, &started, &p.Tolerated)
 	p.CVEs, p.RegisteredAt, p.UpdatedAt = strings.Fields(cves), fromUnix(reg), fromUnix(upd)
 	for _, f := range strings.Fields(started) {
 		v, _ := strconv.ParseInt(f, 10, 64)
@@ -343,7 +359,7 @@ func (s *SQL) PatchesForKernel(ctx context.Context, release, buildID string) ([]
 }
 
 func (s *SQL) RolloutMachines(ctx context.Context, target string) ([]RolloutMachine, error) {
-	rows, err := s.db.QueryContext(ctx, s.q(`SELECT target, machine_id, applied_at, checks, failed, reason FROM rollout_machines WHERE target = ? ORDER BY machine_id`), target)
+	rows, err := s.db.QueryContext(ctx, s.q(`SELECT target, machine_id, applied_at, checks, failed, reason, last_report FROM rollout_machines WHERE target = ? ORDER BY machine_id`), target)
 	if err != nil {
 		return nil, err
 	}
@@ -351,15 +367,63 @@ func (s *SQL) RolloutMachines(ctx context.Context, target string) ([]RolloutMach
 	var out []RolloutMachine
 	for rows.Next() {
 		var m RolloutMachine
-		var at int64
+		var at, last int64
 		var failed int
-		if err := rows.Scan(&m.Target, &m.MachineID, &at, &m.Checks, &failed, &m.Reason); err != nil {
+		if err := rows.Scan(&m.Target, &m.MachineID, &at, &m.Checks, &failed, &m.Reason, &last); err != nil {
 			return nil, err
 		}
-		m.AppliedAt, m.Failed = fromUnix(at), failed != 0
+		m.AppliedAt, m.Failed, m.LastReport = fromUnix(at), failed != 0, fromUnix(last)
 		out = append(out, m)
 	}
 	return out, rows.Err()
+}
+
+// countsQuery sorts a rollout's machines by key into the classes of
+// rollout.KeyCounts. Machines rows are joined, so a machine that no
+// longer exists does not count.
+const countsQuery = `SELECT m.key_id,
+	COALESCE(SUM(CASE WHEN rm.failed <> 0 THEN 1 ELSE 0 END), 0),
+	COALESCE(SUM(CASE WHEN rm.failed = 0 AND rm.checks >= ? THEN 1 ELSE 0 END), 0),
+	COALESCE(SUM(CASE WHEN rm.failed = 0 AND rm.checks < ? AND (m.last_checkin >= ? OR rm.last_report >= ?) THEN 1 ELSE 0 END), 0),
+	COALESCE(SUM(CASE WHEN rm.failed = 0 AND rm.checks < ? AND m.last_checkin < ? AND rm.last_report < ? THEN 1 ELSE 0 END), 0)
+	FROM rollout_machines rm JOIN machines m ON m.id = rm.machine_id
+	WHERE rm.target = ? GROUP BY m.key_id ORDER BY m.key_id`
+
+func (s *SQL) rolloutCounts(ctx context.Context, db interface {
+	QueryContext(context.Context, string, ...any) (*sql.Rows, error)
+}, target string, checks int, silentBefore time.Time) ([]rollout.KeyCounts, error) {
+	cut := unix(silentBefore)
+	rows, err := db.QueryContext(ctx, s.q(countsQuery), checks, checks, cut, cut, checks, cut, cut, target)
+	if err != nil {
+		return nil, fmt.Errorf("rollout counts %s: %w", target, err)
+	}
+	defer rows.Close()
+	var out []rollout.KeyCounts
+	for rows.Next() {
+		var k rollout.KeyCounts
+		if err := rows.Scan(&k.Key, &k.Failed, &k.Healthy, &k.Unfinished, &k.Lost); err != nil {
+			return nil, fmt.Errorf("rollout counts %s: %w", target, err)
+		}
+		out = append(out, k)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("rollout counts %s: %w", target, err)
+	}
+	return out, nil
+}
+
+func (s *SQL) RolloutCounts(ctx context.Context, target string, checks int, silentBefore time.Time) ([]rollout.KeyCounts, error) {
+	return s.rolloutCounts(ctx, s.db, target, checks, silentBefore)
+}
+
+func (s *SQL) RecordOffers(ctx context.Context, machineID string, targets []string, at time.Time) error {
+	for _, t := range targets {
+		if _, err := s.db.ExecContext(ctx, s.q(`INSERT INTO patch_offers (target, machine_id, offered_at) VALUES (?, ?, ?) ON CONFLICT (target, machine_id) DO NOTHING`),
+			t, machineID, unix(at)); err != nil {
+			return fmt.Errorf("offer %s to %s: %w", t, machineID, err)
+		}
+	}
+	return nil
 }
 
 func (s *SQL) Rollout(ctx context.Context, target string, fn func(RolloutTx, *Patch) error) error {
@@ -378,8 +442,8 @@ func (s *SQL) Rollout(ctx context.Context, target string, fn func(RolloutTx, *Pa
 	if err := fn(&rolloutTx{s: s, tx: tx, ctx: ctx, target: target}, &p); err != nil {
 		return err
 	}
-	if _, err := tx.ExecContext(ctx, s.q(`UPDATE patches SET stage = ?, state = ?, reason = ?, updated_at = ?, stage_started = ? WHERE target = ?`),
-		p.Stage, p.State, p.Reason, unix(p.UpdatedAt), joinTimes(p.StageStarted), target); err != nil {
+	if _, err := tx.ExecContext(ctx, s.q(`UPDATE patches SET stage = ?, state = ?, reason = ?, updated_at = ?, stage_started = ?, tolerated = ? WHERE target = ?`),
+		p.Stage, p.State, p.Reason, unix(p.UpdatedAt), joinTimes(p.StageStarted), p.Tolerated, target); err != nil {
 		return fmt.Errorf("rollout %s: %w", target, err)
 	}
 	if err := tx.Commit(); err != nil {
@@ -397,15 +461,24 @@ type rolloutTx struct {
 
 func (r *rolloutTx) Machine(id string) (RolloutMachine, bool, error) {
 	m := RolloutMachine{Target: r.target, MachineID: id}
-	var at int64
+	var at, last int64
 	var failed int
-	err := r.tx.QueryRowContext(r.ctx, r.s.q(`SELECT applied_at, checks, failed, reason FROM rollout_machines WHERE target = ? AND machine_id = ?`), r.target, id).
-		Scan(&at, &m.Checks, &failed, &m.Reason)
+	err := r.tx.QueryRowContext(r.ctx, r.s.q(`SELECT applied_at, checks, failed, reason, last_report FROM rollout_machines WHERE target = ? AND machine_id = ?`), r.target, id).
+		Scan(&at, &m.Checks, &failed, &m.Reason, &last)
 	if errors.Is(err, sql.ErrNoRows) {
 		return m, false, nil
 	}
-	m.AppliedAt, m.Failed = fromUnix(at), failed != 0
+	m.AppliedAt, m.Failed, m.LastReport = fromUnix(at), failed != 0, fromUnix(last)
 	return m, err == nil, err
+}
+
+func (r *rolloutTx) Offered(id string) (bool, error) {
+	var one int
+	err := r.tx.QueryRowContext(r.ctx, r.s.q(`SELECT 1 FROM patch_offers WHERE target = ? AND machine_id = ?`), r.target, id).Scan(&one)
+	if errors.Is(err, sql.ErrNoRows) {
+		return false, nil
+	}
+	return err == nil, err
 }
 
 func (r *rolloutTx) PutMachine(m RolloutMachine) error {
@@ -413,15 +486,12 @@ func (r *rolloutTx) PutMachine(m RolloutMachine) error {
 	if m.Failed {
 		failed = 1
 	}
-	return r.s.upsert(r.ctx, r.tx, "rollout_machines", "target, machine_id", []string{"target", "machine_id", "applied_at", "checks", "failed", "reason"},
-		r.target, m.MachineID, unix(m.AppliedAt), m.Checks, failed, m.Reason)
+	return r.s.upsert(r.ctx, r.tx, "rollout_machines", "target, machine_id", []string{"target", "machine_id", "applied_at", "checks", "failed", "reason", "last_report"},
+		r.target, m.MachineID, unix(m.AppliedAt), m.Checks, failed, m.Reason, unix(m.LastReport))
 }
 
-func (r *rolloutTx) Counts(checks int) (RolloutCounts, error) {
-	var c RolloutCounts
-	err := r.tx.QueryRowContext(r.ctx, r.s.q(`SELECT COUNT(*), COALESCE(SUM(failed), 0), COALESCE(SUM(CASE WHEN failed = 0 AND checks < ? THEN 1 ELSE 0 END), 0)
-		FROM rollout_machines WHERE target = ?`), checks, r.target).Scan(&c.Machines, &c.Failed, &c.Unfinished)
-	return c, err
+func (r *rolloutTx) Counts(checks int, silentBefore time.Time) ([]rollout.KeyCounts, error) {
+	return r.s.rolloutCounts(r.ctx, r.tx, r.target, checks, silentBefore)
 }
 
 func (r *rolloutTx) PutHealth(h HealthReport) error {
