@@ -34,7 +34,7 @@ var (
 	ErrRevoked  = errors.New("enrollment key revoked")
 	// ErrGroupMismatch refuses an enrollment that names a group other
 	// than its key's: a key decides its machines' group.
-	ErrGroupMismatch = errors.New("the enrollment key gives another group")
+	ErrGroupMismatch = errors.New("machines join their key's group")
 	// ErrUnknownGroup wraps ErrNotFound: a machine group that does not exist.
 	ErrUnknownGroup = fmt.Errorf("machine group %w", ErrNotFound)
 )
@@ -60,10 +60,7 @@ type KeyInfo struct {
 // what its group's channel makes of patch eligibility.
 type Machine struct {
 	ID, KeyID, TokenHash, Hostname string
-	// HostID identifies the host across enrollments (an app-specific
-	// hash of its /etc/machine-id); empty for agents that send none.
-	HostID     string
-	EnrolledAt time.Time
+	EnrolledAt                     time.Time
 	Group                          string
 	KernelRelease, KernelBuildID   string
 	AgentVersion                   string
@@ -72,6 +69,10 @@ type Machine struct {
 	Channel     string
 	Delay       time.Duration // the channel's deploy delay
 	Cutoff, Pin time.Time     // zero: none
+
+	// HostID identifies the host across enrollments (an app-specific
+	// hash of its /etc/machine-id); empty for agents that send none.
+	HostID string
 }
 
 // Store is the storage interface the server uses.
