@@ -107,7 +107,8 @@ func TestReportLimiterIsBounded(t *testing.T) {
 			t.Fatalf("%d buckets, bound 8", len(l.buckets))
 		}
 	}
-	// A busy machine keeps its (empty) bucket while idle ones go.
+	// A busy machine keeps its bucket (and its log suppression) while
+	// refilled ones go.
 	busy := "busy"
 	l.take(busy, now)
 	l.take(busy, now)
@@ -120,6 +121,9 @@ func TestReportLimiterIsBounded(t *testing.T) {
 	later := now.Add(10 * time.Second)
 	for i := range 7 {
 		l.take(fmt.Sprint("n", i), later)
+	}
+	if _, kept := l.buckets[busy]; !kept || len(l.buckets) > 8 {
+		t.Fatalf("after eviction: busy kept %v, %d buckets", kept, len(l.buckets))
 	}
 	if v := l.take(busy, later); !v.ok {
 		t.Fatalf("ten seconds later the busy machine has tokens again: %+v", v)

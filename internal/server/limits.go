@@ -201,9 +201,8 @@ func (l *reportLimiter) take(id string, now time.Time) verdict {
 // nothing), and, when too few have, arbitrary ones down to 7/8 of the
 // bound: one of those machines gets a full bucket a little early.
 func (l *reportLimiter) evict(now time.Time) {
-	full := time.Duration(l.burst / l.rate * float64(time.Second))
 	for id, b := range l.buckets {
-		if now.Sub(b.at) >= full && now.Sub(b.loggedAt) >= time.Minute {
+		if b.tokens+now.Sub(b.at).Seconds()*l.rate >= l.burst && now.Sub(b.loggedAt) >= time.Minute {
 			delete(l.buckets, id)
 		}
 	}
