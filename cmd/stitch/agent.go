@@ -107,7 +107,7 @@ func runAgentEnroll(ctx context.Context, st *stdio, args []string) error {
 	dir := fs.String("dir", agent.DefaultDir, "the agent's state directory")
 	fs.StringVar(&o.Server, "server", "", "patch server URL, e.g. https://patches.example.com:8440 (empty: a mirror only, with --repo)")
 	fs.StringVar(&o.Key, "key", os.Getenv("STITCH_ENROLL_KEY"), "enrollment key")
-	fs.StringVar(&o.Group, "group", "", "machine group to join (default: the key's)")
+	fs.StringVar(&o.Group, "group", "", "the group you expect to join: the key decides it, and enrollment fails when it is another (default: the key's)")
 	fs.StringVar(&o.Repo, "repo", "", "TUF repository URL (default SERVER/v1/repo; a mirror: http(s):// or file:///dir)")
 	fs.StringVar(&o.Proxy, "proxy", "", "HTTP proxy URL (default: HTTPS_PROXY/HTTP_PROXY from the environment)")
 	fs.DurationVar(&o.Interval, "interval", 0, "check-in interval when the server does not set one (default 1h)")

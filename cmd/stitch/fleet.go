@@ -61,10 +61,10 @@ func runRollout(ctx context.Context, st *stdio, args []string) error {
 	return report(st, *asJSON, out, "%s: %s at stage %d (%.0f%%) %s\n", out.Target, out.State, out.Stage, out.Share*100, out.Reason)
 }
 
-// runFleet: stitch fleet patches|machines|cves|key|channel|group|move ...
+// runFleet: stitch fleet patches|machines|cves|keys|key|revoke|delete|channel|group|move ...
 func runFleet(ctx context.Context, st *stdio, args []string) error {
 	if len(args) == 0 {
-		return usageError{fmt.Errorf("fleet: want a subcommand: patches, machines, cves (reports); key, channel NAME, group NAME, move MACHINE GROUP")}
+		return usageError{fmt.Errorf("fleet: want a subcommand: patches, machines, cves, keys (reports); key, revoke KEY, delete MACHINE, channel NAME, group NAME, move MACHINE GROUP")}
 	}
 	sub, rest := args[0], args[1:]
 	var pos []string // positional arguments before the flags
@@ -81,10 +81,11 @@ func runFleet(ctx context.Context, st *stdio, args []string) error {
 	cutoff := fs.String("cutoff", "", "channel: no patch registered after this time (RFC 3339)")
 	channel := fs.String("channel", "", "group: its channel")
 	pin := fs.String("pin", "", "group: hold at the patches registered up to this time (RFC 3339)")
+	deleteMachines := fs.Bool("delete-machines", false, "revoke: delete the key's machines too (their tokens stop working)")
 	if err := fs.Parse(rest); err != nil {
 		return usageError{err}
 	}
-	want := map[string]int{"patches": 0, "machines": 0, "cves": 0, "key": 0, "channel": 1, "group": 1, "move": 2}
+	want := map[string]int{"patches": 0, "machines": 0, "cves": 0, "keys": 0, "key": 0, "revoke": 1, "delete": 1, "channel": 1, "group": 1, "move": 2}
 	n, ok := want[sub]
 	if !ok {
 		return usageError{fmt.Errorf("fleet: unknown subcommand %q", sub)}
@@ -110,6 +111,35 @@ func runFleet(ctx context.Context, st *stdio, args []string) error {
 	switch sub {
 	case "patches", "machines", "cves":
 		return fleetReport(ctx, st, c, sub, *asJSON)
+	case "keys":
+		keys, err := c.Keys(ctx)
+		if err != nil {
+			return fmt.Errorf("fleet keys: %w", err)
+		}
+		if *asJSON {
+			return printJSON(st.out, keys)
+		}
+		tw := tabwriter.NewWriter(st.out, 0, 8, 2, ' ', 0)
+		defer tw.Flush()
+		fmt.Fprintln(tw, "KEY\tGROUP\tMACHINES\tCREATED\tEXPIRES\tREVOKED")
+		for _, k := range keys {
+			fmt.Fprintf(tw, "%s\t%s\t%d of %d\t%s\t%s\t%s\n", k.ID, k.Group, k.Machines, k.MaxMachines, fleetDate(k.CreatedAt), fleetDate(k.ExpiresAt), fleetDate(k.RevokedAt))
+		}
+		return nil
+	case "revoke":
+		out, err := c.RevokeKey(ctx, pos[0], api.RevokeRequest{DeleteMachines: *deleteMachines})
+		if err != nil {
+			return fmt.Errorf("fleet revoke: %w", err)
+		}
+		if *deleteMachines {
+			return report(st, *asJSON, out, "key %s revoked; %d machines deleted\n", out.Key.ID, out.DeletedMachines)
+		}
+		return report(st, *asJSON, out, "key %s revoked: it enrolls nothing more; its %d machines stay enrolled (delete them with `stitch fleet delete MACHINE`, or revoke with --delete-machines)\n", out.Key.ID, out.Key.Machines)
+	case "delete":
+		if err := c.DeleteMachine(ctx, pos[0]); err != nil {
+			return fmt.Errorf("fleet delete: %w", err)
+		}
+		return report(st, *asJSON, map[string]string{"deleted": pos[0]}, "machine %s deleted: its token no longer works and its reports no longer count\n", pos[0])
 	case "key":
 		var out api.KeyResponse
 		if err := c.Do(ctx, "POST", "/v1/admin/keys", api.KeyRequest{MaxMachines: *maxMachines, ExpiresAt: *times["expires"], Group: *group}, &out); err != nil {
@@ -166,13 +196,13 @@ func fleetReport(ctx context.Context, st *stdio, c *api.Client, kind string, asJ
 	case "machines":
 		var rs []api.MachineReport
 		json.Unmarshal(raw, &rs)
-		fmt.Fprintln(tw, "MACHINE\tHOST\tGROUP\tKERNEL\tPATCH LEVEL\tAPPLIED\tMISSING\tFIXED CVES")
+		fmt.Fprintln(tw, "MACHINE\tHOST\tKEY\tGROUP\tKERNEL\tPATCH LEVEL\tAPPLIED\tMISSING\tFIXED CVES")
 		for _, r := range rs {
 			level := "-"
 			if !r.PatchLevel.IsZero() {
 				level = r.PatchLevel.Format(time.DateOnly)
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", r.ID, r.Hostname, r.Group, r.KernelRelease, level, len(r.Applied), len(r.Missing), strings.Join(r.FixedCVEs, " "))
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", r.ID, r.Hostname, r.KeyID, r.Group, r.KernelRelease, level, len(r.Applied), len(r.Missing), strings.Join(r.FixedCVEs, " "))
 		}
 	case "cves":
 		var rs []api.CVEReport
@@ -183,4 +213,12 @@ func fleetReport(ctx context.Context, st *stdio, c *api.Client, kind string, asJ
 		}
 	}
 	return nil
+}
+
+// fleetDate prints t's day, or "-" for none.
+func fleetDate(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return t.Format(time.DateOnly)
 }

@@ -51,7 +51,7 @@ func commands() []command {
 		{name: "publish", summary: "add a bundle (module + manifest) to a repository and sign it", run: runPublish},
 		{name: "server", summary: "serve the patch repository, enroll machines and roll patches out in stages (HTTP API)", run: runServer},
 		{name: "rollout", summary: "start, halt, resume or blocklist a patch's rollout on a server", run: runRollout},
-		{name: "fleet", summary: "fleet reports (patches, machines, cves) and settings (keys, channels, groups) on a server", run: runFleet},
+		{name: "fleet", summary: "fleet reports (patches, machines, cves, keys), settings (keys, channels, groups) and revocation (revoke a key, delete a machine) on a server", run: runFleet},
 		{name: "agent", summary: "keep this machine patched: enroll, check in, verify, apply, watch, report (enroll, install, disable, enable)", run: runAgent},
 		{name: "keys", summary: "rotate a repository's signing keys", run: runKeys},
 		{name: "demo", summary: "patch a real kernel live in a VM, then restore it", run: runDemo},

@@ -16,7 +16,8 @@ import (
 	"github.com/stitchpatch/stitch/internal/server/store"
 )
 
-// runServer: stitch server [--listen ADDR] [--db FILE] [--dir REPO].
+// runServer: stitch server [--listen ADDR] [--db FILE] [--dir REPO] and
+// the rollout policy and limits.
 // The admin token comes from STITCH_ADMIN_TOKEN and a PostgreSQL DSN from
 // STITCH_POSTGRES, so neither is in ps output.
 func runServer(ctx context.Context, st *stdio, args []string) error {
@@ -31,6 +32,15 @@ func runServer(ctx context.Context, st *stdio, args []string) error {
 		fmt.Sprintf("failures a rollout tolerates (each enrollment key's counting for at most max(%d, half its machines)); more halt it for an operator, or blocklist the patch past --max-failure-rate too", rollout.DefaultMaxFailuresPerKey))
 	maxRate := fs.Float64("max-failure-rate", rollout.DefaultPolicy.MaxRate*100,
 		fmt.Sprintf("percent of machines that may fail (once %d took part); more, with more than --max-failures, blocklists the patch", rollout.DefaultMinMachines))
+	defaults := server.DefaultLimits
+	var lim server.Limits
+	fs.DurationVar(&lim.ReadTimeout, "read-timeout", defaults.ReadTimeout, "longest time to read a request, headers and body")
+	fs.DurationVar(&lim.WriteTimeout, "write-timeout", defaults.WriteTimeout, "longest time to write an API answer")
+	fs.DurationVar(&lim.DownloadTimeout, "download-timeout", defaults.DownloadTimeout, "longest time to send a repository file (a bundle on a slow link)")
+	fs.DurationVar(&lim.IdleTimeout, "idle-timeout", defaults.IdleTimeout, "close a keep-alive connection idle this long")
+	fs.IntVar(&lim.MaxConns, "max-conns", defaults.MaxConns, "open connections at most; more wait to be accepted")
+	fs.Float64Var(&lim.ReportRate, "report-rate", defaults.ReportRate, "check-ins and health reports a second per machine, after the burst; more are answered 429")
+	fs.IntVar(&lim.ReportBurst, "report-burst", defaults.ReportBurst, "check-ins and health reports a machine may send at once")
 	if err := fs.Parse(args); err != nil {
 		return usageError{err}
 	}
@@ -45,6 +55,12 @@ func runServer(ctx context.Context, st *stdio, args []string) error {
 	}
 	if err := policy.Validate(); err != nil {
 		return fmt.Errorf("--stages, --max-failures, --max-failure-rate: %w", err)
+	}
+	if lim.ReadTimeout <= 0 || lim.WriteTimeout <= 0 || lim.DownloadTimeout <= 0 || lim.IdleTimeout <= 0 || lim.MaxConns <= 0 || lim.ReportRate <= 0 || lim.ReportBurst <= 0 {
+		return usageError{fmt.Errorf("--read-timeout, --write-timeout, --download-timeout, --idle-timeout, --max-conns, --report-rate, --report-burst: want positive values")}
+	}
+	if err := lim.Validate(); err != nil {
+		return usageError{err}
 	}
 	token := os.Getenv("STITCH_ADMIN_TOKEN")
 	if len(token) < 16 {
@@ -72,6 +88,7 @@ func runServer(ctx context.Context, st *stdio, args []string) error {
 	defer s.Close()
 	// A server's log is read by machines: JSON lines at info level.
 	log := slog.New(slog.NewJSONHandler(st.err, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	log.Info("serving", "listen", *listen, "db", where, "repo", *dir)
-	return (&server.Server{Store: s, Repo: repo, AdminToken: token, Policy: policy, CheckInEvery: *every, Log: log}).Serve(ctx, *listen)
+	log.Info("serving", "listen", *listen, "db", where, "repo", *dir, "max_conns", lim.MaxConns, "read_timeout", lim.ReadTimeout.String(),
+		"write_timeout", lim.WriteTimeout.String(), "download_timeout", lim.DownloadTimeout.String(), "idle_timeout", lim.IdleTimeout.String())
+	return (&server.Server{Store: s, Repo: repo, AdminToken: token, Policy: policy, CheckInEvery: *every, Log: log, Limits: lim}).Serve(ctx, *listen)
 }

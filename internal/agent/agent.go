@@ -20,6 +20,9 @@ package agent
 
 import (
 	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -69,8 +72,8 @@ type Agent struct {
 	Dir    string
 	Kernel Kernel
 	Log    KernelLog // nil: trouble is seen through taint only
-	// Root prefixes /proc (boot id, kernel command line); tests point it
-	// elsewhere.
+	// Root prefixes /proc (boot id, kernel command line) and
+	// /etc/machine-id; tests point it elsewhere.
 	Root    string
 	Version string // reported in check-ins
 	// Checks after an apply, overriding the schedule the server gives in
@@ -205,12 +208,18 @@ func (a *Agent) Enroll(ctx context.Context, o EnrollOptions) (*Config, error) {
 		return nil, fmt.Errorf("enroll: repository %s: %w", cfg.Repo, err)
 	}
 	if cfg.Server != "" {
+		// The server keeps one record per host and key: enrolling again
+		// (a reinstall) replaces it. No machine id, no such identity.
+		hostID := ""
+		if b, err := os.ReadFile(filepath.Join(a.Root, "/etc/machine-id")); err == nil {
+			hostID, _ = HostID(string(b))
+		}
 		host := o.Hostname
 		if host == "" {
-			host = hostname()
+			host = hostname(hostID)
 		}
 		c := &api.Client{BaseURL: cfg.Server, HTTP: hc}
-		r, err := c.Enroll(ctx, api.EnrollRequest{Key: o.Key, Hostname: host, Group: o.Group})
+		r, err := c.Enroll(ctx, api.EnrollRequest{Key: o.Key, Hostname: host, Group: o.Group, HostID: hostID})
 		if err != nil {
 			os.RemoveAll(a.path("tuf"))
 			return nil, fmt.Errorf("enroll with %s: %w", cfg.Server, err)
@@ -227,15 +236,37 @@ func (a *Agent) Enroll(ctx context.Context, o EnrollOptions) (*Config, error) {
 }
 
 // hostname names the machine to its server: the host name, or, on a
-// machine that has none set (an initramfs, a fresh image), its machine id.
-func hostname() string {
+// machine that has none set (an initramfs, a fresh image), its host id.
+func hostname(hostID string) string {
 	if h, err := os.Hostname(); err == nil && h != "" && h != "(none)" && h != "localhost" {
 		return h
 	}
-	if b, err := os.ReadFile("/etc/machine-id"); err == nil && len(strings.TrimSpace(string(b))) > 0 {
-		return "machine-" + strings.TrimSpace(string(b))
+	if hostID != "" {
+		return "machine-" + hostID[:12]
 	}
 	return "unnamed"
+}
+
+// hostIDApp is Stitch's application id for HostID.
+var hostIDApp = [16]byte{0xca, 0xcd, 0x1e, 0x4d, 0x87, 0x1d, 0x43, 0x74, 0x8a, 0x26, 0x29, 0x63, 0xcc, 0x50, 0x5e, 0xfd}
+
+// HostID derives the host's identity for the server from the contents
+// of /etc/machine-id without revealing it, as machine-id(5) asks of
+// applications: HMAC-SHA256 keyed with the machine id over Stitch's
+// application id, its first 16 bytes marked as a version 4 UUID, in hex.
+// It equals `systemd-id128 machine-id --app-specific=cacd1e4d871d43748a262963cc505efd`,
+// so an operator can tell which record is which host.
+func HostID(machineID string) (string, error) {
+	id, err := hex.DecodeString(strings.TrimSpace(machineID))
+	if err != nil || len(id) != 16 {
+		return "", fmt.Errorf("machine id %q: want 32 hex digits, as /etc/machine-id holds", strings.TrimSpace(machineID))
+	}
+	mac := hmac.New(sha256.New, id)
+	mac.Write(hostIDApp[:])
+	sum := mac.Sum(nil)[:16]
+	sum[6] = sum[6]&0x0f | 0x40
+	sum[8] = sum[8]&0x3f | 0x80
+	return hex.EncodeToString(sum), nil
 }
 
 // config reads the configuration and the pinned root.

@@ -204,3 +204,70 @@ func (s *Server) setGroup(w http.ResponseWriter, r *http.Request) {
 	s.log().Info("machine moved", "machine", id, "group", req.Group)
 	reply(w, http.StatusOK, req)
 }
+
+func keyInfo(k store.KeyInfo) api.KeyInfo {
+	return api.KeyInfo{ID: k.ID, Group: k.Group, MaxMachines: k.MaxMachines, Machines: k.Machines, CreatedAt: k.CreatedAt, ExpiresAt: k.ExpiresAt, RevokedAt: k.RevokedAt}
+}
+
+func (s *Server) listKeys(w http.ResponseWriter, r *http.Request) {
+	ks, err := s.Store.Keys(r.Context())
+	if err != nil {
+		s.internal(w, "list keys", err)
+		return
+	}
+	out := []api.KeyInfo{}
+	for _, k := range ks {
+		out = append(out, keyInfo(k))
+	}
+	reply(w, http.StatusOK, out)
+}
+
+// revokeKey stops a key from enrolling; its machines stay enrolled unless
+// the request deletes them too (a leaked key whose machines cannot be
+// told from an intruder's).
+func (s *Server) revokeKey(w http.ResponseWriter, r *http.Request) {
+	var req api.RevokeRequest
+	if r.ContentLength != 0 && !decode(w, r, &req) { // the body is optional
+		return
+	}
+	id := r.PathValue("id")
+	n, err := s.Store.RevokeKey(r.Context(), id, s.now(), req.DeleteMachines)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		fail(w, http.StatusNotFound, fmt.Sprintf("key %q does not exist: see `stitch fleet keys`", id))
+		return
+	case err != nil:
+		s.internal(w, "revoke key", err)
+		return
+	}
+	ks, err := s.Store.Keys(r.Context())
+	if err != nil {
+		s.internal(w, "revoke key", err)
+		return
+	}
+	out := api.RevokeResponse{DeletedMachines: n}
+	for _, k := range ks {
+		if k.ID == id {
+			out.Key = keyInfo(k)
+		}
+	}
+	s.log().Warn("enrollment key revoked", "key", id, "machines_deleted", n)
+	reply(w, http.StatusOK, out)
+}
+
+// deleteMachine forgets a machine: its token fails from the next request
+// on and its reports leave every rollout's counts.
+func (s *Server) deleteMachine(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	err := s.Store.DeleteMachine(r.Context(), id)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		fail(w, http.StatusNotFound, fmt.Sprintf("machine %q does not exist: see `stitch fleet machines`", id))
+		return
+	case err != nil:
+		s.internal(w, "delete machine", err)
+		return
+	}
+	s.log().Warn("machine deleted", "machine", id)
+	w.WriteHeader(http.StatusNoContent)
+}

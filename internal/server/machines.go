@@ -187,6 +187,7 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine)
 	}
 	pol, now := s.policy(), s.now()
 	var event, reason string
+	var logFailure bool // a machine's failure is logged once, when new
 	err := s.Store.Rollout(r.Context(), h.Target, func(tx store.RolloutTx, p *store.Patch) error {
 		if p.Name != h.Name {
 			return fmt.Errorf("%w: target %s is patch %s, not %s", errNotOffered, p.Target, p.Name, h.Name)
@@ -215,6 +216,7 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine)
 		switch {
 		case newlyFailed:
 			rm.Failed, rm.Reason = true, h.Reason
+			logFailure = true
 		case h.Healthy && !rm.Failed:
 			rm.Checks = pol.ChecksPassed(rm.AppliedAt, now, rm.Checks, s.schedule().Index(h.Check))
 		}
@@ -255,7 +257,9 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine)
 		s.metrics.healthy.Add(1)
 	} else {
 		s.metrics.failed.Add(1)
-		s.log().Warn("patch failed on a machine", "machine", m.ID, "target", h.Target, "check", h.Check, "reason", h.Reason, "detail", h.Detail)
+	}
+	if logFailure {
+		s.log().Warn("patch failed on a machine", "machine", m.ID, "target", h.Target, "check", h.Check, "reason", h.Reason, "detail", clip(h.Detail, 256))
 	}
 	if event != "" {
 		s.metrics.event(event)

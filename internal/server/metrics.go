@@ -71,6 +71,10 @@ func (w *statusWriter) WriteHeader(code int) {
 	w.ResponseWriter.WriteHeader(code)
 }
 
+// Unwrap lets http.ResponseController reach the connection (a download
+// sets its own write deadline).
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
 // instrument times every request by its route pattern (not its path, so
 // machine ids and targets do not become label values).
 func (m *metrics) instrument(h http.Handler) http.Handler {

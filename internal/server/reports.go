@@ -120,7 +120,7 @@ func (s *Server) reportMachines(w http.ResponseWriter, r *http.Request) {
 	}
 	out := []api.MachineReport{}
 	for _, m := range f.machines {
-		rep := api.MachineReport{ID: m.ID, Hostname: m.Hostname, Group: m.Group, Channel: m.Channel, KernelRelease: m.KernelRelease,
+		rep := api.MachineReport{ID: m.ID, Hostname: m.Hostname, KeyID: m.KeyID, Group: m.Group, Channel: m.Channel, KernelRelease: m.KernelRelease,
 			KernelBuildID: m.KernelBuildID, LastCheckIn: m.LastCheckIn, Applied: []string{}, FixedCVEs: []string{}, Missing: []string{}}
 		for t := range f.applied[m.ID] {
 			rep.Applied = append(rep.Applied, t)

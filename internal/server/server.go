@@ -11,12 +11,15 @@ package server
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
+	"net"
 	"net/http"
 	"regexp"
 	"strings"
@@ -44,9 +47,14 @@ type Server struct {
 	CheckInEvery time.Duration
 	Now          func() time.Time // injectable so tests can run a fake clock
 	Log          *slog.Logger
+	// Limits bound connections, their timeouts and each machine's
+	// reports; DefaultLimits for zero fields.
+	Limits Limits
 
-	once    sync.Once
-	metrics *metrics
+	once     sync.Once
+	metrics  *metrics
+	limiter  *reportLimiter
+	adminSum [sha256.Size]byte // of AdminToken, read by Handler
 }
 
 // FreeTierMachines is the machine limit of a key created without one.
@@ -68,14 +76,22 @@ func (s *Server) policy() rollout.Policy {
 
 // Handler returns the routes.
 func (s *Server) Handler() http.Handler {
-	s.once.Do(func() { s.metrics = newMetrics() })
+	s.once.Do(func() {
+		lim := s.Limits.withDefaults()
+		s.metrics = newMetrics()
+		s.limiter = newReportLimiter(lim.ReportRate, lim.ReportBurst, maxBuckets)
+		s.adminSum = sha256.Sum256([]byte(s.AdminToken))
+	})
 	mux := http.NewServeMux()
-	mux.Handle("GET /v1/repo/metadata/", http.StripPrefix("/v1/repo/metadata/", http.FileServer(http.Dir(s.Repo.MetadataDir()))))
-	mux.Handle("GET /v1/repo/targets/", http.StripPrefix("/v1/repo/targets/", http.FileServer(http.Dir(s.Repo.TargetsDir()))))
+	mux.Handle("GET /v1/repo/metadata/", s.files("/v1/repo/metadata/", s.Repo.MetadataDir()))
+	mux.Handle("GET /v1/repo/targets/", s.files("/v1/repo/targets/", s.Repo.TargetsDir()))
 	mux.HandleFunc("POST "+api.PathEnroll, s.enroll)
 	mux.HandleFunc("GET "+api.PathSelf, s.machineOnly(s.self))
-	mux.HandleFunc("POST "+api.PathCheckIn, s.machineOnly(s.checkIn))
-	mux.HandleFunc("POST "+api.PathHealth, s.machineOnly(s.health))
+	mux.HandleFunc("POST "+api.PathCheckIn, s.machineOnly(s.throttled(s.checkIn)))
+	mux.HandleFunc("POST "+api.PathHealth, s.machineOnly(s.throttled(s.health)))
+	mux.HandleFunc("GET "+api.PathAdminKeys, s.adminOnly(s.listKeys))
+	mux.HandleFunc("POST "+api.PathAdminKeys+"/{id}/revoke", s.adminOnly(s.revokeKey))
+	mux.HandleFunc("DELETE "+api.PathAdminMachines+"{id}", s.adminOnly(s.deleteMachine))
 	mux.HandleFunc("POST /v1/admin/keys", s.adminOnly(s.createKey))
 	mux.HandleFunc("POST /v1/admin/patches", s.adminOnly(s.registerPatch))
 	mux.HandleFunc("POST /v1/admin/rollouts/{release}/{file}/{op}", s.adminOnly(s.operate))
@@ -93,6 +109,36 @@ func (s *Server) Handler() http.Handler {
 
 func hash(secret string) string { return bundle.SHA256Hex([]byte(secret)) }
 
+// files serves the regular files under dir at prefix, never a directory
+// listing (a directory is 404), with the download's longer write deadline.
+func (s *Server) files(prefix, dir string) http.Handler {
+	h := http.StripPrefix(prefix, http.FileServer(filesOnly{http.Dir(dir)}))
+	timeout := s.Limits.withDefaults().DownloadTimeout
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// Not supported by every ResponseWriter (a test's recorder): then
+		// the server's write timeout, if any, stays.
+		_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(timeout))
+		h.ServeHTTP(w, r)
+	})
+}
+
+// filesOnly opens regular files only: FileServer answers 404 for the
+// rest, so directories are not listed.
+type filesOnly struct{ fs http.FileSystem }
+
+func (f filesOnly) Open(name string) (http.File, error) {
+	file, err := f.fs.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	fi, err := file.Stat()
+	if err != nil || !fi.Mode().IsRegular() {
+		file.Close()
+		return nil, fs.ErrNotExist
+	}
+	return file, nil
+}
+
 func randomHex(n int) string {
 	b := make([]byte, n)
 	rand.Read(b)
@@ -109,33 +155,45 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 	if !decode(w, r, &req) {
 		return
 	}
-	if req.Key == "" || !hostnameRe.MatchString(req.Hostname) || (req.Group != "" && !nameRe.MatchString(req.Group)) {
-		fail(w, http.StatusBadRequest, "want {\"key\": enrollment key, \"hostname\": host name, \"group\": optional group name}")
+	if req.Key == "" || !hostnameRe.MatchString(req.Hostname) || (req.Group != "" && !nameRe.MatchString(req.Group)) || (req.HostID != "" && !api.ValidHostID(req.HostID)) {
+		fail(w, http.StatusBadRequest, `want {"key": enrollment key, "hostname": host name, "group": optional, the key's group, "host_id": optional, 32 to 64 lower-case hex digits}`)
 		return
 	}
 	token := randomHex(32)
-	m := store.Machine{ID: "m-" + randomHex(8), TokenHash: hash(token), Hostname: req.Hostname, Group: req.Group}
+	m := store.Machine{ID: "m-" + randomHex(8), TokenHash: hash(token), Hostname: req.Hostname, Group: req.Group, HostID: req.HostID}
 	k, err := s.Store.Enroll(r.Context(), hash(req.Key), m, s.now())
 	switch {
+	case errors.Is(err, store.ErrGroupMismatch):
+		fail(w, http.StatusForbidden, fmt.Sprintf("%v: enroll without a group to join group %q, or ask the operator for a key of group %q", err, k.Group, req.Group))
+		return
 	case errors.Is(err, store.ErrUnknownGroup):
-		fail(w, http.StatusBadRequest, fmt.Sprintf("group %q does not exist: ask the operator for the group name, or enroll without one", req.Group))
+		fail(w, http.StatusBadRequest, fmt.Sprintf("%v: the key's group no longer exists; ask the operator", err))
+		return
 	case errors.Is(err, store.ErrNotFound):
 		fail(w, http.StatusUnauthorized, "unknown enrollment key: check the key you were given")
+		return
 	case errors.Is(err, store.ErrLimit):
-		fail(w, http.StatusForbidden, err.Error()+": remove a machine or use a key with a higher limit")
-	case errors.Is(err, store.ErrExpired):
-		fail(w, http.StatusForbidden, err.Error()+": ask for a new key")
+		fail(w, http.StatusForbidden, err.Error()+": the operator can delete a machine (`stitch fleet machines`, then `stitch fleet delete MACHINE`) or give you a key with a higher limit")
+		return
+	case errors.Is(err, store.ErrExpired), errors.Is(err, store.ErrRevoked):
+		fail(w, http.StatusForbidden, err.Error()+": ask the operator for a new key")
+		return
 	case err != nil:
-		s.log().Error("enroll", "err", err)
-		fail(w, http.StatusInternalServerError, "enrollment failed")
-	default:
-		group := m.Group
-		if group == "" {
-			group = k.Group
-		}
-		s.log().Info("enrolled", "machine", m.ID, "hostname", m.Hostname, "group", group, "key", k.ID)
-		reply(w, http.StatusCreated, api.EnrollResponse{MachineID: m.ID, Token: token})
+		s.internal(w, "enrollment", err)
+		return
 	}
+	// A host enrolling again kept its record: read which one it is.
+	got, err := s.Store.MachineByToken(r.Context(), m.TokenHash)
+	if err != nil {
+		s.internal(w, "enrollment", err)
+		return
+	}
+	what := "enrolled"
+	if got.ID != m.ID {
+		what = "re-enrolled, the old token revoked"
+	}
+	s.log().Info(what, "machine", got.ID, "hostname", got.Hostname, "group", got.Group, "key", k.ID)
+	reply(w, http.StatusCreated, api.EnrollResponse{MachineID: got.ID, Token: token})
 }
 
 func (s *Server) createKey(w http.ResponseWriter, r *http.Request) {
@@ -177,13 +235,21 @@ func bearer(r *http.Request) string {
 
 func (s *Server) adminOnly(h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		t := bearer(r)
-		if s.AdminToken == "" || subtle.ConstantTimeCompare([]byte(t), []byte(s.AdminToken)) != 1 {
+		if s.AdminToken == "" || !sameSecret(bearer(r), s.adminSum) {
 			fail(w, http.StatusUnauthorized, "admin token required (Authorization: Bearer TOKEN)")
 			return
 		}
 		h(w, r)
 	}
+}
+
+// sameSecret says whether got hashes to want, in a time that depends on
+// got's length only: comparing the secrets themselves with
+// ConstantTimeCompare returns at once when the lengths differ, which
+// tells a caller the secret's length.
+func sameSecret(got string, want [sha256.Size]byte) bool {
+	g := sha256.Sum256([]byte(got))
+	return subtle.ConstantTimeCompare(g[:], want[:]) == 1
 }
 
 func (s *Server) machineOnly(h func(http.ResponseWriter, *http.Request, store.Machine)) http.HandlerFunc {
@@ -251,7 +317,30 @@ func fail(w http.ResponseWriter, code int, msg string) { reply(w, code, api.Erro
 
 // Serve listens on addr until ctx ends.
 func (s *Server) Serve(ctx context.Context, addr string) error {
-	srv := &http.Server{Addr: addr, Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("serve %s: %w", addr, err)
+	}
+	return s.ServeListener(ctx, l)
+}
+
+// ServeListener serves on l (closing it) until ctx ends, within the
+// server's Limits, and ticks the rollouts every 30 seconds.
+func (s *Server) ServeListener(ctx context.Context, l net.Listener) error {
+	if err := s.Limits.Validate(); err != nil {
+		l.Close()
+		return err
+	}
+	lim := s.Limits.withDefaults()
+	srv := &http.Server{
+		Handler:           s.Handler(),
+		ReadHeaderTimeout: min(10*time.Second, lim.ReadTimeout),
+		ReadTimeout:       lim.ReadTimeout,
+		WriteTimeout:      lim.WriteTimeout,
+		IdleTimeout:       lim.IdleTimeout,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(s.log().Handler(), slog.LevelWarn),
+	}
 	go func() {
 		t := time.NewTicker(30 * time.Second)
 		defer t.Stop()
@@ -272,7 +361,8 @@ func (s *Server) Serve(ctx context.Context, addr string) error {
 		defer cancel()
 		srv.Shutdown(sctx)
 	}()
-	if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	addr := l.Addr().String()
+	if err := srv.Serve(newLimitListener(l, lim.MaxConns)); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return fmt.Errorf("serve %s: %w", addr, err)
 	}
 	return nil

@@ -160,7 +160,8 @@ func TestBadRequestsChangeNothing(t *testing.T) {
 		"huge":          {append([]byte(`{"key":"`), bytes.Repeat([]byte("a"), 1<<20)...), 413},
 		"bad host":      {js(api.EnrollRequest{Key: key.Key, Hostname: "a b"}), 400},
 		"trailing data": {append(js(api.EnrollRequest{Key: key.Key, Hostname: "h"}), []byte(`{}`)...), 400},
-		"unknown group": {js(api.EnrollRequest{Key: key.Key, Hostname: "h", Group: "nope"}), 400},
+		"another group": {js(api.EnrollRequest{Key: key.Key, Hostname: "h", Group: "nope"}), 403},
+		"bad host id":   {js(api.EnrollRequest{Key: key.Key, Hostname: "h", HostID: "../etc/machine-id"}), 400},
 		"wrong key":     {js(api.EnrollRequest{Key: "sk-nope", Hostname: "h"}), 401},
 	} {
 		if c := e.call(t, "POST", "/v1/machines", "", tc.body, nil); c != tc.code {

@@ -89,8 +89,9 @@ func (f *simFleet) step(ctx context.Context, a *simAgent) error {
 	now := f.clk.Now()
 	for target, h := range a.held {
 		if a.fake {
-			// Over and over: a failure counts once per machine.
-			if err := a.c.Health(ctx, api.Health{Target: target, Name: h.name, Check: simChecks[0].Name, Reason: contract.ReasonOops}); err != nil {
+			// Over and over: a failure counts once per machine, and past
+			// its report limit the server does not even read it.
+			if err := a.c.Health(ctx, api.Health{Target: target, Name: h.name, Check: simChecks[0].Name, Reason: contract.ReasonOops}); err != nil && !errors.Is(err, api.ErrRateLimited) {
 				return fmt.Errorf("%s: fake failure report: %w", a.id, err)
 			}
 			continue

@@ -1,6 +1,11 @@
 package api
 
-import "time"
+import (
+	"context"
+	"net/http"
+	"net/url"
+	"time"
+)
 
 // Admin API: the admin bearer token, never a machine's.
 
@@ -17,6 +22,57 @@ type KeyResponse struct {
 	Key         string `json:"key"`
 	MaxMachines int    `json:"max_machines"`
 	Group       string `json:"group"`
+}
+
+// KeyInfo is an enrollment key as the operator lists it (never its
+// secret).
+type KeyInfo struct {
+	ID          string    `json:"id"`
+	Group       string    `json:"group"`
+	MaxMachines int       `json:"max_machines"`
+	Machines    int       `json:"machines"` // enrolled with it now
+	CreatedAt   time.Time `json:"created_at"`
+	ExpiresAt   time.Time `json:"expires_at,omitzero"` // zero: never
+	RevokedAt   time.Time `json:"revoked_at,omitzero"` // zero: not revoked
+}
+
+// RevokeRequest revokes an enrollment key: it enrolls nothing more (nor
+// re-enrolls its hosts). Its machines keep their tokens unless
+// DeleteMachines, which deletes them too.
+type RevokeRequest struct {
+	DeleteMachines bool `json:"delete_machines,omitempty"`
+}
+
+// RevokeResponse is the revoked key and how many machines went with it.
+type RevokeResponse struct {
+	Key             KeyInfo `json:"key"`
+	DeletedMachines int     `json:"deleted_machines"`
+}
+
+// Paths of the admin API's keys and machines.
+const (
+	PathAdminKeys     = "/v1/admin/keys"
+	PathAdminMachines = "/v1/admin/machines/"
+)
+
+// Keys lists the enrollment keys (admin token).
+func (c *Client) Keys(ctx context.Context) ([]KeyInfo, error) {
+	var out []KeyInfo
+	err := c.Do(ctx, http.MethodGet, PathAdminKeys, nil, &out)
+	return out, err
+}
+
+// RevokeKey revokes key id (admin token).
+func (c *Client) RevokeKey(ctx context.Context, id string, req RevokeRequest) (RevokeResponse, error) {
+	var out RevokeResponse
+	err := c.Do(ctx, http.MethodPost, PathAdminKeys+"/"+url.PathEscape(id)+"/revoke", req, &out)
+	return out, err
+}
+
+// DeleteMachine deletes machine id (admin token): its token stops working
+// and its reports leave every rollout.
+func (c *Client) DeleteMachine(ctx context.Context, id string) error {
+	return c.Do(ctx, http.MethodDelete, PathAdminMachines+url.PathEscape(id), nil, nil)
 }
 
 // PatchRequest registers a target already published in the server's
@@ -81,6 +137,7 @@ type PatchReport struct {
 type MachineReport struct {
 	ID            string    `json:"id"`
 	Hostname      string    `json:"hostname"`
+	KeyID         string    `json:"key_id"` // the key it enrolled with
 	Group         string    `json:"group"`
 	Channel       string    `json:"channel"`
 	KernelRelease string    `json:"kernel_release"`

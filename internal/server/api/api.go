@@ -6,6 +6,7 @@ package api
 
 import (
 	"fmt"
+	"regexp"
 	"slices"
 	"time"
 
@@ -25,9 +26,17 @@ const (
 type EnrollRequest struct {
 	Key      string `json:"key"`
 	Hostname string `json:"hostname"`
-	// Group is the machine group to join (channel and pin follow the
-	// group); empty means the key's group, else "default".
+	// Group, when given, must be the key's group: a key decides its
+	// machines' group (channel and pin follow it), and the server refuses
+	// another with 403. Empty means the key's group.
 	Group string `json:"group,omitempty"`
+	// HostID identifies the host across enrollments: an application-
+	// specific hash of its /etc/machine-id (never the id itself), 32 to
+	// 64 lower-case hex digits. The server keeps one record per key and
+	// host id: enrolling again gives that record a new token (the old one
+	// stops working) and takes no other slot of the key's limit. Empty
+	// (older agents): every enrollment is a new machine.
+	HostID string `json:"host_id,omitempty"`
 }
 
 // EnrollResponse carries the machine's id and its bearer token, which is
@@ -108,6 +117,11 @@ type MachineView struct {
 	LastCheckIn   time.Time    `json:"last_checkin,omitzero"`
 	Patches       []PatchState `json:"patches"`
 }
+
+// ValidHostID says whether s has the form of EnrollRequest.HostID.
+func ValidHostID(s string) bool { return hostIDRe.MatchString(s) }
+
+var hostIDRe = regexp.MustCompile(`^[0-9a-f]{32,64}$`)
 
 // MaxRequest is the largest request body the server reads: the API's
 // requests are small, the largest a check-in of MaxPatches patches.

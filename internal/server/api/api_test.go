@@ -145,3 +145,25 @@ func TestLargestCheckInFits(t *testing.T) {
 		t.Fatalf("the largest valid check-in is %d bytes, over MaxRequest %d", len(b), MaxRequest)
 	}
 }
+
+// A 429 is its own error, not a bad request (the request may be sent
+// again), and carries the server's Retry-After.
+func TestClientRateLimited(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Retry-After", "7")
+		w.WriteHeader(http.StatusTooManyRequests)
+		w.Write([]byte(`{"error":"slow down"}`))
+	})}
+	go srv.Serve(l)
+	defer srv.Close()
+	c := &Client{BaseURL: "http://" + l.Addr().String(), Token: "tok"}
+	err = c.Health(context.Background(), Health{})
+	var se *StatusError
+	if !errors.Is(err, ErrRateLimited) || errors.Is(err, ErrBadRequest) || !errors.As(err, &se) || se.RetryAfter != 7*time.Second {
+		t.Fatalf("429: %v (%+v)", err, se)
+	}
+}

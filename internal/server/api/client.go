@@ -8,21 +8,28 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
+	"time"
 )
 
-// Sentinels a StatusError wraps, by HTTP status: 401, 403, and any other
-// 4xx. A 5xx wraps none of them (the server failed, try again later).
+// Sentinels a StatusError wraps, by HTTP status: 401, 403, 429, and any
+// other 4xx. A 5xx wraps none of them (the server failed, try again
+// later); nor does 429 wrap ErrBadRequest: the request was fine, only too
+// soon.
 var (
 	ErrUnauthorized = errors.New("unauthorized")
 	ErrForbidden    = errors.New("forbidden")
 	ErrBadRequest   = errors.New("bad request")
+	ErrRateLimited  = errors.New("rate limited")
 )
 
 // StatusError is a non-2xx answer; Message is the server's error text.
 type StatusError struct {
 	Code    int
 	Message string
+	// RetryAfter is the server's Retry-After (429, 503), zero when none.
+	RetryAfter time.Duration
 }
 
 func (e *StatusError) Error() string {
@@ -35,6 +42,8 @@ func (e *StatusError) Unwrap() error {
 		return ErrUnauthorized
 	case e.Code == http.StatusForbidden:
 		return ErrForbidden
+	case e.Code == http.StatusTooManyRequests:
+		return ErrRateLimited
 	case e.Code >= 400 && e.Code < 500:
 		return ErrBadRequest
 	}
@@ -121,7 +130,11 @@ func (c *Client) Do(ctx context.Context, method, path string, in, out any) error
 		if json.Unmarshal(data, &e) != nil || e.Error == "" {
 			e.Error = strings.TrimSpace(string(data[:min(len(data), 512)]))
 		}
-		return fmt.Errorf("%s %s: %w", method, path, &StatusError{Code: resp.StatusCode, Message: e.Error})
+		se := &StatusError{Code: resp.StatusCode, Message: e.Error}
+		if secs, err := strconv.Atoi(resp.Header.Get("Retry-After")); err == nil && secs > 0 {
+			se.RetryAfter = time.Duration(min(secs, 86400)) * time.Second
+		}
+		return fmt.Errorf("%s %s: %w", method, path, se)
 	}
 	if out == nil || resp.StatusCode == http.StatusNoContent {
 		return nil

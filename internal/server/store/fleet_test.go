@@ -51,8 +51,8 @@ func TestFleetCheckInsAndRollout(t *testing.T) {
 		if _, err := s.Enroll(ctx, "h", Machine{ID: "m1", TokenHash: "t1", Hostname: "a"}, now); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := s.Enroll(ctx, "h", Machine{ID: "m2", TokenHash: "t2", Hostname: "b", Group: "nope"}, now); !errors.Is(err, ErrUnknownGroup) {
-			t.Fatalf("enroll into an unknown group: %v", err)
+		if _, err := s.Enroll(ctx, "h", Machine{ID: "m2", TokenHash: "t2", Hostname: "b", Group: "nope"}, now); !errors.Is(err, ErrGroupMismatch) {
+			t.Fatalf("enroll into another group than the key's: %v", err)
 		}
 		ci := CheckIn{KernelRelease: "6.1.0", KernelBuildID: "abcdef01", AgentVersion: "1",
 			Patches: []MachinePatch{{Target: "6.1.0/a-0123456789abcdef.stitch", Name: "a", State: "applied", Since: now}}}
