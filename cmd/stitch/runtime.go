@@ -57,15 +57,17 @@ func progressPrinter(w io.Writer) func(livepatch.Progress) {
 
 // applyReport is what apply and revert print with --json.
 type applyReport struct {
-	Patch    string                     `json:"patch"`
-	Action   string                     `json:"action"`
-	OK       bool                       `json:"ok"`
-	Error    string                     `json:"error,omitempty"`
-	Stalled  *livepatch.TransitionError `json:"stalled,omitempty"`
-	Trouble  *livepatch.TroubleError    `json:"trouble,omitempty"`
-	Progress []livepatch.Progress       `json:"progress"`
-	State    *livepatch.Patch           `json:"state,omitempty"`
-	Elapsed  time.Duration              `json:"elapsed_ns"`
+	Patch   string                     `json:"patch"`
+	Action  string                     `json:"action"`
+	OK      bool                       `json:"ok"`
+	Error   string                     `json:"error,omitempty"`
+	Stalled *livepatch.TransitionError `json:"stalled,omitempty"`
+	Trouble *livepatch.TroubleError    `json:"trouble,omitempty"`
+	// RollbackFailed: the stall or trouble above could not be undone.
+	RollbackFailed *livepatch.RollbackError `json:"rollback_failed,omitempty"`
+	Progress       []livepatch.Progress     `json:"progress"`
+	State          *livepatch.Patch         `json:"state,omitempty"`
+	Elapsed        time.Duration            `json:"elapsed_ns"`
 }
 
 func runApply(ctx context.Context, st *stdio, args []string) error {
@@ -136,6 +138,7 @@ func runTransition(st *stdio, action string, jsonOut bool, opts *livepatch.Apply
 		rep.Error = err.Error()
 		errors.As(err, &rep.Stalled)
 		errors.As(err, &rep.Trouble)
+		errors.As(err, &rep.RollbackFailed)
 	} else if action == "apply" {
 		rep.State, _ = k.Patch(name)
 	}

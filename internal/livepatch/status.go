@@ -30,6 +30,9 @@ type Kernel struct {
 	Logger *slog.Logger
 	// Poll is how often a transition's state is read; 100ms if zero.
 	Poll time.Duration
+	// finit loads a module from its open file; finit_module(2) when nil.
+	// Unit tests stand in for the kernel's loader here.
+	finit func(*os.File) error
 }
 
 // Status is the kernel's livepatch state, as `stitch status` reports it.
