@@ -7,7 +7,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -472,9 +471,9 @@ func (k *Kernel) waitTransition(ctx context.Context, name string, enabling bool,
 	for {
 		on, err := readBool(filepath.Join(k.patchDir(name), "transition"))
 		switch {
-		case errors.Is(err, fs.ErrNotExist) && !enabling:
+		case gone(err) && !enabling:
 			return nil // disabled and freed
-		case errors.Is(err, fs.ErrNotExist):
+		case gone(err):
 			return fmt.Errorf("%w: %s vanished from /sys/kernel/livepatch during its transition (see dmesg)", ErrLoad, name)
 		case err != nil:
 			return err
