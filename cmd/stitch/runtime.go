@@ -160,7 +160,7 @@ func runTransition(st *stdio, action string, jsonOut bool, opts *livepatch.Apply
 }
 
 func runStatus(ctx context.Context, st *stdio, args []string) error {
-	fs := newFlagSet(st, "status", "", `Shows the kernel release, livepatch support, loaded patches and taint, and the agent's view: the effective kernel version, the CVEs fixed, check-ins, and coverage. The exit status is the coverage, for monitoring: 0 up to date, 8 patches pending, 9 not covered (no agent, loading off, a patch failed or not loaded), 10 error (check-ins failing or overdue).`)
+	fs := newFlagSet(st, "status", "", `Shows the kernel release, livepatch support, loaded patches and taint, and the agent's view: the effective kernel version, the CVEs fixed, check-ins, and coverage. The exit status is the coverage, for monitoring: 0 up to date, 8 patches pending, 9 not covered (no agent, loading off, a patch failed or not loaded), 10 error (check-ins failing or overdue, or the patch repository refused).`)
 	jsonOut := fs.Bool("json", false, "print JSON")
 	dir := fs.String("dir", agent.DefaultDir, "the agent's state directory")
 	if err := parseArgs(fs, args, 0); err != nil {

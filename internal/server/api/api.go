@@ -108,12 +108,16 @@ const (
 	ReasonCrashLoop           = "crash-loop"
 	ReasonFingerprintMismatch = "fingerprint-mismatch"
 	ReasonVerifyFailed        = "verify-failed"
+	// ReasonRollbackFailed: the patch had to be taken out again (its
+	// transition stalled, or the kernel was in trouble after it) and the
+	// rollback failed too; the machine may hold it partly applied.
+	ReasonRollbackFailed = "rollback-failed"
 )
 
 var (
 	states  = []string{StateApplied, StateReverted, StateFailed, StateRefused}
 	checks  = []string{CheckApply, Check1m, Check5m, Check15m, CheckBoot}
-	reasons = []string{ReasonApplyFailed, ReasonTransitionTimeout, ReasonKernelWarning, ReasonOops, ReasonCrashLoop, ReasonFingerprintMismatch, ReasonVerifyFailed}
+	reasons = []string{ReasonApplyFailed, ReasonTransitionTimeout, ReasonKernelWarning, ReasonOops, ReasonCrashLoop, ReasonFingerprintMismatch, ReasonVerifyFailed, ReasonRollbackFailed}
 )
 
 // Health is a machine's report on one patch at one check.
