@@ -242,13 +242,15 @@ func (s *session) recover() {
 			continue
 		}
 		if p.State == api.StateFailed && p.Reason == api.ReasonRollbackFailed {
-			// The kernel may hold the patch partly applied until it
-			// reboots: the marker stays till then. After a reboot nothing
-			// is left of it, and it stays failed, never loaded again.
-			if m.BootID != s.boot || s.boot == "" {
-				s.unmark(name)
-				s.log().Warn("rebooted since the patch's rollback failed: the kernel no longer holds it; it stays failed", "patch", p.Name, "target", p.Target)
+			// The marker stays while the kernel may hold the patch partly
+			// applied: until its reverse transition ends (the kernel
+			// keeps trying) or a reboot. The patch stays failed, never
+			// loaded again.
+			if m.BootID == s.boot && s.boot != "" && s.holds(p.Name) {
+				continue
 			}
+			s.unmark(name)
+			s.log().Warn("the kernel no longer holds the patch whose rollback failed; it stays failed", "patch", p.Name, "target", p.Target)
 			continue
 		}
 		if m.BootID == s.boot && s.boot != "" {
@@ -301,6 +303,12 @@ func (s *session) reload(ctx context.Context) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// holds says whether the kernel lists a patch of that name, enabled or
+// not.
+func (s *session) holds(name string) bool {
+	return slices.ContainsFunc(s.kernel.Patches, func(p livepatch.Patch) bool { return p.Name == name })
 }
 
 // forKernel says whether p was built for the running kernel.

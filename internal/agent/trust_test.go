@@ -418,8 +418,24 @@ func TestRollbackFailedKeepsMarker(t *testing.T) {
 		t.Errorf("second pass: marker %v, applies %d", markerExists(m, "fix_one"), m.k.applies)
 	}
 
-	// A reboot clears the kernel: the marker goes, and the patch stays
-	// failed for its own reason, not loaded, no crash-loop reported.
+	// The kernel finishes the reverse transition: the marker goes, the
+	// patch stays failed.
+	m.k.mu.Lock()
+	delete(m.k.stuck, "fix_one")
+	m.k.mu.Unlock()
+	m.pass(t)
+	if markerExists(m, "fix_one") || m.state(t, target).Reason != api.ReasonRollbackFailed {
+		t.Errorf("once the kernel let go: marker %v, %+v", markerExists(m, "fix_one"), m.state(t, target))
+	}
+	if s := m.status(t); strings.Contains(s.Why, "partly applied") {
+		t.Errorf("status once the kernel let go: %s", s.Why)
+	}
+
+	// A reboot clears the kernel too: the marker goes, and the patch
+	// stays failed for its own reason, not loaded, no crash-loop
+	// reported.
+	// (the marker as the failed rollback left it in boot-1)
+	must(os.WriteFile(filepath.Join(m.Dir, "loading", "fix_one"), []byte(`{"target":"`+target+`","boot_id":"boot-1","at":"2026-01-01T00:00:00Z"}`), 0o600))
 	m.setBoot("boot-2", "console=ttyS0")
 	if err := m.Boot(ctx); err != nil {
 		t.Fatal(err)
