@@ -260,6 +260,9 @@ func printCoverage(w io.Writer, s *agent.Status) {
 	if s.LastError != "" {
 		fmt.Fprintf(w, "error:     %s\n", s.LastError)
 	}
+	if s.RepoError != "" {
+		fmt.Fprintf(w, "repo:      refused at %s (retrying): %s\n", when(s.RepoErrorAt), s.RepoError)
+	}
 	if s.Disabled != "" {
 		fmt.Fprintf(w, "loading:   OFF (%s)\n", s.Disabled)
 	}

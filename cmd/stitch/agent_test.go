@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -9,6 +11,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/stitchpatch/stitch/internal/livepatch"
 	"github.com/stitchpatch/stitch/internal/server/api"
 )
 
@@ -58,5 +61,26 @@ func TestVersionIsAcceptedByTheServer(t *testing.T) {
 	ci := api.CheckIn{KernelRelease: "6.1.0-54-amd64", KernelBuildID: strings.Repeat("ab", 20), AgentVersion: version(), Patches: []api.PatchState{}}
 	if err := ci.Validate(); err != nil {
 		t.Errorf("version %q: %v", version(), err)
+	}
+}
+
+// The outcomes of a transition each have their exit code; a failed
+// rollback wraps the stall or trouble it could not undo, and must not be
+// taken for it (5 says the kernel is as it was).
+func TestTransitionExitCodes(t *testing.T) {
+	stall := &livepatch.TransitionError{Patch: "p", Enabling: true}
+	trouble := &livepatch.TroubleError{Patch: "p"}
+	for _, c := range []struct {
+		err  error
+		code int
+	}{
+		{&livepatch.TransitionError{Patch: "p", Enabling: true, RolledBack: true}, exitRolledBack},
+		{&livepatch.TroubleError{Patch: "p", RolledBack: true}, exitTrouble},
+		{&livepatch.RollbackError{Patch: "p", Cause: stall, Err: &livepatch.TransitionError{Patch: "p"}}, exitRollbackFailed},
+		{fmt.Errorf("apply: %w", &livepatch.RollbackError{Patch: "p", Cause: trouble, Err: errors.New("unload p: busy")}), exitRollbackFailed},
+	} {
+		if got := exitCode(c.err); got != c.code {
+			t.Errorf("%v: exit %d, want %d", c.err, got, c.code)
+		}
 	}
 }

@@ -32,8 +32,11 @@ const (
 	exitPending     = 8  // patches offered but not applied yet
 	exitNotCovered  = 9  // no agent, no livepatch, loading off, or a patch failed or is not loaded
 	exitStatusError = 10 // the agent's check-ins fail or are overdue
-	exitVMTimeout   = 124
-	exitVMFailed    = 125
+	// A patch had to be taken out again and could not be: the kernel may
+	// hold it partly applied.
+	exitRollbackFailed = 11
+	exitVMTimeout      = 124
+	exitVMFailed       = 125
 )
 
 // usageError marks bad command-line input.
@@ -55,6 +58,8 @@ func exitCode(err error) int {
 		return silent.code
 	case errors.As(err, &usage), errors.Is(err, flag.ErrHelp):
 		return exitUsage
+	case errors.Is(err, livepatch.ErrRollbackFailed): // before the stall or trouble it wraps
+		return exitRollbackFailed
 	case errors.Is(err, livepatch.ErrTimeout):
 		return exitRolledBack
 	case errors.Is(err, livepatch.ErrKernelTrouble):

@@ -57,15 +57,17 @@ func progressPrinter(w io.Writer) func(livepatch.Progress) {
 
 // applyReport is what apply and revert print with --json.
 type applyReport struct {
-	Patch    string                     `json:"patch"`
-	Action   string                     `json:"action"`
-	OK       bool                       `json:"ok"`
-	Error    string                     `json:"error,omitempty"`
-	Stalled  *livepatch.TransitionError `json:"stalled,omitempty"`
-	Trouble  *livepatch.TroubleError    `json:"trouble,omitempty"`
-	Progress []livepatch.Progress       `json:"progress"`
-	State    *livepatch.Patch           `json:"state,omitempty"`
-	Elapsed  time.Duration              `json:"elapsed_ns"`
+	Patch   string                     `json:"patch"`
+	Action  string                     `json:"action"`
+	OK      bool                       `json:"ok"`
+	Error   string                     `json:"error,omitempty"`
+	Stalled *livepatch.TransitionError `json:"stalled,omitempty"`
+	Trouble *livepatch.TroubleError    `json:"trouble,omitempty"`
+	// RollbackFailed: the stall or trouble above could not be undone.
+	RollbackFailed *livepatch.RollbackError `json:"rollback_failed,omitempty"`
+	Progress       []livepatch.Progress     `json:"progress"`
+	State          *livepatch.Patch         `json:"state,omitempty"`
+	Elapsed        time.Duration            `json:"elapsed_ns"`
 }
 
 func runApply(ctx context.Context, st *stdio, args []string) error {
@@ -136,6 +138,7 @@ func runTransition(st *stdio, action string, jsonOut bool, opts *livepatch.Apply
 		rep.Error = err.Error()
 		errors.As(err, &rep.Stalled)
 		errors.As(err, &rep.Trouble)
+		errors.As(err, &rep.RollbackFailed)
 	} else if action == "apply" {
 		rep.State, _ = k.Patch(name)
 	}
@@ -157,7 +160,7 @@ func runTransition(st *stdio, action string, jsonOut bool, opts *livepatch.Apply
 }
 
 func runStatus(ctx context.Context, st *stdio, args []string) error {
-	fs := newFlagSet(st, "status", "", `Shows the kernel release, livepatch support, loaded patches and taint, and the agent's view: the effective kernel version, the CVEs fixed, check-ins, and coverage. The exit status is the coverage, for monitoring: 0 up to date, 8 patches pending, 9 not covered (no agent, loading off, a patch failed or not loaded), 10 error (check-ins failing or overdue).`)
+	fs := newFlagSet(st, "status", "", `Shows the kernel release, livepatch support, loaded patches and taint, and the agent's view: the effective kernel version, the CVEs fixed, check-ins, and coverage. The exit status is the coverage, for monitoring: 0 up to date, 8 patches pending, 9 not covered (no agent, loading off, a patch failed or not loaded), 10 error (check-ins failing or overdue, or the patch repository refused).`)
 	jsonOut := fs.Bool("json", false, "print JSON")
 	dir := fs.String("dir", agent.DefaultDir, "the agent's state directory")
 	if err := parseArgs(fs, args, 0); err != nil {

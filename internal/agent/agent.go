@@ -53,6 +53,14 @@ var (
 	// ErrServer means the server could not be reached or failed; the
 	// agent keeps its patches and tries again later.
 	ErrServer = errors.New("patch server unavailable")
+	// ErrRepository means the patch repository's metadata or a bundle
+	// was refused by TUF (expired, rolled back, badly signed, not the
+	// signed length and hash). It is no verdict on the patch: the agent
+	// tries again later and reports no failure.
+	ErrRepository = errors.New("patch repository refused")
+	// ErrRedirect means the server or repository redirected elsewhere
+	// than the scheme and host the agent was configured with.
+	ErrRedirect = errors.New("redirect refused")
 )
 
 // Kernel is what the agent needs of the running kernel: *livepatch.Kernel.
@@ -148,8 +156,9 @@ func (c *Config) interval() time.Duration {
 	return time.Hour
 }
 
-// httpClient honours Proxy and serves file:// URLs from the local disk,
-// so that a mirror can be a directory.
+// httpClient honours Proxy, follows no redirect that changes scheme or
+// host (see sameOrigin), and serves file:// URLs from the local disk, so
+// that a mirror can be a directory.
 func (c *Config) httpClient() (*http.Client, error) {
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	if c.Proxy != "" {
@@ -160,7 +169,22 @@ func (c *Config) httpClient() (*http.Client, error) {
 		tr.Proxy = http.ProxyURL(u)
 	}
 	tr.RegisterProtocol("file", http.NewFileTransport(http.Dir("/")))
-	return &http.Client{Transport: tr, Timeout: 5 * time.Minute}, nil
+	return &http.Client{Transport: tr, Timeout: 5 * time.Minute, CheckRedirect: sameOrigin}, nil
+}
+
+// sameOrigin refuses a redirect to another scheme or host than the
+// request's first: a server must not send the agent to a local file
+// (file://), to plain HTTP, or to a host its operator did not name.
+func sameOrigin(req *http.Request, via []*http.Request) error {
+	if len(via) >= 10 {
+		return fmt.Errorf("%w: more than 10 redirects from %s", ErrRedirect, via[0].URL.Redacted())
+	}
+	from := via[0].URL
+	if !strings.EqualFold(req.URL.Scheme, from.Scheme) || !strings.EqualFold(req.URL.Host, from.Host) {
+		return fmt.Errorf("%w: %s redirected to %s://%s; the agent follows redirects only within %s://%s",
+			ErrRedirect, from.Redacted(), req.URL.Scheme, req.URL.Host, from.Scheme, from.Host)
+	}
+	return nil
 }
 
 // EnrollOptions are what enrolling needs.

@@ -45,10 +45,16 @@ type fakeKernel struct {
 	taint   uint64
 	badCode map[string]bool // function names whose running code differs
 	applies int
+	// stuck are patches whose apply stalled and whose rollback stalled
+	// too: disabled, in their reverse transition. Apply of a name in
+	// stallBoth ends so; Revert of a name in revertErr fails with it.
+	stuck     map[string]bool
+	stallBoth map[string]bool
+	revertErr map[string]error
 }
 
 func newKernel() *fakeKernel {
-	return &fakeKernel{loaded: map[string]bool{}, badCode: map[string]bool{}}
+	return &fakeKernel{loaded: map[string]bool{}, badCode: map[string]bool{}, stuck: map[string]bool{}, stallBoth: map[string]bool{}, revertErr: map[string]error{}}
 }
 
 func (k *fakeKernel) Status() (*livepatch.Status, error) {
@@ -57,6 +63,9 @@ func (k *fakeKernel) Status() (*livepatch.Status, error) {
 	s := &livepatch.Status{Release: release, BuildID: buildID, Livepatch: true}
 	for n := range k.loaded {
 		s.Patches = append(s.Patches, livepatch.Patch{Name: n, Enabled: true})
+	}
+	for n := range k.stuck {
+		s.Patches = append(s.Patches, livepatch.Patch{Name: n, Transition: true})
 	}
 	return s, nil
 }
@@ -74,6 +83,13 @@ func (k *fakeKernel) Apply(ctx context.Context, path string, o livepatch.ApplyOp
 		}
 	}
 	k.applies++
+	if k.stallBoth[name] {
+		k.stuck[name] = true
+		stall := &livepatch.TransitionError{Patch: name, Enabling: true, Holders: []livepatch.Task{{PID: 10, Comm: "stuck-old"}}}
+		back := &livepatch.TransitionError{Patch: name, Holders: []livepatch.Task{{PID: 11, Comm: "stuck-new"}}}
+		return &kmod.Module{Name: name}, &livepatch.RollbackError{Patch: name, Cause: stall, Err: back, Reason: back.Error(),
+			Still: &livepatch.Patch{Name: name, Transition: true}, ModuleLoaded: true, Holders: back.Holders}
+	}
 	k.loaded[name] = true
 	return &kmod.Module{Name: name}, nil
 }
@@ -83,6 +99,11 @@ func (k *fakeKernel) Revert(ctx context.Context, name string, o livepatch.ApplyO
 	defer k.mu.Unlock()
 	if !k.loaded[name] {
 		return livepatch.ErrUnknownPatch
+	}
+	if err := k.revertErr[name]; err != nil {
+		delete(k.loaded, name)
+		k.stuck[name] = true
+		return err
 	}
 	delete(k.loaded, name)
 	return nil
@@ -151,7 +172,7 @@ func (m *machine) setBoot(id, cmdline string) {
 	must(os.WriteFile(filepath.Join(m.proc, "proc/sys/kernel/random/boot_id"), []byte(id+"\n"), 0o644))
 	must(os.WriteFile(filepath.Join(m.proc, "proc/cmdline"), []byte(cmdline+"\n"), 0o644))
 	m.k.mu.Lock()
-	m.k.loaded = map[string]bool{}
+	m.k.loaded, m.k.stuck = map[string]bool{}, map[string]bool{}
 	m.k.mu.Unlock()
 }
 
@@ -398,29 +419,6 @@ func TestTruncatedDownloadIsRetried(t *testing.T) {
 	m.pass(t)
 	if !m.k.isLoaded("fix_one") {
 		t.Error("not applied on the retry")
-	}
-}
-
-func TestTamperedBundleRefused(t *testing.T) {
-	f, m := enrolled(t)
-	target := f.fix(t, "fix_one")
-	path := filepath.Join(f.repo.TargetsDir(), target)
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b[len(b)-600] ^= 1
-	must(os.WriteFile(path, b, 0o644))
-	m.pass(t)
-	p := m.state(t, target)
-	if m.k.applies != 0 || p == nil || p.State != contract.StateRefused || p.Reason != contract.ReasonVerifyFailed {
-		t.Fatalf("tampered bundle: applies %d, state %+v", m.k.applies, p)
-	}
-	if r := f.patch(target); r.Failed != 1 {
-		t.Errorf("server did not get the failure: %+v", r)
-	}
-	if s := m.status(t); s.Coverage != agent.NotCovered {
-		t.Errorf("coverage with a refused patch: %s", s.Coverage)
 	}
 }
 

@@ -21,6 +21,14 @@ import (
 // Poll is how often a running agent looks at the kernel for trouble.
 const Poll = 5 * time.Second
 
+// The check-in interval a server may set: a server (or whatever answers
+// in its place) can neither make the agent hammer it nor send it to
+// sleep for years.
+const (
+	MinCheckIn = time.Minute
+	MaxCheckIn = 24 * time.Hour
+)
+
 // session is one locked pass over the state.
 type session struct {
 	*Agent
@@ -30,6 +38,9 @@ type session struct {
 	boot   string
 	kernel *livepatch.Status
 	unlock func()
+	// alarms are what this pass must end in error for although it
+	// carried on: a rollback that failed.
+	alarms []error
 }
 
 // open locks Dir against a second agent and reads the configuration and
@@ -61,6 +72,16 @@ func (a *Agent) open() (*session, error) {
 		f.Close()
 		return nil, fmt.Errorf("%w: this kernel has no /sys/kernel/livepatch (CONFIG_LIVEPATCH)", livepatch.ErrUnsupported)
 	}
+	if st.Version < stateVersion {
+		// Before version 1 the state did not say which server offered a
+		// patch: with a server configured, it was that one.
+		for _, p := range st.Patches {
+			if p.Server == "" && p.Bundle != "" {
+				p.Server = cfg.Server
+			}
+		}
+		st.Version = stateVersion
+	}
 	return &session{Agent: a, cfg: cfg, root: root, st: st, boot: a.bootID(), kernel: ks, unlock: func() { f.Close() }}, nil
 }
 
@@ -91,7 +112,7 @@ func (a *Agent) Boot(ctx context.Context) error {
 	}
 	s.recover()
 	err = s.reload(ctx)
-	return errors.Join(err, s.close())
+	return errors.Join(err, errors.Join(s.alarms...), s.close())
 }
 
 // Once is one full pass: settle crash markers, reload what a reboot
@@ -116,7 +137,7 @@ func (a *Agent) Once(ctx context.Context) error {
 	if err == nil {
 		err = s.flush(ctx)
 	}
-	return errors.Join(err, s.close())
+	return errors.Join(err, errors.Join(s.alarms...), s.close())
 }
 
 // Run is the daemon: a pass at every check-in (the server's interval,
@@ -231,6 +252,18 @@ func (s *session) recover() {
 			s.unmark(name)
 			continue
 		}
+		if p.State == contract.StateFailed && p.Reason == contract.ReasonRollbackFailed {
+			// The marker stays while the kernel may hold the patch partly
+			// applied: until its reverse transition ends (the kernel
+			// keeps trying) or a reboot. The patch stays failed, never
+			// loaded again.
+			if m.BootID == s.boot && s.boot != "" && s.holds(p.Name) {
+				continue
+			}
+			s.unmark(name)
+			s.log().Warn("the kernel no longer holds the patch whose rollback failed; it stays failed", "patch", p.Name, "target", p.Target)
+			continue
+		}
 		if m.BootID == s.boot && s.boot != "" {
 			switch {
 			case loaded[p.Name] && p.State != contract.StateApplied:
@@ -281,6 +314,12 @@ func (s *session) reload(ctx context.Context) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// holds says whether the kernel lists a patch of that name, enabled or
+// not.
+func (s *session) holds(name string) bool {
+	return slices.ContainsFunc(s.kernel.Patches, func(p livepatch.Patch) bool { return p.Name == name })
 }
 
 // forKernel says whether p was built for the running kernel.
@@ -363,6 +402,12 @@ func (s *session) load(ctx context.Context, p *Patch, b *bundle.Bundle, check st
 		}})
 	switch {
 	case err == nil:
+	case errors.Is(err, livepatch.ErrRollbackFailed):
+		// Failed, and maybe still partly in the kernel: the crash marker
+		// stays (a crash from here on is this patch's), and the pass
+		// ends in this error once the rest is done.
+		s.rollbackFailed(p, check, err)
+		return nil
 	case errors.Is(err, livepatch.ErrNotRoot), errors.Is(err, livepatch.ErrUnsupported), errors.Is(err, livepatch.ErrBusy), ctx.Err() != nil:
 		s.unmark(p.Name)
 		return fmt.Errorf("apply %s: %w", p.Name, err)
@@ -476,12 +521,29 @@ func (s *session) fail(ctx context.Context, p *Patch, check string, lines []stri
 	}
 	detail := strings.Join(lines, "\n")
 	s.log().Error("kernel trouble after a patch: reverting it", "patch", p.Name, "reason", reason, "log", detail)
-	if err := s.Kernel.Revert(ctx, p.Name, livepatch.ApplyOptions{Timeout: s.Timeout}); err != nil {
-		detail += "\nrevert failed: " + err.Error()
+	if err := s.Kernel.Revert(ctx, p.Name, livepatch.ApplyOptions{Timeout: s.Timeout}); err != nil && !errors.Is(err, livepatch.ErrUnknownPatch) {
+		// The patch is still in the kernel, maybe half taken out. Its
+		// marker (gone after the first check) is written again.
+		if merr := s.mark(p); merr != nil {
+			s.log().Error("write crash marker", "patch", p.Name, "err", merr)
+		}
+		s.rollbackFailed(p, check, fmt.Errorf("%s (%s): revert: %w: %w", detail, reason, livepatch.ErrRollbackFailed, err))
+		return
 	}
 	s.unmark(p.Name)
 	p.set(contract.StateFailed, reason, detail, s.now())
 	s.report(p, check, false, reason, detail)
+}
+
+// rollbackFailed records that a patch which had to be taken out could
+// not be: failed for good (reason rollback-failed) and reported, its
+// crash marker left in place while the kernel may hold it, and the pass
+// made to end in the error.
+func (s *session) rollbackFailed(p *Patch, check string, err error) {
+	s.log().Error("patch failed and could not be taken out: the kernel may hold it partly applied; crash marker kept", "patch", p.Name, "target", p.Target, "err", err)
+	p.set(contract.StateFailed, contract.ReasonRollbackFailed, err.Error(), s.now())
+	s.report(p, check, false, contract.ReasonRollbackFailed, err.Error())
+	s.alarms = append(s.alarms, fmt.Errorf("%s: %w", p.Name, err))
 }
 
 // settle waits until every patch applied in this pass has passed (or
@@ -597,7 +659,7 @@ func (s *session) checkIn(ctx context.Context) (api.CheckInResponse, error) {
 		if errors.As(err, &se) && se.Code < 500 {
 			return resp, fmt.Errorf("check-in with %s: %w", s.cfg.Server, err)
 		}
-		return resp, fmt.Errorf("%w: check-in with %s: %v", ErrServer, s.cfg.Server, err)
+		return resp, fmt.Errorf("%w: check-in with %s: %w", ErrServer, s.cfg.Server, err)
 	}
 	s.st.LastCheckIn, s.st.LastError = now, ""
 	if len(resp.Checks) > 0 {
@@ -607,12 +669,27 @@ func (s *session) checkIn(ctx context.Context) (api.CheckInResponse, error) {
 			s.st.Schedule = resp.Checks
 		}
 	}
-	every := time.Duration(resp.NextCheckinSeconds) * time.Second
-	if every <= 0 {
-		every = s.cfg.interval()
-	}
-	s.st.NextCheckIn = now.Add(jitter(every))
+	s.st.NextCheckIn = now.Add(jitter(s.nextInterval(resp.NextCheckinSeconds)))
 	return resp, nil
+}
+
+// nextInterval is the wait the server asked for, within MinCheckIn and
+// MaxCheckIn (compared in seconds: a huge number must not overflow a
+// Duration); the configured interval when it asked for none.
+func (s *session) nextInterval(secs int) time.Duration {
+	lo, hi := int(MinCheckIn/time.Second), int(MaxCheckIn/time.Second)
+	switch {
+	case secs <= 0:
+		return s.cfg.interval()
+	case secs < lo, secs > hi:
+		d := MinCheckIn
+		if secs > hi {
+			d = MaxCheckIn
+		}
+		s.log().Warn("server's check-in interval out of bounds; clamped", "asked_seconds", secs, "using", d, "bounds", fmt.Sprintf("%s..%s", MinCheckIn, MaxCheckIn))
+		return d
+	}
+	return time.Duration(secs) * time.Second
 }
 
 // checkInReport lists every patch with what the kernel actually holds: a
@@ -638,7 +715,10 @@ func (s *session) checkInReport() api.CheckIn {
 }
 
 // act carries out a check-in's orders: reverts first (a blocklisted patch
-// must go even when loading is off), then applies.
+// must go even when loading is off), then applies. A revert order is
+// obeyed only for a patch this server offered and the agent applied: the
+// orders come outside TUF's signatures, so they may touch nothing else.
+// Each one is logged, obeyed or not.
 func (s *session) act(ctx context.Context, actions []api.Action) (bool, error) {
 	acted := false
 	for _, a := range actions {
@@ -646,10 +726,24 @@ func (s *session) act(ctx context.Context, actions []api.Action) (bool, error) {
 			continue
 		}
 		p := s.st.patch(a.Target)
-		if p == nil || p.State != contract.StateApplied {
+		why := ""
+		switch {
+		case p == nil:
+			why = "this machine never had that patch"
+		case p.Server != s.cfg.Server:
+			from := p.Server
+			if from == "" {
+				from = "the mirror " + s.cfg.Repo
+			}
+			why = "that patch was not offered by this server (it came from " + from + ")"
+		case p.State != contract.StateApplied:
+			why = "that patch is " + p.State + ", not applied"
+		}
+		if why != "" {
+			s.log().Warn("revert order ignored", "target", clip(a.Target), "server", s.cfg.Server, "why", why)
 			continue
 		}
-		s.log().Warn("server ordered a revert (patch blocklisted)", "patch", p.Name, "target", p.Target)
+		s.log().Warn("revert order obeyed: reverting the patch (blocklisted by the server)", "patch", p.Name, "target", p.Target, "server", s.cfg.Server)
 		if err := s.Kernel.Revert(ctx, p.Name, livepatch.ApplyOptions{Timeout: s.Timeout}); err != nil && !errors.Is(err, livepatch.ErrUnknownPatch) {
 			return acted, fmt.Errorf("revert %s as ordered: %w", p.Name, err)
 		}
@@ -658,6 +752,10 @@ func (s *session) act(ctx context.Context, actions []api.Action) (bool, error) {
 		acted = true
 	}
 	s.st.Pending = nil
+	if !slices.ContainsFunc(actions, func(a api.Action) bool { return a.Op == api.OpApply && s.st.patch(a.Target) == nil }) {
+		// Nothing waits on the repository any more.
+		s.st.RepoError, s.st.RepoErrorAt = "", time.Time{}
+	}
 	for _, a := range actions {
 		if a.Op != api.OpApply || s.st.patch(a.Target) != nil {
 			continue
@@ -687,18 +785,31 @@ func (s *session) fetchAndLoad(ctx context.Context, target, name string, cves []
 	b, path, err := tc.Fetch(ctx, target)
 	// The server offers only patches for this kernel; the manifest says
 	// for sure once it is verified.
-	p := &Patch{Target: target, Name: name, CVEs: cves, Since: s.now(), Release: s.kernel.Release, BuildID: s.kernel.BuildID}
+	p := &Patch{Target: target, Name: name, CVEs: cves, Since: s.now(), Release: s.kernel.Release, BuildID: s.kernel.BuildID, Server: s.cfg.Server}
 	switch {
 	case err == nil:
-	case errors.Is(err, bundle.ErrVerify), errors.Is(err, bundle.ErrBadBundle), errors.Is(err, contract.ErrBadManifest):
+		s.st.RepoError, s.st.RepoErrorAt = "", time.Time{}
+	case ctx.Err() != nil:
+		return false, err
+	case errors.Is(err, bundle.ErrVerify):
+		// Expired or rolled-back metadata, a bad signature, content not
+		// of its signed hash: the repository's problem (a refresh racing
+		// the fetch, a stale mirror, tampering on the way), not the
+		// patch's. Tried again at the next pass; no failure is reported.
+		s.repoProblem(target, err)
+		return false, fmt.Errorf("%w: %w", ErrRepository, err)
+	case errors.Is(err, bundle.ErrBadBundle), errors.Is(err, contract.ErrBadManifest):
+		// Signed and intact as published, and still no valid bundle: the
+		// patch itself is bad.
 		s.st.Patches = append(s.st.Patches, p)
 		s.log().Error("bundle refused", "target", target, "err", err)
 		p.set(contract.StateRefused, contract.ReasonVerifyFailed, err.Error(), s.now())
 		s.report(p, contract.CheckApply, false, contract.ReasonVerifyFailed, err.Error())
 		return true, nil
 	default:
-		// Network trouble, a missing target: try again at the next check-in.
-		return false, fmt.Errorf("%w: fetch %s: %v", ErrServer, target, err)
+		// Network trouble, a missing target: try again later.
+		s.repoProblem(target, err)
+		return false, fmt.Errorf("%w: %w", ErrServer, err)
 	}
 	data, err := os.ReadFile(path)
 	if err != nil {
@@ -726,6 +837,21 @@ func (s *session) fetchAndLoad(ctx context.Context, target, name string, cves []
 	return true, nil
 }
 
+// repoProblem records that the repository could not give a target, for
+// stitch status and the log.
+func (s *session) repoProblem(target string, err error) {
+	s.st.RepoError, s.st.RepoErrorAt = err.Error(), s.now()
+	s.log().Warn("patch repository problem: patch not fetched, trying again later", "target", target, "repo", s.cfg.Repo, "err", err)
+}
+
+// clip shortens what a server sent before it goes into a log line.
+func clip(v string) string {
+	if len(v) > 200 {
+		return v[:200] + "..."
+	}
+	return v
+}
+
 // mirror applies, with no server, every bundle the repository holds for
 // this kernel that the agent has not decided on yet.
 func (s *session) mirror(ctx context.Context) error {
@@ -738,8 +864,9 @@ func (s *session) mirror(ctx context.Context) error {
 	names, err := tc.Targets(ctx)
 	if err != nil {
 		s.st.LastError = err.Error()
+		s.repoProblem("", err)
 		if errors.Is(err, bundle.ErrVerify) {
-			return fmt.Errorf("mirror %s: %w", s.cfg.Repo, err)
+			return fmt.Errorf("%w: mirror %s: %w", ErrRepository, s.cfg.Repo, err)
 		}
 		return fmt.Errorf("%w: mirror %s: %v", ErrServer, s.cfg.Repo, err)
 	}

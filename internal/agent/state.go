@@ -13,8 +13,13 @@ import (
 	"github.com/stitchpatch/stitch/internal/server/api"
 )
 
+// stateVersion is State.Version as this agent writes it.
+const stateVersion = 1
+
 // State is what the agent remembers between runs and boots.
 type State struct {
+	// Version 1 records each patch's server (Patch.Server); 0 did not.
+	Version int `json:"version,omitempty"`
 	// Patches in the order they were first applied, which is the order
 	// they are loaded again at boot.
 	Patches     []*Patch  `json:"patches"`
@@ -30,6 +35,11 @@ type State struct {
 	Outbox []api.Health `json:"outbox,omitempty"`
 	// Schedule is the health-check schedule the server gave last.
 	Schedule contract.Schedule `json:"schedule,omitempty"`
+	// RepoError is the last refusal of the repository (TUF) or failed
+	// download, at RepoErrorAt; empty once a fetch succeeds again. It is
+	// a problem of the distribution, not of any patch.
+	RepoError   string    `json:"repo_error,omitempty"`
+	RepoErrorAt time.Time `json:"repo_error_at,omitzero"`
 }
 
 // Patch is one patch the agent was told about or found, and its fate.
@@ -53,6 +63,10 @@ type Patch struct {
 	// Bundle is the verified copy, reused at boot without a network.
 	Bundle       string `json:"bundle,omitempty"`
 	BundleSHA256 string `json:"bundle_sha256,omitempty"`
+	// Server is the server that offered the patch to this machine (its
+	// base URL); only that server's revert orders are obeyed for it.
+	// Empty for a mirror's patches.
+	Server string `json:"server,omitempty"`
 	// AppliedAt is the last load, in boot BootID, with the taint the
 	// kernel had just before it; Checks are the health checks reported
 	// since.

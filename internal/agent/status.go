@@ -3,6 +3,7 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"os"
 	"slices"
 	"time"
 
@@ -39,6 +40,10 @@ type Status struct {
 	LastCheckIn time.Time     `json:"last_checkin,omitzero"`
 	NextCheckIn time.Time     `json:"next_checkin,omitzero"`
 	LastError   string        `json:"last_error,omitempty"`
+	// RepoError is the last refusal of the patch repository (TUF) or
+	// failed download; the patches it held back are pending.
+	RepoError   string    `json:"repo_error,omitempty"`
+	RepoErrorAt time.Time `json:"repo_error_at,omitzero"`
 }
 
 // PatchStatus is one of the agent's patches for the running kernel.
@@ -71,12 +76,13 @@ func (a *Agent) Status(ks *livepatch.Status) (*Status, error) {
 	}
 	out.Enrolled, out.Server, out.Repo, out.Machine = true, cfg.Server, cfg.Repo, cfg.MachineID
 	out.LastCheckIn, out.NextCheckIn, out.LastError, out.Pending = st.LastCheckIn, st.NextCheckIn, st.LastError, st.Pending
+	out.RepoError, out.RepoErrorAt = st.RepoError, st.RepoErrorAt
 	_, out.Disabled = a.Disabled()
 	loaded := map[string]bool{}
 	for _, p := range ks.Patches {
 		loaded[p.Name] = p.Enabled
 	}
-	var failed, missing []string
+	var failed, missing, halfOut []string
 	for _, p := range st.Patches {
 		if p.Release != ks.Release || p.BuildID != ks.BuildID {
 			continue
@@ -95,6 +101,12 @@ func (a *Agent) Status(ks *livepatch.Status) (*Status, error) {
 			missing = append(missing, p.Name)
 		case p.State == contract.StateFailed || p.State == contract.StateRefused:
 			failed = append(failed, p.Name)
+			if p.Reason == contract.ReasonRollbackFailed {
+				// Its crash marker lasts while the kernel may hold it.
+				if _, err := os.Stat(a.markerPath(p.Name)); err == nil {
+					halfOut = append(halfOut, p.Name)
+				}
+			}
 		}
 	}
 	slices.Sort(out.FixedCVEs)
@@ -105,12 +117,16 @@ func (a *Agent) Status(ks *livepatch.Status) (*Status, error) {
 	// Overdue: a whole interval (as last planned) past the next check-in.
 	overdue := !st.NextCheckIn.IsZero() && a.now().After(st.NextCheckIn.Add(st.NextCheckIn.Sub(st.LastCheckIn)))
 	switch {
+	case len(halfOut) > 0:
+		out.Coverage, out.Why = NotCovered, fmt.Sprintf("could not take out %v after it failed: the kernel may hold it partly applied (see its detail, and dmesg; `stitch revert NAME` once its transition is over, or reboot)", halfOut)
 	case st.LastError != "" && st.LastAttempt.After(st.LastCheckIn):
 		out.Coverage, out.Why = Error, "last check-in failed: "+st.LastError
 	case st.LastCheckIn.IsZero():
 		out.Coverage, out.Why = Error, "the agent has not checked in yet"
 	case overdue:
 		out.Coverage, out.Why = Error, fmt.Sprintf("no check-in since %s (is the agent running? systemctl status stitch-agent)", st.LastCheckIn.Format(time.RFC3339))
+	case st.RepoError != "":
+		out.Coverage, out.Why = Error, "the patch repository was refused (retrying; no patch is failed for it): "+st.RepoError
 	case !ks.Livepatch:
 		out.Coverage, out.Why = NotCovered, "the kernel has no livepatch support"
 	case out.Disabled != "":

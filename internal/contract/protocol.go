@@ -136,8 +136,12 @@ const (
 	ReasonCrashLoop           = "crash-loop"
 	ReasonFingerprintMismatch = "fingerprint-mismatch"
 	ReasonVerifyFailed        = "verify-failed"
+	// ReasonRollbackFailed: the patch had to be taken out again (its
+	// transition stalled, or the kernel was in trouble after it) and the
+	// rollback failed too; the machine may hold it partly applied.
+	ReasonRollbackFailed = "rollback-failed"
 )
 
 // Reasons lists every reason, for validation.
 var Reasons = []string{ReasonApplyFailed, ReasonTransitionTimeout, ReasonKernelWarning, ReasonOops,
-	ReasonCrashLoop, ReasonFingerprintMismatch, ReasonVerifyFailed}
+	ReasonCrashLoop, ReasonFingerprintMismatch, ReasonVerifyFailed, ReasonRollbackFailed}

@@ -1,12 +1,12 @@
 package livepatch
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -33,7 +33,49 @@ var (
 	// ErrKernelTrouble means the kernel warned, oopsed or locked up while
 	// Apply watched it after patching; see TroubleError.
 	ErrKernelTrouble = errors.New("kernel reported trouble after patching")
+	// ErrRollbackFailed means Apply had to take a patch out again (its
+	// transition stalled, or the kernel was in trouble after it) and
+	// could not: the kernel may hold it partly applied. See RollbackError.
+	ErrRollbackFailed = errors.New("rollback failed")
 )
+
+// RollbackError is a rollback that did not finish: what it was for, why
+// it failed, and what the kernel still holds.
+type RollbackError struct {
+	Patch string `json:"patch"`
+	// Cause is why the patch was being taken out: a *TransitionError
+	// (the transition stalled) or a *TroubleError.
+	Cause error `json:"-"`
+	// Err is why the rollback failed, most often a *TransitionError of
+	// the reverse transition; Reason is its text.
+	Err    error  `json:"-"`
+	Reason string `json:"reason"`
+	// Still is the patch as /sys/kernel/livepatch shows it after the
+	// attempt; nil when it is gone from there.
+	Still        *Patch `json:"still,omitempty"`
+	ModuleLoaded bool   `json:"module_loaded"`
+	// Holders are the tasks that hold the reverse transition up.
+	Holders []Task `json:"holders"`
+}
+
+func (e *RollbackError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%v\n  ROLLBACK FAILED: %v", e.Cause, e.Err)
+	switch {
+	case e.Still != nil && e.Still.Transition && !e.Still.Enabled:
+		fmt.Fprintf(&b, "\n  the kernel still holds %s, disabled and in its reverse transition: the tasks above still run its code. The kernel keeps retrying; the transition ends once they leave the patched functions", e.Patch)
+	case e.Still != nil:
+		fmt.Fprintf(&b, "\n  the kernel still holds %s (enabled %v, in transition %v)", e.Patch, e.Still.Enabled, e.Still.Transition)
+	case e.ModuleLoaded:
+		fmt.Fprintf(&b, "\n  %s is disabled but its module is still loaded", e.Patch)
+	}
+	fmt.Fprintf(&b, "\n  then `stitch revert %s` unloads it; a reboot clears it in any case", e.Patch)
+	return b.String()
+}
+
+// Unwrap gives ErrRollbackFailed, then the cause (errors.As finds the
+// stalled transition or the trouble), then the rollback's own error.
+func (e *RollbackError) Unwrap() []error { return []error{ErrRollbackFailed, e.Cause, e.Err} }
 
 // TroubleError reports what the kernel said after a patch went in.
 type TroubleError struct {
@@ -173,16 +215,66 @@ func (k *Kernel) poll() time.Duration {
 // CheckModule runs every check Apply makes before it touches the kernel,
 // and returns the module.
 func (k *Kernel) CheckModule(path string) (*kmod.Module, error) {
-	if os.Geteuid() != 0 {
-		return nil, fmt.Errorf("%w: loading a kernel module needs root (run with sudo)", ErrNotRoot)
-	}
-	if err := k.Supported(); err != nil {
-		return nil, err
-	}
-	m, err := kmod.Open(path)
+	f, data, err := k.openModule(path)
 	if err != nil {
 		return nil, err
 	}
+	f.Close()
+	return k.checkModule(path, data)
+}
+
+// openModule checks that this process may load modules into a kernel
+// with livepatch, opens the module and reads it through that descriptor.
+func (k *Kernel) openModule(path string) (*os.File, []byte, error) {
+	if os.Geteuid() != 0 {
+		return nil, nil, fmt.Errorf("%w: loading a kernel module needs root (run with sudo)", ErrNotRoot)
+	}
+	if err := k.Supported(); err != nil {
+		return nil, nil, err
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	data, err := readModule(f)
+	if err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return f, data, nil
+}
+
+// maxModule bounds what is read of a module file, far above any real
+// module (the largest of a distribution kernel are tens of MB).
+const maxModule = 1 << 30
+
+// readModule reads the whole of a regular file from offset 0, as
+// finit_module does.
+func readModule(f *os.File) ([]byte, error) {
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case !fi.Mode().IsRegular():
+		return nil, fmt.Errorf("%w: not a regular file (%v)", kmod.ErrNotModule, fi.Mode().Type())
+	case fi.Size() > maxModule:
+		return nil, fmt.Errorf("%w: %d bytes, more than any kernel module", kmod.ErrNotModule, fi.Size())
+	}
+	data := make([]byte, fi.Size())
+	if _, err := f.ReadAt(data, 0); err != nil {
+		return nil, fmt.Errorf("read: %w", err)
+	}
+	return data, nil
+}
+
+// checkModule runs the checks of CheckModule on the module's bytes.
+func (k *Kernel) checkModule(path string, data []byte) (*kmod.Module, error) {
+	m, err := kmod.Read(bytes.NewReader(data))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	m.Path = path
 	if err := m.CheckLivepatch(); err != nil {
 		return nil, err
 	}
@@ -206,15 +298,24 @@ func (k *Kernel) CheckModule(path string) (*kmod.Module, error) {
 
 // Apply loads the livepatch module at path and waits for its transition.
 // If the transition does not finish in time it is reversed and the module
-// unloaded (or, with Force, forced), and a *TransitionError is returned.
+// unloaded (or, with Force, forced), and a *TransitionError is returned;
+// if the reversal fails too, a *RollbackError.
 func (k *Kernel) Apply(ctx context.Context, path string, opts ApplyOptions) (*kmod.Module, error) {
-	m, err := k.CheckModule(path)
+	// One descriptor throughout: the module is checked and hashed from
+	// the bytes read through f, and f is what the kernel loads, so a file
+	// put in path's place meanwhile is not loaded unchecked.
+	f, data, err := k.openModule(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	m, err := k.checkModule(path, data)
 	if err != nil {
 		return nil, err
 	}
 	if opts.Expect != nil {
 		opts.report(Progress{Patch: m.Name, Phase: "verify"})
-		if err := k.verify(path, m, opts.Expect); err != nil {
+		if err := k.verify(path, data, opts.Expect); err != nil {
 			return nil, err
 		}
 	}
@@ -226,7 +327,7 @@ func (k *Kernel) Apply(ctx context.Context, path string, opts ApplyOptions) (*km
 	kmsg := OpenKernelLog()
 	defer kmsg.Close()
 	opts.report(Progress{Patch: m.Name, Phase: "load"})
-	if err := k.load(path, kmsg); err != nil {
+	if err := k.load(f, path, kmsg); err != nil {
 		return nil, err
 	}
 	k.log().Info("module loaded", "module", m.Name, "elapsed", time.Since(start))
@@ -256,19 +357,43 @@ func (k *Kernel) Apply(ctx context.Context, path string, opts ApplyOptions) (*km
 	// Roll back: reversing an unfinished transition is always allowed and
 	// only has to move the tasks that already switched.
 	k.log().Warn("transition stalled; rolling back", "patch", m.Name, "holders", len(te.Holders))
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), opts.timeout())
-	defer cancel()
-	if err := k.disableAndUnload(rctx, m.Name, ApplyOptions{Timeout: opts.timeout(), Progress: opts.Progress}); err != nil {
-		return m, fmt.Errorf("%v\n  ROLLBACK FAILED: %w", te, err)
+	if err := k.rollback(ctx, m.Name, te, opts); err != nil {
+		return m, err
 	}
 	te.RolledBack = true
 	return m, te
 }
 
+// rollback takes a patch out again because of cause: disables it, waits
+// for the reverse transition and unloads the module. It has a deadline
+// of its own, as the caller's may be what ran out. When it fails, the
+// *RollbackError says what the kernel still holds.
+func (k *Kernel) rollback(ctx context.Context, name string, cause error, opts ApplyOptions) error {
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), opts.timeout())
+	defer cancel()
+	err := k.disableAndUnload(rctx, name, ApplyOptions{Timeout: opts.timeout(), Progress: opts.Progress})
+	if err == nil {
+		return nil
+	}
+	re := &RollbackError{Patch: name, Cause: cause, Err: err, Reason: err.Error(), Holders: []Task{}}
+	var te *TransitionError
+	if errors.As(err, &te) {
+		re.Holders = te.Holders
+	}
+	if p, perr := k.Patch(name); perr == nil {
+		re.Still = p
+	}
+	if _, serr := os.Stat(k.path("/sys/module/" + name)); serr == nil {
+		re.ModuleLoaded = true
+	}
+	k.log().Error("rollback failed: the kernel may hold the patch partly applied", "patch", name, "holders", len(re.Holders), "err", err)
+	return re
+}
+
 // verify checks that the patch was built for the running kernel: release,
-// build-id, the module file's hash, and the code of every function it
-// replaces.
-func (k *Kernel) verify(path string, m *kmod.Module, e *Expect) error {
+// build-id, the hash of the module's bytes (data, as read for loading),
+// and the code of every function it replaces.
+func (k *Kernel) verify(path string, data []byte, e *Expect) error {
 	rel, err := Release()
 	if err != nil {
 		return err
@@ -284,11 +409,7 @@ func (k *Kernel) verify(path string, m *kmod.Module, e *Expect) error {
 		return fmt.Errorf("%w: built for kernel build-id %s, running %s (same release, different build)", ErrWrongKernel, e.BuildID, id)
 	}
 	if e.ModuleSHA256 != "" {
-		b, err := os.ReadFile(path)
-		if err != nil {
-			return err
-		}
-		if sum := sha256.Sum256(b); hex.EncodeToString(sum[:]) != e.ModuleSHA256 {
+		if sum := sha256.Sum256(data); hex.EncodeToString(sum[:]) != e.ModuleSHA256 {
 			return fmt.Errorf("%w: %s is not the module its manifest describes (sha256 differs)", kmod.ErrNotModule, path)
 		}
 	}
@@ -350,9 +471,9 @@ func (k *Kernel) waitTransition(ctx context.Context, name string, enabling bool,
 	for {
 		on, err := readBool(filepath.Join(k.patchDir(name), "transition"))
 		switch {
-		case errors.Is(err, fs.ErrNotExist) && !enabling:
+		case gone(err) && !enabling:
 			return nil // disabled and freed
-		case errors.Is(err, fs.ErrNotExist):
+		case gone(err):
 			return fmt.Errorf("%w: %s vanished from /sys/kernel/livepatch during its transition (see dmesg)", ErrLoad, name)
 		case err != nil:
 			return err
@@ -427,16 +548,16 @@ func readStack(path string) []string {
 	return out
 }
 
-// load asks the kernel to load the module; module init calls
-// klp_enable_patch, which starts the transition. On failure the error
-// quotes what the kernel logged since kmsg was opened.
-func (k *Kernel) load(path string, kmsg *KernelLog) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
+// load asks the kernel to load the module open as f (path names it in
+// messages); module init calls klp_enable_patch, which starts the
+// transition. On failure the error quotes what the kernel logged since
+// kmsg was opened.
+func (k *Kernel) load(f *os.File, path string, kmsg *KernelLog) error {
+	finit := k.finit
+	if finit == nil {
+		finit = func(f *os.File) error { return unix.FinitModule(int(f.Fd()), "", 0) }
 	}
-	defer f.Close()
-	err = unix.FinitModule(int(f.Fd()), "", 0)
+	err := finit(f)
 	if err == nil {
 		return nil
 	}
@@ -489,10 +610,8 @@ func (k *Kernel) watch(ctx context.Context, name string, before Taint, kmsg *Ker
 		}
 	}
 	k.log().Warn("kernel trouble after patching; reverting", "patch", name, "taint", te.NewTaint)
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), opts.timeout())
-	defer cancel()
-	if err := k.disableAndUnload(rctx, name, ApplyOptions{Timeout: opts.timeout(), Progress: opts.Progress}); err != nil {
-		return fmt.Errorf("%v\n  REVERT FAILED: %w", te, err)
+	if err := k.rollback(ctx, name, te, opts); err != nil {
+		return err
 	}
 	te.RolledBack = true
 	return te

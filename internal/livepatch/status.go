@@ -30,6 +30,9 @@ type Kernel struct {
 	Logger *slog.Logger
 	// Poll is how often a transition's state is read; 100ms if zero.
 	Poll time.Duration
+	// finit loads a module from its open file; finit_module(2) when nil.
+	// Unit tests stand in for the kernel's loader here.
+	finit func(*os.File) error
 }
 
 // Status is the kernel's livepatch state, as `stitch status` reports it.
@@ -139,14 +142,14 @@ func (k *Kernel) Status() (*Status, error) {
 func (k *Kernel) Patch(name string) (*Patch, error) {
 	dir := k.patchDir(name)
 	enabled, err := readBool(filepath.Join(dir, "enabled"))
-	if errors.Is(err, fs.ErrNotExist) {
+	if gone(err) {
 		return nil, fmt.Errorf("%w: %q (see 'stitch status' for the loaded patches)", ErrUnknownPatch, name)
 	}
 	if err != nil {
 		return nil, err
 	}
 	p := &Patch{Name: name, Enabled: enabled, Objects: []Object{}}
-	if p.Transition, err = readBool(filepath.Join(dir, "transition")); err != nil && !errors.Is(err, fs.ErrNotExist) {
+	if p.Transition, err = readBool(filepath.Join(dir, "transition")); err != nil && !gone(err) {
 		return nil, err
 	}
 	p.Replace, _ = readBool(filepath.Join(dir, "replace")) // absent before 5.x
@@ -193,6 +196,13 @@ func (k *Kernel) inTransition() (string, error) {
 		}
 	}
 	return "", nil
+}
+
+// gone tells a read of a sysfs file that failed because its kobject is
+// gone: ENOENT once it is, ENODEV while the kernel removes it (a patch
+// freed at the end of its reverse transition).
+func gone(err error) bool {
+	return errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ENODEV)
 }
 
 func readBool(path string) (bool, error) {

@@ -25,7 +25,7 @@ import (
 // real kernel and runs the TestGuest* tests below inside it.
 func TestVM(t *testing.T) {
 	testutils.RequireVM(t)
-	kos := testutils.BuildModules(t, "testdata/modules", "lp_cmdline", "stall_helper", "lp_stall", "plain_mod", "lp_warn")
+	kos := testutils.BuildModules(t, "testdata/modules", "lp_cmdline", "stall_helper", "lp_stall", "plain_mod", "lp_warn", "stall2_helper", "lp_stall2")
 	dir := t.TempDir()
 	good, err := os.ReadFile(kos["lp_cmdline"])
 	if err != nil {
@@ -248,6 +248,83 @@ func TestGuestStall(t *testing.T) {
 	}
 	if after := snapshot(t); after != before {
 		t.Errorf("rollback left the kernel changed:\n before %s\n after  %s", before, after)
+	}
+}
+
+// TestGuestRollbackFails applies a patch whose transition stalls (a
+// thread sleeps in the old code) and whose reverse transition stalls too
+// (another thread switched early and sleeps in the new code): apply must
+// exit 11 naming what the kernel still holds and the thread that holds
+// it, never claim the kernel is as it was. Once the helper's threads stop
+// the kernel finishes the reverse transition, and revert unloads the
+// module.
+func TestGuestRollbackFails(t *testing.T) {
+	testutils.RequireGuest(t)
+	f, err := os.Open("/stall2_helper.ko")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.FinitModule(int(f.Fd()), "", 0); err != nil {
+		t.Fatalf("load stall2_helper: %v", err)
+	}
+	f.Close()
+	helper := true
+	t.Cleanup(func() {
+		if helper {
+			unix.DeleteModule("stall2_helper", 0)
+		}
+		unix.DeleteModule("lp_stall2", 0)
+	})
+	code, out, stderr := stitch(t, 0, "apply", "--json", "--timeout", "4s", "/lp_stall2.ko")
+	if code != 11 {
+		t.Fatalf("apply whose rollback stalls: exit %d, want 11\n%s", code, stderr)
+	}
+	var rep struct {
+		Error          string
+		Stalled        livepatch.TransitionError
+		RollbackFailed *livepatch.RollbackError `json:"rollback_failed"`
+	}
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatal(err)
+	}
+	comms := func(ts []livepatch.Task) string {
+		var cs []string
+		for _, h := range ts {
+			cs = append(cs, h.Comm)
+		}
+		return strings.Join(cs, " ")
+	}
+	if rep.Stalled.RolledBack || !strings.Contains(comms(rep.Stalled.Holders), "stitch-old") {
+		t.Errorf("the stalled transition: rolled back %v, holders %q", rep.Stalled.RolledBack, comms(rep.Stalled.Holders))
+	}
+	rf := rep.RollbackFailed
+	if rf == nil || rf.Still == nil || rf.Still.Enabled || !rf.Still.Transition || !rf.ModuleLoaded || !strings.Contains(comms(rf.Holders), "stitch-new") {
+		t.Fatalf("rollback_failed = %+v, want lp_stall2 disabled, in transition, loaded, held by stitch-new", rf)
+	}
+	if strings.Contains(rep.Error, "the kernel is as it was") {
+		t.Errorf("a failed rollback claims the kernel is as it was: %s", rep.Error)
+	}
+	if p, err := (&livepatch.Kernel{}).Patch("lp_stall2"); err != nil || p.Enabled || !p.Transition {
+		t.Fatalf("lp_stall2 in the kernel: %+v %v", p, err)
+	}
+	// The helper's threads stopped, nothing holds the reverse transition.
+	if err := unix.DeleteModule("stall2_helper", 0); err != nil {
+		t.Fatalf("unload stall2_helper: %v", err)
+	}
+	helper = false
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if _, err := os.Stat("/sys/kernel/livepatch/lp_stall2"); err != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the reverse transition did not end once its holders stopped")
+		}
+	}
+	if code, _, _ := stitch(t, 0, "revert", "lp_stall2"); code != 0 {
+		t.Fatalf("revert after the transition ended: exit %d", code)
+	}
+	if _, err := os.Stat("/sys/module/lp_stall2"); err == nil {
+		t.Error("lp_stall2 still loaded")
 	}
 }
 
