@@ -598,9 +598,14 @@ func (s *session) flush(ctx context.Context) error {
 		h := s.st.Outbox[0]
 		err := c.Health(ctx, h)
 		var se *api.StatusError
+		refused := errors.As(err, &se)
 		switch {
 		case err == nil:
-		case errors.As(err, &se) && se.Code < 500:
+		case errors.Is(err, api.ErrRateLimited):
+			// The server will read it later: keep it for the next pass.
+			s.log().Warn("health report deferred: the server limits this machine's reports", "patch", h.Name, "check", h.Check, "retry_after", se.RetryAfter)
+			return err
+		case refused && se.Code < 500:
 			s.log().Warn("health report refused by the server; dropped", "patch", h.Name, "check", h.Check, "err", err)
 		default:
 			s.log().Warn("health report not sent; kept", "patch", h.Name, "err", err)
