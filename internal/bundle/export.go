@@ -273,6 +273,18 @@ func (r *Repo) verifyImport(stage string) (*incoming, error) {
 	if in.ts, err = readStage("timestamp.json"); err != nil {
 		return nil, err
 	}
+	// An older export is refused as such before its signatures and expiry
+	// are looked at: whatever else is wrong with it, it is not wanted.
+	if existing {
+		unverified, err := metadata.Timestamp().FromBytes(in.ts)
+		if err != nil {
+			return nil, fmt.Errorf("%w: metadata/timestamp.json: %v", ErrBadBundle, err)
+		}
+		if v, c := unverified.Signed.Version, cur.Roles[metadata.TIMESTAMP].Version; v < c {
+			return nil, fmt.Errorf("%w: rollback: the export's timestamp is version %d, the mirror's %d: the export is older than the mirror, which is unchanged; import a newer export",
+				ErrVerify, v, c)
+		}
+	}
 	if in.timestampMD, err = tm.UpdateTimestamp(in.ts); err != nil {
 		return nil, fmt.Errorf("the export's metadata: %w; take a new export on the online side (`stitch repo export`)", classify(err))
 	}
@@ -295,7 +307,7 @@ func (r *Repo) verifyImport(stage string) (*incoming, error) {
 		newTS := in.timestampMD.Signed.Version
 		switch {
 		case newTS < c[metadata.TIMESTAMP].Version || in.snapV < c[metadata.SNAPSHOT].Version || in.tgtsV < c[metadata.TARGETS].Version:
-			return nil, fmt.Errorf("%w: rollback: the export (timestamp version %d, snapshot %d, targets %d) is older than the mirror (timestamp %d, snapshot %d, targets %d); the mirror is unchanged: import a newer export",
+			return nil, fmt.Errorf("%w: rollback: the export (timestamp version %d, snapshot %d, targets %d) is older than the mirror (timestamp %d, snapshot %d, targets %d), which is unchanged; import a newer export",
 				ErrVerify, newTS, in.snapV, in.tgtsV, c[metadata.TIMESTAMP].Version, c[metadata.SNAPSHOT].Version, c[metadata.TARGETS].Version)
 		case newTS == c[metadata.TIMESTAMP].Version:
 			old, err := os.ReadFile(r.metaPath("timestamp.json"))

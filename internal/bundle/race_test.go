@@ -1,11 +1,13 @@
 package bundle
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -49,6 +51,20 @@ func TestNoRefusalDuringPublishAndRefresh(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	newClient := func() *Client {
+		return &Client{BaseURL: srv.URL + "/v1/repo", TrustedRoot: root, CacheDir: t.TempDir(), HTTP: srv.Client(), Now: clk.now}
+	}
+	hammer(t, newClient, first, func(i int) error {
+		if _, err := repo.Publish(testBundle(t, fmt.Sprintf("module %d", i))); err != nil {
+			return err
+		}
+		return repo.Refresh()
+	})
+}
+
+// hammer runs six clients fetching target in a loop while write runs in a
+// loop, for three seconds, and fails if any fetch was refused.
+func hammer(t *testing.T, newClient func() *Client, target string, write func(i int) error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	var writes sync.WaitGroup
@@ -56,12 +72,8 @@ func TestNoRefusalDuringPublishAndRefresh(t *testing.T) {
 	go func() {
 		defer writes.Done()
 		for i := 1; ctx.Err() == nil; i++ {
-			if _, err := repo.Publish(testBundle(t, fmt.Sprintf("module %d", i))); err != nil {
-				t.Errorf("publish %d: %v", i, err)
-				return
-			}
-			if err := repo.Refresh(); err != nil {
-				t.Errorf("refresh %d: %v", i, err)
+			if err := write(i); err != nil {
+				t.Errorf("write %d: %v", i, err)
 				return
 			}
 		}
@@ -73,9 +85,9 @@ func TestNoRefusalDuringPublishAndRefresh(t *testing.T) {
 		clients.Add(1)
 		go func() {
 			defer clients.Done()
-			cl := &Client{BaseURL: srv.URL + "/v1/repo", TrustedRoot: root, CacheDir: t.TempDir(), HTTP: srv.Client(), Now: clk.now}
+			cl := newClient()
 			for ctx.Err() == nil {
-				_, _, err := cl.Fetch(context.Background(), first)
+				_, _, err := cl.Fetch(context.Background(), target)
 				fetches.Add(1)
 				if err != nil {
 					refused.Add(1)
@@ -93,4 +105,33 @@ func TestNoRefusalDuringPublishAndRefresh(t *testing.T) {
 	if n := refused.Load(); n > 0 {
 		t.Fatalf("%d of %d fetches refused during publishes and refreshes; first: %v", n, fetches.Load(), firstErr.Load())
 	}
+}
+
+// TestNoRefusalDuringMirrorImport: agents reading a file:// mirror while
+// newer exports are imported over it in a loop are never refused.
+func TestNoRefusalDuringMirrorImport(t *testing.T) {
+	clk := &clock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	online := &Repo{Dir: t.TempDir(), Now: clk.now}
+	if err := online.Init(); err != nil {
+		t.Fatal(err)
+	}
+	first, err := online.Publish(testBundle(t, "module 0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mirror := &Repo{Dir: filepath.Join(t.TempDir(), "mirror"), Now: clk.now}
+	if err := mirror.Import(bytes.NewReader(exportValid(t, online))); err != nil {
+		t.Fatal(err)
+	}
+	root, _ := online.TrustedRoot()
+	hammer(t, func() *Client { return fileClient(t, mirror.Dir, root, clk.now) }, first, func(i int) error {
+		if _, err := online.Publish(testBundle(t, fmt.Sprintf("module %d", i))); err != nil {
+			return err
+		}
+		var b bytes.Buffer
+		if err := online.ExportValid(&b, DefaultExportValid); err != nil {
+			return err
+		}
+		return mirror.Import(&b)
+	})
 }

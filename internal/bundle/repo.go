@@ -172,6 +172,9 @@ func (r *Repo) Init() error {
 // one), and checks that the server does not serve it.
 func (r *Repo) makeKeysDir() error {
 	dir := r.keysDir()
+	if err := r.checkServed(dir, filepath.Abs); err != nil {
+		return err // before creating anything there
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
@@ -195,12 +198,18 @@ func (r *Repo) checkKeysDir() error {
 	if fi.Mode().Perm()&0o077 != 0 {
 		return fmt.Errorf("keys directory %s is mode %04o, open to other users: run `chmod 700 %s`", dir, fi.Mode().Perm(), dir)
 	}
-	kd, err := realPath(dir)
+	return r.checkServed(dir, realPath)
+}
+
+// checkServed refuses a keys directory inside metadata/ or targets/, with
+// paths made absolute by abs (lexically, or resolving symbolic links).
+func (r *Repo) checkServed(dir string, abs func(string) (string, error)) error {
+	kd, err := abs(dir)
 	if err != nil {
 		return err
 	}
 	for _, served := range []string{r.MetadataDir(), r.TargetsDir()} {
-		sd, err := realPath(served)
+		sd, err := abs(served)
 		if err != nil {
 			continue // not there yet: nothing served
 		}
