@@ -252,6 +252,9 @@ func fail(w http.ResponseWriter, code int, msg string) { reply(w, code, api.Erro
 // Serve listens on addr until ctx ends.
 func (s *Server) Serve(ctx context.Context, addr string) error {
 	srv := &http.Server{Addr: addr, Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	// The repository's metadata renews itself: the timestamp expires daily
+	// and nothing else would re-sign it.
+	go s.Repo.KeepFresh(ctx, time.Minute, s.log(), s.metrics.repoExpiry)
 	go func() {
 		t := time.NewTicker(30 * time.Second)
 		defer t.Stop()
