@@ -69,7 +69,7 @@ func (r *Repo) ExportValid(w io.Writer, valid time.Duration) error {
 			return fmt.Errorf("export: root expires %s, before this export would (%s): renew it first with `stitch keys renew-root --dir %s` and the offline root key, or export with a shorter --valid",
 				exp.Format(time.RFC3339), until.Format(time.RFC3339), r.Dir)
 		}
-		if st.targets.Signed.Expires.Before(until) {
+		if st.targets.Signed.Expires.Before(until) || !verifies(st.root, metadata.TARGETS, st.targets) {
 			if err := r.signTargets(st, now.Add(max(e.Targets, valid))); err != nil {
 				return fmt.Errorf("export: %w", err)
 			}

@@ -449,9 +449,35 @@ func (r *Repo) migrate(st *state) (bool, error) {
 	if err != nil {
 		return false, err
 	}
+	if err := r.consistent(st); err != nil {
+		return false, err
+	}
 	st.root.Signed.Version++
-	st.root.Signed.ConsistentSnapshot = true
 	return true, r.writeRoot(st.root, s)
+}
+
+// consistent prepares a switch to consistent snapshots, before the root
+// that announces it is written: every published bundle gets its
+// hash-prefixed name, which clients then fetch.
+func (r *Repo) consistent(st *state) error {
+	if st.root.Signed.ConsistentSnapshot {
+		return nil
+	}
+	for name, tf := range st.targets.Signed.Targets {
+		p := filepath.Join(r.TargetsDir(), filepath.FromSlash(name))
+		data, err := os.ReadFile(p)
+		if err != nil {
+			return fmt.Errorf("target %s: %w", name, err)
+		}
+		if err := tf.VerifyLengthHashes(data); err != nil {
+			return fmt.Errorf("target %s: %w: the file differs from the signed metadata: %v", name, ErrVerify, err)
+		}
+		if err := linkOrCopy(p, filepath.Join(r.TargetsDir(), filepath.FromSlash(hashPrefixed(name, data)))); err != nil {
+			return err
+		}
+	}
+	st.root.Signed.ConsistentSnapshot = true
+	return nil
 }
 
 func (r *Repo) signTargets(st *state, expires time.Time) error {
@@ -720,9 +746,11 @@ func (r *Repo) RotateKey(role string) error {
 		}
 		signers = append(signers, s)
 	}
+	if err := r.consistent(st); err != nil {
+		return fmt.Errorf("rotate %s: %w", role, err)
+	}
 	st.root.Signed.Version++
 	st.root.Signed.Expires = r.now().Add(r.exp().Root)
-	st.root.Signed.ConsistentSnapshot = true
 	// On failure ROLE.key.new stays: recoverKeys keeps it if the new root
 	// reached the disk and drops it otherwise.
 	if err := r.writeRoot(st.root, signers...); err != nil {
@@ -757,9 +785,11 @@ func (r *Repo) RenewRoot() error {
 	if err != nil {
 		return fmt.Errorf("renew root: %w", err)
 	}
+	if err := r.consistent(st); err != nil {
+		return fmt.Errorf("renew root: %w", err)
+	}
 	st.root.Signed.Version++
 	st.root.Signed.Expires = r.now().Add(r.exp().Root)
-	st.root.Signed.ConsistentSnapshot = true
 	if err := r.writeRoot(st.root, s); err != nil {
 		return fmt.Errorf("renew root: %w", err)
 	}
