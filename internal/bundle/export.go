@@ -63,6 +63,12 @@ func (r *Repo) ExportValid(w io.Writer, valid time.Duration) error {
 		return fmt.Errorf("export: %w: %v", ErrNoRepo, err)
 	}
 	if valid > 0 {
+		for _, role := range []string{metadata.SNAPSHOT, metadata.TIMESTAMP} {
+			if !r.hasKey(role) {
+				return fmt.Errorf("export: %w: a long-lived export is signed with the snapshot and timestamp keys, and %s is not here: export where the online keys are, or as it is with --valid 0",
+					ErrNoRepo, r.keyPath(role))
+			}
+		}
 		now, e := r.now(), r.exp()
 		until := now.Add(valid)
 		if exp := st.root.Signed.Expires; exp.Before(until) {
@@ -150,6 +156,12 @@ func (r *Repo) Import(rd io.Reader) error {
 		return fmt.Errorf("import: %w", err)
 	}
 	defer unlock()
+	// Staging directories of imports that crashed: none is running (lock).
+	if old, _ := filepath.Glob(filepath.Join(r.Dir, ".import-*")); len(old) > 0 {
+		for _, d := range old {
+			os.RemoveAll(d)
+		}
+	}
 	stage, err := os.MkdirTemp(r.Dir, ".import-*")
 	if err != nil {
 		return fmt.Errorf("import: %w", err)
@@ -209,7 +221,7 @@ func untar(rd io.Reader, dir string) error {
 // incoming is a verified export.
 type incoming struct {
 	roots          map[int64][]byte // new root versions
-	root           []byte           // the newest root
+	root           []byte           // the newest root, when it is new
 	ts, snap, tgts []byte
 	snapV, tgtsV   int64
 	targets        map[string]*metadata.TargetFiles
@@ -258,9 +270,8 @@ func (r *Repo) verifyImport(stage string) (*incoming, error) {
 		}
 		in.roots[v] = b
 	}
-	in.root, err = tm.Root.ToBytes(true)
-	if err != nil {
-		return nil, err
+	if latest := tm.Root.Signed.Version; in.roots[latest] != nil {
+		in.root = in.roots[latest]
 	}
 	if newest, err := metadata.Root().FromFile(sm("root.json")); err != nil || newest.Signed.Version < tm.Root.Signed.Version {
 		return nil, fmt.Errorf("%w: the export's root.json is missing or older than its versioned roots", ErrBadBundle)
@@ -393,6 +404,9 @@ func (r *Repo) install(stage string, in *incoming) error {
 		{"root.json", in.root}, {"targets.json", in.tgts}, {"snapshot.json", in.snap},
 		{"timestamp.json", in.ts},
 	} {
+		if f.data == nil {
+			continue // the mirror's root is still the newest
+		}
 		if err := writeFileAtomic(r.metaPath(f.name), f.data, 0o644); err != nil {
 			return err
 		}

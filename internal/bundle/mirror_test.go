@@ -105,6 +105,23 @@ func TestAirGappedMirrorCycle(t *testing.T) {
 	if err := mirror.Import(bytes.NewReader(newer)); err != nil {
 		t.Fatalf("the same export again: %v", err)
 	}
+	// Keys rotated and root renewed online: the mirror follows the chain of
+	// roots, and so do its agents.
+	if err := f.repo.RotateKey("timestamp"); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.repo.RenewRoot(); err != nil {
+		t.Fatal(err)
+	}
+	if err := mirror.Import(bytes.NewReader(exportValid(t, f.repo))); err != nil {
+		t.Fatalf("import after a rotation: %v", err)
+	}
+	if _, _, err := agent.Fetch(context.Background(), two); err != nil {
+		t.Fatalf("agent on the mirror after a rotation: %v", err)
+	}
+	if st, err := mirror.Status(); err != nil || st.Roles["root"].Version != 3 {
+		t.Fatalf("mirror root after a rotation and a renewal: %+v %v", st, err)
+	}
 	// A new agent that pinned the first root follows the mirror too.
 	if _, _, err := fileClient(t, mirror.Dir, root, f.clk.now).Fetch(context.Background(), two); err != nil {
 		t.Fatalf("new agent on the mirror: %v", err)
