@@ -109,7 +109,9 @@ func (r *Repo) lock() (unlock func(), err error) {
 		return nil, fmt.Errorf("lock %s: %w", r.Dir, err)
 	}
 	p := filepath.Join(r.Dir, lockFile)
-	f, err := os.OpenFile(p, os.O_CREATE|os.O_RDWR, 0o600)
+	// Read-only is enough for flock, so any user who may read the
+	// repository may wait for it.
+	f, err := os.OpenFile(p, os.O_CREATE|os.O_RDONLY, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("lock %s: %w", p, err)
 	}
