@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -599,15 +600,8 @@ func (r *Repo) loadTargets() (*metadata.Metadata[metadata.TargetsType], error) {
 // hashPrefixed is where a client with consistent snapshots fetches a
 // target: its SHA-256 before the file name, in the same directory.
 func hashPrefixed(name string, data []byte) string {
-	dir, base := path2(name)
+	dir, base := path.Split(name)
 	return dir + SHA256Hex(data) + "." + base
-}
-
-func path2(name string) (dir, base string) {
-	if i := strings.LastIndex(name, "/"); i >= 0 {
-		return name[:i+1], name[i+1:]
-	}
-	return "", name
 }
 
 // Publish checks a bundle, stores it under its content-addressed target name
