@@ -3,41 +3,70 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
+	"time"
 
 	"github.com/stitchpatch/stitch/internal/bundle"
 	"github.com/stitchpatch/stitch/internal/contract"
 )
 
-// runRepo: stitch repo init|refresh|list|export|import|root [--dir DIR].
+// runRepo: stitch repo init|refresh|status|list|root|export|import [--dir DIR] [--keys DIR].
 func runRepo(ctx context.Context, st *stdio, args []string) error {
+	const subs = "init, refresh, status, list, root, export FILE, import FILE"
 	if len(args) == 0 {
-		return usageError{fmt.Errorf("repo: want a subcommand: init, refresh, list, root, export FILE, import FILE")}
+		return usageError{fmt.Errorf("repo: want a subcommand: %s", subs)}
 	}
 	sub := args[0]
 	fs := flag.NewFlagSet("repo "+sub, flag.ContinueOnError)
 	fs.SetOutput(st.err)
 	dir := fs.String("dir", "stitch-repo", "repository directory")
+	keys := fs.String("keys", "", "signing keys directory (default DIR/keys)")
 	asJSON := fs.Bool("json", false, "print JSON")
+	valid := fs.Duration("valid", bundle.DefaultExportValid, "export: how long the export's timestamp stays valid (0: as it is)")
 	if err := fs.Parse(args[1:]); err != nil {
 		return usageError{err}
 	}
-	r := &bundle.Repo{Dir: *dir}
+	r := &bundle.Repo{Dir: *dir, KeysDir: *keys}
 	switch sub {
 	case "init":
 		if err := r.Init(); err != nil {
 			return err
 		}
 		return report(st, *asJSON, map[string]string{"dir": *dir, "root": r.MetadataDir() + "/1.root.json"},
-			"repository created in %s; give agents %s/1.root.json as their trusted root; keep %s/keys offline\n", *dir, r.MetadataDir(), *dir)
+			"repository created in %s; give agents %s/1.root.json as their trusted root; keep %s offline (copy it in to rotate keys or renew root)\n",
+			*dir, r.MetadataDir(), filepath.Join(keysDir(r), "root.key"))
 	case "refresh":
 		if err := r.Refresh(); err != nil {
 			return err
 		}
-		return report(st, *asJSON, map[string]string{"dir": *dir}, "snapshot and timestamp re-signed in %s\n", *dir)
+		s, err := r.Status()
+		if err != nil {
+			return err
+		}
+		if !s.ConsistentSnapshot {
+			fmt.Fprintf(st.err, "note: %s predates consistent snapshots; run this again with %s present to switch (agents fetching during a publish may be refused until then)\n",
+				*dir, filepath.Join(keysDir(r), "root.key"))
+		}
+		return report(st, *asJSON, s, "snapshot and timestamp re-signed in %s; timestamp valid until %s\n", *dir, s.Roles["timestamp"].Expires.Format(time.RFC3339))
+	case "status":
+		s, err := r.Status()
+		if err != nil {
+			return err
+		}
+		if *asJSON {
+			return json.NewEncoder(st.out).Encode(s)
+		}
+		for _, role := range bundle.Roles {
+			rs := s.Roles[role]
+			fmt.Fprintf(st.out, "%-9s version %-5d expires %s\n", role, rs.Version, rs.Expires.Format(time.RFC3339))
+		}
+		fmt.Fprintf(st.out, "targets:  %d published; consistent snapshots: %v\n", s.Targets, s.ConsistentSnapshot)
+		return nil
 	case "list":
 		names, err := r.Targets()
 		if err != nil {
@@ -63,16 +92,13 @@ func runRepo(ctx context.Context, st *stdio, args []string) error {
 		}
 		name := fs.Arg(0)
 		if sub == "export" {
-			w := st.out
-			if name != "-" {
-				f, err := os.Create(name)
-				if err != nil {
-					return err
-				}
-				defer f.Close()
-				w = f
+			if *valid != 0 && (*valid < time.Hour || *valid > bundle.MaxExportValid) {
+				return usageError{fmt.Errorf("repo export: --valid %s: want 1h to %s, or 0 to export the metadata as it is", *valid, bundle.MaxExportValid)}
 			}
-			return r.Export(w)
+			if name == "-" {
+				return r.ExportValid(st.out, *valid)
+			}
+			return exportFile(r, name, *valid)
 		}
 		var rd io.Reader = os.Stdin
 		if name != "-" {
@@ -86,9 +112,47 @@ func runRepo(ctx context.Context, st *stdio, args []string) error {
 		if err := r.Import(rd); err != nil {
 			return err
 		}
-		return report(st, *asJSON, map[string]string{"dir": *dir}, "imported into %s\n", *dir)
+		s, err := r.Status()
+		if err != nil {
+			return err
+		}
+		exp := s.Roles["timestamp"].Expires
+		return report(st, *asJSON, s, "%s holds timestamp version %d, valid until %s: import a newer export before then\n",
+			*dir, s.Roles["timestamp"].Version, exp.Format(time.RFC3339))
 	}
-	return usageError{fmt.Errorf("repo: unknown subcommand %q (init, refresh, list, root, export, import)", sub)}
+	return usageError{fmt.Errorf("repo: unknown subcommand %q (%s)", sub, subs)}
+}
+
+// exportFile writes an export through a temporary file, so a failed
+// export never leaves a partial tar under the name.
+func exportFile(r *bundle.Repo, name string, valid time.Duration) error {
+	f, err := os.CreateTemp(filepath.Dir(name), "."+filepath.Base(name)+".*.tmp")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if err := r.ExportValid(f, valid); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Chmod(f.Name(), 0o644); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), name)
+}
+
+func keysDir(r *bundle.Repo) string {
+	if r.KeysDir != "" {
+		return r.KeysDir
+	}
+	return filepath.Join(r.Dir, "keys")
 }
 
 // runPublish: stitch publish [--dir DIR] [--module KO --manifest JSON | BUNDLE].
@@ -96,6 +160,7 @@ func runPublish(ctx context.Context, st *stdio, args []string) error {
 	fs := flag.NewFlagSet("publish", flag.ContinueOnError)
 	fs.SetOutput(st.err)
 	dir := fs.String("dir", "stitch-repo", "repository directory")
+	keys := fs.String("keys", "", "signing keys directory (default DIR/keys)")
 	module := fs.String("module", "", "livepatch module (.ko) to bundle with --manifest")
 	manifest := fs.String("manifest", "", "manifest JSON written by stitch build")
 	asJSON := fs.Bool("json", false, "print JSON")
@@ -124,27 +189,49 @@ func runPublish(ctx context.Context, st *stdio, args []string) error {
 	default:
 		return usageError{fmt.Errorf("publish: give a bundle file, or --module KO and --manifest JSON")}
 	}
-	name, err := (&bundle.Repo{Dir: *dir}).Publish(data)
+	name, err := (&bundle.Repo{Dir: *dir, KeysDir: *keys}).Publish(data)
 	if err != nil {
 		return err
 	}
 	return report(st, *asJSON, map[string]string{"target": name, "sha256": bundle.SHA256Hex(data)}, "published %s\n", name)
 }
 
-// runKeys: stitch keys rotate ROLE [--dir DIR].
+// runKeys: stitch keys rotate ROLE | renew-root [--dir DIR] [--keys DIR].
 func runKeys(ctx context.Context, st *stdio, args []string) error {
-	if len(args) < 2 || args[0] != "rotate" {
-		return usageError{fmt.Errorf("keys: usage: stitch keys rotate ROLE [--dir DIR] (ROLE: root, targets, snapshot, timestamp)")}
+	const usage = "keys: usage: stitch keys rotate ROLE [--dir DIR] [--keys DIR] (ROLE: root, targets, snapshot, timestamp), or stitch keys renew-root [--dir DIR] [--keys DIR]"
+	if len(args) == 0 || (args[0] == "rotate" && len(args) < 2) || (args[0] != "rotate" && args[0] != "renew-root") {
+		return usageError{errors.New(usage)}
 	}
-	role := args[1]
-	fs := flag.NewFlagSet("keys rotate", flag.ContinueOnError)
+	sub, rest := args[0], args[1:]
+	role := ""
+	if sub == "rotate" {
+		role, rest = args[1], args[2:]
+	}
+	fs := flag.NewFlagSet("keys "+sub, flag.ContinueOnError)
 	fs.SetOutput(st.err)
 	dir := fs.String("dir", "stitch-repo", "repository directory")
+	keys := fs.String("keys", "", "signing keys directory (default DIR/keys)")
 	asJSON := fs.Bool("json", false, "print JSON")
-	if err := fs.Parse(args[2:]); err != nil {
+	if err := fs.Parse(rest); err != nil {
 		return usageError{err}
 	}
-	if err := (&bundle.Repo{Dir: *dir}).RotateKey(role); err != nil {
+	if fs.NArg() != 0 {
+		return usageError{errors.New(usage)}
+	}
+	r := &bundle.Repo{Dir: *dir, KeysDir: *keys}
+	if sub == "renew-root" {
+		if err := r.RenewRoot(); err != nil {
+			return err
+		}
+		s, err := r.Status()
+		if err != nil {
+			return err
+		}
+		root := s.Roles["root"]
+		return report(st, *asJSON, map[string]any{"dir": *dir, "root_version": root.Version, "root_expires": root.Expires},
+			"root version %d signed in %s, valid until %s; agents take it at their next fetch\n", root.Version, *dir, root.Expires.Format(time.RFC3339))
+	}
+	if err := r.RotateKey(role); err != nil {
 		return err
 	}
 	return report(st, *asJSON, map[string]string{"role": role, "dir": *dir}, "%s key rotated in %s; metadata re-signed\n", role, *dir)

@@ -16,8 +16,8 @@ import (
 	"github.com/stitchpatch/stitch/internal/server/store"
 )
 
-// runServer: stitch server [--listen ADDR] [--db FILE] [--dir REPO] and
-// the rollout policy and limits.
+// runServer: stitch server [--listen ADDR] [--db FILE] [--dir REPO]
+// [--keys DIR] and the rollout policy and limits.
 // The admin token comes from STITCH_ADMIN_TOKEN and a PostgreSQL DSN from
 // STITCH_POSTGRES, so neither is in ps output.
 func runServer(ctx context.Context, st *stdio, args []string) error {
@@ -26,6 +26,7 @@ func runServer(ctx context.Context, st *stdio, args []string) error {
 	listen := fs.String("listen", "127.0.0.1:8440", "address to listen on")
 	db := fs.String("db", "stitch-fleet.db", "SQLite database file (created if missing); unused when STITCH_POSTGRES is set")
 	dir := fs.String("dir", "stitch-repo", "repository directory made by `stitch repo init`")
+	keys := fs.String("keys", "", "online signing keys (targets, snapshot, timestamp) the server re-signs with (default DIR/keys)")
 	every := fs.Duration("checkin-interval", time.Hour, "how long machines are told to wait between check-ins")
 	stages := fs.String("stages", "1,10,50,100", "rollout stages, percent of eligible machines, growing to 100")
 	maxFailures := fs.Int("max-failures", rollout.DefaultPolicy.MaxFailures,
@@ -69,7 +70,7 @@ func runServer(ctx context.Context, st *stdio, args []string) error {
 	if *every < time.Minute {
 		return usageError{fmt.Errorf("--checkin-interval %s: at least a minute", *every)}
 	}
-	repo := &bundle.Repo{Dir: *dir}
+	repo := &bundle.Repo{Dir: *dir, KeysDir: *keys}
 	if _, err := repo.TrustedRoot(); err != nil {
 		return usageError{fmt.Errorf("server: %w (run `stitch repo init --dir %s`)", err, *dir)}
 	}

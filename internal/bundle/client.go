@@ -143,7 +143,7 @@ func classify(err error) error {
 	)
 	switch {
 	case errors.As(err, &expired):
-		return fmt.Errorf("%w: expired metadata (the repository was not refreshed, or an attacker is replaying old metadata): %v", ErrVerify, err)
+		return fmt.Errorf("%w: expired metadata (the repository was not refreshed, a mirror was not updated from a newer export, or an attacker is replaying old metadata): %v", ErrVerify, err)
 	case errors.As(err, &version):
 		return fmt.Errorf("%w: rollback to an older metadata version: %v", ErrVerify, err)
 	case errors.As(err, &unsigned):

@@ -23,6 +23,7 @@ type metrics struct {
 	events   map[string]int64      // rollout events: advanced, completed, blocklisted, ...
 	requests map[string]*histogram // by route pattern
 	codes    map[[2]string]int64   // by route and status code
+	expires  map[string]time.Time  // repository metadata expiry by TUF role
 }
 
 // buckets of the request latency histogram, in seconds.
@@ -36,6 +37,14 @@ type histogram struct {
 
 func newMetrics() *metrics {
 	return &metrics{events: map[string]int64{}, requests: map[string]*histogram{}, codes: map[[2]string]int64{}}
+}
+
+// repoExpiry records when each role's repository metadata expires (what
+// bundle.Repo.KeepFresh reports after each run).
+func (m *metrics) repoExpiry(exp map[string]time.Time) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.expires = exp
 }
 
 func (m *metrics) event(name string) {
@@ -104,6 +113,13 @@ func (m *metrics) write(w io.Writer, rollouts map[string]int) {
 	fmt.Fprintf(w, "# HELP stitch_rollout_events_total Rollout transitions (advanced, completed, blocklisted, halted, resumed).\n# TYPE stitch_rollout_events_total counter\n")
 	for _, e := range sortedKeys(m.events) {
 		fmt.Fprintf(w, "stitch_rollout_events_total{event=%q} %d\n", e, m.events[e])
+	}
+	if len(m.expires) > 0 {
+		// Absolute Unix time, so an alert is `stitch_repo_expires_seconds - time() < ...`.
+		fmt.Fprintf(w, "# HELP stitch_repo_expires_seconds When each role's repository metadata expires (Unix time); the server re-signs all but root before.\n# TYPE stitch_repo_expires_seconds gauge\n")
+		for _, role := range sortedKeys(m.expires) {
+			fmt.Fprintf(w, "stitch_repo_expires_seconds{role=%q} %d\n", role, m.expires[role].Unix())
+		}
 	}
 	fmt.Fprintf(w, "# HELP stitch_http_requests_total HTTP requests by route and status code.\n# TYPE stitch_http_requests_total counter\n")
 	keys := make([][2]string, 0, len(m.codes))

@@ -341,6 +341,9 @@ func (s *Server) ServeListener(ctx context.Context, l net.Listener) error {
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(s.log().Handler(), slog.LevelWarn),
 	}
+	// The repository's metadata renews itself: the timestamp expires daily
+	// and nothing else would re-sign it.
+	go s.Repo.KeepFresh(ctx, time.Minute, s.log(), s.metrics.repoExpiry)
 	go func() {
 		t := time.NewTicker(30 * time.Second)
 		defer t.Stop()

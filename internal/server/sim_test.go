@@ -399,9 +399,11 @@ func simulate(t *testing.T, st store.Store, n, replicas, keySize int) {
 	case b.Stage > 1 || b.Failed == 0:
 		t.Errorf("bad patch: %+v, want stopped at or before stage 1 (10%%)", b)
 	case b.State == "blocklisted":
-	case !strict && b.State == "halted" && strings.Contains(b.Reason, "too few machines"):
+	case !strict && b.State == "halted":
+		// A small fleet's first stages hold too few machines to judge a
+		// rate (or only failed ones): an operator decides.
 	default:
-		t.Errorf("bad patch: %+v, want blocklisted (or, with fewer than 1000 agents, halted for too few machines)", b)
+		t.Errorf("bad patch: %+v, want blocklisted (or, with fewer than 1000 agents, halted for an operator)", b)
 	}
 	t.Logf("bad patch: %s at stage %d: %s", b.State, b.Stage, b.Reason)
 	byID := map[string]*simAgent{}
