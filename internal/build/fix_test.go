@@ -1,6 +1,7 @@
 package build
 
 import (
+	"context"
 	"errors"
 	"os"
 	"path/filepath"
@@ -8,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/testutils"
 )
 
@@ -93,4 +95,23 @@ func FuzzParseFix(f *testing.F) {
 			t.Fatal("accepted a fix that changes no file")
 		}
 	})
+}
+
+// What the manifest will carry is checked by the fleet's rules before
+// anything is compiled: a bad --cve or --name fails at once, not at
+// publish time (issue 12, finding 10). The source is never touched.
+func TestBuildRefusesBadManifestInputFirst(t *testing.T) {
+	f, err := ParseFix("x.patch", []byte("--- a/fs/proc/cmdline.c\n+++ b/fs/proc/cmdline.c\n@@ -1 +1 @@\n-a\n+b\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, o := range map[string]Options{
+		"cve":  {CVEs: []string{"CVE-2024-1"}},
+		"name": {Name: "has a space"},
+	} {
+		o.Work = t.TempDir()
+		if _, err := Build(context.Background(), nil, nil, []*Fix{f}, o); !errors.Is(err, contract.ErrBadManifest) {
+			t.Errorf("%s: %v, want ErrBadManifest before compiling", name, err)
+		}
+	}
 }

@@ -10,7 +10,9 @@ import (
 var (
 	// The kernel keeps 55 usable bytes of a module's name.
 	nameRe    = regexp.MustCompile(`^[A-Za-z0-9_-]{1,55}$`)
-	releaseRe = regexp.MustCompile(`^[A-Za-z0-9._+~-]{1,64}$`)
+	// A release starts with a letter or digit, so that none is "." or
+	// "..": it is a directory in a repository.
+	releaseRe = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}$`)
 	buildIDRe = regexp.MustCompile(`^[0-9a-f]{8,128}$`)
 	sha256Re  = regexp.MustCompile(`^[0-9a-f]{64}$`)
 	symbolRe  = regexp.MustCompile(`^[A-Za-z0-9_.$-]{1,128}$`)
@@ -21,7 +23,7 @@ var (
 	cveRe      = regexp.MustCompile(`^` + cvePattern + `$`)
 	cveFindRe  = regexp.MustCompile(`\b` + cvePattern + `\b`)
 	// targetRe is TargetName's form.
-	targetRe = regexp.MustCompile(`^([A-Za-z0-9._+~-]{1,64})/([A-Za-z0-9_-]{1,55})-([0-9a-f]{16})\.stitch$`)
+	targetRe = regexp.MustCompile(`^([A-Za-z0-9][A-Za-z0-9._+~-]{0,63})/([A-Za-z0-9_-]{1,55})-([0-9a-f]{16})\.stitch$`)
 )
 
 // ValidName says whether s can name a livepatch module (and so a patch).
