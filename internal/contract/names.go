@@ -9,7 +9,7 @@ import (
 // valid whole or not at all.
 var (
 	// The kernel keeps 55 usable bytes of a module's name.
-	nameRe    = regexp.MustCompile(`^[A-Za-z0-9_-]{1,55}$`)
+	nameRe = regexp.MustCompile(`^[A-Za-z0-9_-]{1,55}$`)
 	// A release starts with a letter or digit, so that none is "." or
 	// "..": it is a directory in a repository.
 	releaseRe = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}$`)
