@@ -90,13 +90,8 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 	}
 	// What the manifest will say of the patch is checked before the
 	// compiler runs, by the rules the fleet applies.
-	if !contract.ValidName(name) {
-		return nil, fmt.Errorf("%w: name %q: want 1-55 characters of A-Z, a-z, 0-9, _, -", contract.ErrBadManifest, name)
-	}
-	for _, c := range o.CVEs {
-		if !contract.ValidCVE(c) {
-			return nil, fmt.Errorf("%w: cve %q: want CVE-YYYY-NNNN", contract.ErrBadManifest, c)
-		}
+	if err := contract.CheckLabels(name, o.CVEs); err != nil {
+		return nil, err
 	}
 	work := o.Work
 	if work == "" {

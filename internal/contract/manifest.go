@@ -101,6 +101,20 @@ func ParseManifest(b []byte) (*Manifest, error) {
 	return &m, nil
 }
 
+// CheckLabels checks what a person gives a patch, its name and CVE ids,
+// as Validate does; stitch build calls it before it compiles anything.
+func CheckLabels(name string, cves []string) error {
+	if !ValidName(name) {
+		return fmt.Errorf("%w: name %q: want 1-55 characters of A-Z, a-z, 0-9, _, -", ErrBadManifest, name)
+	}
+	for _, c := range cves {
+		if !ValidCVE(c) {
+			return fmt.Errorf("%w: cve %q: want CVE-YYYY-NNNN", ErrBadManifest, c)
+		}
+	}
+	return nil
+}
+
 // Validate checks every field a machine relies on, naming the first bad one
 // and what it should be. Manifests travel to fleets, so they are checked
 // as untrusted input even when stitch build wrote them.
@@ -108,11 +122,13 @@ func (m *Manifest) Validate() error {
 	bad := func(format string, a ...any) error {
 		return fmt.Errorf("%w: %s", ErrBadManifest, fmt.Sprintf(format, a...))
 	}
-	switch {
-	case m.Version != ManifestVersion:
+	if m.Version != ManifestVersion {
 		return bad("version %d, this stitch reads version %d", m.Version, ManifestVersion)
-	case !ValidName(m.Name):
-		return bad("name %q: want 1-55 characters of A-Z, a-z, 0-9, _, -", m.Name)
+	}
+	if err := CheckLabels(m.Name, m.CVEs); err != nil {
+		return err
+	}
+	switch {
 	case m.Module == "" || len(m.Module) > 255 || strings.ContainsAny(m.Module, "/\\\x00"):
 		return bad("module %q: want the .ko's file name, without a directory", m.Module)
 	case !validSHA256(m.ModuleHash):
@@ -125,11 +141,6 @@ func (m *Manifest) Validate() error {
 		return bad("objects: patches nothing")
 	case len(m.Description) > 4096:
 		return bad("description: %d bytes, at most 4096", len(m.Description))
-	}
-	for _, c := range m.CVEs {
-		if !ValidCVE(c) {
-			return bad("cve %q: want CVE-YYYY-NNNN", c)
-		}
 	}
 	for _, f := range m.Fixes {
 		if !validSHA256(f.Hash) {

@@ -3,6 +3,7 @@ package contract
 import (
 	"fmt"
 	"regexp"
+	"slices"
 )
 
 // The shapes of the names every stage checks. Each is anchored: a name is
@@ -23,7 +24,7 @@ var (
 	cveRe      = regexp.MustCompile(`^` + cvePattern + `$`)
 	cveFindRe  = regexp.MustCompile(`\b` + cvePattern + `\b`)
 	// targetRe is TargetName's form.
-	targetRe = regexp.MustCompile(`^([A-Za-z0-9][A-Za-z0-9._+~-]{0,63})/([A-Za-z0-9_-]{1,55})-([0-9a-f]{16})\.stitch$`)
+	targetRe = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}/[A-Za-z0-9_-]{1,55}-[0-9a-f]{16}\.stitch$`)
 )
 
 // ValidName says whether s can name a livepatch module (and so a patch).
@@ -46,7 +47,7 @@ func ValidAgentVersion(s string) bool { return versionRe.MatchString(s) }
 func FindCVEs(text string) []string {
 	var ids []string
 	for _, c := range cveFindRe.FindAllString(text, -1) {
-		if !contains(ids, c) {
+		if !slices.Contains(ids, c) {
 			ids = append(ids, c)
 		}
 	}
@@ -56,48 +57,14 @@ func FindCVEs(text string) []string {
 func validSHA256(s string) bool { return sha256Re.MatchString(s) }
 func validSymbol(s string) bool { return symbolRe.MatchString(s) }
 
-func contains(list []string, s string) bool {
-	for _, v := range list {
-		if v == s {
-			return true
-		}
-	}
-	return false
-}
-
-// Target is a bundle's name in a repository, RELEASE/NAME-HASH16.stitch:
-// the kernel release as a directory, then the patch's name and the first
-// 16 hex digits of the bundle's SHA-256, so two builds never collide and
-// a name pins exact content.
-type Target struct {
-	Release, Name string
-	Hash          string // 16 hex digits of the bundle's SHA-256
-}
-
-// TargetName names the bundle whose SHA-256 (lower-case hex) is bundleHash,
-// built from manifest m.
+// TargetName is the name in a repository of the bundle whose SHA-256
+// (lower-case hex) is bundleHash, built from manifest m:
+// RELEASE/NAME-HASH16.stitch, the kernel release as a directory, then the
+// patch's name and the first 16 hex digits of the bundle's SHA-256, so
+// two builds never collide and a name pins exact content.
 func TargetName(m *Manifest, bundleHash string) string {
-	return Target{Release: m.Kernel.Release, Name: m.Name, Hash: bundleHash[:min(16, len(bundleHash))]}.String()
-}
-
-func (t Target) String() string { return fmt.Sprintf("%s/%s-%s.stitch", t.Release, t.Name, t.Hash) }
-
-// ParseTarget splits a target name into its parts, or says what a target
-// name looks like.
-func ParseTarget(s string) (Target, error) {
-	m := targetRe.FindStringSubmatch(s)
-	if m == nil {
-		return Target{}, fmt.Errorf("target %q: want a repository target name, RELEASE/NAME-HASH16.stitch (see `stitch repo list`)", s)
-	}
-	return Target{Release: m[1], Name: m[2], Hash: m[3]}, nil
+	return fmt.Sprintf("%s/%s-%s.stitch", m.Kernel.Release, m.Name, bundleHash[:min(16, len(bundleHash))])
 }
 
 // ValidTarget says whether s is a well-formed target name.
 func ValidTarget(s string) bool { return targetRe.MatchString(s) }
-
-// Matches says whether target t can hold a bundle built from m: the same
-// kernel release and patch name. A bundle filed under another name would
-// let one patch pose as another.
-func (t Target) Matches(m *Manifest) bool {
-	return t.Release == m.Kernel.Release && t.Name == m.Name
-}

@@ -32,12 +32,11 @@ func TestTargetNames(t *testing.T) {
 	if name != "6.1.0-54-amd64/stitch_fix-0123456789abcdef.stitch" {
 		t.Fatalf("target name %q", name)
 	}
-	tg, err := ParseTarget(name)
-	if err != nil || !tg.Matches(m) || tg.String() != name {
-		t.Fatalf("parse %q: %+v %v", name, tg, err)
+	if !ValidTarget(name) {
+		t.Fatalf("TargetName made %q, which ValidTarget refuses", name)
 	}
 	for _, bad := range []string{"", "../x-0123456789abcdef.stitch", "6.1/x-0123456789ABCDEF.stitch", "6.1/x-0123.stitch", "6.1/a/x-0123456789abcdef.stitch"} {
-		if _, err := ParseTarget(bad); err == nil || ValidTarget(bad) {
+		if ValidTarget(bad) {
 			t.Errorf("%q accepted", bad)
 		}
 	}

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 )
 
@@ -74,14 +75,15 @@ func NewSchedule(after ...time.Duration) Schedule {
 	return s
 }
 
-// shortDuration is d as time.Duration prints it, without zero units:
-// 5m rather than 5m0s.
+// shortDuration is d as time.Duration prints it without trailing zero
+// units: 5m rather than 5m0s, 2h rather than 2h0m0s.
 func shortDuration(d time.Duration) string {
 	s := d.String()
-	for _, zero := range []string{"0s", "0m"} {
-		if len(s) > len(zero) && s[len(s)-len(zero):] == zero && (s[len(s)-len(zero)-1] < '0' || s[len(s)-len(zero)-1] > '9') {
-			s = s[:len(s)-len(zero)]
-		}
+	if strings.HasSuffix(s, "m0s") {
+		s = strings.TrimSuffix(s, "0s")
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = strings.TrimSuffix(s, "0m")
 	}
 	return s
 }
