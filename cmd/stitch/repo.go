@@ -39,7 +39,7 @@ func runRepo(ctx context.Context, st *stdio, args []string) error {
 		}
 		return report(st, *asJSON, map[string]string{"dir": *dir, "root": r.MetadataDir() + "/1.root.json"},
 			"repository created in %s; give agents %s/1.root.json as their trusted root; keep %s offline (copy it in to rotate keys or renew root)\n",
-			*dir, r.MetadataDir(), filepath.Join(keysDir(r), "root.key"))
+			*dir, r.MetadataDir(), r.KeyPath("root"))
 	case "refresh":
 		if err := r.Refresh(); err != nil {
 			return err
@@ -50,7 +50,7 @@ func runRepo(ctx context.Context, st *stdio, args []string) error {
 		}
 		if !s.ConsistentSnapshot {
 			fmt.Fprintf(st.err, "note: %s predates consistent snapshots; run this again with %s present to switch (agents fetching during a publish may be refused until then)\n",
-				*dir, filepath.Join(keysDir(r), "root.key"))
+				*dir, r.KeyPath("root"))
 		}
 		return report(st, *asJSON, s, "snapshot and timestamp re-signed in %s; timestamp valid until %s\n", *dir, s.Roles["timestamp"].Expires.Format(time.RFC3339))
 	case "status":
@@ -146,13 +146,6 @@ func exportFile(r *bundle.Repo, name string, valid time.Duration) error {
 		return err
 	}
 	return os.Rename(f.Name(), name)
-}
-
-func keysDir(r *bundle.Repo) string {
-	if r.KeysDir != "" {
-		return r.KeysDir
-	}
-	return filepath.Join(r.Dir, "keys")
 }
 
 // runPublish: stitch publish [--dir DIR] [--module KO --manifest JSON | BUNDLE].

@@ -314,7 +314,7 @@ func TestWrongKeyRefused(t *testing.T) {
 	if err := other.Init(); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Rename(other.keyPath("timestamp"), f.repo.keyPath("timestamp")); err != nil {
+	if err := os.Rename(other.KeyPath("timestamp"), f.repo.KeyPath("timestamp")); err != nil {
 		t.Fatal(err)
 	}
 	if err := f.repo.Refresh(); err == nil || !strings.Contains(err.Error(), "not the timestamp key that root.json") {

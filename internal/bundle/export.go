@@ -66,7 +66,7 @@ func (r *Repo) ExportValid(w io.Writer, valid time.Duration) error {
 		for _, role := range []string{metadata.SNAPSHOT, metadata.TIMESTAMP} {
 			if !r.hasKey(role) {
 				return fmt.Errorf("export: %w: a long-lived export is signed with the snapshot and timestamp keys, and %s is not here: export where the online keys are, or as it is with --valid 0",
-					ErrNoRepo, r.keyPath(role))
+					ErrNoRepo, r.KeyPath(role))
 			}
 		}
 		now, e := r.now(), r.exp()

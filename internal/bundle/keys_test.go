@@ -91,7 +91,7 @@ func TestRotationCrashAfterRootIsFinished(t *testing.T) {
 			if err := f.repo.RotateKey("timestamp"); err != nil {
 				t.Fatal(err)
 			}
-			newKey, _ := os.ReadFile(f.repo.keyPath("timestamp"))
+			newKey, _ := os.ReadFile(f.repo.KeyPath("timestamp"))
 			newRoot, _ := os.ReadFile(filepath.Join(f.repo.MetadataDir(), "2.root.json"))
 			// The crash state: everything as before the rotation, plus the
 			// new root and the uncommitted new key.
@@ -102,7 +102,7 @@ func TestRotationCrashAfterRootIsFinished(t *testing.T) {
 			for p, b := range map[string][]byte{
 				filepath.Join(f.repo.MetadataDir(), "2.root.json"): newRoot,
 				filepath.Join(f.repo.MetadataDir(), "root.json"):   newRoot,
-				f.repo.keyPath("timestamp") + ".new":               newKey,
+				f.repo.KeyPath("timestamp") + ".new":               newKey,
 			} {
 				if err := os.WriteFile(p, b, 0o600); err != nil {
 					t.Fatal(err)
@@ -117,10 +117,10 @@ func TestRotationCrashAfterRootIsFinished(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if got, _ := os.ReadFile(f.repo.keyPath("timestamp")); !bytes.Equal(got, newKey) {
+			if got, _ := os.ReadFile(f.repo.KeyPath("timestamp")); !bytes.Equal(got, newKey) {
 				t.Fatal("the new key, which the new root lists, was not committed")
 			}
-			if _, err := os.Stat(f.repo.keyPath("timestamp") + ".new"); err == nil {
+			if _, err := os.Stat(f.repo.KeyPath("timestamp") + ".new"); err == nil {
 				t.Fatal("timestamp.key.new left behind")
 			}
 			if _, _, err := f.client.Fetch(context.Background(), name); err != nil {
@@ -159,17 +159,17 @@ func TestKeyFilesPrivate(t *testing.T) {
 		t.Errorf("keys directory is %04o, want 0700", m)
 	}
 	for _, role := range Roles {
-		if m := mode(t, r.keyPath(role)); m != 0o600 {
+		if m := mode(t, r.KeyPath(role)); m != 0o600 {
 			t.Errorf("%s key is %04o, want 0600", role, m)
 		}
 	}
-	if err := os.Chmod(r.keyPath("snapshot"), 0o644); err != nil {
+	if err := os.Chmod(r.KeyPath("snapshot"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := r.Publish(testBundle(t, "module")); err == nil || !strings.Contains(err.Error(), "chmod 600 "+r.keyPath("snapshot")) {
+	if _, err := r.Publish(testBundle(t, "module")); err == nil || !strings.Contains(err.Error(), "chmod 600 "+r.KeyPath("snapshot")) {
 		t.Errorf("publish with a world-readable key: %v", err)
 	}
-	os.Chmod(r.keyPath("snapshot"), 0o600)
+	os.Chmod(r.KeyPath("snapshot"), 0o600)
 	os.Chmod(filepath.Join(dir, "keys"), 0o755)
 	if err := r.Refresh(); err == nil || !strings.Contains(err.Error(), "chmod 700") {
 		t.Errorf("refresh with an open keys directory: %v", err)

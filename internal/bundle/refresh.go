@@ -58,7 +58,7 @@ func (r *Repo) RefreshIfDue() (f Freshness, err error) {
 		}
 		f.Warnings = append(f.Warnings, Warning{role, fmt.Sprintf(
 			"%s metadata is due for signing (expires %s) but %s is not here (a mirror has no keys): import a newer export before then (`stitch repo import`), or copy the key in",
-			role, exp.Format(time.RFC3339), r.keyPath(role))})
+			role, exp.Format(time.RFC3339), r.KeyPath(role))})
 		return true
 	}
 	needT := due(now, st.targets.Signed.Expires, e.Targets) || !verifies(st.root, metadata.TARGETS, st.targets)

@@ -86,7 +86,8 @@ func (r *Repo) keysDir() string {
 	return filepath.Join(r.Dir, "keys")
 }
 
-func (r *Repo) keyPath(role string) string { return filepath.Join(r.keysDir(), role+".key") }
+// KeyPath is where role's signing key is kept.
+func (r *Repo) KeyPath(role string) string { return filepath.Join(r.keysDir(), role+".key") }
 
 // MetadataDir and TargetsDir are what a server serves.
 func (r *Repo) MetadataDir() string { return filepath.Join(r.Dir, "metadata") }
@@ -123,7 +124,7 @@ func (r *Repo) Init() error {
 		return fmt.Errorf("init %s: %w", r.Dir, err)
 	}
 	for _, role := range Roles {
-		for _, p := range []string{r.keyPath(role), r.keyPath(role) + ".new"} {
+		for _, p := range []string{r.KeyPath(role), r.KeyPath(role) + ".new"} {
 			if _, err := os.Lstat(p); err == nil {
 				return fmt.Errorf("init %s: %w: %s is there already (keys of another repository?): use another --keys directory or remove it", r.Dir, ErrExists, p)
 			}
@@ -147,7 +148,7 @@ func (r *Repo) Init() error {
 	}
 	// Nothing trusts any older key: commit the new ones at once.
 	for _, role := range Roles {
-		if err := renameSync(r.keyPath(role)+".new", r.keyPath(role)); err != nil {
+		if err := renameSync(r.KeyPath(role)+".new", r.KeyPath(role)); err != nil {
 			return fmt.Errorf("init %s: %w", r.Dir, err)
 		}
 	}
@@ -268,7 +269,7 @@ func (r *Repo) newKey(role string, root *metadata.RootType) (ed25519.PrivateKey,
 	if err := root.AddKey(key, role); err != nil {
 		return nil, err
 	}
-	if err := writeFileAtomic(r.keyPath(role)+".new", []byte(hex.EncodeToString(priv.Seed())+"\n"), 0o600); err != nil {
+	if err := writeFileAtomic(r.KeyPath(role)+".new", []byte(hex.EncodeToString(priv.Seed())+"\n"), 0o600); err != nil {
 		return nil, err
 	}
 	return priv, nil
@@ -280,7 +281,7 @@ func (r *Repo) newKey(role string, root *metadata.RootType) (ed25519.PrivateKey,
 // dropped (the root was never written).
 func (r *Repo) recoverKeys(root *metadata.Metadata[metadata.RootType]) error {
 	for _, role := range Roles {
-		p := r.keyPath(role) + ".new"
+		p := r.KeyPath(role) + ".new"
 		b, err := os.ReadFile(p)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue
@@ -297,7 +298,7 @@ func (r *Repo) recoverKeys(root *metadata.Metadata[metadata.RootType]) error {
 			listed = root.Signed.Roles[role] != nil && slices.Contains(root.Signed.Roles[role].KeyIDs, id)
 		}
 		if listed {
-			if err := renameSync(p, r.keyPath(role)); err != nil {
+			if err := renameSync(p, r.KeyPath(role)); err != nil {
 				return fmt.Errorf("recover key %s: %w", p, err)
 			}
 			continue
@@ -310,7 +311,7 @@ func (r *Repo) recoverKeys(root *metadata.Metadata[metadata.RootType]) error {
 }
 
 func (r *Repo) hasKey(role string) bool {
-	_, err := os.Stat(r.keyPath(role))
+	_, err := os.Stat(r.KeyPath(role))
 	return err == nil
 }
 
@@ -319,7 +320,7 @@ func (r *Repo) loadKey(role string) (ed25519.PrivateKey, error) {
 	if err := r.checkKeysDir(); err != nil {
 		return nil, err
 	}
-	p := r.keyPath(role)
+	p := r.KeyPath(role)
 	fi, err := os.Stat(p)
 	if err != nil {
 		return nil, fmt.Errorf("%w: key for %s: %v (is this a repository made by `stitch repo init`? the %s key may be kept offline: copy it in)", ErrNoRepo, role, err, role)
@@ -351,7 +352,7 @@ func (r *Repo) signer(role string, root *metadata.Metadata[metadata.RootType]) (
 	}
 	if root.Signed.Roles[role] == nil || !slices.Contains(root.Signed.Roles[role].KeyIDs, id) {
 		return nil, fmt.Errorf("key %s is not the %s key that root.json (version %d) lists: a key of another repository? restore the right one or rotate with `stitch keys rotate %s`",
-			r.keyPath(role), role, root.Signed.Version, role)
+			r.KeyPath(role), role, root.Signed.Version, role)
 	}
 	return signature.LoadED25519Signer(priv)
 }
@@ -750,7 +751,7 @@ func (r *Repo) RotateKey(role string) error {
 	if err := r.writeRoot(st.root, signers...); err != nil {
 		return fmt.Errorf("rotate %s: %w", role, err)
 	}
-	if err := renameSync(r.keyPath(role)+".new", r.keyPath(role)); err != nil {
+	if err := renameSync(r.KeyPath(role)+".new", r.KeyPath(role)); err != nil {
 		return fmt.Errorf("rotate %s: %w", role, err)
 	}
 	// Re-sign everything below root: a new key for any role invalidates
