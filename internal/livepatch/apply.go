@@ -212,17 +212,6 @@ func (k *Kernel) poll() time.Duration {
 	return k.Poll
 }
 
-// CheckModule runs every check Apply makes before it touches the kernel,
-// and returns the module.
-func (k *Kernel) CheckModule(path string) (*kmod.Module, error) {
-	f, data, err := k.openModule(path)
-	if err != nil {
-		return nil, err
-	}
-	f.Close()
-	return k.checkModule(path, data)
-}
-
 // openModule checks that this process may load modules into a kernel
 // with livepatch, opens the module and reads it through that descriptor.
 func (k *Kernel) openModule(path string) (*os.File, []byte, error) {
@@ -268,7 +257,8 @@ func readModule(f *os.File) ([]byte, error) {
 	return data, nil
 }
 
-// checkModule runs the checks of CheckModule on the module's bytes.
+// checkModule runs, on the module's bytes, every check Apply makes
+// before it touches the kernel, and returns the module.
 func (k *Kernel) checkModule(path string, data []byte) (*kmod.Module, error) {
 	m, err := kmod.Read(bytes.NewReader(data))
 	if err != nil {
