@@ -92,8 +92,8 @@ func runRepo(ctx context.Context, st *stdio, args []string) error {
 		}
 		name := fs.Arg(0)
 		if sub == "export" {
-			if *valid != 0 && (*valid < time.Hour || *valid > bundle.MaxExportValid) {
-				return usageError{fmt.Errorf("repo export: --valid %s: want 1h to %s, or 0 to export the metadata as it is", *valid, bundle.MaxExportValid)}
+			if err := bundle.CheckExportValid(*valid); err != nil {
+				return usageError{fmt.Errorf("repo export: --valid: %w", err)}
 			}
 			if name == "-" {
 				return r.ExportValid(st.out, *valid)

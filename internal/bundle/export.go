@@ -34,6 +34,15 @@ const (
 	MaxExportValid     = 31 * 24 * time.Hour
 )
 
+// CheckExportValid refuses an export validity outside 1h to
+// MaxExportValid; 0 means the metadata as it is.
+func CheckExportValid(valid time.Duration) error {
+	if valid != 0 && (valid < time.Hour || valid > MaxExportValid) {
+		return fmt.Errorf("validity %s: want 1h to %s, or 0 to export the metadata as it is", valid, MaxExportValid)
+	}
+	return nil
+}
+
 // Export writes the public part of the repository (metadata and targets,
 // never keys) as a tar, as it is: its timestamp expires when the online
 // one does. ExportValid is what an air-gapped mirror needs.
@@ -46,8 +55,8 @@ func (r *Repo) Export(w io.Writer) error { return r.ExportValid(w, 0) }
 // expiry for the online repository, so online agents keep their short
 // freshness window.
 func (r *Repo) ExportValid(w io.Writer, valid time.Duration) error {
-	if valid != 0 && (valid < time.Hour || valid > MaxExportValid) {
-		return fmt.Errorf("export: validity %s: want 1h to %s", valid, MaxExportValid)
+	if err := CheckExportValid(valid); err != nil {
+		return fmt.Errorf("export: %w", err)
 	}
 	unlock, err := r.lock()
 	if err != nil {
