@@ -275,7 +275,7 @@ func (k *Kernel) checkModule(path string, data []byte) (*kmod.Module, error) {
 	if err := m.CheckRelease(rel); err != nil {
 		return nil, err
 	}
-	if _, err := os.Stat(k.path("/sys/module/" + m.Name)); err == nil {
+	if k.moduleLoaded(m.Name) {
 		return nil, fmt.Errorf("%w: %s is loaded already (revert it first: stitch revert %s)", ErrAlreadyLoaded, m.Name, m.Name)
 	}
 	if busy, err := k.inTransition(); err != nil {
@@ -373,9 +373,7 @@ func (k *Kernel) rollback(ctx context.Context, name string, cause error, opts Ap
 	if p, perr := k.Patch(name); perr == nil {
 		re.Still = p
 	}
-	if _, serr := os.Stat(k.path("/sys/module/" + name)); serr == nil {
-		re.ModuleLoaded = true
-	}
+	re.ModuleLoaded = k.moduleLoaded(name)
 	k.log().Error("rollback failed: the kernel may hold the patch partly applied", "patch", name, "holders", len(re.Holders), "err", err)
 	return re
 }
@@ -419,7 +417,7 @@ func (k *Kernel) Revert(ctx context.Context, name string, opts ApplyOptions) err
 	}
 	if _, err := k.Patch(name); err != nil {
 		if errors.Is(err, ErrUnknownPatch) {
-			if _, serr := os.Stat(k.path("/sys/module/" + name)); serr == nil {
+			if k.moduleLoaded(name) {
 				// Disabled earlier; only the module is left.
 				return k.unload(ctx, name, opts, time.Now())
 			}

@@ -73,6 +73,13 @@ func (k *Kernel) path(p string) string     { return filepath.Join(k.Root, p) }
 func (k *Kernel) klpDir() string           { return k.path("/sys/kernel/livepatch") }
 func (k *Kernel) patchDir(n string) string { return filepath.Join(k.klpDir(), n) }
 
+// moduleLoaded says whether the kernel has a module of that name loaded,
+// whatever became of its patch.
+func (k *Kernel) moduleLoaded(name string) bool {
+	_, err := os.Stat(k.path("/sys/module/" + name))
+	return err == nil
+}
+
 // Supported reports whether the kernel has livepatch support.
 func (k *Kernel) Supported() error {
 	if fi, err := os.Stat(k.klpDir()); err != nil || !fi.IsDir() {
