@@ -418,15 +418,9 @@ func (r *Repo) prepare() (*state, error) {
 	if err := r.recoverKeys(root); err != nil {
 		return nil, err
 	}
-	st := &state{root: root}
-	if st.targets, err = metadata.Targets().FromFile(r.metaPath("targets.json")); err != nil {
-		return nil, fmt.Errorf("%w: %s: %v", ErrNoRepo, r.Dir, err)
-	}
-	if st.snapshot, err = metadata.Snapshot().FromFile(r.metaPath("snapshot.json")); err != nil {
-		return nil, fmt.Errorf("%w: %s: %v", ErrNoRepo, r.Dir, err)
-	}
-	if st.timestamp, err = metadata.Timestamp().FromFile(r.metaPath("timestamp.json")); err != nil {
-		return nil, fmt.Errorf("%w: %s: %v", ErrNoRepo, r.Dir, err)
+	st, err := r.load(root)
+	if err != nil {
+		return nil, err
 	}
 	for role, v := range map[string]int64{metadata.TARGETS: st.targets.Signed.Version, metadata.SNAPSHOT: st.snapshot.Signed.Version} {
 		p := r.metaPath(fmt.Sprintf("%d.%s.json", v, role))
@@ -435,6 +429,22 @@ func (r *Repo) prepare() (*state, error) {
 				return nil, err
 			}
 		}
+	}
+	return st, nil
+}
+
+// load reads the metadata below root.
+func (r *Repo) load(root *metadata.Metadata[metadata.RootType]) (*state, error) {
+	st := &state{root: root}
+	var err error
+	if st.targets, err = metadata.Targets().FromFile(r.metaPath("targets.json")); err != nil {
+		return nil, fmt.Errorf("%w: %s: %v", ErrNoRepo, r.Dir, err)
+	}
+	if st.snapshot, err = metadata.Snapshot().FromFile(r.metaPath("snapshot.json")); err != nil {
+		return nil, fmt.Errorf("%w: %s: %v", ErrNoRepo, r.Dir, err)
+	}
+	if st.timestamp, err = metadata.Timestamp().FromFile(r.metaPath("timestamp.json")); err != nil {
+		return nil, fmt.Errorf("%w: %s: %v", ErrNoRepo, r.Dir, err)
 	}
 	return st, nil
 }
@@ -828,19 +838,13 @@ func (st *state) status() Status {
 
 // Status reads the current metadata's versions and expiries.
 func (r *Repo) Status() (Status, error) {
-	st := &state{}
-	var err error
-	if st.root, err = metadata.Root().FromFile(r.metaPath("root.json")); err != nil {
+	root, err := metadata.Root().FromFile(r.metaPath("root.json"))
+	if err != nil {
 		return Status{}, fmt.Errorf("%w: %s: %v (run `stitch repo init` or `stitch repo import` first)", ErrNoRepo, r.Dir, err)
 	}
-	if st.targets, err = metadata.Targets().FromFile(r.metaPath("targets.json")); err != nil {
-		return Status{}, fmt.Errorf("%w: %s: %v", ErrNoRepo, r.Dir, err)
-	}
-	if st.snapshot, err = metadata.Snapshot().FromFile(r.metaPath("snapshot.json")); err != nil {
-		return Status{}, fmt.Errorf("%w: %s: %v", ErrNoRepo, r.Dir, err)
-	}
-	if st.timestamp, err = metadata.Timestamp().FromFile(r.metaPath("timestamp.json")); err != nil {
-		return Status{}, fmt.Errorf("%w: %s: %v", ErrNoRepo, r.Dir, err)
+	st, err := r.load(root)
+	if err != nil {
+		return Status{}, err
 	}
 	return st.status(), nil
 }
