@@ -453,19 +453,26 @@ func (r *Repo) load(root *metadata.Metadata[metadata.RootType]) (*state, error) 
 // a new root version (the versioned files are already there, see
 // prepare). It needs the root key; without it the repository keeps its
 // old layout.
-func (r *Repo) migrate(st *state) (bool, error) {
+func (r *Repo) migrate(st *state) error {
 	if st.root.Signed.ConsistentSnapshot || !r.hasKey(metadata.ROOT) {
-		return false, nil
+		return nil
 	}
 	s, err := r.signer(metadata.ROOT, st.root)
 	if err != nil {
-		return false, err
+		return err
 	}
+	return r.nextRoot(st, st.root.Signed.Expires, s)
+}
+
+// nextRoot writes the next root version, expiring at expires and signed by
+// signers, switching the repository to consistent snapshots on the way.
+func (r *Repo) nextRoot(st *state, expires time.Time, signers ...signature.Signer) error {
 	if err := r.consistent(st); err != nil {
-		return false, err
+		return err
 	}
 	st.root.Signed.Version++
-	return true, r.writeRoot(st.root, s)
+	st.root.Signed.Expires = expires
+	return r.writeRoot(st.root, signers...)
 }
 
 // consistent prepares a switch to consistent snapshots, before the root
@@ -701,7 +708,7 @@ func (r *Repo) Refresh() error {
 	if err != nil {
 		return fmt.Errorf("refresh: %w", err)
 	}
-	if _, err := r.migrate(st); err != nil {
+	if err := r.migrate(st); err != nil {
 		return fmt.Errorf("refresh: consistent snapshots: %w", err)
 	}
 	from := metadata.SNAPSHOT
@@ -751,14 +758,9 @@ func (r *Repo) RotateKey(role string) error {
 		}
 		signers = append(signers, s)
 	}
-	if err := r.consistent(st); err != nil {
-		return fmt.Errorf("rotate %s: %w", role, err)
-	}
-	st.root.Signed.Version++
-	st.root.Signed.Expires = r.now().Add(r.exp().Root)
 	// On failure ROLE.key.new stays: recoverKeys keeps it if the new root
 	// reached the disk and drops it otherwise.
-	if err := r.writeRoot(st.root, signers...); err != nil {
+	if err := r.nextRoot(st, r.now().Add(r.exp().Root), signers...); err != nil {
 		return fmt.Errorf("rotate %s: %w", role, err)
 	}
 	if err := renameSync(r.KeyPath(role)+".new", r.KeyPath(role)); err != nil {
@@ -790,12 +792,7 @@ func (r *Repo) RenewRoot() error {
 	if err != nil {
 		return fmt.Errorf("renew root: %w", err)
 	}
-	if err := r.consistent(st); err != nil {
-		return fmt.Errorf("renew root: %w", err)
-	}
-	st.root.Signed.Version++
-	st.root.Signed.Expires = r.now().Add(r.exp().Root)
-	if err := r.writeRoot(st.root, s); err != nil {
+	if err := r.nextRoot(st, r.now().Add(r.exp().Root), s); err != nil {
 		return fmt.Errorf("renew root: %w", err)
 	}
 	return nil
