@@ -67,11 +67,12 @@ func (r *Repo) ExportValid(w io.Writer, valid time.Duration) error {
 	if err != nil {
 		return fmt.Errorf("export: %w", err)
 	}
-	ts, err := os.ReadFile(r.metaPath("timestamp.json"))
-	if err != nil {
-		return fmt.Errorf("export: %w: %v", ErrNoRepo, err)
-	}
-	if valid > 0 {
+	var ts []byte
+	if valid == 0 {
+		if ts, err = os.ReadFile(r.metaPath("timestamp.json")); err != nil {
+			return fmt.Errorf("export: %w: %v", ErrNoRepo, err)
+		}
+	} else {
 		for _, role := range []string{metadata.SNAPSHOT, metadata.TIMESTAMP} {
 			if !r.hasKey(role) {
 				return fmt.Errorf("export: %w: a long-lived export is signed with the snapshot and timestamp keys, and %s is not here: export where the online keys are, or as it is with --valid 0",
