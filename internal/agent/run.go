@@ -682,19 +682,19 @@ func (s *session) checkIn(ctx context.Context) (api.CheckInResponse, error) {
 // MaxCheckIn (compared in seconds: a huge number must not overflow a
 // Duration); the configured interval when it asked for none.
 func (s *session) nextInterval(secs int) time.Duration {
-	lo, hi := int(MinCheckIn/time.Second), int(MaxCheckIn/time.Second)
+	var d time.Duration
 	switch {
 	case secs <= 0:
 		return s.cfg.interval()
-	case secs < lo, secs > hi:
-		d := MinCheckIn
-		if secs > hi {
-			d = MaxCheckIn
-		}
-		s.log().Warn("server's check-in interval out of bounds; clamped", "asked_seconds", secs, "using", d, "bounds", fmt.Sprintf("%s..%s", MinCheckIn, MaxCheckIn))
-		return d
+	case secs < int(MinCheckIn/time.Second):
+		d = MinCheckIn
+	case secs > int(MaxCheckIn/time.Second):
+		d = MaxCheckIn
+	default:
+		return time.Duration(secs) * time.Second
 	}
-	return time.Duration(secs) * time.Second
+	s.log().Warn("server's check-in interval out of bounds; clamped", "asked_seconds", secs, "using", d, "bounds", fmt.Sprintf("%s..%s", MinCheckIn, MaxCheckIn))
+	return d
 }
 
 // checkInReport lists every patch with what the kernel actually holds: a
