@@ -376,17 +376,17 @@ func (r *Repo) install(stage string, in *incoming) error {
 	}
 	for name, tf := range in.targets {
 		dst := filepath.Join(r.TargetsDir(), filepath.FromSlash(name))
-		if data, err := os.ReadFile(dst); err != nil || tf.VerifyLengthHashes(data) != nil {
+		data, err := os.ReadFile(dst)
+		if err != nil || tf.VerifyLengthHashes(data) != nil {
+			if data, err = os.ReadFile(filepath.Join(stage, "targets", filepath.FromSlash(name))); err != nil {
+				return err
+			}
 			if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
 				return err
 			}
-			if err := copyFileAtomic(filepath.Join(stage, "targets", filepath.FromSlash(name)), dst, 0o644); err != nil {
+			if err := writeFileAtomic(dst, data, 0o644); err != nil {
 				return err
 			}
-		}
-		data, err := os.ReadFile(dst)
-		if err != nil {
-			return err
 		}
 		pre := filepath.Join(r.TargetsDir(), filepath.FromSlash(hashPrefixed(name, data)))
 		if old, err := os.ReadFile(pre); err == nil && !bytes.Equal(old, data) {
