@@ -327,7 +327,7 @@ func (r *Repo) verifyImport(stage string) (*incoming, error) {
 		c := cur.Roles
 		newTS := in.timestampMD.Signed.Version
 		switch {
-		case newTS < c[metadata.TIMESTAMP].Version || in.snapV < c[metadata.SNAPSHOT].Version || in.tgtsV < c[metadata.TARGETS].Version:
+		case in.snapV < c[metadata.SNAPSHOT].Version || in.tgtsV < c[metadata.TARGETS].Version: // an older timestamp was refused above
 			return nil, fmt.Errorf("%w: rollback: the export (timestamp version %d, snapshot %d, targets %d) is older than the mirror (timestamp %d, snapshot %d, targets %d), which is unchanged; import a newer export",
 				ErrVerify, newTS, in.snapV, in.tgtsV, c[metadata.TIMESTAMP].Version, c[metadata.SNAPSHOT].Version, c[metadata.TARGETS].Version)
 		case newTS == c[metadata.TIMESTAMP].Version:
