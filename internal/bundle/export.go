@@ -228,16 +228,14 @@ func untar(rd io.Reader, dir string) error {
 	}
 }
 
-// incoming is a verified export.
+// incoming is a verified export: the bytes to install, and the snapshot
+// and targets they hold.
 type incoming struct {
 	roots          map[int64][]byte // new root versions
 	root           []byte           // the newest root, when it is new
 	ts, snap, tgts []byte
-	snapV, tgtsV   int64
-	targets        map[string]*metadata.TargetFiles
 	snapMD         *metadata.Metadata[metadata.SnapshotType]
 	targetsMD      *metadata.Metadata[metadata.TargetsType]
-	timestampMD    *metadata.Metadata[metadata.TimestampType]
 }
 
 // verifyImport checks the staged export against the mirror; nil, nil
@@ -306,18 +304,19 @@ func (r *Repo) verifyImport(stage string) (*incoming, error) {
 				ErrVerify, v, c)
 		}
 	}
-	if in.timestampMD, err = tm.UpdateTimestamp(in.ts); err != nil {
+	timestampMD, err := tm.UpdateTimestamp(in.ts)
+	if err != nil {
 		return nil, fmt.Errorf("the export's metadata: %w; take a new export on the online side (`stitch repo export`)", classify(err))
 	}
-	in.snapV = in.timestampMD.Signed.Meta["snapshot.json"].Version
-	if in.snap, err = readVersioned(sm, metadata.SNAPSHOT, in.snapV); err != nil {
+	snapV := timestampMD.Signed.Meta["snapshot.json"].Version
+	if in.snap, err = readVersioned(sm, metadata.SNAPSHOT, snapV); err != nil {
 		return nil, err
 	}
 	if in.snapMD, err = tm.UpdateSnapshot(in.snap, false); err != nil {
 		return nil, fmt.Errorf("the export's snapshot: %w", classify(err))
 	}
-	in.tgtsV = in.snapMD.Signed.Meta["targets.json"].Version
-	if in.tgts, err = readVersioned(sm, metadata.TARGETS, in.tgtsV); err != nil {
+	tgtsV := in.snapMD.Signed.Meta["targets.json"].Version
+	if in.tgts, err = readVersioned(sm, metadata.TARGETS, tgtsV); err != nil {
 		return nil, err
 	}
 	if in.targetsMD, err = tm.UpdateTargets(in.tgts); err != nil {
@@ -325,11 +324,11 @@ func (r *Repo) verifyImport(stage string) (*incoming, error) {
 	}
 	if existing {
 		c := cur.Roles
-		newTS := in.timestampMD.Signed.Version
+		newTS := timestampMD.Signed.Version
 		switch {
-		case in.snapV < c[metadata.SNAPSHOT].Version || in.tgtsV < c[metadata.TARGETS].Version: // an older timestamp was refused above
+		case snapV < c[metadata.SNAPSHOT].Version || tgtsV < c[metadata.TARGETS].Version: // an older timestamp was refused above
 			return nil, fmt.Errorf("%w: rollback: the export (timestamp version %d, snapshot %d, targets %d) is older than the mirror (timestamp %d, snapshot %d, targets %d), which is unchanged; import a newer export",
-				ErrVerify, newTS, in.snapV, in.tgtsV, c[metadata.TIMESTAMP].Version, c[metadata.SNAPSHOT].Version, c[metadata.TARGETS].Version)
+				ErrVerify, newTS, snapV, tgtsV, c[metadata.TIMESTAMP].Version, c[metadata.SNAPSHOT].Version, c[metadata.TARGETS].Version)
 		case newTS == c[metadata.TIMESTAMP].Version:
 			old, err := os.ReadFile(r.metaPath("timestamp.json"))
 			if err == nil && bytes.Equal(old, in.ts) {
@@ -338,8 +337,7 @@ func (r *Repo) verifyImport(stage string) (*incoming, error) {
 			return nil, fmt.Errorf("%w: the export's timestamp version %d differs from the mirror's of the same version: not from the same repository's history; the mirror is unchanged", ErrVerify, newTS)
 		}
 	}
-	in.targets = in.targetsMD.Signed.Targets
-	for name, tf := range in.targets {
+	for name, tf := range in.targetsMD.Signed.Targets {
 		data, err := os.ReadFile(filepath.Join(stage, "targets", filepath.FromSlash(name)))
 		if err != nil {
 			data, err = os.ReadFile(filepath.Join(r.TargetsDir(), filepath.FromSlash(name)))
@@ -374,7 +372,7 @@ func (r *Repo) install(stage string, in *incoming) error {
 			return err
 		}
 	}
-	for name, tf := range in.targets {
+	for name, tf := range in.targetsMD.Signed.Targets {
 		dst := filepath.Join(r.TargetsDir(), filepath.FromSlash(name))
 		data, err := os.ReadFile(dst)
 		if err != nil || tf.VerifyLengthHashes(data) != nil {
@@ -410,7 +408,7 @@ func (r *Repo) install(stage string, in *incoming) error {
 		name string
 		data []byte
 	}{
-		{fmt.Sprintf("%d.targets.json", in.tgtsV), in.tgts}, {fmt.Sprintf("%d.snapshot.json", in.snapV), in.snap},
+		{fmt.Sprintf("%d.targets.json", in.targetsMD.Signed.Version), in.tgts}, {fmt.Sprintf("%d.snapshot.json", in.snapMD.Signed.Version), in.snap},
 		{"root.json", in.root}, {"targets.json", in.tgts}, {"snapshot.json", in.snap},
 		{"timestamp.json", in.ts},
 	} {
