@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -123,7 +124,7 @@ type Fleet interface {
 	// target offered before keeps its first time).
 	RecordOffers(ctx context.Context, machineID string, targets []string, at time.Time) error
 	// Rollout runs fn on the patch's rollout in one transaction; p is
-	// written back when fn returns nil.
+	// written back when fn returns nil and changed it.
 	Rollout(ctx context.Context, target string, fn func(tx RolloutTx, p *Patch) error) error
 }
 
@@ -439,17 +440,28 @@ func (s *SQL) Rollout(ctx context.Context, target string, fn func(RolloutTx, *Pa
 	if err != nil {
 		return fmt.Errorf("rollout %s: %w", target, err)
 	}
+	before := rolloutColumns(&p)
 	if err := fn(&rolloutTx{s: s, tx: tx, ctx: ctx, target: target}, &p); err != nil {
 		return err
 	}
-	if _, err := tx.ExecContext(ctx, s.q(`UPDATE patches SET stage = ?, state = ?, reason = ?, updated_at = ?, stage_started = ?, tolerated = ? WHERE target = ?`),
-		p.Stage, p.State, p.Reason, unix(p.UpdatedAt), joinTimes(p.StageStarted), p.Tolerated, target); err != nil {
-		return fmt.Errorf("rollout %s: %w", target, err)
+	// Most calls (a healthy report, a tick that waits) change nothing:
+	// spare the patch's row a write.
+	if after := rolloutColumns(&p); !slices.Equal(before, after) {
+		if _, err := tx.ExecContext(ctx, s.q(`UPDATE patches SET stage = ?, state = ?, reason = ?, updated_at = ?, stage_started = ?, tolerated = ? WHERE target = ?`),
+			append(after, target)...); err != nil {
+			return fmt.Errorf("rollout %s: %w", target, err)
+		}
 	}
 	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("rollout %s: %w", target, err)
 	}
 	return nil
+}
+
+// rolloutColumns are the values of the columns of patches a rollout
+// changes, in the order Rollout's UPDATE sets them.
+func rolloutColumns(p *Patch) []any {
+	return []any{p.Stage, p.State, p.Reason, unix(p.UpdatedAt), joinTimes(p.StageStarted), p.Tolerated}
 }
 
 type rolloutTx struct {
