@@ -181,7 +181,8 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine)
 	if !decode(w, r, &h) {
 		return
 	}
-	if err := h.Validate(s.schedule()); err != nil {
+	sched := s.schedule()
+	if err := h.Validate(sched); err != nil {
 		fail(w, http.StatusBadRequest, "health: "+err.Error())
 		return
 	}
@@ -218,7 +219,7 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine)
 			rm.Failed, rm.Reason = true, h.Reason
 			logFailure = true
 		case h.Healthy && !rm.Failed:
-			rm.Checks = pol.ChecksPassed(rm.AppliedAt, now, rm.Checks, s.schedule().Index(h.Check))
+			rm.Checks = pol.ChecksPassed(rm.AppliedAt, now, rm.Checks, sched.Index(h.Check))
 		}
 		rm.LastReport = now
 		if err := tx.PutMachine(rm); err != nil {
