@@ -61,7 +61,7 @@ func (r *Repo) RefreshIfDue() (f Freshness, err error) {
 			role, exp.Format(time.RFC3339), r.KeyPath(role))})
 		return true
 	}
-	needT := due(now, st.targets.Signed.Expires, e.Targets) || !verifies(st.root, metadata.TARGETS, st.targets)
+	needT := r.targetsDue(st, now)
 	if needT && missing(metadata.TARGETS, st.targets.Signed.Expires) {
 		needT = false
 	}

@@ -693,6 +693,12 @@ func verifies(root *metadata.Metadata[metadata.RootType], role string, md any) b
 	return root.VerifyDelegate(role, md) == nil
 }
 
+// targetsDue says whether targets must be signed anew: half their life is
+// gone, or the root no longer trusts their signature (a rotated key).
+func (r *Repo) targetsDue(st *state, now time.Time) bool {
+	return due(now, st.targets.Signed.Expires, r.exp().Targets) || !verifies(st.root, metadata.TARGETS, st.targets)
+}
+
 // Refresh re-signs snapshot and timestamp with new expiry dates (and
 // targets once half their life is gone), whether due or not; with the
 // root key present it also moves a repository made before consistent
@@ -712,7 +718,7 @@ func (r *Repo) Refresh() error {
 		return fmt.Errorf("refresh: consistent snapshots: %w", err)
 	}
 	from := metadata.SNAPSHOT
-	if due(r.now(), st.targets.Signed.Expires, r.exp().Targets) || !verifies(st.root, metadata.TARGETS, st.targets) {
+	if r.targetsDue(st, r.now()) {
 		from = metadata.TARGETS
 	}
 	if err := r.cascade(st, from); err != nil {
