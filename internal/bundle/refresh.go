@@ -66,13 +66,13 @@ func (r *Repo) RefreshIfDue() (f Freshness, err error) {
 		needT = false
 	}
 	needS := needT || due(now, st.snapshot.Signed.Expires, e.Snapshot) ||
-		st.snapshot.Signed.Meta["targets.json"] == nil || st.snapshot.Signed.Meta["targets.json"].Version != st.targets.Signed.Version ||
+		!names(st.snapshot.Signed.Meta, "targets.json", st.targets.Signed.Version) ||
 		!verifies(st.root, metadata.SNAPSHOT, st.snapshot)
 	if needS && missing(metadata.SNAPSHOT, st.snapshot.Signed.Expires) {
 		needS = false
 	}
 	needTS := needS || due(now, st.timestamp.Signed.Expires, e.Timestamp) ||
-		st.timestamp.Signed.Meta["snapshot.json"] == nil || st.timestamp.Signed.Meta["snapshot.json"].Version != st.snapshot.Signed.Version ||
+		!names(st.timestamp.Signed.Meta, "snapshot.json", st.snapshot.Signed.Version) ||
 		!verifies(st.root, metadata.TIMESTAMP, st.timestamp)
 	if needTS && missing(metadata.TIMESTAMP, st.timestamp.Signed.Expires) {
 		needTS = false
@@ -97,6 +97,13 @@ func (r *Repo) RefreshIfDue() (f Freshness, err error) {
 		r.prune(st)
 	}
 	return f, nil
+}
+
+// names says whether meta names version v of file: whether the snapshot
+// or timestamp holding meta is over the current targets or snapshot.
+func names(meta map[string]*metadata.MetaFiles, file string, v int64) bool {
+	mf := meta[file]
+	return mf != nil && mf.Version == v
 }
 
 // rootWarnings: the root near its expiry, and the old layout.
