@@ -44,8 +44,7 @@ func (s *Server) offered(p store.Patch, m store.Machine) bool {
 	case !m.Cutoff.IsZero() && p.RegisteredAt.After(m.Cutoff), !m.Pin.IsZero() && p.RegisteredAt.After(m.Pin):
 		return false
 	}
-	stage := s.stageAt(p, s.now().Add(-m.Delay))
-	return stage >= 0 && rollout.Rank(p.Target, m.ID) < s.shareOf(stage)
+	return s.policy().Reaches(s.stageAt(p, s.now().Add(-m.Delay)), p.Target, m.ID)
 }
 
 // stageAt is the stage p's rollout had reached at t, -1 before it began.
@@ -64,9 +63,6 @@ func (s *Server) stageAt(p store.Patch, t time.Time) int {
 	}
 	return stage
 }
-
-// shareOf is the share of machines a stage reaches.
-func (s *Server) shareOf(stage int) float64 { return s.policy().Share(stage) }
 
 func (s *Server) checkIn(w http.ResponseWriter, r *http.Request, m store.Machine) {
 	var req api.CheckIn
@@ -103,7 +99,7 @@ func (s *Server) checkIn(w http.ResponseWriter, r *http.Request, m store.Machine
 	for _, p := range patches {
 		state, known := reported[p.Target]
 		switch {
-		case state == contract.StateApplied && p.State == string(rollout.Blocklisted):
+		case state == contract.StateApplied && rollout.State(p.State).Reverts():
 			resp.Actions = append(resp.Actions, api.Action{Target: p.Target, Name: p.Name, CVEs: p.CVEs, Op: api.OpRevert})
 		case !known && s.offered(p, m):
 			// A patch the machine reported in any state (failed, refused,

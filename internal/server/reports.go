@@ -18,7 +18,7 @@ import (
 func (s *Server) patchReport(p store.Patch, machines []store.Machine, rms []store.RolloutMachine, keys []rollout.KeyCounts) api.PatchReport {
 	t := s.policy().Tally(keys)
 	rep := api.PatchReport{Target: p.Target, Name: p.Name, KernelRelease: p.KernelRelease, KernelBuildID: p.KernelBuildID,
-		CVEs: append([]string{}, p.CVEs...), RegisteredAt: p.RegisteredAt, State: p.State, Reason: p.Reason, Stage: p.Stage, Share: s.shareOf(p.Stage),
+		CVEs: append([]string{}, p.CVEs...), RegisteredAt: p.RegisteredAt, State: p.State, Reason: p.Reason, Stage: p.Stage, Share: s.policy().Share(p.Stage),
 		Applied: t.Healthy + t.Unfinished + t.Lost, Healthy: t.Healthy, Failed: t.Failed, Lost: t.Lost, Counted: t.Counted}
 	took := map[string]bool{}
 	for _, rm := range rms {
@@ -132,7 +132,7 @@ func (s *Server) reportMachines(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 		for _, p := range f.forKernel(m) {
-			if !f.applied[m.ID][p.Target] && p.State != string(rollout.Blocklisted) {
+			if !f.applied[m.ID][p.Target] && !rollout.State(p.State).Reverts() {
 				rep.Missing = append(rep.Missing, p.Target)
 			}
 		}

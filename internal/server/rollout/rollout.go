@@ -42,6 +42,10 @@ const (
 // within its stage.
 func (s State) Offers() bool { return s == Running || s == Complete }
 
+// Reverts says whether machines that applied the patch of a rollout in
+// state s are told to revert it.
+func (s State) Reverts() bool { return s == Blocklisted }
+
 // Defaults of the policy's fields whose zero value means "the default".
 const (
 	// DefaultMaxFailuresPerKey is the least number of failures one
@@ -136,6 +140,12 @@ func Rank(patch, machine string) float64 {
 // policy's last (the server restarted with fewer stages) reaches everyone.
 func (p Policy) Share(stage int) float64 {
 	return p.Stages[min(max(stage, 0), len(p.Stages)-1)]
+}
+
+// Reaches says whether stage reaches machine in patch's order; stage -1
+// (the rollout had not begun) reaches nobody.
+func (p Policy) Reaches(stage int, patch, machine string) bool {
+	return stage >= 0 && Rank(patch, machine) < p.Share(stage)
 }
 
 // ChecksPassed is how many health checks a machine that applied at applied

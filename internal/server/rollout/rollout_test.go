@@ -92,7 +92,7 @@ func (s *fleetSim) run() {
 				}
 				continue
 			}
-			if !s.st.State.Offers() || Rank(s.patch, id) >= s.pol.Share(s.st.Stage) {
+			if !s.st.State.Offers() || !s.pol.Reaches(s.st.Stage, s.patch, id) {
 				continue
 			}
 			s.machines[id] = &simMachine{key: s.key(i), applied: s.now, heard: s.now, failed: s.fails(id)}
@@ -545,6 +545,9 @@ func TestOperate(t *testing.T) {
 	}
 	if Halted.Offers() || Blocklisted.Offers() || !Running.Offers() || !Complete.Offers() {
 		t.Error("only running and complete rollouts offer their patch")
+	}
+	if !Blocklisted.Reverts() || Running.Reverts() || Halted.Reverts() || Complete.Reverts() {
+		t.Error("only a blocklisted rollout has machines revert its patch")
 	}
 }
 
