@@ -521,7 +521,9 @@ func (s *session) fail(ctx context.Context, p *Patch, check string, lines []stri
 	}
 	detail := strings.Join(lines, "\n")
 	s.log().Error("kernel trouble after a patch: reverting it", "patch", p.Name, "reason", reason, "log", detail)
-	if err := s.Kernel.Revert(ctx, p.Name, livepatch.ApplyOptions{Timeout: s.Timeout}); err != nil && !errors.Is(err, livepatch.ErrUnknownPatch) {
+	// Not cut short by the daemon stopping: an interrupted revert would
+	// be taken for a failed one. ApplyOptions.Timeout still bounds it.
+	if err := s.Kernel.Revert(context.WithoutCancel(ctx), p.Name, livepatch.ApplyOptions{Timeout: s.Timeout}); err != nil && !errors.Is(err, livepatch.ErrUnknownPatch) {
 		// The patch is still in the kernel, maybe half taken out. Its
 		// marker (gone after the first check) is written again.
 		if merr := s.mark(p); merr != nil {
@@ -749,7 +751,9 @@ func (s *session) act(ctx context.Context, actions []api.Action) (bool, error) {
 			continue
 		}
 		s.log().Warn("revert order obeyed: reverting the patch (blocklisted by the server)", "patch", p.Name, "target", p.Target, "server", s.cfg.Server)
-		if err := s.Kernel.Revert(ctx, p.Name, livepatch.ApplyOptions{Timeout: s.Timeout}); err != nil && !errors.Is(err, livepatch.ErrUnknownPatch) {
+		// Not cut short by the daemon stopping: an interrupted revert would
+	// be taken for a failed one. ApplyOptions.Timeout still bounds it.
+	if err := s.Kernel.Revert(context.WithoutCancel(ctx), p.Name, livepatch.ApplyOptions{Timeout: s.Timeout}); err != nil && !errors.Is(err, livepatch.ErrUnknownPatch) {
 			return acted, fmt.Errorf("revert %s as ordered: %w", p.Name, err)
 		}
 		s.unmark(p.Name)
