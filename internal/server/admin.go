@@ -54,7 +54,7 @@ func (s *Server) registerPatch(w http.ResponseWriter, r *http.Request) {
 
 // operate is the operator's halt, resume and blocklist.
 func (s *Server) operate(w http.ResponseWriter, r *http.Request) {
-	target, op := r.PathValue("release")+"/"+r.PathValue("file"), r.PathValue("op")
+	target, op := r.PathValue("release")+"/"+r.PathValue("file"), rollout.Op(r.PathValue("op"))
 	var req api.RolloutRequest
 	if r.ContentLength != 0 && !decode(w, r, &req) { // the reason is optional, and so is the body
 		return
@@ -63,14 +63,16 @@ func (s *Server) operate(w http.ResponseWriter, r *http.Request) {
 		fail(w, http.StatusBadRequest, "reason: at most 1024 bytes")
 		return
 	}
-	if op != "halt" && op != "resume" && op != "blocklist" {
+	event := opEvent(op)
+	if event == "" {
 		fail(w, http.StatusNotFound, fmt.Sprintf("unknown rollout operation %q: want halt, resume or blocklist", op))
 		return
 	}
 	var out store.Patch
+	now := s.now()
 	err := s.Store.Rollout(r.Context(), target, func(tx store.RolloutTx, p *store.Patch) error {
 		// The rule book decides which transitions are allowed.
-		state, err := rollout.Operate(rollout.State(p.State), rollout.Op(op))
+		state, err := rollout.Operate(rollout.State(p.State), op)
 		if err != nil {
 			return fmt.Errorf("%w: rollout of %s: %v", errConflict, p.Target, err)
 		}
@@ -83,13 +85,13 @@ func (s *Server) operate(w http.ResponseWriter, r *http.Request) {
 			// Resuming accepts the failures counted so far: the
 			// thresholds apply to those that come after.
 			pol := s.policy()
-			keys, err := tx.Counts(len(pol.Checks), s.silentBefore(s.now()))
+			keys, err := tx.Counts(len(pol.Checks), s.silentBefore(now))
 			if err != nil {
 				return err
 			}
 			p.Tolerated, reason = pol.Tally(keys).Counted, ""
 		}
-		p.State, p.Reason, p.UpdatedAt = string(state), reason, s.now()
+		p.State, p.Reason, p.UpdatedAt = string(state), reason, now
 		out = *p
 		return nil
 	})
@@ -101,12 +103,26 @@ func (s *Server) operate(w http.ResponseWriter, r *http.Request) {
 		fail(w, http.StatusConflict, err.Error())
 		return
 	case err != nil:
-		s.internal(w, "rollout "+op, err)
+		s.internal(w, "rollout "+string(op), err)
 		return
 	}
-	s.metrics.event(map[string]string{"halt": "halted", "resume": "resumed", "blocklist": "blocklisted"}[op])
-	s.log().Warn("rollout "+op+" by the operator", "target", target, "reason", req.Reason)
+	s.metrics.event(event)
+	s.log().Warn("rollout "+string(op)+" by the operator", "target", target, "reason", req.Reason)
 	reply(w, http.StatusOK, s.patchReport(out, nil, nil, nil))
+}
+
+// opEvent is the rollout event an operator's op counts as, "" for an
+// unknown op.
+func opEvent(op rollout.Op) string {
+	switch op {
+	case rollout.OpHalt:
+		return "halted"
+	case rollout.OpResume:
+		return "resumed"
+	case rollout.OpBlocklist:
+		return "blocklisted"
+	}
+	return ""
 }
 
 var errConflict = errors.New("conflict")
