@@ -338,19 +338,23 @@ func (s *SQL) Enroll(ctx context.Context, secretHash string, m Machine, now time
 	return k, tx.Commit()
 }
 
-const keySelect = `SELECT id, secret_hash, max_machines, expires_at, created_at, group_name, revoked_at FROM enrollment_keys`
+const (
+	keyColumns = `id, secret_hash, max_machines, expires_at, created_at, group_name, revoked_at`
+	keySelect  = `SELECT ` + keyColumns + ` FROM enrollment_keys`
+)
 
-func scanKey(row interface{ Scan(...any) error }) (Key, error) {
+// scanKey reads keyColumns, and the columns after them into extra.
+func scanKey(row interface{ Scan(...any) error }, extra ...any) (Key, error) {
 	var k Key
 	var exp, created, revoked int64
-	err := row.Scan(&k.ID, &k.SecretHash, &k.MaxMachines, &exp, &created, &k.Group, &revoked)
+	err := row.Scan(append([]any{&k.ID, &k.SecretHash, &k.MaxMachines, &exp, &created, &k.Group, &revoked}, extra...)...)
 	k.ExpiresAt, k.CreatedAt, k.RevokedAt = fromUnix(exp), fromUnix(created), fromUnix(revoked)
 	return k, err
 }
 
 func (s *SQL) Keys(ctx context.Context) ([]KeyInfo, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT k.id, k.secret_hash, k.max_machines, k.expires_at, k.created_at, k.group_name, k.revoked_at,
-		(SELECT COUNT(*) FROM machines m WHERE m.key_id = k.id) FROM enrollment_keys k ORDER BY k.created_at, k.id`)
+	rows, err := s.db.QueryContext(ctx, `SELECT `+keyColumns+`, (SELECT COUNT(*) FROM machines m WHERE m.key_id = enrollment_keys.id)
+		FROM enrollment_keys ORDER BY created_at, id`)
 	if err != nil {
 		return nil, fmt.Errorf("keys: %w", err)
 	}
@@ -358,11 +362,10 @@ func (s *SQL) Keys(ctx context.Context) ([]KeyInfo, error) {
 	var out []KeyInfo
 	for rows.Next() {
 		var ki KeyInfo
-		var exp, created, revoked int64
-		if err := rows.Scan(&ki.ID, &ki.SecretHash, &ki.MaxMachines, &exp, &created, &ki.Group, &revoked, &ki.Machines); err != nil {
+		var err error
+		if ki.Key, err = scanKey(rows, &ki.Machines); err != nil {
 			return nil, fmt.Errorf("keys: %w", err)
 		}
-		ki.ExpiresAt, ki.CreatedAt, ki.RevokedAt = fromUnix(exp), fromUnix(created), fromUnix(revoked)
 		out = append(out, ki)
 	}
 	return out, rows.Err()
