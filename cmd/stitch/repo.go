@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/bundle"
@@ -98,7 +97,7 @@ func runRepo(ctx context.Context, st *stdio, args []string) error {
 			if name == "-" {
 				return r.ExportValid(st.out, *valid)
 			}
-			return exportFile(r, name, *valid)
+			return r.ExportFile(name, *valid)
 		}
 		var rd io.Reader = os.Stdin
 		if name != "-" {
@@ -121,31 +120,6 @@ func runRepo(ctx context.Context, st *stdio, args []string) error {
 			*dir, s.Roles["timestamp"].Version, exp.Format(time.RFC3339))
 	}
 	return usageError{fmt.Errorf("repo: unknown subcommand %q (%s)", sub, subs)}
-}
-
-// exportFile writes an export through a temporary file, so a failed
-// export never leaves a partial tar under the name.
-func exportFile(r *bundle.Repo, name string, valid time.Duration) error {
-	f, err := os.CreateTemp(filepath.Dir(name), "."+filepath.Base(name)+".*.tmp")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if err := r.ExportValid(f, valid); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Chmod(f.Name(), 0o644); err != nil {
-		return err
-	}
-	return os.Rename(f.Name(), name)
 }
 
 // runPublish: stitch publish [--dir DIR] [--module KO --manifest JSON | BUNDLE].

@@ -48,6 +48,12 @@ func CheckExportValid(valid time.Duration) error {
 // one does. ExportValid is what an air-gapped mirror needs.
 func (r *Repo) Export(w io.Writer) error { return r.ExportValid(w, 0) }
 
+// ExportFile writes ExportValid's tar to path, through a temporary file,
+// so that a failed export never leaves a partial tar under that name.
+func (r *Repo) ExportFile(path string, valid time.Duration) error {
+	return writeAtomic(path, 0o644, func(w io.Writer) error { return r.ExportValid(w, valid) })
+}
+
 // ExportValid writes the public part of the repository as a tar whose
 // timestamp is valid for valid (0: as it is). It signs, with the online
 // keys, a snapshot valid at least that long and two timestamps: one valid

@@ -16,6 +16,17 @@ import (
 // never half of one, and after a crash the rename is either on disk with
 // the whole content or not at all.
 func writeFileAtomic(path string, data []byte, mode fs.FileMode) error {
+	return writeAtomic(path, mode, func(w io.Writer) error {
+		if _, err := w.Write(data); err != nil {
+			return fmt.Errorf("write %s: %w", path, err)
+		}
+		return nil
+	})
+}
+
+// writeAtomic is writeFileAtomic for content that write streams; an error
+// from write is returned as it is, and path is left untouched.
+func writeAtomic(path string, mode fs.FileMode, write func(io.Writer) error) error {
 	dir := filepath.Dir(path)
 	// The name ends in .tmp so that nothing mistakes it for metadata.
 	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*.tmp")
@@ -24,26 +35,24 @@ func writeFileAtomic(path string, data []byte, mode fs.FileMode) error {
 	}
 	tmp := f.Name()
 	fail := func(err error) error {
-		f.Close()
+		f.Close() // closed already after a failed rename: harmless
 		os.Remove(tmp)
-		return fmt.Errorf("write %s: %w", path, err)
+		return err
 	}
-	if _, err := f.Write(data); err != nil {
+	if err := write(f); err != nil {
 		return fail(err)
 	}
 	if err := f.Chmod(mode); err != nil {
-		return fail(err)
+		return fail(fmt.Errorf("write %s: %w", path, err))
 	}
 	if err := f.Sync(); err != nil {
-		return fail(err)
+		return fail(fmt.Errorf("write %s: %w", path, err))
 	}
 	if err := f.Close(); err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("write %s: %w", path, err)
+		return fail(fmt.Errorf("write %s: %w", path, err))
 	}
 	if err := os.Rename(tmp, path); err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("write %s: %w", path, err)
+		return fail(fmt.Errorf("write %s: %w", path, err))
 	}
 	return syncDir(dir)
 }
