@@ -80,14 +80,9 @@ func syncDir(dir string) error {
 
 // copyFileAtomic copies src to dst through writeFileAtomic.
 func copyFileAtomic(src, dst string, mode fs.FileMode) error {
-	f, err := os.Open(src)
+	data, err := os.ReadFile(src)
 	if err != nil {
 		return err
-	}
-	defer f.Close()
-	data, err := io.ReadAll(f)
-	if err != nil {
-		return fmt.Errorf("read %s: %w", src, err)
 	}
 	return writeFileAtomic(dst, data, mode)
 }
