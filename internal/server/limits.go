@@ -154,8 +154,8 @@ type bucket struct {
 	refused  int       // refusals since then
 }
 
-func newReportLimiter(rate float64, burst, max int) *reportLimiter {
-	return &reportLimiter{rate: rate, burst: float64(burst), max: max, buckets: map[string]*bucket{}}
+func newReportLimiter(rate float64, burst, size int) *reportLimiter {
+	return &reportLimiter{rate: rate, burst: float64(burst), max: size, buckets: map[string]*bucket{}}
 }
 
 // verdict is take's answer.
@@ -224,12 +224,12 @@ func (s *Server) throttled(h func(http.ResponseWriter, *http.Request, store.Mach
 			h(w, r, m)
 			return
 		}
-		secs := int(math.Ceil(v.retry.Seconds()))
+		secs := max(int(math.Ceil(v.retry.Seconds())), 1)
 		if v.log {
 			s.log().Warn("machine throttled", "machine", m.ID, "refused", v.refused, "path", r.URL.Path)
 		}
-		w.Header().Set("Retry-After", fmt.Sprint(max(secs, 1)))
-		fail(w, http.StatusTooManyRequests, fmt.Sprintf("too many reports from machine %s (at most %d at once, then %g a second): retry after %d s", m.ID, int(s.limiter.burst), s.limiter.rate, max(secs, 1)))
+		w.Header().Set("Retry-After", fmt.Sprint(secs))
+		fail(w, http.StatusTooManyRequests, fmt.Sprintf("too many reports from machine %s (at most %d at once, then %g a second): retry after %d s", m.ID, int(s.limiter.burst), s.limiter.rate, secs))
 	}
 }
 
