@@ -173,10 +173,9 @@ func (r *Repo) Import(rd io.Reader) error {
 	}
 	defer unlock()
 	// Staging directories of imports that crashed: none is running (lock).
-	if old, _ := filepath.Glob(filepath.Join(r.Dir, ".import-*")); len(old) > 0 {
-		for _, d := range old {
-			os.RemoveAll(d)
-		}
+	old, _ := filepath.Glob(filepath.Join(r.Dir, ".import-*"))
+	for _, d := range old {
+		os.RemoveAll(d)
 	}
 	stage, err := os.MkdirTemp(r.Dir, ".import-*")
 	if err != nil {
