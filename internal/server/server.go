@@ -92,7 +92,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET "+api.PathAdminKeys, s.adminOnly(s.listKeys))
 	mux.HandleFunc("POST "+api.PathAdminKeys+"/{id}/revoke", s.adminOnly(s.revokeKey))
 	mux.HandleFunc("DELETE "+api.PathAdminMachines+"{id}", s.adminOnly(s.deleteMachine))
-	mux.HandleFunc("POST /v1/admin/keys", s.adminOnly(s.createKey))
+	mux.HandleFunc("POST "+api.PathAdminKeys, s.adminOnly(s.createKey))
 	mux.HandleFunc("POST /v1/admin/patches", s.adminOnly(s.registerPatch))
 	mux.HandleFunc("POST /v1/admin/rollouts/{release}/{file}/{op}", s.adminOnly(s.operate))
 	mux.HandleFunc("GET /v1/admin/channels", s.adminOnly(s.channels))
