@@ -235,8 +235,8 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine)
 		}
 		if event == "halted" || event == "blocklisted" {
 			p.Reason = fmt.Sprintf("%s (last: %s: %s)", p.Reason, m.ID, h.Reason)
-			reason = p.Reason
 		}
+		reason = p.Reason
 		return nil
 	})
 	switch {
@@ -258,11 +258,22 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, m store.Machine)
 	if logFailure {
 		s.log().Warn("patch failed on a machine", "machine", m.ID, "target", h.Target, "check", h.Check, "reason", h.Reason, "detail", clip(h.Detail, 256))
 	}
-	if event != "" {
-		s.metrics.event(event)
-		s.log().Warn("rollout "+event, "target", h.Target, "machine", m.ID, "reason", reason)
-	}
+	s.rolloutEvent(event, h.Target, reason, "machine", m.ID)
 	w.WriteHeader(http.StatusNoContent)
+}
+
+// rolloutEvent counts and logs what decide did to target's rollout ("":
+// nothing); a stop is a warning, with its reason.
+func (s *Server) rolloutEvent(event, target, reason string, attrs ...any) {
+	switch event {
+	case "":
+		return
+	case "halted", "blocklisted":
+		s.log().Warn("rollout "+event, append([]any{"target", target, "reason", reason}, attrs...)...)
+	default:
+		s.log().Info("rollout "+event, append([]any{"target", target}, attrs...)...)
+	}
+	s.metrics.event(event)
 }
 
 // Tick runs the rule book (rollout.Decide) on every running rollout whose
@@ -299,15 +310,7 @@ func (s *Server) Tick(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("tick: %w", err)
 		}
-		switch event {
-		case "":
-		case "halted", "blocklisted":
-			s.metrics.event(event)
-			s.log().Warn("rollout "+event, "target", p.Target, "reason", reason)
-		default:
-			s.metrics.event(event)
-			s.log().Info("rollout "+event, "target", p.Target)
-		}
+		s.rolloutEvent(event, p.Target, reason)
 	}
 	return nil
 }
