@@ -110,7 +110,7 @@ func (m *metrics) write(w io.Writer, rollouts map[string]int) {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	fmt.Fprintf(w, "# HELP stitch_rollout_events_total Rollout transitions (advanced, completed, blocklisted, halted, resumed).\n# TYPE stitch_rollout_events_total counter\n")
+	fmt.Fprintf(w, "# HELP stitch_rollout_events_total Rollout transitions (started, advanced, completed, halted, blocklisted, resumed).\n# TYPE stitch_rollout_events_total counter\n")
 	for _, e := range sortedKeys(m.events) {
 		fmt.Fprintf(w, "stitch_rollout_events_total{event=%q} %d\n", e, m.events[e])
 	}
