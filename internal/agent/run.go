@@ -751,9 +751,7 @@ func (s *session) act(ctx context.Context, actions []api.Action) (bool, error) {
 			continue
 		}
 		s.log().Warn("revert order obeyed: reverting the patch (blocklisted by the server)", "patch", p.Name, "target", p.Target, "server", s.cfg.Server)
-		// Not cut short by the daemon stopping: an interrupted revert would
-		// be taken for a failed one. ApplyOptions.Timeout still bounds it.
-		if err := s.Kernel.Revert(context.WithoutCancel(ctx), p.Name, livepatch.ApplyOptions{Timeout: s.Timeout}); err != nil && !errors.Is(err, livepatch.ErrUnknownPatch) {
+		if err := s.Kernel.Revert(ctx, p.Name, livepatch.ApplyOptions{Timeout: s.Timeout}); err != nil && !errors.Is(err, livepatch.ErrUnknownPatch) {
 			return acted, fmt.Errorf("revert %s as ordered: %w", p.Name, err)
 		}
 		s.unmark(p.Name)
