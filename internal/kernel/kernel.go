@@ -59,3 +59,9 @@ type Profile struct {
 func Open(ctx context.Context, cache, release string) (*Profile, error) {
 	return nil, errors.New("kernel.Open: not implemented yet")
 }
+
+// List returns the profiles of every kernel ready to build for: those in
+// the cache and those installed on the system, sorted by release.
+func List(ctx context.Context, cache string) ([]*Profile, error) {
+	return nil, errors.New("kernel.List: not implemented yet")
+}
