@@ -396,65 +396,6 @@ func copyFile(src, dst string) error {
 	return os.WriteFile(dst, b, 0o644)
 }
 
-// PatchedFiles applies a unified diff (paths a/... b/..., as in git and
-// the fix corpus) to copies of the files it touches and returns their new
-// contents by path relative to the tree. The tree itself is not modified.
-func (t *Tree) PatchedFiles(ctx context.Context, patch []byte) (map[string][]byte, error) {
-	files := touched(patch)
-	if len(files) == 0 {
-		return nil, fmt.Errorf("patch touches no files")
-	}
-	tmp, err := os.MkdirTemp("", "stitch-patch-")
-	if err != nil {
-		return nil, err
-	}
-	defer os.RemoveAll(tmp)
-	for _, f := range files {
-		if filepath.IsAbs(f) || strings.Contains(f, "..") {
-			return nil, fmt.Errorf("patch touches %q, outside the tree", f)
-		}
-		dst := filepath.Join(tmp, f)
-		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
-			return nil, err
-		}
-		if err := copyFile(filepath.Join(t.Dir, f), dst); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return nil, err
-		}
-	}
-	// patch(1) where installed; git apply (a dependency anyway) otherwise.
-	cmd := exec.CommandContext(ctx, "patch", "-p1", "--batch", "--no-backup-if-mismatch", "-d", tmp)
-	if _, err := exec.LookPath("patch"); err != nil {
-		cmd = exec.CommandContext(ctx, "git", "-C", tmp, "apply", "-p1")
-		// Never let git find a repository above the temporary directory.
-		cmd.Env = append(os.Environ(), "GIT_CEILING_DIRECTORIES="+filepath.Dir(tmp))
-	}
-	cmd.Stdin = bytes.NewReader(patch)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("patch does not apply to %s: %w\n%s", t.Release, err, lastLines(string(out), 10))
-	}
-	out := map[string][]byte{}
-	for _, f := range files {
-		b, err := os.ReadFile(filepath.Join(tmp, f))
-		if err != nil {
-			return nil, err
-		}
-		out[f] = b
-	}
-	return out, nil
-}
-
-// touched lists the files a unified diff changes (its +++ b/ lines).
-func touched(patch []byte) []string {
-	var files []string
-	for _, line := range strings.Split(string(patch), "\n") {
-		if name, ok := strings.CutPrefix(line, "+++ b/"); ok {
-			name, _, _ = strings.Cut(name, "\t")
-			files = append(files, strings.TrimSpace(name))
-		}
-	}
-	return files
-}
-
 // CompileDir builds every object of a directory of the tree (reldir like
 // net/ipv4) with KCFLAGS=kcflags (DiffCFlags if empty) and returns the
 // paths of the objects compiled from C files there, sorted.

@@ -5,9 +5,7 @@ import (
 	"context"
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"slices"
 	"testing"
 	"time"
 )
@@ -68,13 +66,6 @@ func TestMissingDeb(t *testing.T) {
 	}
 }
 
-func TestTouched(t *testing.T) {
-	p := []byte("--- a/fs/x.c\n+++ b/fs/x.c\n@@ -1 +1 @@\n-a\n+b\n--- a/include/y.h\t2024\n+++ b/include/y.h\t2024\n")
-	if got := touched(p); !slices.Equal(got, []string{"fs/x.c", "include/y.h"}) {
-		t.Errorf("touched = %q", got)
-	}
-}
-
 // TestCompilePair compiles a real object before and after a real fix and
 // checks that the tree is restored.
 func TestCompilePair(t *testing.T) {
@@ -97,9 +88,12 @@ func TestCompilePair(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	files, err := tree.PatchedFiles(ctx, patch)
+	files, port, err := tree.PatchedFiles(ctx, patch)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if port.Status != PortClean {
+		t.Errorf("port %s, want clean", port.Summary())
 	}
 	if bytes.Equal(files[src], orig) || !bytes.Contains(files[src], []byte("GFP_KERNEL_ACCOUNT);")) {
 		t.Fatalf("patched file not patched")
@@ -131,42 +125,43 @@ func TestCompilePair(t *testing.T) {
 	}
 }
 
-// PatchedFiles works on copies, with patch(1) or, without it, git apply.
+// PatchedFiles works on copies and says how the fix fitted.
 func TestPatchedFiles(t *testing.T) {
 	dir := t.TempDir()
 	os.MkdirAll(filepath.Join(dir, "fs"), 0o755)
-	orig := []byte("one\ntwo\nthree\n")
+	orig := []byte("zero\none\ntwo\nthree\n")
 	if err := os.WriteFile(filepath.Join(dir, "fs", "x.c"), orig, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	tree := &Tree{Release: "test", Dir: dir}
 	patch := []byte("--- a/fs/x.c\n+++ b/fs/x.c\n@@ -1,3 +1,3 @@\n one\n-two\n+TWO\n three\n")
-	check := func(t *testing.T) {
-		files, err := tree.PatchedFiles(context.Background(), patch)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got := string(files["fs/x.c"]); got != "one\nTWO\nthree\n" {
-			t.Errorf("patched = %q", got)
-		}
-		if now, _ := os.ReadFile(filepath.Join(dir, "fs", "x.c")); !bytes.Equal(now, orig) {
-			t.Error("the tree was modified")
-		}
-		if _, err := tree.PatchedFiles(context.Background(), []byte("--- a/fs/x.c\n+++ b/fs/x.c\n@@ -1 +1 @@\n-nope\n+yes\n")); err == nil {
-			t.Error("a patch that does not apply was accepted")
-		}
+	files, port, err := tree.PatchedFiles(context.Background(), patch)
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Run("patch", check)
-	t.Run("git", func(t *testing.T) {
-		git, err := exec.LookPath("git")
-		if err != nil {
-			t.Skip("no git")
+	if got := string(files["fs/x.c"]); got != "zero\none\nTWO\nthree\n" {
+		t.Errorf("patched = %q", got)
+	}
+	if port.Status != PortOffset || port.Hunks[0].Offset != 1 || port.Hunks[0].Line != 2 {
+		t.Errorf("port %+v, want an offset of 1 line", port)
+	}
+	if now, _ := os.ReadFile(filepath.Join(dir, "fs", "x.c")); !bytes.Equal(now, orig) {
+		t.Error("the tree was modified")
+	}
+	_, port, err = tree.PatchedFiles(context.Background(), []byte("--- a/fs/x.c\n+++ b/fs/x.c\n@@ -1 +1 @@\n-nope\n+yes\n"))
+	var perr *PortError
+	if !errors.Is(err, ErrDoesNotApply) || !errors.As(err, &perr) || port == nil || port.Status != PortFails {
+		t.Errorf("a patch that does not apply: %v, port %+v", err, port)
+	}
+	// Already there: it reverse-applies.
+	_, port, err = tree.PatchedFiles(context.Background(), []byte("--- a/fs/x.c\n+++ b/fs/x.c\n@@ -1,3 +1,3 @@\n zero\n-ONE\n+one\n two\n"))
+	if !errors.Is(err, ErrContained) || port.Status != PortContained {
+		t.Errorf("a contained patch: %v, port %+v", err, port)
+	}
+	t.Run("no patch", func(t *testing.T) {
+		t.Setenv("PATH", t.TempDir())
+		if _, _, err := tree.PatchedFiles(context.Background(), patch); !errors.Is(err, ErrNoPatchTool) {
+			t.Errorf("without GNU patch: %v", err)
 		}
-		bin := t.TempDir()
-		if err := os.Symlink(git, filepath.Join(bin, "git")); err != nil {
-			t.Fatal(err)
-		}
-		t.Setenv("PATH", bin)
-		check(t)
 	})
 }
