@@ -13,6 +13,7 @@ import (
 
 	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/elfobj"
+	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/objdiff"
 )
 
@@ -67,6 +68,8 @@ type Result struct {
 	ManifestPath string             `json:"manifest"`
 	Manifest     *contract.Manifest `json:"-"`
 	Work         string             `json:"work,omitempty"` // kept scratch directory
+	// Port is how the fixes fitted the kernel's source (Env.Build).
+	Port *kbuild.Port `json:"port,omitempty"`
 }
 
 // Build turns fixes into a livepatch module for the target.

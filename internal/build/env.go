@@ -44,5 +44,9 @@ func (e *Env) Build(ctx context.Context, fixes []*Fix, o Options) (*Result, erro
 		o.Work = dir // Build removes it unless o.KeepWork
 	}
 	src := &TreeSource{Tree: e.Tree, HeadersDir: e.Headers, Work: filepath.Join(o.Work, "objects")}
-	return Build(ctx, src, e.Kernel, fixes, o)
+	res, err := Build(ctx, src, e.Kernel, fixes, o)
+	if res != nil {
+		res.Port = src.Port
+	}
+	return res, err
 }

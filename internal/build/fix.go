@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"path"
+	"regexp"
 	"sort"
 	"strings"
 
@@ -32,7 +33,8 @@ type Fix struct {
 
 // ParseFix reads a unified diff. The description is taken from a
 // "Subject:" line (git format-patch) or else the first line of the text
-// before the diff; CVE ids from anywhere in that text.
+// before the diff; CVE ids from anywhere in that text; the upstream
+// commit from that text too (see upstreamCommit).
 func ParseFix(name string, diff []byte) (*Fix, error) {
 	sum := sha256.Sum256(diff)
 	f := &Fix{Fix: contract.Fix{Name: name, Hash: hex.EncodeToString(sum[:])}, Diff: diff}
@@ -84,7 +86,33 @@ func ParseFix(name string, diff []byte) (*Fix, error) {
 		}
 	}
 	f.CVEs = contract.FindCVEs(text)
+	f.Upstream = upstreamCommit(header)
 	return f, nil
+}
+
+var (
+	// "commit <sha> upstream." opens a stable backport's message;
+	// "[ Upstream commit <sha> ]" is the other form stable trees use.
+	stableUpstream = regexp.MustCompile(`^\s*(?:commit ([0-9a-fA-F]{12,40}) upstream\.?|\[ ?Upstream commit ([0-9a-fA-F]{12,40}) ?\])\s*$`)
+	// git format-patch's first line: "From <sha> Mon Sep 17 00:00:00 2001".
+	mboxFrom = regexp.MustCompile(`^From ([0-9a-f]{40}) `)
+)
+
+// upstreamCommit finds the upstream commit a fix names in its header:
+// a stable backport's "commit <sha> upstream" or "[ Upstream commit
+// <sha> ]", or else the commit of a format-patch mail ("From <sha>"),
+// which is the upstream one when the fix was taken from mainline.
+func upstreamCommit(header []string) string {
+	from := ""
+	for _, l := range header {
+		if m := stableUpstream.FindStringSubmatch(l); m != nil {
+			return strings.ToLower(m[1] + m[2])
+		}
+		if m := mboxFrom.FindStringSubmatch(l); m != nil && from == "" {
+			from = m[1]
+		}
+	}
+	return from
 }
 
 // diffPath turns "b/fs/proc/cmdline.c\t2024-..." into "fs/proc/cmdline.c"

@@ -23,6 +23,9 @@ type TreeSource struct {
 	// KCFLAGS are the extra compiler flags; kbuild.DiffCFlags if empty.
 	// Anything that changes code generation makes run-pre matching fail.
 	KCFLAGS string
+	// Port is how the fixes fitted the tree (offsets, fuzz), once
+	// CompilePair has run.
+	Port *kbuild.Port
 }
 
 // Headers is the linux-headers tree modules are linked against.
@@ -36,9 +39,13 @@ func (s *TreeSource) CompilePair(ctx context.Context, fixes []*Fix) ([]Pair, err
 		all.Write(f.Diff)
 		all.WriteByte('\n')
 	}
-	patched, err := s.Tree.PatchedFiles(ctx, all.Bytes())
+	patched, port, err := s.Tree.PatchedFiles(ctx, all.Bytes())
+	s.Port = port
+	if errors.Is(err, kbuild.ErrDoesNotApply) || errors.Is(err, kbuild.ErrBadDiff) {
+		return nil, fmt.Errorf("%w: %w", ErrBadFix, err)
+	}
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrBadFix, err)
+		return nil, err
 	}
 	var sources, headers []string
 	for f := range patched {

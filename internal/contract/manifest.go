@@ -53,6 +53,12 @@ type Fix struct {
 	Description string   `json:"description,omitempty"`
 	CVEs        []string `json:"cves,omitempty"`
 	Files       []string `json:"files"` // source files changed, relative to the tree's root
+	// Upstream is the upstream commit (hex, 12 to 40 digits) the fix is
+	// or backports: with the CVEs, what identifies a fix across kernels.
+	Upstream string `json:"upstream,omitempty"`
+	// Variant is the kernel series whose backport this diff is ("6.1"),
+	// "default", or "" for a fix without variants.
+	Variant string `json:"variant,omitempty"`
 }
 
 // Object is one patched object: "vmlinux" or a module.
@@ -145,6 +151,9 @@ func (m *Manifest) Validate() error {
 	for _, f := range m.Fixes {
 		if !validSHA256(f.Hash) {
 			return bad("fix %q: sha256 %q: want 64 lower-case hex digits", f.Name, f.Hash)
+		}
+		if f.Upstream != "" && !ValidCommit(f.Upstream) {
+			return bad("fix %q: upstream %q: want a commit id, 12 to 40 lower-case hex digits", f.Name, f.Upstream)
 		}
 	}
 	for _, o := range m.Objects {

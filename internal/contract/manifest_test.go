@@ -23,6 +23,7 @@ func validManifest() *Manifest {
 
 func TestManifestRoundTrip(t *testing.T) {
 	m := validManifest()
+	m.Fixes[0].Upstream, m.Fixes[0].Variant = "0123456789abcdef0123456789abcdef01234567", "6.1"
 	b, err := json.Marshal(m)
 	if err != nil {
 		t.Fatal(err)
@@ -31,22 +32,24 @@ func TestManifestRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got.Objects[0].Functions[0].Fingerprint.Masked[0] != [2]int{0, 5} || got.Kernel != m.Kernel {
+	if got.Objects[0].Functions[0].Fingerprint.Masked[0] != [2]int{0, 5} || got.Kernel != m.Kernel || got.Fixes[0].Upstream != m.Fixes[0].Upstream || got.Fixes[0].Variant != "6.1" {
 		t.Errorf("round trip lost data: %+v", got)
 	}
 }
 
 func TestManifestRefusesIncomplete(t *testing.T) {
 	for name, mutate := range map[string]func(*Manifest){
-		"version":     func(m *Manifest) { m.Version = 99 },
-		"no build-id": func(m *Manifest) { m.Kernel.BuildID = "" },
-		"no objects":  func(m *Manifest) { m.Objects = nil },
-		"no hash":     func(m *Manifest) { m.ModuleHash = "x" },
-		"bad name":    func(m *Manifest) { m.Name = "Bad Name" },
-		"module path": func(m *Manifest) { m.Module = "../x.ko" },
-		"bad cve":     func(m *Manifest) { m.CVEs = []string{"cve-1"} },
-		"bad func":    func(m *Manifest) { m.Objects[0].Functions[0].Name = "a b" },
-		"bad fix":     func(m *Manifest) { m.Fixes[0].Hash = "nope" },
+		"version":        func(m *Manifest) { m.Version = 99 },
+		"no build-id":    func(m *Manifest) { m.Kernel.BuildID = "" },
+		"no objects":     func(m *Manifest) { m.Objects = nil },
+		"no hash":        func(m *Manifest) { m.ModuleHash = "x" },
+		"bad name":       func(m *Manifest) { m.Name = "Bad Name" },
+		"module path":    func(m *Manifest) { m.Module = "../x.ko" },
+		"bad cve":        func(m *Manifest) { m.CVEs = []string{"cve-1"} },
+		"bad func":       func(m *Manifest) { m.Objects[0].Functions[0].Name = "a b" },
+		"bad fix":        func(m *Manifest) { m.Fixes[0].Hash = "nope" },
+		"bad upstream":   func(m *Manifest) { m.Fixes[0].Upstream = "0123456789AB" },
+		"short upstream": func(m *Manifest) { m.Fixes[0].Upstream = "0123" },
 		"no fingerprint": func(m *Manifest) {
 			m.Objects[0].Functions[0].Fingerprint = fingerprint.Fingerprint{}
 		},

@@ -16,6 +16,7 @@ var (
 	releaseRe = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}$`)
 	buildIDRe = regexp.MustCompile(`^[0-9a-f]{8,128}$`)
 	sha256Re  = regexp.MustCompile(`^[0-9a-f]{64}$`)
+	commitRe  = regexp.MustCompile(`^[0-9a-f]{12,40}$`)
 	symbolRe  = regexp.MustCompile(`^[A-Za-z0-9_.$-]{1,128}$`)
 	versionRe = regexp.MustCompile(`^[A-Za-z0-9._+~-]{0,64}$`)
 	// cvePattern is a CVE id as MITRE assigns them: a year and at least
@@ -55,6 +56,10 @@ func FindCVEs(text string) []string {
 }
 
 func validSHA256(s string) bool { return sha256Re.MatchString(s) }
+
+// ValidCommit says whether s is a git commit id as a fix's upstream: 12
+// to 40 lower-case hex digits.
+func ValidCommit(s string) bool { return commitRe.MatchString(s) }
 func validSymbol(s string) bool { return symbolRe.MatchString(s) }
 
 // TargetName is the name in a repository of the bundle whose SHA-256

@@ -52,7 +52,7 @@ func benchPairs(b *testing.B) []objPair {
 	if err != nil {
 		b.Fatal(err)
 	}
-	files, err := tree.PatchedFiles(ctx, patch)
+	files, _, err := tree.PatchedFiles(ctx, patch)
 	if err != nil {
 		b.Fatal(err)
 	}

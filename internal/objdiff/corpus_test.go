@@ -40,7 +40,7 @@ func TestCorpus(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		files, err := tree.PatchedFiles(ctx, patch)
+		files, _, err := tree.PatchedFiles(ctx, patch)
 		if err != nil || len(files) != 1 {
 			t.Logf("%s: skipped (%d files, %v)", filepath.Base(p), len(files), err)
 			continue

@@ -62,7 +62,7 @@ func TestKernelFixes(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			files, err := tree.PatchedFiles(ctx, patch)
+			files, _, err := tree.PatchedFiles(ctx, patch)
 			if err != nil {
 				t.Fatal(err)
 			}
