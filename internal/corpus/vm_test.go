@@ -15,7 +15,7 @@ import (
 
 // TestCorpusSubset runs the whole path on a few real fixes: vmlinux and
 // modules, applied ones and a refusal. The full corpus is a benchmark:
-// stitch corpus ../shared/corpus.
+// stitch corpus corpus/6.1.
 func TestCorpusSubset(t *testing.T) {
 	kernel := testutils.RequireVM(t)
 	testutils.RequireHeaders(t)

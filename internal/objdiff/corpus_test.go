@@ -10,7 +10,7 @@ import (
 )
 
 // TestCorpus diffs every single-file fix of a corpus directory
-// (STITCH_CORPUS=/work/shared/corpus/fixes, say) against the real tree and
+// (STITCH_CORPUS=corpus/6.1/fixes, say) against the real tree and
 // logs what it finds: a survey, slow, never run by default. Only errors
 // reading the objects fail it: a fix may leave the machine code as it was
 // (crypto_drbg's only touches a check gcc had already proven dead).

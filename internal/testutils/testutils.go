@@ -223,11 +223,10 @@ func CompileObject(t testing.TB, src string, extra ...string) []byte {
 	return b
 }
 
-// Corpus is the directory of real kernel fixes beside the repository
-// (../shared/corpus), as CI and the developers' machines have it.
+// Corpus is the repository's corpus of real 6.1 kernel fixes (corpus/6.1).
 func Corpus(t testing.TB) string {
 	t.Helper()
-	dir := filepath.Join(ModuleRoot(t), "..", "shared", "corpus")
+	dir := filepath.Join(ModuleRoot(t), "corpus", "6.1")
 	if _, err := os.Stat(filepath.Join(dir, "index.tsv")); err != nil {
 		Unavailable(t, "the fix corpus: %v", err)
 	}
