@@ -12,15 +12,12 @@ import (
 	"time"
 )
 
-// corpusFixes finds the real fixes (diffs from Debian's 6.1.190 to
-// 6.1.192): $STITCH_CORPUS (the corpus or its fixes/), or the corpus
-// beside the repository.
+// corpusFixes reads the repository's real fixes (corpus/6.1: diffs from
+// Debian's 6.1.190 to 6.1.192). kbuild's tests cannot use testutils,
+// which imports kbuild.
 func corpusFixes(t *testing.T) map[string][]byte {
 	t.Helper()
-	dirs := []string{filepath.Join("..", "..", "..", "shared", "corpus", "fixes")}
-	if d := os.Getenv("STITCH_CORPUS"); d != "" {
-		dirs = []string{filepath.Join(d, "fixes"), d}
-	}
+	dirs := []string{filepath.Join("..", "..", "corpus", "6.1", "fixes")}
 	for _, dir := range dirs {
 		paths, _ := filepath.Glob(filepath.Join(dir, "*.patch"))
 		if len(paths) == 0 {
