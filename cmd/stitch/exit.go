@@ -35,8 +35,11 @@ const (
 	// A patch had to be taken out again and could not be: the kernel may
 	// hold it partly applied.
 	exitRollbackFailed = 11
-	exitVMTimeout      = 124
-	exitVMFailed       = 125
+	// build for several kernels: some were built (or already contain the
+	// fixes), others not.
+	exitSomeBuilt = 12
+	exitVMTimeout = 124
+	exitVMFailed  = 125
 )
 
 // usageError marks bad command-line input.
@@ -67,7 +70,8 @@ func exitCode(err error) int {
 	case errors.Is(err, livepatch.ErrBusy), errors.Is(err, agent.ErrLocked):
 		return exitBusy
 	case errors.Is(err, livepatch.ErrNotRoot), errors.Is(err, livepatch.ErrUnsupported),
-		errors.Is(err, kbuild.ErrNoSource), errors.Is(err, kbuild.ErrCompiler), errors.Is(err, kbuild.ErrNoHeaders):
+		errors.Is(err, kbuild.ErrNoSource), errors.Is(err, kbuild.ErrCompiler), errors.Is(err, kbuild.ErrNoHeaders),
+		errors.Is(err, kbuild.ErrNoPatchTool):
 		return exitUnsupported
 	case errors.Is(err, build.ErrUnpatchable), errors.Is(err, build.ErrRunPre), errors.Is(err, build.ErrNothing),
 		errors.Is(err, klpmod.ErrUnpatchable), errors.Is(err, bundle.ErrVerify):
@@ -88,7 +92,7 @@ func isBadInput(err error) bool {
 	for _, e := range []error{
 		kmod.ErrNotELF, kmod.ErrNotModule, kmod.ErrNotLivepatch, kmod.ErrVermagic,
 		livepatch.ErrUnknownPatch, livepatch.ErrAlreadyLoaded, livepatch.ErrWrongKernel,
-		build.ErrBadFix, contract.ErrBadManifest,
+		build.ErrBadFix, build.ErrNoVariant, contract.ErrBadManifest,
 		bundle.ErrBadBundle, bundle.ErrExists, bundle.ErrNoRepo, rollout.ErrBadPolicy,
 		api.ErrBadRequest, api.ErrUnauthorized, api.ErrForbidden, agent.ErrNotEnrolled,
 	} {
