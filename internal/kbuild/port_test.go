@@ -104,6 +104,7 @@ func TestPortCorpus(t *testing.T) {
 		src := sourceFiles(t, version, fixes)
 		by := map[PortStatus][]string{}
 		ports := map[string]*Port{}
+		start := time.Now()
 		for _, n := range names {
 			p, err := PortDir(ctx, src, fixes[n])
 			var perr *PortError
@@ -124,7 +125,7 @@ func TestPortCorpus(t *testing.T) {
 				t.Logf("%s on %s: %s", n, version, p.Summary())
 			}
 		}
-		t.Logf("%s: clean %d, offset %d, fuzz %d, contained %d, fails %d", version,
+		t.Logf("%s: %d fixes ported in %.1fs: clean %d, offset %d, fuzz %d, contained %d, fails %d", version, len(names), time.Since(start).Seconds(),
 			len(by[PortClean]), len(by[PortOffset]), len(by[PortFuzz]), len(by[PortContained]), len(by[PortFails]))
 		return by, ports
 	}
