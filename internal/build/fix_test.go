@@ -89,10 +89,14 @@ func TestParseFixBad(t *testing.T) {
 
 func FuzzParseFix(f *testing.F) {
 	f.Add([]byte("--- a/x.c\n+++ b/x.c\n@@ -1 +1 @@\n-a\n+b\n"))
+	f.Add([]byte("[ Upstream commit 0123456789AB ]\n--- a/x.c\n+++ b/x.c\n@@ -1 +1 @@\n-a\n+b\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		fix, err := ParseFix("fuzz", data)
 		if err == nil && len(fix.Files) == 0 {
 			t.Fatal("accepted a fix that changes no file")
+		}
+		if err == nil && fix.Upstream != "" && !contract.ValidCommit(fix.Upstream) {
+			t.Fatalf("upstream %q, which the manifest refuses", fix.Upstream)
 		}
 	})
 }
