@@ -12,11 +12,12 @@ import (
 	"github.com/stitchpatch/stitch/internal/build"
 	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/kernel"
 )
 
 func runBuild(ctx context.Context, st *stdio, args []string) error {
 	fs := newFlagSet(st, "build", "FIX.patch...", "Builds a livepatch module for one kernel from source fixes (unified diffs against its source).")
-	release := fs.String("kernel", "6.1.0-54-amd64", "kernel release to build for")
+	release := fs.String("kernel", kernel.Default, "kernel release to build for (`stitch kernel list` shows those ready)")
 	out := fs.String("o", ".", "output directory for the module and its manifest")
 	cache := fs.String("cache", kbuild.CacheDir(), "cache directory (kernel source, prepared tree, extracted images)")
 	var opts build.Options
@@ -60,7 +61,11 @@ func runBuild(ctx context.Context, st *stdio, args []string) error {
 		}
 	}
 	opts.Progress(build.Step{Name: "prepare", Detail: "the " + *release + " source tree (once per release) and the kernel's symbols"})
-	env, err := build.OpenEnv(ctx, *release, "", *cache, st.log)
+	p, err := kernel.Open(ctx, *cache, *release)
+	if err != nil {
+		return err
+	}
+	env, err := build.OpenEnv(ctx, p, *cache, st.log)
 	if err != nil {
 		return err
 	}

@@ -9,6 +9,7 @@ import (
 	"github.com/stitchpatch/stitch/internal/bundle"
 	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/klpmod"
 	"github.com/stitchpatch/stitch/internal/kmod"
 	"github.com/stitchpatch/stitch/internal/livepatch"
@@ -23,7 +24,7 @@ const (
 	exitOK          = 0
 	exitFailed      = 1 // the operation failed (the kernel refused, I/O error, ...)
 	exitUsage       = 2 // bad input: flags, arguments, a file that is not what it should be
-	exitUnsupported = 3 // this system can't do it: no livepatch in the kernel, not root
+	exitUnsupported = 3 // this system can't do it: no livepatch in the kernel, not root, a kernel's source not in the archive
 	exitBusy        = 4 // another livepatch transition is in progress
 	exitRolledBack  = 5 // the transition timed out and was rolled back
 	exitTrouble     = 6 // the kernel warned or oopsed after patching; reverted
@@ -67,7 +68,8 @@ func exitCode(err error) int {
 	case errors.Is(err, livepatch.ErrBusy), errors.Is(err, agent.ErrLocked):
 		return exitBusy
 	case errors.Is(err, livepatch.ErrNotRoot), errors.Is(err, livepatch.ErrUnsupported),
-		errors.Is(err, kbuild.ErrNoSource), errors.Is(err, kbuild.ErrCompiler), errors.Is(err, kbuild.ErrNoHeaders):
+		errors.Is(err, kbuild.ErrNoSource), errors.Is(err, kbuild.ErrCompiler), errors.Is(err, kbuild.ErrNoHeaders),
+		errors.Is(err, kernel.ErrMissing), errors.Is(err, kernel.ErrIncomplete), errors.Is(err, kernel.ErrNoLists), errors.Is(err, kernel.ErrNotRoot):
 		return exitUnsupported
 	case errors.Is(err, build.ErrUnpatchable), errors.Is(err, build.ErrRunPre), errors.Is(err, build.ErrNothing),
 		errors.Is(err, klpmod.ErrUnpatchable), errors.Is(err, bundle.ErrVerify):
@@ -91,6 +93,7 @@ func isBadInput(err error) bool {
 		build.ErrBadFix, contract.ErrBadManifest,
 		bundle.ErrBadBundle, bundle.ErrExists, bundle.ErrNoRepo, rollout.ErrBadPolicy,
 		api.ErrBadRequest, api.ErrUnauthorized, api.ErrForbidden, agent.ErrNotEnrolled,
+		kernel.ErrUnknown, kernel.ErrBadRelease, kernel.ErrSystem,
 	} {
 		if errors.Is(err, e) {
 			return true

@@ -43,6 +43,7 @@ func commands() []command {
 		{name: "status", summary: "show the kernel's livepatch state", run: runStatus},
 		{name: "list", summary: "same as status", run: runStatus, hidden: true},
 		{name: "diff", summary: "compare pre- and post-fix builds of an object: what changed, what cannot be live-patched", run: runDiff},
+		{name: "kernel", summary: "kernels to build for: add (fetch from the archive into the cache), list (ready and offered), rm", run: runKernel},
 		{name: "build", summary: "build a livepatch module from source fixes", run: runBuild},
 		{name: "kallsyms", summary: "print a kernel's symbols decoded from its boot image, a kallsyms listing or a module", run: runKallsyms},
 		{name: "corpus", summary: "measure Stitch on a corpus of real fixes", run: runCorpus},

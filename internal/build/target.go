@@ -9,6 +9,7 @@ import (
 
 	"github.com/stitchpatch/stitch/internal/kallsyms"
 	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/kmod"
 )
 
@@ -28,40 +29,26 @@ type Kernel struct {
 	symvers kbuild.Symvers
 }
 
-// KernelOptions locate a target kernel's parts.
-type KernelOptions struct {
-	Release string
-	Image   string // vmlinuz; /boot/vmlinuz-<release> if empty
-	Modules string // /lib/modules/<release> if empty
-	Headers string // linux-headers tree, for Module.symvers
-	Cache   string // where the extracted vmlinux is kept
-	Log     *slog.Logger
-}
-
-// OpenKernel reads what the build needs of the target kernel.
-func OpenKernel(ctx context.Context, o KernelOptions) (*Kernel, error) {
-	if o.Image == "" {
-		o.Image = "/boot/vmlinuz-" + o.Release
-	}
-	if o.Modules == "" {
-		o.Modules = "/lib/modules/" + o.Release
-	}
-	k := &Kernel{release: o.Release, opened: map[string]*kallsyms.Module{}}
+// OpenKernel reads what the build needs of the kernel of profile p: its
+// boot image (decoded; the vmlinux extracted from it is kept in cache),
+// its modules, and the exports listed in its headers' Module.symvers.
+func OpenKernel(ctx context.Context, p *kernel.Profile, cache string, log *slog.Logger) (*Kernel, error) {
+	k := &Kernel{release: p.Release, opened: map[string]*kallsyms.Module{}}
 	var err error
-	if k.symvers, err = kbuild.ReadSymvers(o.Headers); err != nil {
+	if k.symvers, err = kbuild.ReadSymvers(p.HeadersDir); err != nil {
 		return nil, err
 	}
-	if k.image, err = kallsyms.OpenImage(ctx, o.Image, o.Cache, o.Log); err != nil {
-		return nil, fmt.Errorf("kernel image %s: %w", o.Image, err)
+	if k.image, err = kallsyms.OpenImage(ctx, p.BootImage, cache, log); err != nil {
+		return nil, fmt.Errorf("kernel image %s: %w", p.BootImage, err)
 	}
 	if k.buildID, err = imageBuildID(k.image.Path); err != nil {
-		return nil, fmt.Errorf("kernel image %s: %w", o.Image, err)
+		return nil, fmt.Errorf("kernel image %s: %w", p.BootImage, err)
 	}
-	k.mods = kallsyms.NewModules(o.Modules, o.Log)
+	k.mods = kallsyms.NewModules(p.Modules, log)
 	// Index the modules now, under ctx; the lookups later only read the
 	// index and single files.
 	if _, err := k.mods.Defining(ctx, ""); err != nil {
-		return nil, fmt.Errorf("modules of %s: %w", o.Release, err)
+		return nil, fmt.Errorf("modules of %s: %w", p.Release, err)
 	}
 	return k, nil
 }

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/kernel"
 )
 
 // kernelTree prepares the real 6.1.190 tree (cached across runs). It
@@ -20,7 +21,14 @@ func kernelTree(t testing.TB) *kbuild.Tree {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	tree, err := kbuild.PrepareTree(ctx, kbuild.TreeOptions{Release: "6.1.0-54-amd64"})
+	p, err := kernel.Open(ctx, kbuild.CacheDir(), kernel.Default)
+	if err != nil {
+		if os.Getenv("CI") == "" {
+			t.Skipf("no kernel %s (run scripts/install-deps.sh): %v", kernel.Default, err)
+		}
+		t.Fatal(err)
+	}
+	tree, err := kbuild.PrepareTree(ctx, kbuild.OptionsFor(p))
 	if err != nil {
 		if os.Getenv("CI") == "" && (errors.Is(err, kbuild.ErrNoSource) || errors.Is(err, kbuild.ErrCompiler)) {
 			t.Skipf("no kernel tree (run scripts/install-deps.sh): %v", err)
