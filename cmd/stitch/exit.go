@@ -90,7 +90,7 @@ func isBadInput(err error) bool {
 	for _, e := range []error{
 		kmod.ErrNotELF, kmod.ErrNotModule, kmod.ErrNotLivepatch, kmod.ErrVermagic,
 		livepatch.ErrUnknownPatch, livepatch.ErrAlreadyLoaded, livepatch.ErrWrongKernel,
-		build.ErrBadFix, contract.ErrBadManifest,
+		build.ErrBadFix, contract.ErrBadManifest, contract.ErrBadContained,
 		bundle.ErrBadBundle, bundle.ErrExists, bundle.ErrNoRepo, rollout.ErrBadPolicy,
 		api.ErrBadRequest, api.ErrUnauthorized, api.ErrForbidden, agent.ErrNotEnrolled,
 		kernel.ErrUnknown, kernel.ErrBadRelease, kernel.ErrSystem,

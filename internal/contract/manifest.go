@@ -53,6 +53,10 @@ type Fix struct {
 	Description string   `json:"description,omitempty"`
 	CVEs        []string `json:"cves,omitempty"`
 	Files       []string `json:"files"` // source files changed, relative to the tree's root
+	// Upstream is the upstream commit the fix is (or backports), when
+	// known: it names one fix across the kernels it is ported to, whose
+	// diffs (and so sha256) may differ.
+	Upstream string `json:"upstream,omitempty"`
 }
 
 // Object is one patched object: "vmlinux" or a module.
@@ -145,6 +149,9 @@ func (m *Manifest) Validate() error {
 	for _, f := range m.Fixes {
 		if !validSHA256(f.Hash) {
 			return bad("fix %q: sha256 %q: want 64 lower-case hex digits", f.Name, f.Hash)
+		}
+		if f.Upstream != "" && !ValidCommit(f.Upstream) {
+			return bad("fix %q: upstream %q: want a git commit id, 7 to 64 lower-case hex digits", f.Name, f.Upstream)
 		}
 	}
 	for _, o := range m.Objects {
