@@ -208,10 +208,10 @@ func fromBTF(data []byte, source string) (*Layout, error) {
 			continue // the kernel has no such table
 		}
 		if err != nil {
-			return nil, fmt.Errorf("%w: %s (for %s): %w", ErrNoLayout, sp.strct, sp.name, err)
+			return nil, fmt.Errorf("%w: struct %s (entries of %s): %w", ErrNoLayout, sp.strct, sp.name, err)
 		}
 		if err := fill(b, st, sp, &s); err != nil {
-			return nil, fmt.Errorf("%w: %s (for %s): %w", ErrNoLayout, sp.strct, sp.name, err)
+			return nil, fmt.Errorf("%w: struct %s (entries of %s): %w", ErrNoLayout, sp.strct, sp.name, err)
 		}
 		l.Sections[sp.name] = s
 	}
