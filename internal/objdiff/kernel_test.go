@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/testutils/testlayout"
 )
 
 // kernelTree prepares the real 6.1.190 tree (cached across runs). It
@@ -38,6 +39,7 @@ func TestKernelFixes(t *testing.T) {
 		t.Skip("compiles kernel objects")
 	}
 	tree := kernelTree(t)
+	lay := testlayout.Real(t)
 	tests := []struct {
 		fix     string
 		object  string
@@ -76,7 +78,7 @@ func TestKernelFixes(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			res, err := DiffFiles(pre, post)
+			res, err := DiffFiles(pre, post, lay)
 			if err != nil {
 				t.Fatal(err)
 			}
