@@ -10,6 +10,7 @@ import (
 	"github.com/stitchpatch/stitch/internal/kallsyms"
 	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/kmod"
+	"github.com/stitchpatch/stitch/internal/layout"
 )
 
 // ErrNoSymbol means a symbol the patch needs is not in the target kernel,
@@ -26,6 +27,7 @@ type Kernel struct {
 	mods    *kallsyms.Modules
 	opened  map[string]*kallsyms.Module
 	symvers kbuild.Symvers
+	layout  *layout.Layout
 }
 
 // KernelOptions locate a target kernel's parts.
@@ -55,6 +57,11 @@ func OpenKernel(ctx context.Context, o KernelOptions) (*Kernel, error) {
 		return nil, fmt.Errorf("kernel image %s: %w", o.Image, err)
 	}
 	if k.buildID, err = imageBuildID(k.image.Path); err != nil {
+		return nil, fmt.Errorf("kernel image %s: %w", o.Image, err)
+	}
+	// The special sections' formats come from the kernel itself: one it
+	// cannot tell them for is refused here, before anything is built.
+	if k.layout, err = layout.FromVmlinux(k.image.Path); err != nil {
 		return nil, fmt.Errorf("kernel image %s: %w", o.Image, err)
 	}
 	k.mods = kallsyms.NewModules(o.Modules, o.Log)
@@ -88,6 +95,9 @@ func (k *Kernel) Release() string { return k.release }
 
 // BuildID is the GNU build-id of the kernel image.
 func (k *Kernel) BuildID() string { return k.buildID }
+
+// Layout is the kernel's special-section layout, read from its BTF.
+func (k *Kernel) Layout() *layout.Layout { return k.layout }
 
 // Exported tells which object exports name.
 func (k *Kernel) Exported(name string) (string, bool) {
