@@ -272,22 +272,9 @@ func (l *Layout) Section(name string) (Section, bool) {
 	return s, ok
 }
 
-// Sorted returns the sections by name.
-func (l *Layout) Sorted() []Section {
-	if l == nil {
-		return nil
-	}
-	out := make([]Section, 0, len(l.Sections))
-	for _, s := range l.Sections {
-		out = append(out, s)
-	}
-	slices.SortFunc(out, func(a, b Section) int { return strings.Compare(a.Name, b.Name) })
-	return out
-}
-
-// IsSpecial tells whether name is a special section of some x86-64
+// isSpecial tells whether name is a special section of some x86-64
 // kernel, whether or not a given kernel has it.
-func IsSpecial(name string) bool {
+func isSpecial(name string) bool {
 	return slices.ContainsFunc(specs, func(s spec) bool { return s.name == name })
 }
 
@@ -298,7 +285,7 @@ func IsSpecial(name string) bool {
 func (l *Layout) Check(names []string) error {
 	var unknown []string
 	for _, n := range names {
-		if _, ok := l.Section(n); ok || !IsSpecial(n) || slices.Contains(unknown, n) {
+		if _, ok := l.Section(n); ok || !isSpecial(n) || slices.Contains(unknown, n) {
 			continue
 		}
 		unknown = append(unknown, n)
