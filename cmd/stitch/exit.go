@@ -12,6 +12,7 @@ import (
 	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/klpmod"
 	"github.com/stitchpatch/stitch/internal/kmod"
+	"github.com/stitchpatch/stitch/internal/layout"
 	"github.com/stitchpatch/stitch/internal/livepatch"
 	"github.com/stitchpatch/stitch/internal/server/api"
 	"github.com/stitchpatch/stitch/internal/server/rollout"
@@ -74,6 +75,8 @@ func exitCode(err error) int {
 	case errors.Is(err, build.ErrUnpatchable), errors.Is(err, build.ErrRunPre), errors.Is(err, build.ErrNothing),
 		errors.Is(err, klpmod.ErrUnpatchable), errors.Is(err, bundle.ErrVerify):
 		return exitRefused
+	case errors.Is(err, layout.ErrNoLayout): // the kernel cannot say its special sections' formats
+		return exitUnsupported
 	case isBadInput(err):
 		return exitUsage
 	case errors.Is(err, vm.ErrTimeout):

@@ -11,6 +11,7 @@ import (
 	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/kmod"
+	"github.com/stitchpatch/stitch/internal/layout"
 )
 
 // ErrNoSymbol means a symbol the patch needs is not in the target kernel,
@@ -27,6 +28,7 @@ type Kernel struct {
 	mods    *kallsyms.Modules
 	opened  map[string]*kallsyms.Module
 	symvers kbuild.Symvers
+	layout  *layout.Layout
 }
 
 // OpenKernel reads what the build needs of the kernel of profile p: its
@@ -42,6 +44,11 @@ func OpenKernel(ctx context.Context, p *kernel.Profile, cache string, log *slog.
 		return nil, fmt.Errorf("kernel image %s: %w", p.BootImage, err)
 	}
 	if k.buildID, err = imageBuildID(k.image.Path); err != nil {
+		return nil, fmt.Errorf("kernel image %s: %w", p.BootImage, err)
+	}
+	// The special sections' formats come from the kernel itself: one it
+	// cannot tell them for is refused here, before anything is built.
+	if k.layout, err = layout.FromVmlinux(k.image.Path); err != nil {
 		return nil, fmt.Errorf("kernel image %s: %w", p.BootImage, err)
 	}
 	k.mods = kallsyms.NewModules(p.Modules, log)
@@ -75,6 +82,9 @@ func (k *Kernel) Release() string { return k.release }
 
 // BuildID is the GNU build-id of the kernel image.
 func (k *Kernel) BuildID() string { return k.buildID }
+
+// Layout is the kernel's special-section layout, read from its BTF.
+func (k *Kernel) Layout() *layout.Layout { return k.layout }
 
 // Exported tells which object exports name.
 func (k *Kernel) Exported(name string) (string, bool) {

@@ -58,3 +58,11 @@ func TestSymposFromNeighbours(t *testing.T) {
 		t.Error("a duplicated name with no neighbours was resolved")
 	}
 }
+
+// The target kernel's special-section layout comes from its own image.
+func TestKernelLayout(t *testing.T) {
+	k := openTestKernel(t)
+	if s, ok := k.Layout().Section(".altinstructions"); !ok || s.Struct != "alt_instr" || s.Entry == 0 {
+		t.Errorf("layout of the test kernel: .altinstructions = %+v, %v", s, ok)
+	}
+}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/kernel"
+	"github.com/stitchpatch/stitch/internal/testutils/testlayout"
 )
 
 // kernelTree prepares the real 6.1.190 tree (cached across runs). It
@@ -46,6 +47,7 @@ func TestKernelFixes(t *testing.T) {
 		t.Skip("compiles kernel objects")
 	}
 	tree := kernelTree(t)
+	lay := testlayout.Real(t)
 	tests := []struct {
 		fix     string
 		object  string
@@ -84,7 +86,7 @@ func TestKernelFixes(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			res, err := DiffFiles(pre, post)
+			res, err := DiffFiles(pre, post, lay)
 			if err != nil {
 				t.Fatal(err)
 			}
