@@ -15,11 +15,12 @@ import (
 	"github.com/stitchpatch/stitch/internal/build"
 	"github.com/stitchpatch/stitch/internal/corpus"
 	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/kernel"
 )
 
 func runCorpus(ctx context.Context, st *stdio, args []string) error {
 	fs := newFlagSet(st, "corpus", "DIR", "Builds every fix of a corpus (DIR/index.tsv, DIR/fixes/*.patch) for the kernel, applies each built one in a VM, and reports the share live-patched end to end.")
-	release := fs.String("kernel", "6.1.0-54-amd64", "kernel release the fixes are for")
+	release := fs.String("kernel", kernel.Default, "kernel release the fixes are for (`stitch kernel list` shows those ready)")
 	filter := fs.String("filter", "", "only fixes whose name matches this regular expression")
 	limit := fs.Int("limit", 0, "at most this many fixes (0: all)")
 	noVM := fs.Bool("no-vm", false, "build only; do not apply in a VM")
@@ -38,7 +39,11 @@ func runCorpus(ctx context.Context, st *stdio, args []string) error {
 	if err != nil {
 		return usageError{err}
 	}
-	env, err := build.OpenEnv(ctx, *release, "", *cache, st.log)
+	p, err := kernel.Open(ctx, *cache, *release)
+	if err != nil {
+		return err
+	}
+	env, err := build.OpenEnv(ctx, p, *cache, st.log)
 	if err != nil {
 		return err
 	}
@@ -71,7 +76,7 @@ func runCorpus(ctx context.Context, st *stdio, args []string) error {
 			fmt.Fprintf(st.err, "[%d/%d] built %-40s %-12s %5.1fs %s\n", n, len(entries), r.Name, r.Outcome, r.BuildTime.Seconds(), trim(r.Reason, 100))
 		})
 		if !*noVM {
-			if err := corpus.ApplyAll(ctx, rs, corpus.VMOptions{Kernel: "/boot/vmlinuz-" + *release, Modules: "/lib/modules/" + *release, Batch: *batch}); err != nil {
+			if err := corpus.ApplyAll(ctx, rs, corpus.VMOptions{Kernel: p.BootImage, Modules: p.Modules, Batch: *batch}); err != nil {
 				return err
 			}
 			for _, r := range rs {

@@ -4,12 +4,13 @@ import (
 	"context"
 
 	"github.com/stitchpatch/stitch/internal/demo"
+	"github.com/stitchpatch/stitch/internal/kernel"
 )
 
 func runDemo(ctx context.Context, st *stdio, args []string) error {
 	fs := newFlagSet(st, "demo", "", "Builds a livepatch for the distro kernel, boots that kernel in a VM, and patches and restores it live.")
 	var o demo.Options
-	fs.StringVar(&o.Release, "release", "6.1.0-54-amd64", "kernel release to patch (its image and headers must be installed)")
+	fs.StringVar(&o.Release, "release", kernel.Default, "kernel release to patch (installed, or fetched with `stitch kernel add`)")
 	console := fs.Bool("console", false, "also show the VM's kernel console")
 	if err := parseArgs(fs, args, 0); err != nil {
 		return err

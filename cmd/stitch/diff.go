@@ -5,8 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 
+	"github.com/stitchpatch/stitch/internal/kallsyms"
+	"github.com/stitchpatch/stitch/internal/kernel"
+	"github.com/stitchpatch/stitch/internal/layout"
 	"github.com/stitchpatch/stitch/internal/objdiff"
 )
 
@@ -17,11 +21,27 @@ func runDiff(ctx context.Context, st *stdio, args []string) error {
 			"and report changed, new and removed functions, new data, and every change a\n"+
 			"livepatch cannot carry, with the reason.")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
+	image := fs.String("image", kernel.Default, "boot image, or release, of the kernel the objects were compiled for (its special-section layouts are read from it)")
 	if err := parseArgs(fs, args, 2); err != nil {
 		return err
 	}
 	pre, post := fs.Arg(0), fs.Arg(1)
-	res, err := objdiff.DiffFiles(pre, post)
+	img, _, err := bootImage(ctx, kallsyms.CacheDir(), *image)
+	if err != nil {
+		return err
+	}
+	vmlinux, err := kallsyms.CachedVmlinux(ctx, img, kallsyms.CacheDir(), st.log)
+	if errors.Is(err, os.ErrNotExist) {
+		return usageError{err}
+	}
+	if err != nil {
+		return err
+	}
+	lay, err := layout.FromVmlinux(vmlinux)
+	if err != nil {
+		return err
+	}
+	res, err := objdiff.DiffFiles(pre, post, lay)
 	if errors.Is(err, objdiff.ErrNoObject) {
 		return usageError{err}
 	}

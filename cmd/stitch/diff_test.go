@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"io"
 	"log/slog"
 	"os"
@@ -11,7 +12,9 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/stitchpatch/stitch/internal/layout"
 	"github.com/stitchpatch/stitch/internal/objdiff"
+	"github.com/stitchpatch/stitch/internal/testutils/testlayout"
 )
 
 // diffPair compiles a small before/after pair with kernel-like flags.
@@ -46,7 +49,11 @@ func diffPair(t *testing.T) (pre, post string) {
 		build("post", "static __attribute__((noinline)) int g(int x) { return x > 9 ? 9 : x; }\nint f(int x) { return sink(g(x)); }\n")
 }
 
+// runDiffArgs runs stitch diff for the test kernel, whose layouts it
+// reads from the kernel image (skipping without it).
 func runDiffArgs(t *testing.T, args ...string) (string, error) {
+	testlayout.Vmlinux(t)
+	args = append([]string{"--image", testlayout.Image}, args...)
 	var out, errb bytes.Buffer
 	st := &stdio{out: &out, err: &errb, log: slog.New(slog.NewTextHandler(io.Discard, nil))}
 	err := runDiff(t.Context(), st, args)
@@ -81,9 +88,22 @@ func TestDiffCommand(t *testing.T) {
 func TestDiffBadInput(t *testing.T) {
 	notObj := filepath.Join(t.TempDir(), "x.o")
 	os.WriteFile(notObj, []byte("text"), 0o644)
-	for _, args := range [][]string{{}, {notObj}, {notObj, notObj}, {"/nonexistent.o", "/nonexistent.o"}} {
+	for _, args := range [][]string{{}, {notObj}, {notObj, notObj}, {"/nonexistent.o", "/nonexistent.o"}, {"--image", "/nonexistent", notObj, notObj}} {
 		if _, err := runDiffArgs(t, args...); exitCode(err) != exitUsage {
 			t.Errorf("stitch diff %q: exit %d (%v), want %d", args, exitCode(err), err, exitUsage)
 		}
+	}
+}
+
+// A kernel whose special-section layouts cannot be read (no BTF: this
+// test binary stands in for its vmlinux) is refused with exit 3.
+func TestDiffNoLayout(t *testing.T) {
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = layout.FromVmlinux(exe)
+	if !errors.Is(err, layout.ErrNoLayout) || exitCode(err) != exitUnsupported {
+		t.Errorf("no BTF: %v, exit %d; want ErrNoLayout, exit %d", err, exitCode(err), exitUnsupported)
 	}
 }

@@ -9,8 +9,10 @@ import (
 	"github.com/stitchpatch/stitch/internal/bundle"
 	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/klpmod"
 	"github.com/stitchpatch/stitch/internal/kmod"
+	"github.com/stitchpatch/stitch/internal/layout"
 	"github.com/stitchpatch/stitch/internal/livepatch"
 	"github.com/stitchpatch/stitch/internal/server/api"
 	"github.com/stitchpatch/stitch/internal/server/rollout"
@@ -23,7 +25,7 @@ const (
 	exitOK          = 0
 	exitFailed      = 1 // the operation failed (the kernel refused, I/O error, ...)
 	exitUsage       = 2 // bad input: flags, arguments, a file that is not what it should be
-	exitUnsupported = 3 // this system can't do it: no livepatch in the kernel, not root
+	exitUnsupported = 3 // this system can't do it: no livepatch in the kernel, not root, a kernel's source not in the archive
 	exitBusy        = 4 // another livepatch transition is in progress
 	exitRolledBack  = 5 // the transition timed out and was rolled back
 	exitTrouble     = 6 // the kernel warned or oopsed after patching; reverted
@@ -71,11 +73,14 @@ func exitCode(err error) int {
 		return exitBusy
 	case errors.Is(err, livepatch.ErrNotRoot), errors.Is(err, livepatch.ErrUnsupported),
 		errors.Is(err, kbuild.ErrNoSource), errors.Is(err, kbuild.ErrCompiler), errors.Is(err, kbuild.ErrNoHeaders),
+		errors.Is(err, kernel.ErrMissing), errors.Is(err, kernel.ErrIncomplete), errors.Is(err, kernel.ErrNoLists), errors.Is(err, kernel.ErrNotRoot),
 		errors.Is(err, kbuild.ErrNoPatchTool):
 		return exitUnsupported
 	case errors.Is(err, build.ErrUnpatchable), errors.Is(err, build.ErrRunPre), errors.Is(err, build.ErrNothing),
 		errors.Is(err, klpmod.ErrUnpatchable), errors.Is(err, bundle.ErrVerify):
 		return exitRefused
+	case errors.Is(err, layout.ErrNoLayout): // the kernel cannot say its special sections' formats
+		return exitUnsupported
 	case isBadInput(err):
 		return exitUsage
 	case errors.Is(err, vm.ErrTimeout):
@@ -92,9 +97,10 @@ func isBadInput(err error) bool {
 	for _, e := range []error{
 		kmod.ErrNotELF, kmod.ErrNotModule, kmod.ErrNotLivepatch, kmod.ErrVermagic,
 		livepatch.ErrUnknownPatch, livepatch.ErrAlreadyLoaded, livepatch.ErrWrongKernel,
-		build.ErrBadFix, build.ErrNoVariant, contract.ErrBadManifest,
+		build.ErrBadFix, build.ErrNoVariant, contract.ErrBadManifest, contract.ErrBadContained,
 		bundle.ErrBadBundle, bundle.ErrExists, bundle.ErrNoRepo, rollout.ErrBadPolicy,
 		api.ErrBadRequest, api.ErrUnauthorized, api.ErrForbidden, agent.ErrNotEnrolled,
+		kernel.ErrUnknown, kernel.ErrBadRelease, kernel.ErrSystem,
 	} {
 		if errors.Is(err, e) {
 			return true

@@ -3,11 +3,14 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -172,6 +175,33 @@ func fleetReport(ctx context.Context, st *stdio, c *api.Client, kind string, asJ
 	if err := c.Do(ctx, "GET", "/v1/admin/reports/"+kind, nil, &raw); err != nil {
 		return fmt.Errorf("fleet %s: %w", kind, err)
 	}
+	if kind == "patches" {
+		// Each patch's rollout, then each fix's coverage of the kernels.
+		var fixes []api.FixReport
+		var se *api.StatusError
+		switch err := c.Do(ctx, "GET", api.PathAdminFixes, nil, &fixes); {
+		case errors.As(err, &se) && se.Code == http.StatusNotFound:
+			fmt.Fprintln(st.err, "note: the server has no per-fix coverage report (it is older than this stitch): rollouts only")
+		case err != nil:
+			return fmt.Errorf("fleet %s: %w", kind, err)
+		}
+		if asJSON {
+			return printJSON(st.out, struct {
+				Patches json.RawMessage `json:"patches"`
+				Fixes   []api.FixReport `json:"fixes,omitempty"`
+			}{raw, fixes})
+		}
+		var rs []api.PatchReport
+		if err := json.Unmarshal(raw, &rs); err != nil {
+			return fmt.Errorf("fleet %s: the server's answer: %w", kind, err)
+		}
+		printRollouts(st, rs)
+		if len(fixes) > 0 {
+			fmt.Fprintln(st.out)
+			printFixes(st, fixes)
+		}
+		return nil
+	}
 	if asJSON {
 		_, err := fmt.Fprintf(st.out, "%s\n", raw)
 		return err
@@ -179,20 +209,6 @@ func fleetReport(ctx context.Context, st *stdio, c *api.Client, kind string, asJ
 	tw := tabwriter.NewWriter(st.out, 0, 8, 2, ' ', 0)
 	defer tw.Flush()
 	switch kind {
-	case "patches":
-		var rs []api.PatchReport
-		json.Unmarshal(raw, &rs)
-		fmt.Fprintln(tw, "TARGET\tSTATE\tSTAGE\tELIGIBLE\tAPPLIED\tHEALTHY\tLOST\tFAILED\tPENDING\tCVES")
-		for _, r := range rs {
-			fmt.Fprintf(tw, "%s\t%s\t%d (%.0f%%)\t%d\t%d\t%d\t%d\t%d\t%d\t%s\n", r.Target, r.State, r.Stage, r.Share*100, r.Eligible, r.Applied, r.Healthy, r.Lost, r.Failed, r.Pending, strings.Join(r.CVEs, " "))
-		}
-		// Why stopped rollouts stopped, under the table.
-		tw.Flush()
-		for _, r := range rs {
-			if r.Reason != "" && r.State != "running" && r.State != "complete" {
-				fmt.Fprintf(st.out, "%s %s: %s\n", r.Target, r.State, r.Reason)
-			}
-		}
 	case "machines":
 		var rs []api.MachineReport
 		json.Unmarshal(raw, &rs)
@@ -207,12 +223,123 @@ func fleetReport(ctx context.Context, st *stdio, c *api.Client, kind string, asJ
 	case "cves":
 		var rs []api.CVEReport
 		json.Unmarshal(raw, &rs)
-		fmt.Fprintln(tw, "CVE\tFIXED\tEXPOSED\tPATCHES")
+		fmt.Fprintln(tw, "CVE\tFIXED\tEXPOSED\tNOT COVERED\tPATCHES\tCONTAINED IN")
 		for _, r := range rs {
-			fmt.Fprintf(tw, "%s\t%d\t%d\t%s\n", r.CVE, r.Fixed, len(r.Exposed), strings.Join(r.Patches, " "))
+			fixed := strconv.Itoa(r.Fixed)
+			if r.ContainedMachines > 0 {
+				fixed += fmt.Sprintf(" (%d by source)", r.ContainedMachines)
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\t%s\n", r.CVE, fixed, len(r.Exposed), r.NotCoveredMachines, orDash(strings.Join(r.Patches, " ")), orDash(recordKernels(r.Records)))
+		}
+		// Where the fleet runs kernels nothing covers, under the table.
+		tw.Flush()
+		for _, r := range rs {
+			if len(r.NotCoveredKernels) > 0 {
+				fmt.Fprintf(st.out, "%s not covered on %s\n", r.CVE, kernelCounts(r.NotCoveredKernels))
+			}
 		}
 	}
 	return nil
+}
+
+// printRollouts is the table of each patch's rollout, and under it why a
+// stopped rollout stopped.
+func printRollouts(st *stdio, rs []api.PatchReport) {
+	tw := tabwriter.NewWriter(st.out, 0, 8, 2, ' ', 0)
+	fmt.Fprintln(tw, "TARGET\tSTATE\tSTAGE\tELIGIBLE\tAPPLIED\tHEALTHY\tLOST\tFAILED\tPENDING\tCVES")
+	for _, r := range rs {
+		fmt.Fprintf(tw, "%s\t%s\t%d (%.0f%%)\t%d\t%d\t%d\t%d\t%d\t%d\t%s\n", r.Target, r.State, r.Stage, r.Share*100, r.Eligible, r.Applied, r.Healthy, r.Lost, r.Failed, r.Pending, strings.Join(r.CVEs, " "))
+	}
+	tw.Flush()
+	for _, r := range rs {
+		if r.Reason != "" && r.State != "running" && r.State != "complete" {
+			fmt.Fprintf(st.out, "%s %s: %s\n", r.Target, r.State, r.Reason)
+		}
+	}
+}
+
+// printFixes is the table of each fix's kernels: one line per kernel,
+// patched (with its rollout's state), containing the fix, or not covered.
+func printFixes(st *stdio, fixes []api.FixReport) {
+	tw := tabwriter.NewWriter(st.out, 0, 8, 2, ' ', 0)
+	defer tw.Flush()
+	fmt.Fprintln(tw, "FIX\tUPSTREAM\tCVES\tKERNEL\tBUILD-ID\tCOVERAGE\tMACHINES\tAPPLIED")
+	for _, f := range fixes {
+		head := []string{strings.Join(f.Names, " "), orDash(shortCommits(f.Upstream)), orDash(strings.Join(f.CVEs, " "))}
+		line := func(k api.KernelCoverage, coverage, applied string) {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", head[0], head[1], head[2], k.Release, shortID(k.BuildID), coverage, k.Machines, applied)
+			head = []string{"", "", ""} // the fix's columns once, on its first line
+		}
+		for _, k := range f.Patched {
+			var states []string
+			for _, p := range k.Patches {
+				states = append(states, p.State)
+			}
+			line(k, "patch ("+strings.Join(states, ", ")+")", strconv.Itoa(k.Applied))
+		}
+		for _, k := range f.Contained {
+			line(k, "contains the fix", "-")
+		}
+		for _, k := range f.NotCovered {
+			line(k, "NOT COVERED", "-")
+		}
+		if len(f.Patched)+len(f.Contained)+len(f.NotCovered) == 0 {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t-\t-\t-\t0\t-\n", head[0], head[1], head[2])
+		}
+	}
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// shortID is a build-id's first 12 digits, enough to tell two builds of
+// one release apart.
+func shortID(id string) string { return id[:min(12, len(id))] }
+
+func shortCommits(cs []string) string {
+	var out []string
+	for _, c := range cs {
+		out = append(out, shortID(c))
+	}
+	return strings.Join(out, " ")
+}
+
+// recordKernels are the releases of contained records' targets
+// (contained/RELEASE/NAME-HASH.json).
+func recordKernels(records []string) string {
+	var out []string
+	for _, r := range records {
+		if parts := strings.Split(r, "/"); len(parts) == 3 && !slices.Contains(out, parts[1]) {
+			out = append(out, parts[1])
+		}
+	}
+	return strings.Join(out, " ")
+}
+
+// kernelCounts is "RELEASE (N machines), ...", with the build-id where a
+// release runs in more than one build.
+func kernelCounts(ks []api.KernelCoverage) string {
+	builds := map[string]int{}
+	for _, k := range ks {
+		builds[k.Release]++
+	}
+	var out []string
+	for _, k := range ks {
+		name := k.Release
+		if builds[k.Release] > 1 {
+			name += " build " + shortID(k.BuildID)
+		}
+		unit := "machines"
+		if k.Machines == 1 {
+			unit = "machine"
+		}
+		out = append(out, fmt.Sprintf("%s (%d %s)", name, k.Machines, unit))
+	}
+	return strings.Join(out, ", ")
 }
 
 // fleetDate prints t's day, or "-" for none.

@@ -106,8 +106,12 @@ func TestPublishRolloutAndFleetCommands(t *testing.T) {
 	if err := cmd(runFleet, "patches", "--json", srv); err != nil {
 		t.Fatal(err)
 	}
-	var reps []api.PatchReport
-	if err := json.Unmarshal(out.Bytes(), &reps); err != nil || len(reps) != 1 || reps[0].Eligible != 1 || reps[0].CVEs[0] != "CVE-2026-12345" {
+	var pr struct {
+		Patches []api.PatchReport
+		Fixes   []api.FixReport
+	}
+	if err := json.Unmarshal(out.Bytes(), &pr); err != nil || len(pr.Patches) != 1 || pr.Patches[0].Eligible != 1 || pr.Patches[0].CVEs[0] != "CVE-2026-12345" ||
+		len(pr.Fixes) != 1 || pr.Fixes[0].PatchedMachines != 1 {
 		t.Fatalf("fleet patches: %v %s", err, out.String())
 	}
 	if err := cmd(runFleet, "cves", srv); err != nil || !strings.Contains(out.String(), "CVE-2026-12345  0      1") {

@@ -8,14 +8,14 @@ import (
 	"strings"
 
 	"github.com/stitchpatch/stitch/internal/kallsyms"
-	"github.com/stitchpatch/stitch/internal/vm"
+	"github.com/stitchpatch/stitch/internal/kernel"
 )
 
 // runKallsyms prints a kernel's symbols as Stitch finds them without debug
 // info: decoded from the boot image, or from a kallsyms listing or a .ko.
 func runKallsyms(ctx context.Context, st *stdio, args []string) error {
 	fs := newFlagSet(st, "kallsyms", "[NAME...]", "Prints the symbols of a kernel image (its kallsyms tables, decoded), of a /proc/kallsyms listing or of a module; with NAMEs, every occurrence of each with its sympos. With --find, names the object (vmlinux or a module) that defines the NAMEd functions.")
-	image := fs.String("image", vm.DefaultKernel, "kernel boot image (bzImage)")
+	image := fs.String("image", kernel.Default, "kernel boot image (bzImage), or a release ready in the cache or installed")
 	proc := fs.String("proc", "", "read this /proc/kallsyms listing instead of the image")
 	module := fs.String("module", "", "read this module .ko instead of the image")
 	find := fs.Bool("find", false, "tell which object defines the NAMEd functions")
@@ -44,7 +44,15 @@ func runKallsyms(ctx context.Context, st *stdio, args []string) error {
 			return fmt.Errorf("%s: %w", *proc, err)
 		}
 	default:
-		im, err := kallsyms.OpenImage(ctx, *image, kallsyms.CacheDir(), st.log)
+		img, p, err := bootImage(ctx, kallsyms.CacheDir(), *image)
+		if err != nil {
+			return err
+		}
+		if p != nil && *modules == "" {
+			*modules = p.Modules
+		}
+		*image = img
+		im, err := kallsyms.OpenImage(ctx, img, kallsyms.CacheDir(), st.log)
 		if err != nil {
 			return err
 		}

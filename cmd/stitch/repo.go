@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
+	"text/tabwriter"
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/bundle"
@@ -122,7 +124,7 @@ func runRepo(ctx context.Context, st *stdio, args []string) error {
 	return usageError{fmt.Errorf("repo: unknown subcommand %q (%s)", sub, subs)}
 }
 
-// runPublish: stitch publish [--dir DIR] [--module KO --manifest JSON | BUNDLE].
+// runPublish: stitch publish [--dir DIR] [--module KO --manifest JSON | BUNDLE | RECORD.contained.json | OUT/].
 func runPublish(ctx context.Context, st *stdio, args []string) error {
 	fs := flag.NewFlagSet("publish", flag.ContinueOnError)
 	fs.SetOutput(st.err)
@@ -134,6 +136,7 @@ func runPublish(ctx context.Context, st *stdio, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return usageError{err}
 	}
+	repo := &bundle.Repo{Dir: *dir, KeysDir: *keys}
 	var data []byte
 	switch {
 	case *module != "" && *manifest != "" && fs.NArg() == 0:
@@ -149,18 +152,85 @@ func runPublish(ctx context.Context, st *stdio, args []string) error {
 			return fmt.Errorf("publish %s: %w", *manifest, err)
 		}
 	case *module == "" && *manifest == "" && fs.NArg() == 1:
-		var err error
-		if data, err = os.ReadFile(fs.Arg(0)); err != nil {
+		arg := fs.Arg(0)
+		fi, err := os.Stat(arg)
+		if err != nil {
+			return usageError{err}
+		}
+		switch {
+		case fi.IsDir():
+			return publishTree(st, repo, arg, *asJSON)
+		case strings.HasSuffix(arg, contract.ContainedSuffix):
+			c, err := contract.ReadContained(arg)
+			if err != nil {
+				return fmt.Errorf("publish %s: %w", arg, err)
+			}
+			out, err := repo.PublishAll(nil, []*contract.Contained{c})
+			if err != nil {
+				return err
+			}
+			return report(st, *asJSON, map[string]string{"target": out[0].Target, "sha256": out[0].SHA256},
+				"published %s (%s contains %s: no patch needed)\n", out[0].Target, c.Kernel.Release, c.Name)
+		}
+		if data, err = os.ReadFile(arg); err != nil {
 			return usageError{err}
 		}
 	default:
-		return usageError{fmt.Errorf("publish: give a bundle file, or --module KO and --manifest JSON")}
+		return usageError{fmt.Errorf("publish: give a build's output directory OUT/ (OUT/RELEASE/NAME.ko with NAME.json, OUT/RELEASE/NAME%s), a bundle file, a contained record, or --module KO and --manifest JSON", contract.ContainedSuffix)}
 	}
-	name, err := (&bundle.Repo{Dir: *dir, KeysDir: *keys}).Publish(data)
+	name, err := repo.Publish(data)
 	if err != nil {
 		return err
 	}
 	return report(st, *asJSON, map[string]string{"target": name, "sha256": bundle.SHA256Hex(data)}, "published %s\n", name)
+}
+
+// treeItem is one published target of an output tree, with the file it
+// came from.
+type treeItem struct {
+	bundle.Published
+	File string `json:"file"` // relative to OUT/: the manifest, or the contained record
+}
+
+// publishTree publishes a build's whole output tree in one set of
+// signed metadata: every kernel's bundle and every contained record.
+func publishTree(st *stdio, repo *bundle.Repo, dir string, asJSON bool) error {
+	tree, err := bundle.ReadTree(dir)
+	if err != nil {
+		return err
+	}
+	pub, err := repo.PublishAll(tree.Bundles, tree.Contained)
+	if err != nil {
+		return err
+	}
+	items := make([]treeItem, len(pub))
+	for i, p := range pub {
+		items[i] = treeItem{p, tree.Files[i]}
+	}
+	if asJSON {
+		return printJSON(st.out, struct {
+			Published []treeItem `json:"published"`
+			Skipped   []string   `json:"skipped"`
+		}{items, append([]string{}, tree.Skipped...)})
+	}
+	tw := tabwriter.NewWriter(st.out, 0, 8, 2, ' ', 0)
+	fmt.Fprintln(tw, "KERNEL\tNAME\tKIND\tTARGET")
+	for _, it := range items {
+		kind := it.Kind
+		if it.Kind == bundle.KindContained {
+			kind = "contains the fix"
+		}
+		target := it.Target
+		if !it.New {
+			target += " (published before)"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", it.Release, it.Name, kind, target)
+	}
+	tw.Flush()
+	if len(tree.Skipped) > 0 {
+		fmt.Fprintf(st.err, "skipped (neither a module with its manifest nor a contained record): %s\n", strings.Join(tree.Skipped, " "))
+	}
+	return nil
 }
 
 // runKeys: stitch keys rotate ROLE | renew-root [--dir DIR] [--keys DIR].

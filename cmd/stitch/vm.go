@@ -10,6 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/vm"
 )
 
@@ -29,7 +31,8 @@ func runVM(ctx context.Context, st *stdio, args []string) error {
 	var opts vm.Options
 	var adds stringList
 	var jsonOut, quiet bool
-	fs.StringVar(&opts.Kernel, "kernel", vm.DefaultKernel, "kernel image to boot")
+	fs.StringVar(&opts.Kernel, "kernel", kernel.Default, "kernel to boot: a boot image, or a release ready in the cache or installed")
+	cache := fs.String("cache", kbuild.CacheDir(), "cache directory (kernel profiles)")
 	fs.Var(&adds, "add", "host `FILE` to put at /<base name> in the guest (repeatable)")
 	fs.StringVar(&opts.Append, "append", "", "extra kernel command line")
 	fs.IntVar(&opts.Memory, "memory", 512, "guest memory in MiB")
@@ -56,6 +59,11 @@ func runVM(ctx context.Context, st *stdio, args []string) error {
 		}
 	}
 	opts.Logger = st.log
+	img, _, err := bootImage(ctx, *cache, opts.Kernel)
+	if err != nil {
+		return err
+	}
+	opts.Kernel = img
 	res, err := vm.Run(ctx, opts)
 	if err != nil {
 		return err

@@ -881,7 +881,9 @@ func (s *session) mirror(ctx context.Context) error {
 	slices.Sort(names)
 	var actions []api.Action
 	for _, n := range names {
-		if strings.HasPrefix(n, s.kernel.Release+"/") {
+		// Bundles only: a contained record (contained/RELEASE/...) is
+		// no patch to apply.
+		if strings.HasPrefix(n, s.kernel.Release+"/") && contract.ValidTarget(n) {
 			actions = append(actions, api.Action{Target: n, Op: api.OpApply})
 		}
 	}

@@ -48,7 +48,7 @@ func buildPatches(t *testing.T) *vmPatches {
 	testutils.RequireHeaders(t)
 	root := testutils.ModuleRoot(t)
 	ctx := context.Background()
-	env, err := build.OpenEnv(ctx, testutils.Release, vm.DefaultKernel, kbuild.CacheDir(), nil)
+	env, err := build.OpenEnv(ctx, testutils.DefaultProfile(t), kbuild.CacheDir(), nil)
 	if errors.Is(err, kbuild.ErrNoSource) {
 		testutils.Unavailable(t, "%v", err)
 	}
@@ -148,7 +148,7 @@ func testCrashLoop(t *testing.T, p *vmPatches) {
 	state := t.TempDir()
 	opts := guestOptions(t, f)
 	opts.Shares = []vm.Share{{Host: state, Guest: "/var/lib/stitch"}}
-	opts.Kernel, opts.Init = vm.DefaultKernel, testutils.StitchBinary(t)
+	opts.Kernel, opts.Init = testutils.BootImage(t), testutils.StitchBinary(t)
 	opts.Files = append(opts.Files, vm.File{Src: testutils.TestBinary(t), Dst: "/guest.test"})
 
 	var out strings.Builder

@@ -16,6 +16,7 @@ import (
 	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/fingerprint"
 	"github.com/stitchpatch/stitch/internal/klpmod"
+	"github.com/stitchpatch/stitch/internal/layout"
 	"github.com/stitchpatch/stitch/internal/objdiff"
 )
 
@@ -47,6 +48,8 @@ type Target interface {
 	Code(object, name string, sympos int) ([]byte, error)
 	// Defines reports whether object has a symbol called name.
 	Defines(object, name string) bool
+	// Layout is the kernel's special-section layout.
+	Layout() *layout.Layout
 }
 
 // compiled is one object of the fix: compiled before and after, diffed,
@@ -99,7 +102,7 @@ func assemble(ctx context.Context, headers, dir, name string, fixes []*Fix, objs
 			continue
 		}
 		near := definedFuncs(c.Diff)
-		in := &klpmod.ObjectInput{Object: c.Object, Post: c.Post, Resolve: resolver(t, c.Object, near)}
+		in := &klpmod.ObjectInput{Object: c.Object, Post: c.Post, Layout: t.Layout(), Resolve: resolver(t, c.Object, near)}
 		for _, d := range c.Diff.NewData {
 			in.NewData = append(in.NewData, d.Name)
 		}
@@ -181,7 +184,7 @@ func assemble(ctx context.Context, headers, dir, name string, fixes []*Fix, objs
 
 // runPre compares a changed function's pre-fix code with the target's.
 func runPre(t Target, c compiled, fn string, sympos int) (fingerprint.Fingerprint, error) {
-	fp, err := fingerprint.FromObject(c.Pre, fn)
+	fp, err := fingerprint.FromObject(c.Pre, fn, t.Layout())
 	if err != nil {
 		return fp, fmt.Errorf("%s: fingerprint %s: %w", c.Source, fn, err)
 	}

@@ -131,7 +131,7 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 		if err != nil {
 			return nil, fmt.Errorf("%s: post-fix object: %w", p.Source, err)
 		}
-		d := objdiff.Diff(pre, post)
+		d := objdiff.Diff(pre, post, loc.Layout())
 		done()
 		if len(d.Changed) == 0 {
 			if len(d.Unsafe) > 0 {

@@ -7,30 +7,32 @@ import (
 	"path/filepath"
 
 	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/kernel"
 )
 
-// Env is what building for one kernel needs: its source tree prepared
-// like the kernel's, its headers, and its image and modules.
+// Env is what building for one kernel needs: its profile, its source
+// tree prepared like the kernel's, its headers, and its image and modules.
 type Env struct {
+	Profile *kernel.Profile
 	Tree    *kbuild.Tree
 	Headers string
 	Kernel  *Kernel
 }
 
 // OpenEnv prepares (or reuses, from cache) everything needed to build
-// patches for release. image is its boot image (/boot/vmlinuz-<release>
-// if empty).
-func OpenEnv(ctx context.Context, release, image, cache string, log *slog.Logger) (*Env, error) {
-	tree, err := kbuild.PrepareTree(ctx, kbuild.TreeOptions{Release: release, Cache: cache, Log: log})
+// patches for the kernel of profile p (kernel.Open gives it).
+func OpenEnv(ctx context.Context, p *kernel.Profile, cache string, log *slog.Logger) (*Env, error) {
+	o := kbuild.OptionsFor(p)
+	o.Cache, o.Log = cache, log
+	tree, err := kbuild.PrepareTree(ctx, o)
 	if err != nil {
 		return nil, err
 	}
-	headers := kbuild.HeadersDir(release)
-	k, err := OpenKernel(ctx, KernelOptions{Release: release, Image: image, Headers: headers, Cache: cache, Log: log})
+	k, err := OpenKernel(ctx, p, cache, log)
 	if err != nil {
 		return nil, err
 	}
-	return &Env{Tree: tree, Headers: headers, Kernel: k}, nil
+	return &Env{Profile: p, Tree: tree, Headers: p.HeadersDir, Kernel: k}, nil
 }
 
 // Build builds fixes into a module for the environment's kernel. The

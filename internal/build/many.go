@@ -145,7 +145,7 @@ func BuildMany(ctx context.Context, kernels []*kernel.Profile, fixes []*FixVaria
 
 // openEnv opens a kernel's build environment from its profile.
 func openEnv(ctx context.Context, p *kernel.Profile, cache string, log *slog.Logger) (*Env, error) {
-	return OpenEnv(ctx, p.Release, "", cache, log)
+	return OpenEnv(ctx, p, cache, log)
 }
 
 func buildOne(ctx context.Context, p *kernel.Profile, fixes []*FixVariants, o ManyOptions, report func(Step)) *KernelResult {
@@ -226,7 +226,7 @@ func buildOne(ctx context.Context, p *kernel.Profile, fixes []*FixVariants, o Ma
 	}
 	// A built kernel has no contained record of the same name: remove
 	// what an earlier run may have left.
-	os.Remove(filepath.Join(out, o.Name+".contained.json"))
+	os.Remove(filepath.Join(out, o.Name+contract.ContainedSuffix))
 	r.Outcome, r.Module, r.Manifest, r.Elapsed = OutcomeBuilt, res.Module, res.ManifestPath, time.Since(start)
 	for _, obj := range res.Manifest.Objects {
 		for _, fn := range obj.Functions {
@@ -266,6 +266,11 @@ func writeContained(out string, o ManyOptions, k *Kernel, fixes []*Fix) (string,
 			c.CVEs = append(c.CVEs, id)
 		}
 	}
+	// The record makes a fleet count machines as fixed: check it by the
+	// rules publish and the server apply before it is written.
+	if err := c.Validate(); err != nil {
+		return "", fmt.Errorf("contained record of %s: %w", o.Name, err)
+	}
 	if err := os.MkdirAll(out, 0o755); err != nil {
 		return "", err
 	}
@@ -273,7 +278,7 @@ func writeContained(out string, o ManyOptions, k *Kernel, fixes []*Fix) (string,
 	if err != nil {
 		return "", err
 	}
-	path := filepath.Join(out, o.Name+".contained.json")
+	path := filepath.Join(out, o.Name+contract.ContainedSuffix)
 	if err := os.WriteFile(path, append(b, '\n'), 0o644); err != nil {
 		return "", fmt.Errorf("write %s: %w", path, err)
 	}

@@ -9,7 +9,9 @@ import (
 
 	"github.com/stitchpatch/stitch/internal/kallsyms"
 	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/kmod"
+	"github.com/stitchpatch/stitch/internal/layout"
 )
 
 // ErrNoSymbol means a symbol the patch needs is not in the target kernel,
@@ -26,42 +28,34 @@ type Kernel struct {
 	mods    *kallsyms.Modules
 	opened  map[string]*kallsyms.Module
 	symvers kbuild.Symvers
+	layout  *layout.Layout
 }
 
-// KernelOptions locate a target kernel's parts.
-type KernelOptions struct {
-	Release string
-	Image   string // vmlinuz; /boot/vmlinuz-<release> if empty
-	Modules string // /lib/modules/<release> if empty
-	Headers string // linux-headers tree, for Module.symvers
-	Cache   string // where the extracted vmlinux is kept
-	Log     *slog.Logger
-}
-
-// OpenKernel reads what the build needs of the target kernel.
-func OpenKernel(ctx context.Context, o KernelOptions) (*Kernel, error) {
-	if o.Image == "" {
-		o.Image = "/boot/vmlinuz-" + o.Release
-	}
-	if o.Modules == "" {
-		o.Modules = "/lib/modules/" + o.Release
-	}
-	k := &Kernel{release: o.Release, opened: map[string]*kallsyms.Module{}}
+// OpenKernel reads what the build needs of the kernel of profile p: its
+// boot image (decoded; the vmlinux extracted from it is kept in cache),
+// its modules, and the exports listed in its headers' Module.symvers.
+func OpenKernel(ctx context.Context, p *kernel.Profile, cache string, log *slog.Logger) (*Kernel, error) {
+	k := &Kernel{release: p.Release, opened: map[string]*kallsyms.Module{}}
 	var err error
-	if k.symvers, err = kbuild.ReadSymvers(o.Headers); err != nil {
+	if k.symvers, err = kbuild.ReadSymvers(p.HeadersDir); err != nil {
 		return nil, err
 	}
-	if k.image, err = kallsyms.OpenImage(ctx, o.Image, o.Cache, o.Log); err != nil {
-		return nil, fmt.Errorf("kernel image %s: %w", o.Image, err)
+	if k.image, err = kallsyms.OpenImage(ctx, p.BootImage, cache, log); err != nil {
+		return nil, fmt.Errorf("kernel image %s: %w", p.BootImage, err)
 	}
 	if k.buildID, err = imageBuildID(k.image.Path); err != nil {
-		return nil, fmt.Errorf("kernel image %s: %w", o.Image, err)
+		return nil, fmt.Errorf("kernel image %s: %w", p.BootImage, err)
 	}
-	k.mods = kallsyms.NewModules(o.Modules, o.Log)
+	// The special sections' formats come from the kernel itself: one it
+	// cannot tell them for is refused here, before anything is built.
+	if k.layout, err = layout.FromVmlinux(k.image.Path); err != nil {
+		return nil, fmt.Errorf("kernel image %s: %w", p.BootImage, err)
+	}
+	k.mods = kallsyms.NewModules(p.Modules, log)
 	// Index the modules now, under ctx; the lookups later only read the
 	// index and single files.
 	if _, err := k.mods.Defining(ctx, ""); err != nil {
-		return nil, fmt.Errorf("modules of %s: %w", o.Release, err)
+		return nil, fmt.Errorf("modules of %s: %w", p.Release, err)
 	}
 	return k, nil
 }
@@ -88,6 +82,9 @@ func (k *Kernel) Release() string { return k.release }
 
 // BuildID is the GNU build-id of the kernel image.
 func (k *Kernel) BuildID() string { return k.buildID }
+
+// Layout is the kernel's special-section layout, read from its BTF.
+func (k *Kernel) Layout() *layout.Layout { return k.layout }
 
 // Exported tells which object exports name.
 func (k *Kernel) Exported(name string) (string, bool) {

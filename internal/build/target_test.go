@@ -2,7 +2,6 @@ package build
 
 import (
 	"context"
-	"os"
 	"testing"
 
 	"github.com/stitchpatch/stitch/internal/kallsyms"
@@ -12,11 +11,7 @@ import (
 
 func openTestKernel(t *testing.T) *Kernel {
 	t.Helper()
-	img := "/boot/vmlinuz-" + testutils.Release
-	if _, err := os.Stat(img); err != nil {
-		testutils.Unavailable(t, "kernel image %s not installed", img)
-	}
-	k, err := OpenKernel(context.Background(), KernelOptions{Release: testutils.Release, Headers: testutils.RequireHeaders(t), Cache: kbuild.CacheDir()})
+	k, err := OpenKernel(context.Background(), testutils.DefaultProfile(t), kbuild.CacheDir(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,5 +56,13 @@ func TestSymposFromNeighbours(t *testing.T) {
 	}
 	if _, err := k.Sympos(kallsyms.Vmlinux, "jhash", nil); err == nil {
 		t.Error("a duplicated name with no neighbours was resolved")
+	}
+}
+
+// The target kernel's special-section layout comes from its own image.
+func TestKernelLayout(t *testing.T) {
+	k := openTestKernel(t)
+	if s, ok := k.Layout().Section(".altinstructions"); !ok || s.Struct != "alt_instr" || s.Entry == 0 {
+		t.Errorf("layout of the test kernel: .altinstructions = %+v, %v", s, ok)
 	}
 }

@@ -32,18 +32,19 @@ type env struct {
 
 func setup(t *testing.T) *env {
 	t.Helper()
-	kernel := testutils.RequireVM(t)
-	headers := testutils.RequireHeaders(t)
+	testutils.RequireVM(t)
+	profile := testutils.DefaultProfile(t)
+	headers := profile.HeadersDir
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
-	tree, err := kbuild.PrepareTree(ctx, kbuild.TreeOptions{Release: testutils.Release})
+	tree, err := kbuild.PrepareTree(ctx, kbuild.OptionsFor(profile))
 	if errors.Is(err, kbuild.ErrNoSource) {
 		testutils.Unavailable(t, "kernel source: %v", err)
 	}
 	if err != nil {
 		t.Fatal(err)
 	}
-	k, err := build.OpenKernel(ctx, build.KernelOptions{Image: kernel, Release: testutils.Release, Headers: headers, Cache: kbuild.CacheDir()})
+	k, err := build.OpenKernel(ctx, profile, kbuild.CacheDir(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,7 +2,9 @@
 // manifest (contract.Manifest, as stitch build writes it), content-addressed
 // by SHA-256, published into a repository whose metadata is signed with The
 // Update Framework (TUF), and fetched by agents through a client that
-// refuses tampered, rolled-back, mixed or stale metadata.
+// refuses tampered, rolled-back, mixed or stale metadata. The same
+// repository signs contained records (contract.Contained: a kernel whose
+// source already holds a fix), as targets of their own.
 //
 // The data flow is one way: bundle knows build's manifest but nothing of
 // the server or the agent.

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/theupdateframework/go-tuf/v2/metadata"
 	"github.com/theupdateframework/go-tuf/v2/metadata/config"
 	"github.com/theupdateframework/go-tuf/v2/metadata/fetcher"
@@ -36,6 +37,36 @@ type Client struct {
 // Fetch downloads the target, verifies it and returns the bundle and the
 // path of its cached copy.
 func (c *Client) Fetch(ctx context.Context, target string) (*Bundle, string, error) {
+	data, path, err := c.download(ctx, target)
+	if err != nil {
+		return nil, "", err
+	}
+	b, err := Open(data)
+	if err != nil {
+		os.Remove(path)
+		return nil, "", fmt.Errorf("fetch %s: %w", target, err)
+	}
+	return b, path, nil
+}
+
+// FetchContained downloads a contained record (contained/RELEASE/...),
+// verified as a bundle is, and parses it.
+func (c *Client) FetchContained(ctx context.Context, target string) (*contract.Contained, error) {
+	data, path, err := c.download(ctx, target)
+	if err != nil {
+		return nil, err
+	}
+	rec, err := openContained(target, data)
+	if err != nil {
+		os.Remove(path)
+		return nil, fmt.Errorf("fetch %s: %w", target, err)
+	}
+	return rec, nil
+}
+
+// download gives the target's verified bytes and the path of its cached
+// copy, fetching it unless the cache holds it already.
+func (c *Client) download(ctx context.Context, target string) ([]byte, string, error) {
 	up, err := c.updater(ctx)
 	if err != nil {
 		return nil, "", fmt.Errorf("fetch %s: %w", target, err)
@@ -48,20 +79,14 @@ func (c *Client) Fetch(ctx context.Context, target string) (*Bundle, string, err
 	}
 	path := filepath.Join(c.CacheDir, "targets", SHA256Hex([]byte(target))[:32]+".stitch")
 	if _, data, err := up.FindCachedTarget(info, path); err == nil && data != nil {
-		b, err := Open(data)
-		return b, path, err
+		return data, path, nil
 	}
 	_, data, err := up.DownloadTarget(info, path, "")
 	if err != nil {
 		os.Remove(path)
 		return nil, "", fmt.Errorf("fetch %s: %w", target, classify(err))
 	}
-	b, err := Open(data)
-	if err != nil {
-		os.Remove(path)
-		return nil, "", fmt.Errorf("fetch %s: %w", target, err)
-	}
-	return b, path, nil
+	return data, path, nil
 }
 
 // Targets refreshes the metadata and lists the verified target names.

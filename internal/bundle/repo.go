@@ -626,35 +626,11 @@ func hashPrefixed(name string, data []byte) string {
 // and signs new targets, snapshot and timestamp metadata. It returns the
 // target name. Publishing the same bytes again is a no-op.
 func (r *Repo) Publish(data []byte) (string, error) {
-	b, err := Open(data)
+	out, err := r.PublishAll([][]byte{data}, nil)
 	if err != nil {
-		return "", fmt.Errorf("publish: %w", err)
+		return "", err
 	}
-	unlock, err := r.lock()
-	if err != nil {
-		return "", fmt.Errorf("publish: %w", err)
-	}
-	defer unlock()
-	st, err := r.prepare()
-	if err != nil {
-		return "", fmt.Errorf("publish: %w", err)
-	}
-	name := TargetName(&b.Manifest, data)
-	if _, ok := st.targets.Signed.Targets[name]; ok {
-		return name, nil
-	}
-	tf, err := metadata.TargetFile().FromBytes(name, data, "sha256")
-	if err != nil {
-		return "", fmt.Errorf("publish %s: %w", name, err)
-	}
-	if err := r.writeTarget(name, data); err != nil {
-		return "", fmt.Errorf("publish %s: %w", name, err)
-	}
-	st.targets.Signed.Targets[name] = tf
-	if err := r.cascade(st, metadata.TARGETS); err != nil {
-		return "", fmt.Errorf("publish %s: %w", name, err)
-	}
-	return name, nil
+	return out[0].Target, nil
 }
 
 // writeTarget stores a bundle under its name and its hash-prefixed name

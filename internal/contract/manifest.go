@@ -53,8 +53,9 @@ type Fix struct {
 	Description string   `json:"description,omitempty"`
 	CVEs        []string `json:"cves,omitempty"`
 	Files       []string `json:"files"` // source files changed, relative to the tree's root
-	// Upstream is the upstream commit (hex, 12 to 40 digits) the fix is
-	// or backports: with the CVEs, what identifies a fix across kernels.
+	// Upstream is the upstream commit the fix is (or backports), when
+	// known: it names one fix across the kernels it is ported to, whose
+	// diffs (and so sha256) may differ.
 	Upstream string `json:"upstream,omitempty"`
 	// Variant is the kernel series whose backport this diff is ("6.1"),
 	// "default", or "" for a fix without variants.
@@ -153,7 +154,7 @@ func (m *Manifest) Validate() error {
 			return bad("fix %q: sha256 %q: want 64 lower-case hex digits", f.Name, f.Hash)
 		}
 		if f.Upstream != "" && !ValidCommit(f.Upstream) {
-			return bad("fix %q: upstream %q: want a commit id, 12 to 40 lower-case hex digits", f.Name, f.Upstream)
+			return bad("fix %q: upstream %q: want a git commit id, 7 to 64 lower-case hex digits", f.Name, f.Upstream)
 		}
 	}
 	for _, o := range m.Objects {

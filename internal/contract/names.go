@@ -16,8 +16,10 @@ var (
 	releaseRe = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}$`)
 	buildIDRe = regexp.MustCompile(`^[0-9a-f]{8,128}$`)
 	sha256Re  = regexp.MustCompile(`^[0-9a-f]{64}$`)
-	commitRe  = regexp.MustCompile(`^[0-9a-f]{12,40}$`)
 	symbolRe  = regexp.MustCompile(`^[A-Za-z0-9_.$-]{1,128}$`)
+	// A git commit id, abbreviated (7 digits at least, as git prints
+	// them) or whole (40 for SHA-1, 64 for SHA-256 repositories).
+	commitRe  = regexp.MustCompile(`^[0-9a-f]{7,64}$`)
 	versionRe = regexp.MustCompile(`^[A-Za-z0-9._+~-]{0,64}$`)
 	// cvePattern is a CVE id as MITRE assigns them: a year and at least
 	// four digits (seven is the most any has had).
@@ -26,6 +28,8 @@ var (
 	cveFindRe  = regexp.MustCompile(`\b` + cvePattern + `\b`)
 	// targetRe is TargetName's form.
 	targetRe = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}/[A-Za-z0-9_-]{1,55}-[0-9a-f]{16}\.stitch$`)
+	// containedTargetRe is ContainedTargetName's form.
+	containedTargetRe = regexp.MustCompile(`^contained/[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}/[A-Za-z0-9_-]{1,55}-[0-9a-f]{16}\.json$`)
 )
 
 // ValidName says whether s can name a livepatch module (and so a patch).
@@ -39,6 +43,9 @@ func ValidBuildID(s string) bool { return buildIDRe.MatchString(s) }
 
 // ValidCVE says whether s is one CVE id, CVE-YYYY-NNNN.
 func ValidCVE(s string) bool { return cveRe.MatchString(s) }
+
+// ValidCommit says whether s is a git commit id in lower-case hex.
+func ValidCommit(s string) bool { return commitRe.MatchString(s) }
 
 // ValidAgentVersion says whether s can be an agent's version string
 // (empty allowed: a development build).
@@ -57,9 +64,6 @@ func FindCVEs(text string) []string {
 
 func validSHA256(s string) bool { return sha256Re.MatchString(s) }
 
-// ValidCommit says whether s is a git commit id as a fix's upstream: 12
-// to 40 lower-case hex digits.
-func ValidCommit(s string) bool { return commitRe.MatchString(s) }
 func validSymbol(s string) bool { return symbolRe.MatchString(s) }
 
 // TargetName is the name in a repository of the bundle whose SHA-256

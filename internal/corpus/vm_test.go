@@ -36,7 +36,8 @@ func TestCorpusSubset(t *testing.T) {
 	if err != nil || len(entries) != len(want) {
 		t.Fatalf("select: %v (%d)", err, len(entries))
 	}
-	env, err := build.OpenEnv(ctx, testutils.Release, kernel, kbuild.CacheDir(), nil)
+	profile := testutils.DefaultProfile(t)
+	env, err := build.OpenEnv(ctx, profile, kbuild.CacheDir(), nil)
 	if errors.Is(err, kbuild.ErrNoSource) {
 		testutils.Unavailable(t, "%v", err)
 	}
@@ -49,7 +50,7 @@ func TestCorpusSubset(t *testing.T) {
 	results := corpus.BuildAll(ctx, entries, builder, t.TempDir(), func(r corpus.Result) {
 		t.Logf("built %s: %s %s (%.1fs)", r.Name, r.Outcome, r.Reason, r.BuildTime.Seconds())
 	})
-	if err := corpus.ApplyAll(ctx, results, corpus.VMOptions{Kernel: kernel, Stitch: testutils.StitchBinary(t), Modules: "/lib/modules/" + testutils.Release}); err != nil {
+	if err := corpus.ApplyAll(ctx, results, corpus.VMOptions{Kernel: kernel, Stitch: testutils.StitchBinary(t), Modules: profile.Modules}); err != nil {
 		t.Fatal(err)
 	}
 	for _, r := range results {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/stitchpatch/stitch/internal/build"
 	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/livepatch"
 	"github.com/stitchpatch/stitch/internal/vm"
 )
@@ -26,8 +27,7 @@ var fix []byte
 
 // Options for the host side of the demo.
 type Options struct {
-	Release string // kernel release; 6.1.0-54-amd64 if empty
-	Kernel  string // kernel image; /boot/vmlinuz-<release> if empty
+	Release string // kernel release; kernel.Default if empty
 	Stitch  string // static stitch binary for the guest; the running one if empty
 	Cache   string // kbuild.CacheDir() if empty
 	Out     io.Writer
@@ -39,10 +39,7 @@ type Options struct {
 // after applying or not restored after reverting.
 func Run(ctx context.Context, o Options) error {
 	if o.Release == "" {
-		o.Release = "6.1.0-54-amd64"
-	}
-	if o.Kernel == "" {
-		o.Kernel = "/boot/vmlinuz-" + o.Release
+		o.Release = kernel.Default
 	}
 	if o.Cache == "" {
 		o.Cache = kbuild.CacheDir()
@@ -52,7 +49,11 @@ func Run(ctx context.Context, o Options) error {
 		fmt.Fprintf(o.Out, "[%5.1fs] "+format+"\n", append([]any{time.Since(start).Seconds()}, args...)...)
 	}
 	say("preparing the %s source tree (the first run unpacks and configures it: about a minute) and decoding the kernel's symbols", o.Release)
-	env, err := build.OpenEnv(ctx, o.Release, o.Kernel, o.Cache, nil)
+	p, err := kernel.Open(ctx, o.Cache, o.Release)
+	if err != nil {
+		return err
+	}
+	env, err := build.OpenEnv(ctx, p, o.Cache, nil)
 	if err != nil {
 		return err
 	}
@@ -81,9 +82,9 @@ func Run(ctx context.Context, o Options) error {
 		}
 	}
 
-	say("booting %s under QEMU", o.Kernel)
+	say("booting %s under QEMU", p.BootImage)
 	vres, err := vm.Run(ctx, vm.Options{
-		Kernel:  o.Kernel,
+		Kernel:  p.BootImage,
 		Init:    o.Stitch,
 		Files:   []vm.File{{Src: res.Module, Dst: "/stitch_demo.ko"}},
 		Args:    []string{"stitch", "demo-guest", "/stitch_demo.ko"},

@@ -19,6 +19,7 @@ import (
 	"golang.org/x/arch/x86/x86asm"
 
 	"github.com/stitchpatch/stitch/internal/elfobj"
+	"github.com/stitchpatch/stitch/internal/layout"
 )
 
 // ErrMismatch means the target's code is not the code the fingerprint was
@@ -73,29 +74,21 @@ func (fp Fingerprint) MatchPadded(code []byte) error {
 	return fp.Match(code[:fp.Size])
 }
 
-// Bytes rewritten at each site of a special section, and where in an
-// entry the length lives when it varies (x86-64, Linux 6.1).
-var siteSections = map[string]struct {
-	entry  int // entry size
-	length int // bytes rewritten at the site, if fixed
-	lenAt  int // else: offset of the u8 length inside the entry
-}{
-	"__mcount_loc":       {8, 5, -1},
-	"__jump_table":       {16, 5, -1},
-	".static_call_sites": {8, 5, -1},
-	".retpoline_sites":   {4, 6, -1},
-	".return_sites":      {4, 5, -1},
-	".smp_locks":         {4, 1, -1},
-	".ibt_endbr_seal":    {4, 4, -1},
-	".altinstructions":   {12, 0, 10},
-	".parainstructions":  {16, 0, 9},
-}
-
 // FromObject takes the fingerprint of function fn in a relocatable object
-// compiled with -ffunction-sections (the pre-fix object of a build).
-func FromObject(raw []byte, fn string) (Fingerprint, error) {
+// compiled with -ffunction-sections (the pre-fix object of a build) for
+// the kernel whose special-section layout is lay. An object with a
+// special section lay does not describe is refused (its sites could not
+// be masked).
+func FromObject(raw []byte, fn string, lay *layout.Layout) (Fingerprint, error) {
 	o, err := elfobj.Parse(raw)
 	if err != nil {
+		return Fingerprint{}, err
+	}
+	var names []string
+	for _, sec := range o.Sections {
+		names = append(names, sec.Name)
+	}
+	if err := lay.Check(names); err != nil {
 		return Fingerprint{}, err
 	}
 	sym := o.Symbol(fn)
@@ -116,22 +109,22 @@ func FromObject(raw []byte, fn string) (Fingerprint, error) {
 	for _, r := range sym.Section.RelocsIn(start, end) {
 		add(r.Offset, max(elfobj.SizeOf(r.Type), 1))
 	}
-	for name, site := range siteSections {
-		sec := o.Section(name)
-		if sec == nil {
+	for _, sec := range o.Sections {
+		site, ok := lay.Section(sec.Name)
+		if !ok || (site.Rewrite == 0 && site.Len.Size == 0) {
 			continue
 		}
 		for _, r := range sec.Relocs {
-			// A site's first relocation names its place in the code, as
-			// symbol+addend (absolute, or PC-relative to the entry's own
-			// first field, which is the same number).
-			if r.Offset%uint64(site.entry) != 0 || r.Symbol.Section != sym.Section {
+			// The relocation of an entry's site field names its place in
+			// the code, as symbol+addend (absolute, or PC-relative to the
+			// field itself, which is the same number).
+			if r.Offset%uint64(site.Entry) != uint64(site.Site) || r.Symbol == nil || r.Symbol.Section != sym.Section {
 				continue
 			}
-			n := site.length
-			if site.lenAt >= 0 {
-				i := int(r.Offset) + site.lenAt
-				if i >= len(sec.Data) {
+			n := site.Rewrite
+			if site.Len.Size > 0 {
+				i := r.Offset - uint64(site.Site) + uint64(site.Len.Offset)
+				if i >= uint64(len(sec.Data)) {
 					continue
 				}
 				n = int(sec.Data[i])

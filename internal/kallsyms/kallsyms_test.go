@@ -41,20 +41,18 @@ func targetImage(t testing.TB) *Image {
 	if testutils.InGuest() {
 		t.Skip("host only")
 	}
-	if _, err := os.Stat(vm.DefaultKernel); err != nil {
-		testutils.Unavailable(t, "kernel image %s not installed", vm.DefaultKernel)
-	}
+	image := testutils.BootImage(t)
 	target.once.Do(func() {
 		cache := CacheDir()
 		if err := os.MkdirAll(cache, 0o755); err != nil || writable(cache) != nil {
 			cache = filepath.Join(os.TempDir(), "stitch-kallsyms-test")
 		}
 		start := time.Now()
-		target.im, target.err = OpenImage(context.Background(), vm.DefaultKernel, cache, nil)
+		target.im, target.err = OpenImage(context.Background(), image, cache, nil)
 		target.took = time.Since(start)
 	})
 	if target.err != nil {
-		t.Fatalf("open %s: %v", vm.DefaultKernel, target.err)
+		t.Fatalf("open %s: %v", image, target.err)
 	}
 	return target.im
 }
@@ -73,10 +71,7 @@ func TestExtractVmlinux(t *testing.T) {
 	if testutils.InGuest() {
 		t.Skip("host only")
 	}
-	if _, err := os.Stat(vm.DefaultKernel); err != nil {
-		testutils.Unavailable(t, "kernel image %s not installed", vm.DefaultKernel)
-	}
-	image, err := os.ReadFile(vm.DefaultKernel)
+	image, err := os.ReadFile(testutils.BootImage(t))
 	if err != nil {
 		t.Fatal(err)
 	}

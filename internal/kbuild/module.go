@@ -15,11 +15,6 @@ import (
 // ErrNoHeaders means the linux-headers tree for a release is missing.
 var ErrNoHeaders = errors.New("kernel headers not installed")
 
-// HeadersDir is where Debian's linux-headers package for release lives.
-func HeadersDir(release string) string {
-	return "/usr/src/linux-headers-" + release
-}
-
 // BuildModule builds the external module name (its Kbuild file in dir
 // says `obj-m := name.o`) against the headers tree and returns the path
 // of name.ko. makeVars are extra make variables (e.g.
@@ -27,7 +22,7 @@ func HeadersDir(release string) string {
 // failure the error quotes the compiler's last lines.
 func BuildModule(ctx context.Context, headers, dir, name string, progress io.Writer, makeVars ...string) (string, error) {
 	if _, err := os.Stat(filepath.Join(headers, "Makefile")); err != nil {
-		return "", fmt.Errorf("%w: %s (install the linux-headers package of the target kernel)", ErrNoHeaders, headers)
+		return "", fmt.Errorf("%w: %s (`stitch kernel add RELEASE` fetches the headers of a kernel)", ErrNoHeaders, headers)
 	}
 	abs, err := filepath.Abs(dir)
 	if err != nil {

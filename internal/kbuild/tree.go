@@ -1,7 +1,6 @@
 package kbuild
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -14,11 +13,13 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/stitchpatch/stitch/internal/kernel"
 )
 
 var (
 	// ErrNoSource means the kernel's source package is not in the cache
-	// (scripts/install-deps.sh downloads it) or the release is unknown.
+	// (`stitch kernel add` fetches it) or none was named.
 	ErrNoSource = errors.New("kernel source not available")
 	// ErrCompiler means the installed compiler is not the one the kernel
 	// was built with; objects would not match the running code.
@@ -36,11 +37,6 @@ type Source struct {
 // Deb is the file name apt-get download gives the package.
 func (s Source) Deb() string { return s.Package + "_" + s.Version + "_all.deb" }
 
-// sources maps the releases Stitch supports to their exact source.
-var sources = map[string]Source{
-	"6.1.0-54-amd64": {Package: "linux-source-6.1", Version: "6.1.190-1"},
-}
-
 // CacheDir is where prepared trees and downloaded packages live:
 // $STITCH_CACHE, or /var/cache/stitch.
 func CacheDir() string {
@@ -50,16 +46,30 @@ func CacheDir() string {
 	return "/var/cache/stitch"
 }
 
-// TreeOptions say which tree to prepare and where.
+// TreeOptions say which tree to prepare and where; a kernel profile
+// (internal/kernel) gives the release, source, deb and config.
 type TreeOptions struct {
-	Release string // e.g. 6.1.0-54-amd64
-	Cache   string // default CacheDir()
-	// Config is the kernel configuration; default /boot/config-<release>.
-	Config string
-	Jobs   int          // make -j; default 2
-	Log    *slog.Logger // default: discard
+	Release string       // e.g. 6.1.0-54-amd64
+	Source  Source       // the kernel's exact source package
+	Deb     string       // its .deb; default Cache/debs/Source.Deb()
+	Cache   string       // default CacheDir()
+	Config  string       // the kernel's configuration (config-<release>)
+	Jobs    int          // make -j; default 2
+	Log     *slog.Logger // default: discard
 	// Progress receives kbuild's output as it runs; default: discarded.
 	Progress io.Writer
+}
+
+// OptionsFor is TreeOptions for a kernel profile: its release, exact
+// source and that source's .deb, and its config. Cache, Jobs and the
+// output are the caller's.
+func OptionsFor(p *kernel.Profile) TreeOptions {
+	return TreeOptions{
+		Release: p.Release,
+		Source:  Source{Package: p.Source.Name, Version: p.Source.Version},
+		Deb:     p.SourceDeb,
+		Config:  p.Config,
+	}
 }
 
 // Tree is a kernel source tree configured and prepared exactly like a
@@ -82,15 +92,18 @@ const swapJournal = ".stitch-swapped"
 // preparing it the first time (about a minute) and reusing it afterwards.
 // Concurrent callers, in this process or others, wait for one another.
 func PrepareTree(ctx context.Context, o TreeOptions) (*Tree, error) {
-	src, ok := sources[o.Release]
-	if !ok {
-		return nil, fmt.Errorf("%w: no source package known for release %q", ErrNoSource, o.Release)
+	src := o.Source
+	if src.Package == "" || src.Version == "" || o.Release == "" {
+		return nil, fmt.Errorf("%w: prepare tree: no release or source package given (%q, %+v)", ErrNoSource, o.Release, src)
+	}
+	if o.Config == "" {
+		return nil, fmt.Errorf("%w: prepare tree for %s: no kernel config given", ErrNoSource, o.Release)
 	}
 	if o.Cache == "" {
 		o.Cache = CacheDir()
 	}
-	if o.Config == "" {
-		o.Config = "/boot/config-" + o.Release
+	if o.Deb == "" {
+		o.Deb = filepath.Join(o.Cache, "debs", src.Deb())
 	}
 	if o.Jobs <= 0 {
 		o.Jobs = 2
@@ -116,12 +129,12 @@ func PrepareTree(ctx context.Context, o TreeOptions) (*Tree, error) {
 		return nil, err
 	}
 	defer unlock()
-	want := fmt.Sprintf("%s %s\n%s", src.Package, src.Version, configText(config))
+	want := fmt.Sprintf("%s %s\n%s", src.Package, src.Version, kernel.CompilerText(config))
 	if got, err := os.ReadFile(filepath.Join(t.Dir, stamp)); err == nil && string(got) == want {
 		return t, t.restoreSwapped()
 	}
 	if _, err := os.Stat(filepath.Join(t.Dir, "Makefile")); err != nil {
-		if err := t.unpack(ctx, filepath.Join(o.Cache, "debs", src.Deb()), src); err != nil {
+		if err := t.unpack(ctx, o.Deb, src); err != nil {
 			return nil, err
 		}
 	}
@@ -144,22 +157,11 @@ func PrepareTree(ctx context.Context, o TreeOptions) (*Tree, error) {
 	return t, nil
 }
 
-// configText is CONFIG_CC_VERSION_TEXT's value, or "".
-func configText(config []byte) string {
-	sc := bufio.NewScanner(bytes.NewReader(config))
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "CONFIG_CC_VERSION_TEXT="); ok {
-			return strings.Trim(v, `"`)
-		}
-	}
-	return ""
-}
-
 // matchCompiler finds the compiler whose `--version` first line is the
 // configuration's CONFIG_CC_VERSION_TEXT: the name it starts with
 // (gcc-12 on Debian), then plain gcc.
 func matchCompiler(ctx context.Context, config []byte) (string, error) {
-	text := configText(config)
+	text := kernel.CompilerText(config)
 	if text == "" {
 		return "", fmt.Errorf("%w: the kernel config has no CONFIG_CC_VERSION_TEXT", ErrCompiler)
 	}
@@ -221,7 +223,7 @@ func (t *Tree) lock(ctx context.Context) (unlock func(), err error) {
 // temporary directory so that a half-unpacked tree is never used.
 func (t *Tree) unpack(ctx context.Context, deb string, src Source) error {
 	if _, err := os.Stat(deb); err != nil {
-		return fmt.Errorf("%w: %v (scripts/install-deps.sh downloads it)", ErrNoSource, err)
+		return fmt.Errorf("%w: %v (`stitch kernel add %s` fetches it)", ErrNoSource, err, t.Release)
 	}
 	tmp := t.Dir + ".unpack"
 	if err := os.RemoveAll(tmp); err != nil {

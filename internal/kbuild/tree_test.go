@@ -8,9 +8,23 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/stitchpatch/stitch/internal/kernel"
 )
 
-const testRelease = "6.1.0-54-amd64"
+// testProfile opens the default kernel's profile, or skips on a
+// developer machine without it (fails in CI).
+func testProfile(t *testing.T) *kernel.Profile {
+	t.Helper()
+	p, err := kernel.Open(context.Background(), CacheDir(), kernel.Default)
+	if err != nil {
+		if os.Getenv("CI") == "" {
+			t.Skipf("no kernel %s (run scripts/install-deps.sh): %v", kernel.Default, err)
+		}
+		t.Fatal(err)
+	}
+	return p
+}
 
 // testTree prepares the real kernel tree once per test binary run (the
 // stamp makes later runs cheap). Without the source package or the
@@ -19,7 +33,7 @@ func testTree(t *testing.T) *Tree {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	tree, err := PrepareTree(ctx, TreeOptions{Release: testRelease})
+	tree, err := PrepareTree(ctx, OptionsFor(testProfile(t)))
 	if err != nil {
 		if os.Getenv("CI") == "" && (errors.Is(err, ErrNoSource) || errors.Is(err, ErrCompiler)) {
 			t.Skipf("no kernel tree (run scripts/install-deps.sh): %v", err)
@@ -27,13 +41,6 @@ func testTree(t *testing.T) *Tree {
 		t.Fatal(err)
 	}
 	return tree
-}
-
-func TestConfigText(t *testing.T) {
-	cfg := []byte("CONFIG_A=y\nCONFIG_CC_VERSION_TEXT=\"gcc-12 (Debian 12.2.0-14+deb12u1) 12.2.0\"\n")
-	if got := configText(cfg); got != "gcc-12 (Debian 12.2.0-14+deb12u1) 12.2.0" {
-		t.Errorf("configText = %q", got)
-	}
 }
 
 func TestCompilerMismatch(t *testing.T) {
@@ -49,18 +56,24 @@ func TestCompilerMismatch(t *testing.T) {
 	}
 }
 
-func TestUnknownRelease(t *testing.T) {
-	_, err := PrepareTree(context.Background(), TreeOptions{Release: "1.0-bogus", Cache: t.TempDir()})
-	if !errors.Is(err, ErrNoSource) {
-		t.Fatalf("err = %v, want ErrNoSource", err)
+// Without a source package or a config there is nothing to prepare.
+func TestNoSource(t *testing.T) {
+	for _, o := range []TreeOptions{
+		{Release: "6.1.0-54-amd64", Config: "/boot/config-6.1.0-54-amd64"},
+		{Release: "6.1.0-54-amd64", Source: Source{Package: "linux-source-6.1", Version: "6.1.190-1"}},
+		{Source: Source{Package: "linux-source-6.1", Version: "6.1.190-1"}, Config: "/boot/config-6.1.0-54-amd64"},
+	} {
+		o.Cache = t.TempDir()
+		if _, err := PrepareTree(context.Background(), o); !errors.Is(err, ErrNoSource) {
+			t.Errorf("%+v: err = %v, want ErrNoSource", o, err)
+		}
 	}
 }
 
 func TestMissingDeb(t *testing.T) {
-	if _, err := os.Stat("/boot/config-" + testRelease); err != nil {
-		t.Skip("no /boot/config-" + testRelease)
-	}
-	_, err := PrepareTree(context.Background(), TreeOptions{Release: testRelease, Cache: t.TempDir()})
+	o := OptionsFor(testProfile(t))
+	o.Cache, o.Deb = t.TempDir(), ""
+	_, err := PrepareTree(context.Background(), o)
 	if !errors.Is(err, ErrNoSource) && !errors.Is(err, ErrCompiler) {
 		t.Fatalf("err = %v, want ErrNoSource", err)
 	}

@@ -6,10 +6,12 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 
 	"github.com/stitchpatch/stitch/internal/elfobj"
+	"github.com/stitchpatch/stitch/internal/layout"
 )
 
 // ErrUnpatchable means the functions cannot be carried by a livepatch
@@ -46,8 +48,11 @@ type Resolver func(name string, local bool) (Ref, error)
 // ObjectInput is one compiled object of the fix (the post-fix .o) and
 // what to take from it.
 type ObjectInput struct {
-	Object  string // klp object: "vmlinux" or a module name
-	Post    []byte // the post-fix object file
+	Object string // klp object: "vmlinux" or a module name
+	Post   []byte // the post-fix object file
+	// Layout is the target kernel's special-section layout: the entries
+	// of the carried functions are cut out of the tables it describes.
+	Layout  *layout.Layout
 	Funcs   []Func
 	NewData []string // static data the fix adds: carried, not referenced
 	Resolve Resolver
@@ -84,25 +89,6 @@ func symbolAt(sec *elfobj.Section, addend int64, typ elf.R_X86_64) *elfobj.Symbo
 	return nil
 }
 
-// Entry sizes of the special sections whose entries point at code (x86-64,
-// Linux 6.1: arch/x86/include/asm/{bug,extable,jump_label,alternative,
-// static_call,paravirt_types}.h and objtool). An entry is carried when its
-// first relocation points into a carried section.
-var specialSections = map[string]int{
-	"__bug_table":        12,
-	"__ex_table":         12,
-	"__jump_table":       16,
-	".altinstructions":   12,
-	".static_call_sites": 8,
-	".retpoline_sites":   4,
-	".return_sites":      4,
-	".orc_unwind_ip":     4,
-	"__mcount_loc":       8,
-	".smp_locks":         4,
-	".parainstructions":  16,
-	".ibt_endbr_seal":    4,
-}
-
 // KeySections hold entries the module loader acts on before livepatch has
 // applied klp relocations: their keys must be exported symbols (or the
 // entries dropped, see droppedSite).
@@ -131,6 +117,14 @@ func WriteObject(in *ObjectInput, aliasPrefix string) ([]byte, map[string]string
 	o, err := elfobj.Parse(in.Post)
 	if err != nil {
 		return nil, nil, fmt.Errorf("read post-fix object: %w", err)
+	}
+	var names []string
+	for _, sec := range o.Sections {
+		names = append(names, sec.Name)
+	}
+	if err := in.Layout.Check(names); err != nil {
+		// Its entries for the carried code could not be cut out.
+		return nil, nil, fmt.Errorf("%w: %w", ErrUnpatchable, err)
 	}
 	b := &builder{in: in, o: o, keep: map[*elfobj.Section]bool{}, undef: map[string]bool{}, alias: map[string]string{}}
 	for _, fn := range in.Funcs {
@@ -296,21 +290,24 @@ type special struct {
 }
 
 // specials cuts every special section of the post object down to the
-// entries whose first relocation points into carried code. .orc_unwind
-// has no relocations: it follows .orc_unwind_ip entry for entry.
+// entries whose site (the relocation of the field that locates it)
+// points into carried code. A table without relocations (.orc_unwind)
+// follows another entry for entry.
 func (b *builder) specials() []special {
 	var out []special
-	var orcKept []int
+	kept := map[string][]int{} // entries kept, by section
 	for _, sec := range b.o.Sections {
-		size, ok := specialSections[sec.Name]
-		if !ok {
+		l, ok := b.in.Layout.Section(sec.Name)
+		if !ok || l.Follows != "" {
 			continue
 		}
+		size := l.Entry
 		sp := special{sec: sec}
-		var kept []int
+		var k []int
 		for e := 0; e+size <= len(sec.Data); e += size {
 			entry := sec.RelocsIn(uint64(e), uint64(e+size))
-			if len(entry) == 0 || !b.keep[entry[0].Symbol.Section] || b.droppedSite(sec, entry) {
+			site := slices.IndexFunc(entry, func(r elfobj.Reloc) bool { return r.Offset == uint64(e+l.Site) })
+			if site < 0 || entry[site].Symbol == nil || !b.keep[entry[site].Symbol.Section] || b.droppedSite(sec, entry) {
 				continue
 			}
 			base := uint64(len(sp.data))
@@ -319,21 +316,23 @@ func (b *builder) specials() []special {
 				r.Offset = r.Offset - uint64(e) + base
 				sp.rels = append(sp.rels, r)
 			}
-			kept = append(kept, e/size)
+			k = append(k, e/size)
 		}
-		if len(kept) == 0 {
+		if len(k) == 0 {
 			continue
 		}
-		if sec.Name == ".orc_unwind_ip" {
-			orcKept = kept
-		}
+		kept[sec.Name] = k
 		out = append(out, sp)
 	}
-	if orc := b.o.Section(".orc_unwind"); orc != nil && orcKept != nil {
-		sp := special{sec: orc}
-		for _, k := range orcKept {
-			if (k+1)*6 <= len(orc.Data) {
-				sp.data = append(sp.data, orc.Data[k*6:(k+1)*6]...)
+	for _, sec := range b.o.Sections {
+		l, ok := b.in.Layout.Section(sec.Name)
+		if !ok || l.Follows == "" || kept[l.Follows] == nil {
+			continue
+		}
+		sp := special{sec: sec}
+		for _, k := range kept[l.Follows] {
+			if (k+1)*l.Entry <= len(sec.Data) {
+				sp.data = append(sp.data, sec.Data[k*l.Entry:(k+1)*l.Entry]...)
 			}
 		}
 		out = append(out, sp)

@@ -8,7 +8,9 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/stitchpatch/stitch/internal/layout"
 	"github.com/stitchpatch/stitch/internal/testutils"
+	"github.com/stitchpatch/stitch/internal/testutils/testlayout"
 )
 
 func compile(t *testing.T, src string) []byte { return testutils.CompileObject(t, src) }
@@ -27,6 +29,7 @@ func TestWriteObject(t *testing.T) {
 	post := compile(t, "testdata/writer/fix.c")
 	in := &ObjectInput{
 		Object:  "vmlinux",
+		Layout:  testlayout.Real(t),
 		Post:    post,
 		Funcs:   []Func{{Name: "changed"}},
 		Resolve: exportedOnly("exported_thing", "printf", "__fentry__"),
@@ -104,6 +107,7 @@ func relaCount(f *elf.File, name string) int {
 func TestWriteObjectRefusesInitReference(t *testing.T) {
 	in := &ObjectInput{
 		Object:  "vmlinux",
+		Layout:  testlayout.Real(t),
 		Post:    compile(t, "testdata/writer/fix.c"),
 		Funcs:   []Func{{Name: "uses_init"}},
 		Resolve: exportedOnly("__fentry__"),
@@ -116,7 +120,7 @@ func TestWriteObjectRefusesInitReference(t *testing.T) {
 }
 
 func TestWriteObjectUnknownFunction(t *testing.T) {
-	in := &ObjectInput{Object: "vmlinux", Post: compile(t, "testdata/writer/fix.c"), Funcs: []Func{{Name: "nope"}}, Resolve: exportedOnly()}
+	in := &ObjectInput{Object: "vmlinux", Layout: testlayout.Real(t), Post: compile(t, "testdata/writer/fix.c"), Funcs: []Func{{Name: "nope"}}, Resolve: exportedOnly()}
 	if _, _, err := WriteObject(in, "x"); !errors.Is(err, ErrUnpatchable) {
 		t.Errorf("WriteObject(nope) = %v", err)
 	}
@@ -131,7 +135,7 @@ func TestWriteObjectUnknownFunction(t *testing.T) {
 // unexported key is refused.
 func TestWriteObjectJumpLabels(t *testing.T) {
 	post := compile(t, "testdata/writer/jump.c")
-	in := &ObjectInput{Object: "vmlinux", Post: post, Funcs: []Func{{Name: "traced"}}, Resolve: exportedOnly("__fentry__")}
+	in := &ObjectInput{Object: "vmlinux", Layout: testlayout.Real(t), Post: post, Funcs: []Func{{Name: "traced"}}, Resolve: exportedOnly("__fentry__")}
 	out, _, err := WriteObject(in, "__stitch_fn_0_")
 	if err != nil {
 		t.Fatalf("tracepoint site: %v", err)
@@ -167,7 +171,7 @@ func TestWriteObjectStaticCall(t *testing.T) {
 		if exported {
 			names = append(names, "__SCK__stitch_call", "__SCT__stitch_call")
 		}
-		in := &ObjectInput{Object: "vmlinux", Post: post, Funcs: []Func{{Name: "called"}}, Resolve: exportedOnly(names...)}
+		in := &ObjectInput{Object: "vmlinux", Layout: testlayout.Real(t), Post: post, Funcs: []Func{{Name: "called"}}, Resolve: exportedOnly(names...)}
 		out, _, err := WriteObject(in, "__stitch_fn_0_")
 		if err != nil {
 			t.Fatalf("exported=%v: %v", exported, err)
@@ -188,7 +192,7 @@ func TestWriteObjectStaticCall(t *testing.T) {
 func TestWriteObjectCarriesMissingHelper(t *testing.T) {
 	post := compile(t, "testdata/writer/fix.c")
 	base := exportedOnly("exported_thing", "printf", "__fentry__")
-	in := &ObjectInput{Object: "vmlinux", Post: post, Funcs: []Func{{Name: "changed"}},
+	in := &ObjectInput{Object: "vmlinux", Layout: testlayout.Real(t), Post: post, Funcs: []Func{{Name: "changed"}},
 		Resolve: func(name string, local bool) (Ref, error) {
 			if name == "helper" {
 				return Ref{Carry: true}, nil
@@ -214,6 +218,7 @@ func TestWriteObjectCarriesMissingHelper(t *testing.T) {
 func TestWriteObjectEndOfArray(t *testing.T) {
 	in := &ObjectInput{
 		Object:  "vmlinux",
+		Layout:  testlayout.Real(t),
 		Post:    compile(t, "testdata/writer/endptr.c"),
 		Funcs:   []Func{{Name: "walk"}},
 		Resolve: exportedOnly("__fentry__", "use"),
@@ -242,5 +247,45 @@ func TestWriteObjectEndOfArray(t *testing.T) {
 	}
 	if !found {
 		t.Error("no relocation to .klp.sym.vmlinux.pool,0 + 384 (the end of pool)")
+	}
+}
+
+// The entries of carried code are cut out of the tables the kernel's
+// layout describes; .orc_unwind, which has no relocations, follows
+// .orc_unwind_ip entry for entry. A table the layout lacks is refused.
+func TestWriteObjectSpecialSections(t *testing.T) {
+	post := compile(t, "testdata/writer/sites.c")
+	lay := testlayout.Real(t)
+	in := &ObjectInput{Object: "vmlinux", Layout: lay, Post: post, Funcs: []Func{{Name: "second"}}, Resolve: exportedOnly("__fentry__")}
+	out, _, err := WriteObject(in, "__stitch_fn_0_")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := elf.NewFile(bytes.NewReader(out))
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := func(name string) []byte {
+		s := f.Section(name)
+		if s == nil {
+			t.Fatalf("output lacks %s", name)
+		}
+		d, _ := s.Data()
+		return d
+	}
+	// second's entries only: its ORC entry (2s), its paravirt site.
+	if d := data(".orc_unwind"); !bytes.Equal(d, bytes.Repeat([]byte{2}, 6)) {
+		t.Errorf(".orc_unwind = % x, want second's entry", d)
+	}
+	if d := data(".orc_unwind_ip"); len(d) != 4 {
+		t.Errorf(".orc_unwind_ip has %d bytes, want one entry", len(d))
+	}
+	if d := data(".parainstructions"); len(d) != 16 || d[9] != 7 {
+		t.Errorf(".parainstructions = % x, want second's 7-byte site", d)
+	}
+
+	delete(lay.Sections, ".parainstructions") // as 6.12's
+	if _, _, err := WriteObject(in, "__stitch_fn_0_"); !errors.Is(err, ErrUnpatchable) || !errors.Is(err, layout.ErrUnknownSection) {
+		t.Errorf("without a layout of .parainstructions: %v", err)
 	}
 }

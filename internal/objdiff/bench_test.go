@@ -5,6 +5,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/stitchpatch/stitch/internal/testutils/testlayout"
 )
 
 type objPair struct{ pre, post string }
@@ -67,11 +69,12 @@ func benchPairs(b *testing.B) []objPair {
 // BenchmarkDiffDir diffs a whole directory of object pairs per iteration.
 func BenchmarkDiffDir(b *testing.B) {
 	pairs := benchPairs(b)
+	lay := testlayout.Real(b)
 	b.ReportAllocs()
 	b.ResetTimer()
 	for b.Loop() {
 		for _, p := range pairs {
-			if _, err := DiffFiles(p.pre, p.post); err != nil {
+			if _, err := DiffFiles(p.pre, p.post, lay); err != nil {
 				b.Fatal(err)
 			}
 		}

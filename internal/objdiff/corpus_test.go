@@ -7,6 +7,8 @@ import (
 	"sort"
 	"strings"
 	"testing"
+
+	"github.com/stitchpatch/stitch/internal/testutils/testlayout"
 )
 
 // TestCorpus diffs every single-file fix of a corpus directory
@@ -20,6 +22,7 @@ func TestCorpus(t *testing.T) {
 		t.Skip("set STITCH_CORPUS to a directory of fixes")
 	}
 	tree := kernelTree(t)
+	lay := testlayout.Real(t)
 	patches, err := filepath.Glob(filepath.Join(dir, "*.patch"))
 	if err != nil {
 		t.Fatal(err)
@@ -55,7 +58,7 @@ func TestCorpus(t *testing.T) {
 				t.Logf("%s: %s not built: %v", filepath.Base(p), obj, firstLine(err))
 				continue
 			}
-			res, err := DiffFiles(pre, post)
+			res, err := DiffFiles(pre, post, lay)
 			if err != nil {
 				t.Errorf("%s: %v", filepath.Base(p), err)
 				continue

@@ -8,10 +8,12 @@ import (
 	"strings"
 
 	"github.com/stitchpatch/stitch/internal/elfobj"
+	"github.com/stitchpatch/stitch/internal/layout"
 )
 
-// DiffFiles reads and compares two object files.
-func DiffFiles(prePath, postPath string) (*Result, error) {
+// DiffFiles reads and compares two object files compiled for the kernel
+// whose special-section layout is lay.
+func DiffFiles(prePath, postPath string, lay *layout.Layout) (*Result, error) {
 	pre, err := elfobj.Open(prePath)
 	if err != nil {
 		return nil, fmt.Errorf("%w: pre: %w", ErrNoObject, err)
@@ -20,19 +22,24 @@ func DiffFiles(prePath, postPath string) (*Result, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: post: %w", ErrNoObject, err)
 	}
-	return Diff(pre, post), nil
+	return Diff(pre, post, lay), nil
 }
 
-// Diff compares a pre and a post object.
-func Diff(pre, post *elfobj.Object) *Result {
+// Diff compares a pre and a post object compiled for the kernel whose
+// special-section layout is lay. A special section the layout does not
+// describe is a problem of the result: the change cannot be judged.
+func Diff(pre, post *elfobj.Object, lay *layout.Layout) *Result {
 	c := correlate(pre, post)
 	d := &differ{
 		c: c, a: side{obj: pre, c: c}, b: side{obj: post, c: c, post: true},
+		lay:       lay,
 		res:       &Result{},
 		unchanged: map[*elfobj.Symbol]bool{},
 		carried:   map[*elfobj.Symbol]bool{},
 		notrace:   map[*elfobj.Symbol]bool{},
 	}
+	d.unknownSpecials(pre)
+	d.unknownSpecials(post)
 	d.functions()
 	d.specialEntries()
 	d.data()
@@ -57,6 +64,7 @@ func Diff(pre, post *elfobj.Object) *Result {
 type differ struct {
 	c    *correlation
 	a, b side
+	lay  *layout.Layout
 	res  *Result
 	// Post-object functions: changed (to be replaced), new, and the rest.
 	changed, news []*elfobj.Symbol
@@ -233,7 +241,7 @@ func (d *differ) data() {
 // patch carries a copy of the function with the new entries, which the
 // kernel consults for the module's code.
 func (d *differ) specialEntries() {
-	ga, gb := entryGroups(d.a), entryGroups(d.b)
+	ga, gb := entryGroups(d.a, d.lay), entryGroups(d.b, d.lay)
 	for fb := range d.unchanged {
 		if !slices.Equal(ga[d.c.post2pre[fb]], gb[fb]) {
 			d.replace(fb)

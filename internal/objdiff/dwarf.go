@@ -70,15 +70,15 @@ type field struct {
 	bitOff, bitLen int64
 }
 
-type layout struct {
+type typeLayout struct {
 	size   int64
 	fields []field
 }
 
 // layouts collects the complete named structs and unions of every
 // compilation unit, keyed "struct name" / "union name".
-func layouts(d *dwarf.Data) map[string]layout {
-	out := map[string]layout{}
+func layouts(d *dwarf.Data) map[string]typeLayout {
+	out := map[string]typeLayout{}
 	r := d.Reader()
 	for {
 		e, err := r.Next()
@@ -103,7 +103,7 @@ func layouts(d *dwarf.Data) map[string]layout {
 		if _, dup := out[key]; dup {
 			continue
 		}
-		l := layout{size: st.ByteSize}
+		l := typeLayout{size: st.ByteSize}
 		for _, f := range st.Field {
 			l.fields = append(l.fields, field{
 				name: f.Name, offset: f.ByteOffset, typ: typeName(f.Type), size: f.Type.Size(),
@@ -134,7 +134,7 @@ func typeName(t dwarf.Type) string {
 }
 
 // layoutChange describes the first difference between two layouts, or "".
-func layoutChange(a, b layout) string {
+func layoutChange(a, b typeLayout) string {
 	fa := map[string]field{}
 	for i, f := range a.fields {
 		fa[fieldKey(f, i)] = f

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/kernel"
+	"github.com/stitchpatch/stitch/internal/testutils/testlayout"
 )
 
 // kernelTree prepares the real 6.1.190 tree (cached across runs). It
@@ -20,7 +22,14 @@ func kernelTree(t testing.TB) *kbuild.Tree {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	tree, err := kbuild.PrepareTree(ctx, kbuild.TreeOptions{Release: "6.1.0-54-amd64"})
+	p, err := kernel.Open(ctx, kbuild.CacheDir(), kernel.Default)
+	if err != nil {
+		if os.Getenv("CI") == "" {
+			t.Skipf("no kernel %s (run scripts/install-deps.sh): %v", kernel.Default, err)
+		}
+		t.Fatal(err)
+	}
+	tree, err := kbuild.PrepareTree(ctx, kbuild.OptionsFor(p))
 	if err != nil {
 		if os.Getenv("CI") == "" && (errors.Is(err, kbuild.ErrNoSource) || errors.Is(err, kbuild.ErrCompiler)) {
 			t.Skipf("no kernel tree (run scripts/install-deps.sh): %v", err)
@@ -38,6 +47,7 @@ func TestKernelFixes(t *testing.T) {
 		t.Skip("compiles kernel objects")
 	}
 	tree := kernelTree(t)
+	lay := testlayout.Real(t)
 	tests := []struct {
 		fix     string
 		object  string
@@ -76,7 +86,7 @@ func TestKernelFixes(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			res, err := DiffFiles(pre, post)
+			res, err := DiffFiles(pre, post, lay)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/stitchpatch/stitch/internal/elfobj"
+	"github.com/stitchpatch/stitch/internal/testutils/testlayout"
 )
 
 // kernelFlags are the code-generation flags of an x86-64 kernel build that
@@ -152,7 +153,7 @@ func TestFixtures(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			pre, post := compileCase(t, tt.name)
-			res, err := DiffFiles(pre, post)
+			res, err := DiffFiles(pre, post, testlayout.Real(t))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -209,7 +210,7 @@ func TestFixtures(t *testing.T) {
 // The same object against itself differs in nothing.
 func TestIdentical(t *testing.T) {
 	pre, _ := compileCase(t, "inline")
-	res, err := DiffFiles(pre, pre)
+	res, err := DiffFiles(pre, pre, testlayout.Real(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -222,7 +223,7 @@ func TestIdentical(t *testing.T) {
 // generator needs it.
 func TestRefs(t *testing.T) {
 	pre, post := compileCase(t, "newhelper")
-	res, err := DiffFiles(pre, post)
+	res, err := DiffFiles(pre, post, testlayout.Real(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -249,7 +250,7 @@ func TestNotObject(t *testing.T) {
 	if err := os.WriteFile(p, []byte("not an object"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	_, err := DiffFiles(p, p)
+	_, err := DiffFiles(p, p, nil)
 	if !errorsIs(err, ErrNoObject) || !errorsIs(err, elfobj.ErrNotObject) {
 		t.Fatalf("err = %v, want ErrNoObject and elfobj.ErrNotObject", err)
 	}
@@ -276,7 +277,7 @@ func TestBaseName(t *testing.T) {
 // same variable (calls.1 before, calls.2 after), so it is not new.
 func TestStaticLocalCorrelation(t *testing.T) {
 	pre, post := compileCase(t, "staticlocal")
-	res, err := DiffFiles(pre, post)
+	res, err := DiffFiles(pre, post, testlayout.Real(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -300,7 +301,7 @@ func TestStaticLocalCorrelation(t *testing.T) {
 // The function using changed constant data refers to the patch's copy.
 func TestCarriedConstant(t *testing.T) {
 	pre, post := compileCase(t, "rodata")
-	res, err := DiffFiles(pre, post)
+	res, err := DiffFiles(pre, post, testlayout.Real(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -319,11 +320,33 @@ func TestCarriedConstant(t *testing.T) {
 
 func TestNotraceCopyMarked(t *testing.T) {
 	pre, post := compileCase(t, "notrace_static")
-	res, err := DiffFiles(pre, post)
+	res, err := DiffFiles(pre, post, testlayout.Real(t))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(res.New) != 1 || !res.New[0].Notrace {
 		t.Errorf("new = %+v, want do_sys_setattr marked notrace", res.New)
+	}
+}
+
+// TestUnknownSpecialSection: an object with a special section that its
+// kernel's layout does not describe (6.12 has no .parainstructions) is
+// refused with the reason; with the layout that has it, it is not.
+func TestUnknownSpecialSection(t *testing.T) {
+	pre, post := compileCase(t, "paravirt")
+	lay := testlayout.Real(t)
+	res, err := DiffFiles(pre, post, lay)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(names(res.Changed), []string{"through_pv"}) || len(res.Unsafe) > 0 {
+		t.Fatalf("6.1: changed %v, unsafe %v", names(res.Changed), res.Unsafe)
+	}
+	delete(lay.Sections, ".parainstructions")
+	if res, err = DiffFiles(pre, post, lay); err != nil {
+		t.Fatal(err)
+	}
+	if got := kinds(res.Unsafe); !slices.Equal(got, []string{KindSpecialSection + ":.parainstructions"}) || !strings.Contains(res.Unsafe[0].Reason, "paravirt_patch_site") {
+		t.Errorf("without the layout of .parainstructions: unsafe %v", res.Unsafe)
 	}
 }

@@ -96,6 +96,9 @@ const (
 	KindNoFentry     = "no-fentry"    // changed function without a __fentry__ call
 	KindTypeLayout   = "type-layout"  // a struct or union changed layout
 	KindUncorrelated = "uncorrelated" // a symbol could not be matched with certainty
+	// KindSpecialSection: the object has a special section its kernel's
+	// layout does not describe (the Symbol is the section).
+	KindSpecialSection = "special-section"
 )
 
 // Problem is one change that cannot be live-patched.

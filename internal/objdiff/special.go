@@ -2,52 +2,39 @@ package objdiff
 
 import (
 	"debug/elf"
+	"slices"
 	"strings"
 
 	"github.com/stitchpatch/stitch/internal/elfobj"
+	"github.com/stitchpatch/stitch/internal/layout"
 )
 
-// specialSection describes a table whose entries each annotate one place
-// in a function: the kernel rewrites or consults that place at run time.
-type specialSection struct {
-	entsize int
-	// line is the offset and width of a __LINE__ field inside an entry,
-	// ignored when comparing; width 0 for none.
-	lineOff, lineLen int
-}
-
-// specialSections are the x86-64 tables of Linux 6.1 whose entries
-// describe the code of one function. Tables derived from code alone
-// (ORC, mcount, retpoline and return sites) are not listed: they change
-// only when the code does.
-var specialSections = map[string]specialSection{
-	// struct bug_entry with relative pointers and BUGVERBOSE:
-	// bug_addr_disp, file_disp, line, flags.
-	"__bug_table": {entsize: 12, lineOff: 8, lineLen: 2},
-	// struct exception_table_entry: insn, fixup, data.
-	"__ex_table": {entsize: 12},
-	// struct jump_entry: code, target, key.
-	"__jump_table": {entsize: 16},
-	// struct alt_instr: instr_offset, repl_offset, cpuid, instrlen, replacementlen.
-	".altinstructions": {entsize: 12},
-	// struct static_call_site: addr, key.
-	".static_call_sites": {entsize: 8},
-	// struct paravirt_patch_site: instr, type, len.
-	".parainstructions": {entsize: 16},
-	".smp_locks":        {entsize: 4},
+// unknownSpecials records the special sections of an object that its
+// kernel's layout does not describe: their entries cannot be compared
+// without guessing their format.
+func (d *differ) unknownSpecials(o *elfobj.Object) {
+	for _, sec := range o.Sections {
+		err := d.lay.Check([]string{sec.Name})
+		if err == nil || slices.ContainsFunc(d.res.Unsafe, func(p Problem) bool { return p.Kind == KindSpecialSection && p.Symbol == sec.Name }) {
+			continue
+		}
+		d.res.unsafe(KindSpecialSection, sec.Name, err.Error())
+	}
 }
 
 // entryGroups splits the special sections of an object into entries and
 // groups the signature of the entries by the function they annotate.
 // Keys are function symbols; the signature is comparable across objects.
-func entryGroups(s side) map[*elfobj.Symbol][]string {
+// Tables derived from the code alone (ORC, mcount, retpoline and return
+// sites) are left out: they change only when the code does.
+func entryGroups(s side, lay *layout.Layout) map[*elfobj.Symbol][]string {
 	groups := map[*elfobj.Symbol][]string{}
 	for _, sec := range s.obj.Sections {
-		spec, ok := specialSections[sec.Name]
-		if !ok || sec.Data == nil {
+		spec, ok := lay.Section(sec.Name)
+		if !ok || spec.Derived || spec.Follows != "" || sec.Data == nil {
 			continue
 		}
-		n := spec.entsize
+		n := spec.Entry
 		for off := 0; off+n <= len(sec.Data); off += n {
 			relocs := sec.RelocsIn(uint64(off), uint64(off+n))
 			var owner *elfobj.Symbol
@@ -61,8 +48,9 @@ func entryGroups(s side) map[*elfobj.Symbol][]string {
 				continue
 			}
 			entry := masked(sec.Data[off:off+n], relocs, uint64(off))
-			for i := 0; i < spec.lineLen; i++ {
-				entry[spec.lineOff+i] = 0
+			// A __LINE__ is ignored: it moves with the lines above.
+			for i := 0; i < spec.Line.Size; i++ {
+				entry[spec.Line.Offset+i] = 0
 			}
 			var b strings.Builder
 			b.WriteString(sec.Name)

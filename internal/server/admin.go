@@ -21,6 +21,10 @@ func (s *Server) registerPatch(w http.ResponseWriter, r *http.Request) {
 	if !decode(w, r, &req) {
 		return
 	}
+	if contract.ValidContainedTarget(req.Target) {
+		fail(w, http.StatusBadRequest, fmt.Sprintf("target %q is a contained record: its kernel needs no patch, so there is nothing to roll out; the server reads contained records from its repository by itself (see /v1/admin/reports/fixes)", req.Target))
+		return
+	}
 	if !contract.ValidTarget(req.Target) {
 		fail(w, http.StatusBadRequest, fmt.Sprintf("target %q: want a published target name (RELEASE/NAME-HASH.stitch, see `stitch repo list`)", req.Target))
 		return
@@ -37,7 +41,7 @@ func (s *Server) registerPatch(w http.ResponseWriter, r *http.Request) {
 	now := s.now()
 	m := b.Manifest
 	p := store.Patch{Target: req.Target, Name: m.Name, KernelRelease: m.Kernel.Release, KernelBuildID: m.Kernel.BuildID,
-		CVEs: m.CVEs, Description: m.Description, RegisteredAt: now, UpdatedAt: now, State: string(rollout.Running), StageStarted: []time.Time{now}}
+		CVEs: m.CVEs, Upstream: m.Upstreams(), Description: m.Description, RegisteredAt: now, UpdatedAt: now, State: string(rollout.Running), StageStarted: []time.Time{now}}
 	err = s.Store.RegisterPatch(r.Context(), p)
 	switch {
 	case errors.Is(err, store.ErrExists):

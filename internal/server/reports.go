@@ -109,10 +109,16 @@ func (f *fleet) forKernel(m store.Machine) []store.Patch {
 }
 
 func (s *Server) reportMachines(w http.ResponseWriter, r *http.Request) {
-	f, err := s.readFleet(r)
+	f, cs, err := s.coverageInputs(r)
 	if err != nil {
 		s.internal(w, "report", err)
 		return
+	}
+	// The CVEs each kernel's own source fixes.
+	contained := map[kernelID][]string{}
+	for _, c := range cs {
+		k := kernelID{c.KernelRelease, c.KernelBuildID}
+		contained[k] = append(contained[k], c.CVEs...)
 	}
 	byTarget := map[string]store.Patch{}
 	for _, p := range f.patches {
@@ -131,6 +137,9 @@ func (s *Server) reportMachines(w http.ResponseWriter, r *http.Request) {
 				}
 			}
 		}
+		if m.KernelRelease != "" {
+			rep.FixedCVEs = append(rep.FixedCVEs, contained[kernelID{m.KernelRelease, m.KernelBuildID}]...)
+		}
 		for _, p := range f.forKernel(m) {
 			if !f.applied[m.ID][p.Target] && !rollout.State(p.State).Reverts() {
 				rep.Missing = append(rep.Missing, p.Target)
@@ -145,49 +154,12 @@ func (s *Server) reportMachines(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) reportCVEs(w http.ResponseWriter, r *http.Request) {
-	f, err := s.readFleet(r)
+	f, cs, err := s.coverageInputs(r)
 	if err != nil {
 		s.internal(w, "report", err)
 		return
 	}
-	byCVE := map[string]*api.CVEReport{}
-	var order []string
-	for _, p := range f.patches {
-		for _, c := range p.CVEs {
-			if byCVE[c] == nil {
-				byCVE[c] = &api.CVEReport{CVE: c, Patches: []string{}, Exposed: []string{}}
-				order = append(order, c)
-			}
-			byCVE[c].Patches = append(byCVE[c].Patches, p.Target)
-		}
-	}
-	for _, m := range f.machines {
-		// exposed: the CVEs some patch for this kernel fixes; fixed: those
-		// an applied patch fixes.
-		exposed, fixed := map[string]bool{}, map[string]bool{}
-		for _, p := range f.forKernel(m) {
-			for _, c := range p.CVEs {
-				exposed[c] = true
-				if f.applied[m.ID][p.Target] {
-					fixed[c] = true
-				}
-			}
-		}
-		for c := range exposed {
-			if fixed[c] {
-				byCVE[c].Fixed++
-			} else {
-				byCVE[c].Exposed = append(byCVE[c].Exposed, m.ID)
-			}
-		}
-	}
-	slices.Sort(order)
-	out := []api.CVEReport{}
-	for _, c := range order {
-		slices.Sort(byCVE[c].Exposed)
-		out = append(out, *byCVE[c])
-	}
-	reply(w, http.StatusOK, out)
+	reply(w, http.StatusOK, cveReports(f.patches, cs, f.machines, f.applied))
 }
 
 func (s *Server) writeMetrics(w http.ResponseWriter, r *http.Request) {

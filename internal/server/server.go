@@ -55,6 +55,9 @@ type Server struct {
 	metrics  *metrics
 	limiter  *reportLimiter
 	adminSum [sha256.Size]byte // of AdminToken, read by Handler
+
+	mu      sync.Mutex
+	refused map[string]bool // contained records that did not verify, logged once
 }
 
 // FreeTierMachines is the machine limit of a key created without one.
@@ -103,6 +106,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/admin/reports/patches", s.adminOnly(s.reportPatches))
 	mux.HandleFunc("GET /v1/admin/reports/machines", s.adminOnly(s.reportMachines))
 	mux.HandleFunc("GET /v1/admin/reports/cves", s.adminOnly(s.reportCVEs))
+	mux.HandleFunc("GET "+api.PathAdminFixes, s.adminOnly(s.reportFixes))
 	mux.HandleFunc("GET /metrics", s.adminOnly(s.writeMetrics))
 	return s.metrics.instrument(mux)
 }

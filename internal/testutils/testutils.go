@@ -17,11 +17,12 @@ import (
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/vm"
 )
 
 // Release is the distro kernel the tests run against.
-const Release = "6.1.0-54-amd64"
+const Release = kernel.Default
 
 // Unavailable skips the test, or fails it when CI is set: CI must run
 // every test, so a missing dependency there is a bug in .ci/run.
@@ -44,20 +45,59 @@ func RequireVM(t testing.TB) string {
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 		Unavailable(t, "qemu-system-x86_64 not installed")
 	}
-	if _, err := os.Stat(vm.DefaultKernel); err != nil {
-		Unavailable(t, "kernel image %s not installed", vm.DefaultKernel)
+	return BootImage(t)
+}
+
+// Profile opens the profile of release (kernel.Open, from the default
+// cache or the system), or skips the test without it (fails it in CI).
+func Profile(t testing.TB, release string) *kernel.Profile {
+	t.Helper()
+	p, err := kernel.Open(context.Background(), kbuild.CacheDir(), release)
+	if err != nil {
+		Unavailable(t, "kernel %s: %v", release, err)
 	}
-	return vm.DefaultKernel
+	return p
+}
+
+// Profiles opens the profiles of releases, or skips the test when one is
+// missing (fails it in CI, where `make kernels` fetches them).
+func Profiles(t testing.TB, releases ...string) []*kernel.Profile {
+	t.Helper()
+	var out []*kernel.Profile
+	var missing []string
+	for _, r := range releases {
+		p, err := kernel.Open(context.Background(), kbuild.CacheDir(), r)
+		if err != nil {
+			missing = append(missing, err.Error())
+			continue
+		}
+		out = append(out, p)
+	}
+	if len(missing) > 0 {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("%s (CI must fetch these kernels: make kernels)", strings.Join(missing, "; "))
+		}
+		t.Skipf("skipped: %s (run `make kernels` as root to enable)", strings.Join(missing, "; "))
+	}
+	return out
+}
+
+// DefaultProfile is the profile of Release, the kernel the tests boot.
+func DefaultProfile(t testing.TB) *kernel.Profile {
+	t.Helper()
+	return Profile(t, Release)
+}
+
+// BootImage is the boot image of Release.
+func BootImage(t testing.TB) string {
+	t.Helper()
+	return DefaultProfile(t).BootImage
 }
 
 // RequireHeaders returns the linux-headers tree of Release.
 func RequireHeaders(t testing.TB) string {
 	t.Helper()
-	dir := kbuild.HeadersDir(Release)
-	if _, err := os.Stat(filepath.Join(dir, "Makefile")); err != nil {
-		Unavailable(t, "kernel headers %s not installed", dir)
-	}
-	return dir
+	return DefaultProfile(t).HeadersDir
 }
 
 // InGuest reports whether this process runs inside a stitch VM.
@@ -152,7 +192,8 @@ func RunGuestTests(t *testing.T, run string, files ...vm.File) *vm.Result {
 	return RunGuest(t, run, vm.Options{Files: files})
 }
 
-// ModulesDir is the test kernel's module directory.
+// ModulesDir is the test kernel's module directory, as installed by
+// scripts/install-deps.sh (DefaultProfile(t).Modules finds it wherever).
 const ModulesDir = "/lib/modules/" + Release
 
 // RunGuest is RunGuestTests with more of the VM's options (Files,

@@ -25,9 +25,6 @@ import (
 	"time"
 )
 
-// DefaultKernel is the distro kernel Stitch is tested on.
-const DefaultKernel = "/boot/vmlinuz-6.1.0-54-amd64"
-
 // Errors a caller can test for with errors.Is.
 var (
 	// ErrTimeout means the guest did not finish in time; QEMU was killed.
@@ -48,7 +45,7 @@ type File struct {
 
 // Options describe one VM run. Zero values pick the defaults.
 type Options struct {
-	Kernel  string        // kernel image; DefaultKernel if empty
+	Kernel  string        // kernel boot image (a kernel profile's BootImage); required
 	Init    string        // static stitch binary for /init; the running executable if empty
 	Files   []File        // extra files for the guest
 	Args    []string      // the command to run in the guest
@@ -99,8 +96,11 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	if len(opts.Args) == 0 {
 		return nil, fmt.Errorf("%w: no command to run in the guest", ErrSetup)
 	}
+	if opts.Kernel == "" {
+		return nil, fmt.Errorf("%w: no kernel image to boot", ErrSetup)
+	}
 	if _, err := os.Stat(opts.Kernel); err != nil {
-		return nil, fmt.Errorf("%w: kernel %s: %v (install linux-image-6.1.0-54-amd64 or pass --kernel)", ErrSetup, opts.Kernel, err)
+		return nil, fmt.Errorf("%w: kernel %s: %v (`stitch kernel list` shows the kernels ready and their boot images; `stitch kernel add RELEASE` fetches one)", ErrSetup, opts.Kernel, err)
 	}
 	qemu, err := exec.LookPath(opts.QEMU)
 	if err != nil {
@@ -224,9 +224,6 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 }
 
 func withDefaults(o Options) Options {
-	if o.Kernel == "" {
-		o.Kernel = DefaultKernel
-	}
 	if o.Init == "" {
 		if exe, err := os.Executable(); err == nil {
 			o.Init = exe

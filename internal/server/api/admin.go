@@ -153,12 +153,77 @@ type MachineReport struct {
 	Missing []string `json:"missing"`
 }
 
-// CVEReport is one CVE across the fleet. Exposure is known only for
-// kernels some registered patch targets: a machine counts as exposed when
-// a patch for its kernel fixes the CVE and it has not applied it.
+// CVEReport is one CVE across the fleet. A machine is fixed when it
+// applied a patch for its kernel that fixes the CVE, or when its kernel's
+// source already contains the fix (a published contained record);
+// exposed when a registered patch for its kernel fixes it and it has not
+// applied it; not covered when its kernel has neither a patch nor a
+// contained record for it (the server cannot tell whether such a kernel
+// is vulnerable: nothing was built for it, or the fix did not port).
 type CVEReport struct {
 	CVE     string   `json:"cve"`
 	Patches []string `json:"patches"`
+	// Records are the contained records naming the CVE.
+	Records []string `json:"records"`
 	Fixed   int      `json:"fixed"`
-	Exposed []string `json:"exposed"` // machine ids
+	// ContainedMachines are the fixed machines whose kernel contains the
+	// fix (counted in Fixed).
+	ContainedMachines int      `json:"contained_machines"`
+	Exposed           []string `json:"exposed"` // machine ids
+	// NotCoveredMachines run the kernels in NotCoveredKernels.
+	NotCoveredMachines int              `json:"not_covered_machines"`
+	NotCoveredKernels  []KernelCoverage `json:"not_covered_kernels"`
+}
+
+// FixReport is one fix across kernels: the registered patches and the
+// published contained records that share a patch name or an upstream
+// commit are one fix. Each kernel is in one list: Contained (its source
+// has the fix, with or without a patch), Patched (a registered patch),
+// or NotCovered (the fleet runs it and it has neither).
+type FixReport struct {
+	Names    []string `json:"names"`    // patch names, one unless builds named it otherwise
+	Upstream []string `json:"upstream"` // upstream commits, when the builds recorded them
+	CVEs     []string `json:"cves"`
+
+	Patched    []KernelCoverage `json:"patched"`
+	Contained  []KernelCoverage `json:"contained"`
+	NotCovered []KernelCoverage `json:"not_covered"`
+
+	// Machines on each list's kernels, and of the patched ones those that
+	// report a patch of the fix applied.
+	PatchedMachines    int `json:"patched_machines"`
+	AppliedMachines    int `json:"applied_machines"`
+	ContainedMachines  int `json:"contained_machines"`
+	NotCoveredMachines int `json:"not_covered_machines"`
+}
+
+// KernelCoverage is one kernel (release and build-id) in a fix's or a
+// CVE's coverage.
+type KernelCoverage struct {
+	Release string `json:"release"`
+	BuildID string `json:"build_id"`
+	// Machines whose last check-in reported this kernel.
+	Machines int `json:"machines"`
+	// Applied: of them, those that report one of Patches applied.
+	Applied int `json:"applied"`
+	// Patches are the registered patches of the fix for this kernel.
+	Patches []PatchRef `json:"patches,omitempty"`
+	// Records are the contained records of the fix for this kernel.
+	Records []string `json:"records,omitempty"`
+}
+
+// PatchRef is a registered patch and its rollout's state.
+type PatchRef struct {
+	Target string `json:"target"`
+	State  string `json:"state"`
+}
+
+// PathAdminFixes is the per-fix coverage report.
+const PathAdminFixes = "/v1/admin/reports/fixes"
+
+// Fixes reads the per-fix coverage report (admin token).
+func (c *Client) Fixes(ctx context.Context) ([]FixReport, error) {
+	var out []FixReport
+	err := c.Do(ctx, http.MethodGet, PathAdminFixes, nil, &out)
+	return out, err
 }

@@ -48,10 +48,13 @@ type Patch struct {
 	Target, Name                 string
 	KernelRelease, KernelBuildID string
 	CVEs                         []string
-	Description                  string
-	RegisteredAt, UpdatedAt      time.Time
-	Stage                        int
-	State, Reason                string
+	// Upstream are the upstream commits of the manifest's fixes (none
+	// for builds that did not record them).
+	Upstream                []string
+	Description             string
+	RegisteredAt, UpdatedAt time.Time
+	Stage                   int
+	State, Reason           string
 	// StageStarted holds when each stage up to Stage began (the first is
 	// the registration): a channel with a deploy delay follows the same
 	// stages that much later.
@@ -126,6 +129,25 @@ type Fleet interface {
 	// Rollout runs fn on the patch's rollout in one transaction; p is
 	// written back when fn returns nil and changed it.
 	Rollout(ctx context.Context, target string, fn func(tx RolloutTx, p *Patch) error) error
+
+	// AddContained records a published contained record; one already
+	// known (by target) is kept as it is, and added says which.
+	AddContained(ctx context.Context, c Contained) (added bool, err error)
+	// Contained lists the known contained records, by kernel and name.
+	Contained(ctx context.Context) ([]Contained, error)
+}
+
+// Contained is a published record that a kernel's own source already
+// contains a fix (contract.Contained), as the server learned it from the
+// repository: the kernel's machines are fixed for its CVEs without a
+// patch.
+type Contained struct {
+	Target, Name                 string
+	KernelRelease, KernelBuildID string
+	CVEs                         []string // the record's and its fixes'
+	Upstream                     []string // its fixes' upstream commits
+	Checked                      time.Time
+	LearnedAt                    time.Time
 }
 
 func (s *SQL) CheckIn(ctx context.Context, id string, c CheckIn, now time.Time) error {
@@ -289,9 +311,10 @@ func (s *SQL) Groups(ctx context.Context) ([]Group, error) {
 }
 
 func (s *SQL) RegisterPatch(ctx context.Context, p Patch) error {
-	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO patches (target, name, kernel_release, kernel_build_id, cves, description, registered_at, stage, state, reason, updated_at, stage_started, tolerated)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
-		p.Target, p.Name, p.KernelRelease, p.KernelBuildID, strings.Join(p.CVEs, " "), p.Description, unix(p.RegisteredAt), p.Stage, p.State, p.Reason, unix(p.UpdatedAt), joinTimes(p.StageStarted), p.Tolerated)
+	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO patches (target, name, kernel_release, kernel_build_id, cves, description, registered_at, stage, state, reason, updated_at, stage_started, tolerated, upstream)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
+		p.Target, p.Name, p.KernelRelease, p.KernelBuildID, strings.Join(p.CVEs, " "), p.Description, unix(p.RegisteredAt), p.Stage, p.State, p.Reason, unix(p.UpdatedAt), joinTimes(p.StageStarted), p.Tolerated,
+		strings.Join(p.Upstream, " "))
 	if err != nil {
 		if _, e := s.Patch(ctx, p.Target); e == nil {
 			return fmt.Errorf("patch %s: %w", p.Target, ErrExists)
@@ -301,14 +324,14 @@ func (s *SQL) RegisterPatch(ctx context.Context, p Patch) error {
 	return nil
 }
 
-const patchSelect = `SELECT target, name, kernel_release, kernel_build_id, cves, description, registered_at, stage, state, reason, updated_at, stage_started, tolerated FROM patches`
+const patchSelect = `SELECT target, name, kernel_release, kernel_build_id, cves, description, registered_at, stage, state, reason, updated_at, stage_started, tolerated, upstream FROM patches`
 
 func scanPatch(row interface{ Scan(...any) error }) (Patch, error) {
 	var p Patch
-	var cves, started string
+	var cves, started, upstream string
 	var reg, upd int64
-	err := row.Scan(&p.Target, &p.Name, &p.KernelRelease, &p.KernelBuildID, &cves, &p.Description, &reg, &p.Stage, &p.State, &p.Reason, &upd, &started, &p.Tolerated)
-	p.CVEs, p.RegisteredAt, p.UpdatedAt = strings.Fields(cves), fromUnix(reg), fromUnix(upd)
+	err := row.Scan(&p.Target, &p.Name, &p.KernelRelease, &p.KernelBuildID, &cves, &p.Description, &reg, &p.Stage, &p.State, &p.Reason, &upd, &started, &p.Tolerated, &upstream)
+	p.CVEs, p.Upstream, p.RegisteredAt, p.UpdatedAt = strings.Fields(cves), strings.Fields(upstream), fromUnix(reg), fromUnix(upd)
 	for _, f := range strings.Fields(started) {
 		v, _ := strconv.ParseInt(f, 10, 64)
 		p.StageStarted = append(p.StageStarted, fromUnix(v))
@@ -513,4 +536,36 @@ func (r *rolloutTx) PutHealth(h HealthReport) error {
 	}
 	return r.s.upsert(r.ctx, r.tx, "health_reports", "target, machine_id, check_name", []string{"target", "machine_id", "check_name", "healthy", "reason", "detail", "at"},
 		h.Target, h.MachineID, h.Check, healthy, h.Reason, h.Detail, unix(h.At))
+}
+
+func (s *SQL) AddContained(ctx context.Context, c Contained) (bool, error) {
+	res, err := s.db.ExecContext(ctx, s.q(`INSERT INTO contained (target, name, kernel_release, kernel_build_id, cves, upstream, checked_at, learned_at)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (target) DO NOTHING`),
+		c.Target, c.Name, c.KernelRelease, c.KernelBuildID, strings.Join(c.CVEs, " "), strings.Join(c.Upstream, " "), unix(c.Checked), unix(c.LearnedAt))
+	if err != nil {
+		return false, fmt.Errorf("contained %s: %w", c.Target, err)
+	}
+	n, err := res.RowsAffected()
+	return n == 1, err
+}
+
+func (s *SQL) Contained(ctx context.Context) ([]Contained, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT target, name, kernel_release, kernel_build_id, cves, upstream, checked_at, learned_at
+		FROM contained ORDER BY kernel_release, kernel_build_id, name, target`)
+	if err != nil {
+		return nil, fmt.Errorf("contained: %w", err)
+	}
+	defer rows.Close()
+	var out []Contained
+	for rows.Next() {
+		var c Contained
+		var cves, upstream string
+		var checked, learned int64
+		if err := rows.Scan(&c.Target, &c.Name, &c.KernelRelease, &c.KernelBuildID, &cves, &upstream, &checked, &learned); err != nil {
+			return nil, fmt.Errorf("contained: %w", err)
+		}
+		c.CVEs, c.Upstream, c.Checked, c.LearnedAt = strings.Fields(cves), strings.Fields(upstream), fromUnix(checked), fromUnix(learned)
+		out = append(out, c)
+	}
+	return out, rows.Err()
 }
