@@ -131,7 +131,7 @@ func runBuild(ctx context.Context, st *stdio, args []string) error {
 	} else {
 		printBuildTable(st.out, results)
 		for _, r := range results {
-			if r.Err != nil && strings.Contains(r.Err.Error(), "\n") {
+			if r.Err != nil && (strings.Contains(r.Err.Error(), "\n") || len([]rune(r.Reason)) > maxReason) {
 				fmt.Fprintf(st.err, "\n%s: %v\n", r.Release, r.Err)
 			}
 		}
@@ -161,6 +161,10 @@ func printKernelStep(w io.Writer, s build.KernelStep, start time.Time) {
 	}
 }
 
+// maxReason bounds the reason column; longer ones are printed whole
+// after the table.
+const maxReason = 160
+
 // printBuildTable prints the summary: kernel, port, result, module or
 // reason, time; then the totals.
 func printBuildTable(w io.Writer, results []*build.KernelResult) {
@@ -177,6 +181,9 @@ func printBuildTable(w io.Writer, results []*build.KernelResult) {
 			}
 		case build.OutcomeContained:
 			what = r.Contained
+		}
+		if rs := []rune(what); len(rs) > maxReason {
+			what = string(rs[:maxReason]) + "..." // the whole error follows the table
 		}
 		count[r.Outcome]++
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%.1fs\n", r.Release, r.PortSummary(), r.Outcome, what, r.Elapsed.Seconds())

@@ -154,7 +154,7 @@ func buildOne(ctx context.Context, p *kernel.Profile, fixes []*FixVariants, o Ma
 	fail := func(err error) *KernelResult {
 		r.Err, r.Elapsed = err, time.Since(start)
 		if r.Reason == "" {
-			r.Reason = firstLine(err.Error())
+			r.Reason = oneLine(err.Error())
 		}
 		switch {
 		case r.Outcome != "":
@@ -287,7 +287,14 @@ func writeContained(out string, o ManyOptions, k *Kernel, fixes []*Fix) (string,
 	return path, nil
 }
 
-func firstLine(s string) string {
-	l, _, _ := strings.Cut(s, "\n")
-	return l
+// oneLine flattens a multi-line error (a refusal lists its reasons on
+// lines of their own) for a table cell.
+func oneLine(s string) string {
+	var parts []string
+	for _, l := range strings.Split(s, "\n") {
+		if l = strings.TrimSpace(l); l != "" {
+			parts = append(parts, l)
+		}
+	}
+	return strings.Join(parts, " ")
 }
