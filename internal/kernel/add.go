@@ -166,43 +166,18 @@ func Add(ctx context.Context, cache, release string, o AddOptions) (*Added, erro
 	if o.Install && os.Geteuid() != 0 {
 		return nil, fmt.Errorf("%w: --install runs apt-get install, which needs root", ErrNotRoot)
 	}
-	unlock, err := lockFile(ctx, ProfileDir(cache, release)+".lock", o.Log)
-	if err != nil {
-		return nil, err
-	}
-	defer unlock()
-
 	res := &Added{}
-	if p, err := openCached(cache, rel); err == nil {
+	p, err := openCached(cache, rel)
+	switch {
+	case err == nil:
 		say("already in the cache (%s)", ProfileDir(cache, release))
 		res.Profile, res.Ready = p, true
-	} else if !errors.Is(err, errNotHere) {
+	case !errors.Is(err, errNotHere):
 		return nil, err
-	} else {
-		say("resolving packages with apt-cache")
-		pl, err := resolve(ctx, rel)
-		if err != nil {
+	default:
+		if res.Profile, res.Debs, err = add(ctx, cache, rel, o.Log, say); err != nil {
 			return nil, err
 		}
-		say("image %s, exact source %s %s", pl.image.Version, pl.source.Package, pl.source.Version)
-		debs := filepath.Join(cache, "debs")
-		if err := os.MkdirAll(debs, 0o755); err != nil {
-			return nil, fmt.Errorf("kernel cache: %w", err)
-		}
-		paths := map[*ArchivePackage]string{}
-		for _, p := range []*ArchivePackage{pl.image, pl.headers, pl.common, pl.kbuild, pl.source} {
-			d, err := fetchDeb(ctx, debs, p, say)
-			if err != nil {
-				return nil, err
-			}
-			paths[p] = d.Path
-			res.Debs = append(res.Debs, d)
-		}
-		p, err := extract(ctx, cache, pl, paths, say)
-		if err != nil {
-			return nil, err
-		}
-		res.Profile = p
 	}
 	if o.Install {
 		p := res.Profile
@@ -217,6 +192,45 @@ func Add(ctx context.Context, cache, release string, o AddOptions) (*Added, erro
 	res.Elapsed = time.Since(start)
 	say("ready in %.1fs: boot image %s", res.Elapsed.Seconds(), res.Profile.BootImage)
 	return res, nil
+}
+
+// add resolves, fetches and extracts a kernel the cache lacks.
+func add(ctx context.Context, cache string, rel Release, log *slog.Logger, say func(string, ...any)) (*Profile, []Deb, error) {
+	say("resolving packages with apt-cache")
+	pl, err := resolve(ctx, rel)
+	if err != nil {
+		return nil, nil, err
+	}
+	// Locked only now, so that a refused add leaves no lock file.
+	unlock, err := lockFile(ctx, ProfileDir(cache, rel.Release)+".lock", log)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer unlock()
+	if p, err := openCached(cache, rel); err == nil {
+		say("added meanwhile by another process")
+		return p, nil, nil
+	}
+	say("image %s, exact source %s %s", pl.image.Version, pl.source.Package, pl.source.Version)
+	debs := filepath.Join(cache, "debs")
+	if err := os.MkdirAll(debs, 0o755); err != nil {
+		return nil, nil, fmt.Errorf("kernel cache: %w", err)
+	}
+	paths := map[*ArchivePackage]string{}
+	var used []Deb
+	for _, p := range []*ArchivePackage{pl.image, pl.headers, pl.common, pl.kbuild, pl.source} {
+		d, err := fetchDeb(ctx, debs, p, say)
+		if err != nil {
+			return nil, nil, err
+		}
+		paths[p] = d.Path
+		used = append(used, d)
+	}
+	p, err := extract(ctx, cache, pl, paths, say)
+	if err != nil {
+		return nil, nil, err
+	}
+	return p, used, nil
 }
 
 // ErrNotRoot means an operation needs root.

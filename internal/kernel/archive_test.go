@@ -119,7 +119,7 @@ func TestAddFromCachedDebs(t *testing.T) {
 	archive(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	release := testKernels()[0]
+	release := testutils.TestKernels()[0]
 	debs, err := kernel.DebsOf(ctx, release)
 	if err != nil {
 		t.Fatal(err)
@@ -191,17 +191,9 @@ func TestAddFromCachedDebs(t *testing.T) {
 	}
 }
 
-// testKernels are the kernels `make kernels` fetches.
-func testKernels() []string {
-	if s := os.Getenv("TEST_KERNELS"); s != "" {
-		return strings.Fields(s)
-	}
-	return []string{"6.1.0-47-amd64", "6.1.0-53-amd64"}
-}
-
 // The kernels `make kernels` fetched open from the cache.
 func TestTestKernels(t *testing.T) {
-	for _, p := range testutils.Profiles(t, testKernels()...) {
+	for _, p := range testutils.Profiles(t, testutils.TestKernels()...) {
 		if p.Origin != kernel.OriginCache {
 			t.Errorf("%s comes from the %s", p.Release, p.Origin)
 		}

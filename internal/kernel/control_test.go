@@ -101,9 +101,9 @@ func TestArchiveMetadata(t *testing.T) {
 		return by[name][0]
 	}
 	for name, want := range map[string]string{
-		"linux-image-6.1.0-47-amd64":        "6.1.170-3",
-		"linux-image-6.1.0-48-amd64":        "6.1.172-1",
-		"linux-image-6.1.0-53-cloud-amd64":  "6.1.187-1",
+		"linux-image-6.1.0-47-amd64":       "6.1.170-3",
+		"linux-image-6.1.0-48-amd64":       "6.1.172-1",
+		"linux-image-6.1.0-53-cloud-amd64": "6.1.187-1",
 		"linux-image-6.12.117+deb12-amd64": "6.12.117-1~deb12u1",
 	} {
 		rel, _ := ParseRelease(strings.TrimPrefix(name, "linux-image-"))
