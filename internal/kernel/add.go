@@ -211,6 +211,18 @@ func add(ctx context.Context, cache string, rel Release, log *slog.Logger, say f
 		say("added meanwhile by another process")
 		return p, nil, nil
 	}
+	dir := ProfileDir(cache, rel.Release)
+	if _, err := os.Stat(dir); err == nil {
+		return nil, nil, fmt.Errorf("%w: %s exists but holds no profile (remove it with `stitch kernel rm %s`, then add it again)", ErrIncomplete, dir, rel.Release)
+	}
+	// What an add of this release that was killed left behind: under the
+	// lock, nobody else is writing there.
+	if stale, err := filepath.Glob(filepath.Join(filepath.Dir(dir), "."+rel.Release+".add-*")); err == nil {
+		for _, d := range stale {
+			log.Info("removing an interrupted add", "dir", d)
+			os.RemoveAll(d)
+		}
+	}
 	say("image %s, exact source %s %s", pl.image.Version, pl.source.Package, pl.source.Version)
 	debs := filepath.Join(cache, "debs")
 	if err := os.MkdirAll(debs, 0o755); err != nil {
