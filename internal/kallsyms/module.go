@@ -339,6 +339,10 @@ type Location struct {
 // defines none, or a tie, is an error. Names the winner lacks are
 // reported in Missing (functions a build can drop, such as unused
 // static inlines, are why this is not an error).
+//
+// Names are all it goes by, so a name other objects define too (a
+// static show or probe) can make it ambiguous: the build does not use
+// it, but locates a compiled object by kbuild's facts (build.Kernel.Locate).
 func FindObject(ctx context.Context, vmlinux *Table, mods *Modules, funcs []string) (Location, error) {
 	if len(funcs) == 0 {
 		return Location{}, fmt.Errorf("find object: no function names")
