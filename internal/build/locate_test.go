@@ -79,6 +79,7 @@ func function(t *testing.T, m *contract.Manifest, object, fn string) contract.Fu
 // other objects share (version_proc_show is also toshiba_acpi's;
 // ipmr_mfc_seq_show is both IPv4's and IPv6's in vmlinux). The pre-fix
 // code then picks the right one of the duplicates, and run-pre passes.
+// mac80211_ibss and xfs_sb are fixes of the corpus.
 func TestLocateByBuildFacts(t *testing.T) {
 	if testing.Short() {
 		t.Skip("compiles kernel objects")
@@ -103,7 +104,7 @@ func TestLocateByBuildFacts(t *testing.T) {
 
 	// A modular object goes to its module; one of a composite module
 	// (fs/xfs/libxfs/xfs_sb.o in xfs.ko) to the composite.
-	for fix, want := range map[string][2]string{"binfmt_misc": {"binfmt_misc", "bm_status_read"}, "xfs_sb": {"xfs", "xfs_sync_sb_buf"}} {
+	for fix, want := range map[string][2]string{"mac80211_ibss": {"mac80211", "ieee80211_ibss_join"}, "xfs_sb": {"xfs", "xfs_sync_sb_buf"}} {
 		m, err := buildFix(t, tree, k, fix)
 		if err != nil {
 			t.Fatalf("build %s: %v", fix, err)
@@ -112,6 +113,21 @@ func TestLocateByBuildFacts(t *testing.T) {
 			t.Errorf("%s: objects %+v; want %s only", fix, m.Objects, want[0])
 		}
 		function(t, m, want[0], want[1])
+		if fix != "mac80211_ibss" {
+			continue
+		}
+		// mac80211 defines ieee80211_csa_connection_drop_work twice
+		// (ibss.c, mlme.c): the fix's is the one with its pre-fix code.
+		f := function(t, m, "mac80211", "ieee80211_csa_connection_drop_work")
+		for pos, want := range map[int]bool{1: true, 2: false} {
+			code, err := k.Code("mac80211", f.Name, pos)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := f.Fingerprint.MatchPadded(code) == nil; got != want || want && f.Sympos != pos {
+				t.Errorf("%s,%d: code matches %v, want %v; sympos chosen %d", f.Name, pos, got, want, f.Sympos)
+			}
+		}
 	}
 
 	// ipmr_mfc_seq_show twice in vmlinux: IPv4's (sympos 1), IPv6's (2).
