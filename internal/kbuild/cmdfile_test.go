@@ -45,7 +45,9 @@ func TestParseCmdFileReal(t *testing.T) {
 
 func TestParseCmdFile(t *testing.T) {
 	const obj = "drivers/x/y.o"
-	line := func(cmd string) []byte { return []byte("cmd_" + obj + " := " + cmd + "\n\nsource_" + obj + " := drivers/x/y.c\n") }
+	line := func(cmd string) []byte {
+		return []byte("cmd_" + obj + " := " + cmd + "\n\nsource_" + obj + " := drivers/x/y.c\n")
+	}
 	for _, c := range []struct {
 		name, cmd string
 		want      *ObjectFacts // nil: an error
