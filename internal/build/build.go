@@ -13,6 +13,7 @@ import (
 
 	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/elfobj"
+	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/objdiff"
 )
 
@@ -38,14 +39,19 @@ type Pair struct {
 	// ViaHeader: the object changed only because a header it includes
 	// did; it may not be part of the target kernel at all.
 	ViaHeader bool
+	// Facts say where kbuild links the object (vmlinux or which
+	// modules), as it recorded when compiling it. A Source must give
+	// them: where an object lives is not guessed from its names.
+	Facts *kbuild.ObjectFacts
 }
 
-// Locator tells which object of the target a compiled object belongs to.
+// Locator tells which objects of the target a compiled object belongs to.
 type Locator interface {
 	Target
-	// ObjectOf returns "vmlinux" or the module whose symbols include the
-	// given functions of the object compiled from source.
-	ObjectOf(source string, funcs []string) (string, error)
+	// Locate returns "vmlinux" or the modules that kbuild's facts name,
+	// once checked against the target; funcs are the functions the
+	// object defines.
+	Locate(facts kbuild.ObjectFacts, funcs []string) ([]string, error)
 }
 
 // Options of a build.
@@ -141,11 +147,11 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 			continue
 		}
 		done = step("locate", p.Source)
-		var names []string
-		for _, f := range d.Changed {
-			names = append(names, f.Name)
+		if p.Facts == nil {
+			return nil, fmt.Errorf("%s: %w: the build has no kbuild facts for its object (vmlinux or which module)", p.Source, ErrNotInKernel)
 		}
-		object, err := loc.ObjectOf(p.Source, names)
+		funcs := functionsOf(pre)
+		objects, err := loc.Locate(*p.Facts, funcs)
 		if err != nil && p.ViaHeader {
 			done()
 			continue // includes the header but is not built into this kernel
@@ -154,7 +160,10 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 			return nil, fmt.Errorf("%s: %w", p.Source, err)
 		}
 		done()
-		objs = append(objs, compiled{Source: p.Source, Object: object, Pre: p.Pre, Post: p.Post, Diff: d})
+		// An object linked into several modules is patched in each.
+		for _, object := range objects {
+			objs = append(objs, compiled{Source: p.Source, Object: object, Pre: p.Pre, Post: p.Post, Diff: d, Funcs: funcs})
+		}
 	}
 	if len(objs) == 0 {
 		if len(same) == 0 {
@@ -209,6 +218,17 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 		res.Work = work
 	}
 	return res, nil
+}
+
+// functionsOf names the functions an object defines.
+func functionsOf(o *elfobj.Object) []string {
+	var fns []string
+	for _, s := range o.Symbols {
+		if s != nil && s.Func() && s.Defined() && s.Name != "" {
+			fns = append(fns, s.Name)
+		}
+	}
+	return fns
 }
 
 var notIdent = regexp.MustCompile(`[^A-Za-z0-9_]+`)
