@@ -125,6 +125,9 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 	var objs []compiled
 	var same []string // sources whose objects did not change
 	for _, p := range pairs {
+		if p.Facts == nil {
+			return nil, fmt.Errorf("%s: %w: the build has no kbuild facts for its object (vmlinux or which module)", p.Source, ErrNotInKernel)
+		}
 		done := step("diff", p.Source)
 		pre, err := elfobj.Parse(p.Pre)
 		if err != nil {
@@ -147,9 +150,6 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 			continue
 		}
 		done = step("locate", p.Source)
-		if p.Facts == nil {
-			return nil, fmt.Errorf("%s: %w: the build has no kbuild facts for its object (vmlinux or which module)", p.Source, ErrNotInKernel)
-		}
 		funcs := functionsOf(pre)
 		objects, err := loc.Locate(*p.Facts, funcs)
 		if err != nil && p.ViaHeader {
