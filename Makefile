@@ -5,7 +5,7 @@ GO ?= go
 # Static: the same binary runs on the host and as /init inside test VMs.
 export CGO_ENABLED = 0
 
-.PHONY: deps build demo test fuzz
+.PHONY: deps build demo test fuzz kernels
 
 deps:
 	./scripts/install-deps.sh
@@ -16,11 +16,19 @@ build:
 demo: deps build
 	./bin/stitch demo
 
+# The kernels the tests build for besides the installed one, fetched into
+# the cache (/var/cache/stitch) from the apt archive; the tests read the
+# list too (testutils.TestKernels).
+TEST_KERNELS ?= 6.1.0-47-amd64 6.1.0-53-amd64
+export TEST_KERNELS
+kernels: build
+	./bin/stitch kernel add $(TEST_KERNELS)
+
 # Unit, integration and VM tests, then each fuzz target for a short time.
 # -p 1: one package at a time, so that no two QEMU guests share the two
 # cores (under TCG they starve each other). The storage tests get a
 # throwaway PostgreSQL on loopback (scripts/postgres.sh).
-test: deps
+test: deps kernels
 	$(GO) vet ./...
 	export "$$(./scripts/postgres.sh)" && $(GO) test -p 1 -count=1 -timeout 80m ./...
 	./scripts/postgres.sh stop

@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -40,9 +41,10 @@ type Target interface {
 	// name, if the kernel exports it.
 	Exported(name string) (object string, ok bool)
 	// Sympos returns the position livepatch needs to find symbol name of
-	// object: 0 when the name is unique there. near names other symbols
-	// of the same source file, to tell duplicates apart.
-	Sympos(object, name string, near []string) (int, error)
+	// object: 0 when the name is unique there. Duplicates are told apart
+	// by their code (pre, the pre-fix code, if not nil), then by near,
+	// the names of other symbols of the same source file.
+	Sympos(object, name string, near []string, pre CodeMatcher) (int, error)
 	// Code returns the bytes of function name of object in the target,
 	// possibly followed by alignment padding.
 	Code(object, name string, sympos int) ([]byte, error)
@@ -60,6 +62,7 @@ type compiled struct {
 	Pre    []byte
 	Post   []byte
 	Diff   *objdiff.Result
+	Funcs  []string // the functions the pre-fix object defines
 }
 
 // assemble checks the compiled objects against the target (run-pre),
@@ -102,7 +105,7 @@ func assemble(ctx context.Context, headers, dir, name string, fixes []*Fix, objs
 			continue
 		}
 		near := definedFuncs(c.Diff)
-		in := &klpmod.ObjectInput{Object: c.Object, Post: c.Post, Layout: t.Layout(), Resolve: resolver(t, c.Object, near)}
+		in := &klpmod.ObjectInput{Object: c.Object, Post: c.Post, Layout: t.Layout(), Resolve: resolver(t, c, near)}
 		for _, d := range c.Diff.NewData {
 			in.NewData = append(in.NewData, d.Name)
 		}
@@ -129,11 +132,7 @@ func assemble(ctx context.Context, headers, dir, name string, fixes []*Fix, objs
 				in.Funcs = append(in.Funcs, klpmod.Func{Name: fn.Name, New: true})
 				continue
 			}
-			pos, err := t.Sympos(c.Object, old, near)
-			if err != nil {
-				return "", nil, fmt.Errorf("%s: locate %s in %s: %w", c.Source, old, c.Object, err)
-			}
-			fp, err := runPre(t, c, old, pos)
+			pos, fp, err := runPre(t, c, old, near)
 			if err != nil {
 				return "", nil, err
 			}
@@ -182,27 +181,55 @@ func assemble(ctx context.Context, headers, dir, name string, fixes []*Fix, objs
 	return ko, m, nil
 }
 
-// runPre compares a changed function's pre-fix code with the target's.
-func runPre(t Target, c compiled, fn string, sympos int) (fingerprint.Fingerprint, error) {
+// runPre finds a changed function in the target by its pre-fix code
+// (which of several of its name has it) and checks that code is the
+// target's: it returns the function's sympos and fingerprint.
+func runPre(t Target, c compiled, fn string, near []string) (int, fingerprint.Fingerprint, error) {
 	fp, err := fingerprint.FromObject(c.Pre, fn, t.Layout())
 	if err != nil {
-		return fp, fmt.Errorf("%s: fingerprint %s: %w", c.Source, fn, err)
+		return 0, fp, fmt.Errorf("%s: fingerprint %s: %w", c.Source, fn, err)
+	}
+	sympos, err := t.Sympos(c.Object, fn, near, fp)
+	if err != nil {
+		return 0, fp, fmt.Errorf("%s: locate %s in %s: %w", c.Source, fn, c.Object, err)
 	}
 	code, err := t.Code(c.Object, fn, sympos)
 	if err != nil {
-		return fp, fmt.Errorf("%w: %s: %s not found in %s: %v", ErrRunPre, c.Source, fn, c.Object, err)
+		return 0, fp, fmt.Errorf("%w: %s: %s not found in %s: %v", ErrRunPre, c.Source, fn, c.Object, err)
 	}
 	if err := fp.MatchPadded(code); err != nil {
-		return fp, fmt.Errorf("%w: %s: %s in %s: %v (the source, config or compiler is not the one that built this kernel)", ErrRunPre, c.Source, fn, c.Object, err)
+		return 0, fp, fmt.Errorf("%w: %s: %s in %s: %v (the source, config or compiler is not the one that built this kernel)", ErrRunPre, c.Source, fn, c.Object, err)
 	}
-	return fp, nil
+	return sympos, fp, nil
+}
+
+// preCode is the pre-fix code of a function the patch refers to, for
+// telling duplicates of its name apart; fingerprinted on first use, as
+// most names are unique and need no code.
+type preCode struct {
+	raw    []byte
+	name   string
+	layout *layout.Layout
+	fp     *fingerprint.Fingerprint
+}
+
+func (p *preCode) MatchPadded(code []byte) error {
+	if p.fp == nil {
+		fp, err := fingerprint.FromObject(p.raw, p.name, p.layout)
+		if err != nil {
+			return fmt.Errorf("fingerprint %s: %w", p.name, err)
+		}
+		p.fp = &fp
+	}
+	return p.fp.MatchPadded(code)
 }
 
 // resolver tells klpmod how to reach a symbol the patch does not carry:
 // through the module loader if the kernel exports it (and it does not
 // belong to the patched module itself, which may load after the patch),
 // else through a klp relocation to the object that defines it.
-func resolver(t Target, object string, near []string) klpmod.Resolver {
+func resolver(t Target, c compiled, near []string) klpmod.Resolver {
+	object := c.Object
 	return func(name string, local bool) (klpmod.Ref, error) {
 		if !local {
 			if exp, ok := t.Exported(name); ok && (object == "vmlinux" || exp != object) {
@@ -218,7 +245,13 @@ func resolver(t Target, object string, near []string) klpmod.Resolver {
 			// the patch needs its own copy.
 			return klpmod.Ref{Carry: true}, nil
 		}
-		pos, err := t.Sympos(owner, name, near)
+		// A function of this object: its code in the pre-fix object
+		// tells which of several of its name it is.
+		var pre CodeMatcher
+		if owner == object && slices.Contains(c.Funcs, name) {
+			pre = &preCode{raw: c.Pre, name: name, layout: t.Layout()}
+		}
+		pos, err := t.Sympos(owner, name, near, pre)
 		if err != nil {
 			return klpmod.Ref{}, fmt.Errorf("locate %s in %s: %w", name, owner, err)
 		}

@@ -39,14 +39,19 @@ type Pair struct {
 	// ViaHeader: the object changed only because a header it includes
 	// did; it may not be part of the target kernel at all.
 	ViaHeader bool
+	// Facts say where kbuild links the object (vmlinux or which
+	// modules), as it recorded when compiling it. A Source must give
+	// them: where an object lives is not guessed from its names.
+	Facts *kbuild.ObjectFacts
 }
 
-// Locator tells which object of the target a compiled object belongs to.
+// Locator tells which objects of the target a compiled object belongs to.
 type Locator interface {
 	Target
-	// ObjectOf returns "vmlinux" or the module whose symbols include the
-	// given functions of the object compiled from source.
-	ObjectOf(source string, funcs []string) (string, error)
+	// Locate returns "vmlinux" or the modules that kbuild's facts name,
+	// once checked against the target; funcs are the functions the
+	// object defines.
+	Locate(facts kbuild.ObjectFacts, funcs []string) ([]string, error)
 }
 
 // Options of a build.
@@ -122,6 +127,9 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 	var objs []compiled
 	var same []string // sources whose objects did not change
 	for _, p := range pairs {
+		if p.Facts == nil {
+			return nil, fmt.Errorf("%s: %w: the build has no kbuild facts for its object (vmlinux or which module)", p.Source, ErrNotInKernel)
+		}
 		done := step("diff", p.Source)
 		pre, err := elfobj.Parse(p.Pre)
 		if err != nil {
@@ -144,11 +152,8 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 			continue
 		}
 		done = step("locate", p.Source)
-		var names []string
-		for _, f := range d.Changed {
-			names = append(names, f.Name)
-		}
-		object, err := loc.ObjectOf(p.Source, names)
+		funcs := functionsOf(pre)
+		objects, err := loc.Locate(*p.Facts, funcs)
 		if err != nil && p.ViaHeader {
 			done()
 			continue // includes the header but is not built into this kernel
@@ -157,7 +162,10 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 			return nil, fmt.Errorf("%s: %w", p.Source, err)
 		}
 		done()
-		objs = append(objs, compiled{Source: p.Source, Object: object, Pre: p.Pre, Post: p.Post, Diff: d})
+		// An object linked into several modules is patched in each.
+		for _, object := range objects {
+			objs = append(objs, compiled{Source: p.Source, Object: object, Pre: p.Pre, Post: p.Post, Diff: d, Funcs: funcs})
+		}
 	}
 	if len(objs) == 0 {
 		if len(same) == 0 {
@@ -212,6 +220,17 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 		res.Work = work
 	}
 	return res, nil
+}
+
+// functionsOf names the functions an object defines.
+func functionsOf(o *elfobj.Object) []string {
+	var fns []string
+	for _, s := range o.Symbols {
+		if s != nil && s.Func() && s.Defined() && s.Name != "" {
+			fns = append(fns, s.Name)
+		}
+	}
+	return fns
 }
 
 var notIdent = regexp.MustCompile(`[^A-Za-z0-9_]+`)

@@ -22,13 +22,15 @@ type Env struct {
 // OpenEnv prepares (or reuses, from cache) everything needed to build
 // patches for the kernel of profile p (kernel.Open gives it).
 func OpenEnv(ctx context.Context, p *kernel.Profile, cache string, log *slog.Logger) (*Env, error) {
-	o := kbuild.OptionsFor(p)
-	o.Cache, o.Log = cache, log
-	tree, err := kbuild.PrepareTree(ctx, o)
+	// The kernel first: one whose layouts or symbols cannot be read is
+	// refused in seconds, before a minute or two of tree preparation.
+	k, err := OpenKernel(ctx, p, cache, log)
 	if err != nil {
 		return nil, err
 	}
-	k, err := OpenKernel(ctx, p, cache, log)
+	o := kbuild.OptionsFor(p)
+	o.Cache, o.Log = cache, log
+	tree, err := kbuild.PrepareTree(ctx, o)
 	if err != nil {
 		return nil, err
 	}

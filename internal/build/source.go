@@ -93,7 +93,11 @@ func (s *TreeSource) CompilePair(ctx context.Context, fixes []*Fix) ([]Pair, err
 			}
 			return nil, err
 		}
-		p := Pair{Source: j.object, ViaHeader: j.object != j.swapped}
+		facts, err := s.Tree.ObjectFacts(ctx, obj)
+		if err != nil {
+			return nil, err
+		}
+		p := Pair{Source: j.object, ViaHeader: j.object != j.swapped, Facts: &facts}
 		if p.Pre, err = os.ReadFile(pre); err != nil {
 			return nil, err
 		}

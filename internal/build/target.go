@@ -6,7 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
+	"strings"
 
+	"github.com/stitchpatch/stitch/internal/fingerprint"
 	"github.com/stitchpatch/stitch/internal/kallsyms"
 	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/kernel"
@@ -123,11 +126,21 @@ func (k *Kernel) Defines(object, name string) bool {
 	return err == nil && len(t.Lookup(object, name)) > 0
 }
 
-// Sympos finds name in object. When the name repeats, the occurrence
-// nearest to the other symbols of the same source file wins: the kernel
-// and its modules were linked object file by object file, so a file's
-// symbols sit together.
-func (k *Kernel) Sympos(object, name string, near []string) (int, error) {
+// CodeMatcher tells whether code, a function's bytes in the target
+// (possibly followed by alignment padding), is the pre-fix code:
+// fingerprint.Fingerprint is one. An error that does not wrap
+// fingerprint.ErrMismatch means the matcher itself failed.
+type CodeMatcher interface {
+	MatchPadded(code []byte) error
+}
+
+// Sympos finds name in object. When the name repeats, the occurrences
+// whose code pre accepts are the candidates (all of them when pre is
+// nil: data, or a symbol of another object): the pre-fix code decides.
+// Among several candidates, the one nearest to the other symbols of the
+// same source file (near) wins: the kernel and its modules were linked
+// object file by object file, so a file's symbols sit together.
+func (k *Kernel) Sympos(object, name string, near []string, pre CodeMatcher) (int, error) {
 	t, err := k.table(object)
 	if err != nil {
 		return 0, err
@@ -143,6 +156,15 @@ func (k *Kernel) Sympos(object, name string, near []string) (int, error) {
 		return 0, fmt.Errorf("%w: %s in %s", ErrNoSymbol, name, object)
 	case 1:
 		return 0, nil
+	}
+	cands := occ
+	if pre != nil {
+		if cands, err = k.byCode(object, name, occ, pre); err != nil {
+			return 0, err
+		}
+		if len(cands) == 1 {
+			return cands[0].Sympos, nil
+		}
 	}
 	// Where the symbols sit: addresses in vmlinux; for a module, whose
 	// addresses are offsets into different sections, positions in its
@@ -162,10 +184,13 @@ func (k *Kernel) Sympos(object, name string, near []string) (int, error) {
 		}
 	}
 	if len(anchors) == 0 {
+		if pre != nil {
+			return 0, fmt.Errorf("%w: %s is defined %d times in %s, %d of them with the pre-fix code (sympos %s), and nothing else of its file is unique enough to tell which", ErrNoSymbol, name, len(occ), object, len(cands), positions(cands))
+		}
 		return 0, fmt.Errorf("%w: %s is defined %d times in %s and nothing else of its file is unique enough to tell which", ErrNoSymbol, name, len(occ), object)
 	}
 	best, bestDist := 0, ^uint64(0)
-	for _, sy := range occ {
+	for _, sy := range cands {
 		for _, a := range anchors {
 			w := where(sy)
 			if d := max(w, a) - min(w, a); d < bestDist {
@@ -174,6 +199,39 @@ func (k *Kernel) Sympos(object, name string, near []string) (int, error) {
 		}
 	}
 	return best, nil
+}
+
+// byCode returns the occurrences of name whose code pre accepts; none is
+// a run-pre failure that says why each differs.
+func (k *Kernel) byCode(object, name string, occ []kallsyms.Symbol, pre CodeMatcher) ([]kallsyms.Symbol, error) {
+	var match []kallsyms.Symbol
+	var why []string
+	for _, sy := range occ {
+		code, err := k.Code(object, name, sy.Sympos)
+		if err == nil {
+			err = pre.MatchPadded(code)
+			if err != nil && !errors.Is(err, fingerprint.ErrMismatch) {
+				return nil, fmt.Errorf("pre-fix code of %s: %w", name, err)
+			}
+		}
+		if err != nil {
+			why = append(why, fmt.Sprintf("sympos %d: %v", sy.Sympos, err))
+			continue
+		}
+		match = append(match, sy)
+	}
+	if len(match) == 0 {
+		return nil, fmt.Errorf("%w: %s is defined %d times in %s and none has the pre-fix code (%s)", ErrRunPre, name, len(occ), object, strings.Join(why, "; "))
+	}
+	return match, nil
+}
+
+func positions(syms []kallsyms.Symbol) string {
+	var p []string
+	for _, sy := range syms {
+		p = append(p, strconv.Itoa(sy.Sympos))
+	}
+	return strings.Join(p, ", ")
 }
 
 // Code returns a function's bytes in the target before boot-time
@@ -192,12 +250,61 @@ func (k *Kernel) Code(object, name string, sympos int) ([]byte, error) {
 	return b, err
 }
 
-// ObjectOf finds the object (vmlinux or a module) that holds the
-// functions of the object compiled from source.
-func (k *Kernel) ObjectOf(source string, funcs []string) (string, error) {
-	loc, err := kallsyms.FindObject(context.Background(), k.image.Table, k.mods, funcs) // indexed already
-	if err != nil {
-		return "", fmt.Errorf("%w: %s: %v", ErrNoSymbol, source, err)
+// ErrNotInKernel means a compiled object is not where kbuild's facts put
+// it in the target kernel: the tree is not configured like the kernel,
+// or the object is not linked into it (a library member nothing uses).
+var ErrNotInKernel = errors.New("object not in the target kernel")
+
+// Locate tells which objects of the kernel (vmlinux, or modules) hold
+// the code of a compiled object, from what kbuild recorded when it
+// compiled it, and checks that against the kernel: each module must be
+// one of the kernel's, and some of funcs (the functions the object
+// defines) must be in each object found. Function names decide nothing
+// here: a static name may be defined by many objects.
+func (k *Kernel) Locate(f kbuild.ObjectFacts, funcs []string) ([]string, error) {
+	ctx := context.Background() // the modules are indexed already
+	if !f.Module {
+		for _, n := range f.ModNames {
+			if p, err := k.mods.Path(ctx, n); err == nil && f.ModFile != "" && strings.HasSuffix(p, "/"+f.ModFile+".ko") {
+				return nil, fmt.Errorf("%w: %s, but the kernel has that code as module %s (%s): the tree is not configured like this kernel", ErrNotInKernel, f, n, p)
+			}
+		}
+		if err := k.holds(kallsyms.Vmlinux, f, funcs); err != nil {
+			return nil, err
+		}
+		return []string{kallsyms.Vmlinux}, nil
 	}
-	return loc.Object, nil
+	var objs []string
+	for _, n := range f.ModNames {
+		if _, err := k.mods.Path(ctx, n); err != nil {
+			if p, ok, _ := k.mods.Builtin(ctx, n); ok {
+				return nil, fmt.Errorf("%w: %s, but the kernel has %s built in (%s in modules.builtin): the tree is not configured like this kernel", ErrNotInKernel, f, n, p)
+			}
+			return nil, fmt.Errorf("%w: %s, but %v", ErrNotInKernel, f, err)
+		}
+		if err := k.holds(n, f, funcs); err != nil {
+			return nil, err
+		}
+		objs = append(objs, n)
+	}
+	return objs, nil
+}
+
+// holds checks that object has at least one of funcs as a function.
+func (k *Kernel) holds(object string, f kbuild.ObjectFacts, funcs []string) error {
+	if len(funcs) == 0 {
+		return nil
+	}
+	t, err := k.table(object)
+	if err != nil {
+		return fmt.Errorf("%w: %s: %v", ErrNotInKernel, f, err)
+	}
+	for _, fn := range funcs {
+		for _, sy := range t.Lookup(object, fn) {
+			if sy.IsText() {
+				return nil
+			}
+		}
+	}
+	return fmt.Errorf("%w: %s, but none of its %d functions (%s) is in %s: it is not linked into this kernel", ErrNotInKernel, f, len(funcs), strings.Join(head(funcs, 5), ", "), object)
 }

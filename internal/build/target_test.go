@@ -41,7 +41,7 @@ func TestSymposFromNeighbours(t *testing.T) {
 			if anchor == "" {
 				continue
 			}
-			got, err := k.Sympos(kallsyms.Vmlinux, name, []string{anchor})
+			got, err := k.Sympos(kallsyms.Vmlinux, name, []string{anchor}, nil)
 			if err != nil || got != o.Sympos {
 				t.Errorf("Sympos(%s near %s) = %d, %v; want %d", name, anchor, got, err, o.Sympos)
 			}
@@ -51,10 +51,10 @@ func TestSymposFromNeighbours(t *testing.T) {
 	if checked < 10 {
 		t.Errorf("only %d occurrences had a unique neighbour", checked)
 	}
-	if pos, err := k.Sympos(kallsyms.Vmlinux, "cmdline_proc_show", nil); err != nil || pos != 0 {
+	if pos, err := k.Sympos(kallsyms.Vmlinux, "cmdline_proc_show", nil, nil); err != nil || pos != 0 {
 		t.Errorf("unique name: sympos %d, %v; want 0", pos, err)
 	}
-	if _, err := k.Sympos(kallsyms.Vmlinux, "jhash", nil); err == nil {
+	if _, err := k.Sympos(kallsyms.Vmlinux, "jhash", nil, nil); err == nil {
 		t.Error("a duplicated name with no neighbours was resolved")
 	}
 }

@@ -315,3 +315,35 @@ func TestExtractErrors(t *testing.T) {
 func putLE32(b []byte, v uint32) {
 	b[0], b[1], b[2], b[3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24)
 }
+
+// TestBuiltin reads the real kernel's modules.builtin: code that could be
+// a module but is built into the image.
+func TestBuiltin(t *testing.T) {
+	dir := filepath.Join("/lib/modules", testutils.Release)
+	if _, err := os.Stat(filepath.Join(dir, "modules.builtin")); err != nil {
+		testutils.Unavailable(t, "modules of %s not installed", testutils.Release)
+	}
+	mods := NewModules(dir, nil)
+	ctx := context.Background()
+	// The file names kernel/arch/x86/events/amd/amd-uncore.ko.
+	if p, ok, err := mods.Builtin(ctx, "amd_uncore"); err != nil || !ok || p != "kernel/arch/x86/events/amd/amd-uncore.ko" {
+		t.Errorf("amd_uncore: %q, %v, %v; want built in", p, ok, err)
+	}
+	if _, ok, err := mods.Builtin(ctx, "binfmt_misc"); err != nil || ok {
+		t.Errorf("binfmt_misc (a loadable module): built in %v, %v", ok, err)
+	}
+	if _, err := mods.Path(ctx, "binfmt_misc"); err != nil {
+		t.Error(err)
+	}
+	// Without the file nothing is built in, and that is no error.
+	empty := NewModules(t.TempDir(), nil)
+	if err := os.MkdirAll(filepath.Join(empty.dir, "kernel"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := empty.Builtin(ctx, "amd_uncore"); err != nil || ok {
+		t.Errorf("no modules.builtin: %v, %v", ok, err)
+	}
+	if got := ModuleName("kernel/net/qrtr/qrtr-mhi.ko"); got != "qrtr_mhi" {
+		t.Errorf("ModuleName = %q", got)
+	}
+}

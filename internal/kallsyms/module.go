@@ -164,6 +164,9 @@ type Modules struct {
 	err   error
 	paths map[string]string   // module name -> .ko path
 	funcs map[string][]string // function name -> module names
+	// builtin maps the modules built into the kernel (modules.builtin)
+	// to their paths there.
+	builtin map[string]string
 }
 
 // NewModules indexes the modules under dir (/lib/modules/<release>).
@@ -193,6 +196,23 @@ func (ms *Modules) Open(ctx context.Context, name string) (*Module, error) {
 		return nil, err
 	}
 	return ReadModule(p)
+}
+
+// Builtin tells whether the kernel has the module called name built in,
+// by its modules.builtin (paths like kernel/fs/ext4/ext4.ko), and where
+// the module would be. Without that file, nothing is known built in.
+func (ms *Modules) Builtin(ctx context.Context, name string) (path string, ok bool, err error) {
+	if err := ms.load(ctx); err != nil {
+		return "", false, err
+	}
+	path, ok = ms.builtin[name]
+	return path, ok, nil
+}
+
+// ModuleName is the kernel's name of the module in file path: its base
+// name without .ko, '-' made '_' (as kbuild's KBUILD_MODNAME is).
+func ModuleName(path string) string {
+	return strings.ReplaceAll(strings.TrimSuffix(filepath.Base(path), ".ko"), "-", "_")
 }
 
 // Defining returns the modules that define a function called fn.
@@ -265,7 +285,17 @@ feed:
 			ms.funcs[fn] = append(ms.funcs[fn], r.name)
 		}
 	}
-	ms.log.Info("indexed modules", "dir", ms.dir, "modules", len(ms.paths), "functions", len(ms.funcs))
+	b, err := os.ReadFile(filepath.Join(ms.dir, "modules.builtin"))
+	switch {
+	case err == nil:
+		ms.builtin = map[string]string{}
+		for _, p := range strings.Fields(string(b)) {
+			ms.builtin[ModuleName(p)] = p
+		}
+	case !errors.Is(err, fs.ErrNotExist):
+		return fmt.Errorf("index modules: %w", err)
+	}
+	ms.log.Info("indexed modules", "dir", ms.dir, "modules", len(ms.paths), "functions", len(ms.funcs), "builtin", len(ms.builtin))
 	return nil
 }
 
@@ -309,6 +339,10 @@ type Location struct {
 // defines none, or a tie, is an error. Names the winner lacks are
 // reported in Missing (functions a build can drop, such as unused
 // static inlines, are why this is not an error).
+//
+// Names are all it goes by, so a name other objects define too (a
+// static show or probe) can make it ambiguous: the build does not use
+// it, but locates a compiled object by kbuild's facts (build.Kernel.Locate).
 func FindObject(ctx context.Context, vmlinux *Table, mods *Modules, funcs []string) (Location, error) {
 	if len(funcs) == 0 {
 		return Location{}, fmt.Errorf("find object: no function names")

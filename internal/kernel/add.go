@@ -58,7 +58,8 @@ type plan struct {
 // has it, else the newest it accepts, as apt would install), and the exact
 // source (ErrMissing when the archive no longer has it).
 func resolve(ctx context.Context, rel Release) (*plan, error) {
-	pkgs, err := aptShow(ctx, rel.imagePackage(), rel.headersPackage())
+	src := rel.sourcePackage()
+	pkgs, err := aptShow(ctx, rel.imagePackage(), rel.headersPackage(), src)
 	if err != nil {
 		return nil, err
 	}
@@ -67,10 +68,27 @@ func resolve(ctx context.Context, rel Release) (*plan, error) {
 		return nil, notOffered(ctx, rel)
 	}
 	pl := &plan{rel: rel, image: by[rel.imagePackage()][0]}
+	exact := ExactSource(pl.image, rel.Series)
+	pl.source = find(by, Relation{Name: src, Op: "=", Version: exact}, exact)
 	for _, p := range by[rel.headersPackage()] {
 		if p.Version == pl.image.Version {
 			pl.headers = p
 		}
+	}
+	if pl.source == nil {
+		var have []string
+		for _, p := range by[src] {
+			have = append(have, p.Version)
+		}
+		if len(have) == 0 {
+			have = []string{"none"}
+		}
+		also := ""
+		if pl.headers == nil {
+			also = fmt.Sprintf("; nor are its headers (%s %s)", rel.headersPackage(), pl.image.Version)
+		}
+		return nil, fmt.Errorf("%w: no source in the archive for %s: its exact source %s %s is not there (versions there: %s)%s, and Stitch builds only from a kernel's exact source",
+			ErrMissing, rel.Release, src, exact, strings.Join(have, ", "), also)
 	}
 	if pl.headers == nil {
 		return nil, fmt.Errorf("%w: %s %s (the headers of %s %s)", ErrMissing, rel.headersPackage(), pl.image.Version, rel.imagePackage(), pl.image.Version)
@@ -89,8 +107,7 @@ func resolve(ctx context.Context, rel Release) (*plan, error) {
 	if common == nil || kbuild == nil {
 		return nil, fmt.Errorf("%w: %s %s depends on no linux-headers-*-common or linux-kbuild-* package: %v", ErrBadControl, pl.headers.Package, pl.headers.Version, pl.headers.Depends)
 	}
-	src := rel.sourcePackage()
-	more, err := aptShow(ctx, common.Name, kbuild.Name, src)
+	more, err := aptShow(ctx, common.Name, kbuild.Name)
 	if err != nil {
 		return nil, err
 	}
@@ -100,18 +117,6 @@ func resolve(ctx context.Context, rel Release) (*plan, error) {
 	}
 	if pl.kbuild = find(by, *kbuild, pl.headers.Version); pl.kbuild == nil {
 		return nil, fmt.Errorf("%w: %s, which %s needs", ErrMissing, kbuild, pl.headers.Package)
-	}
-	exact := ExactSource(pl.image, rel.Series)
-	if pl.source = find(by, Relation{Name: src, Op: "=", Version: exact}, exact); pl.source == nil {
-		var have []string
-		for _, p := range by[src] {
-			have = append(have, p.Version)
-		}
-		if len(have) == 0 {
-			have = []string{"none"}
-		}
-		return nil, fmt.Errorf("%w: no source in the archive for %s: its exact source %s %s is not there (versions there: %s), and Stitch builds only from a kernel's exact source",
-			ErrMissing, rel.Release, src, exact, strings.Join(have, ", "))
 	}
 	return pl, nil
 }
@@ -123,14 +128,18 @@ func notOffered(ctx context.Context, rel Release) error {
 	if err != nil {
 		return fmt.Errorf("%w: %s is not in the archive (%v)", ErrUnknown, rel.imagePackage(), err)
 	}
-	var same []string
+	var with, without []string
 	for _, o := range offers {
-		if o.Flavour == rel.Flavour {
-			same = append(same, o.Release)
+		switch {
+		case o.Flavour != rel.Flavour:
+		case o.SourceAvailable:
+			with = append(with, o.Release)
+		default:
+			without = append(without, o.Release)
 		}
 	}
-	return fmt.Errorf("%w: the archive has no %s; of flavour %s it offers %s (`stitch kernel list` shows every kernel and whether its source is there)",
-		ErrUnknown, rel.imagePackage(), rel.Flavour, strings.Join(same, ", "))
+	return fmt.Errorf("%w: the archive has no %s; of flavour %s it offers %s with their source, and %d without (`stitch kernel list` shows them all)",
+		ErrUnknown, rel.imagePackage(), rel.Flavour, strings.Join(with, ", "), len(without))
 }
 
 // Add fetches release into the cache: its image, headers (with their
@@ -157,43 +166,18 @@ func Add(ctx context.Context, cache, release string, o AddOptions) (*Added, erro
 	if o.Install && os.Geteuid() != 0 {
 		return nil, fmt.Errorf("%w: --install runs apt-get install, which needs root", ErrNotRoot)
 	}
-	unlock, err := lockFile(ctx, ProfileDir(cache, release)+".lock", o.Log)
-	if err != nil {
-		return nil, err
-	}
-	defer unlock()
-
 	res := &Added{}
-	if p, err := openCached(cache, rel); err == nil {
+	p, err := openCached(cache, rel)
+	switch {
+	case err == nil:
 		say("already in the cache (%s)", ProfileDir(cache, release))
 		res.Profile, res.Ready = p, true
-	} else if !errors.Is(err, errNotHere) {
+	case !errors.Is(err, errNotHere):
 		return nil, err
-	} else {
-		say("resolving packages with apt-cache")
-		pl, err := resolve(ctx, rel)
-		if err != nil {
+	default:
+		if res.Profile, res.Debs, err = add(ctx, cache, rel, o.Log, say); err != nil {
 			return nil, err
 		}
-		say("image %s, exact source %s %s", pl.image.Version, pl.source.Package, pl.source.Version)
-		debs := filepath.Join(cache, "debs")
-		if err := os.MkdirAll(debs, 0o755); err != nil {
-			return nil, fmt.Errorf("kernel cache: %w", err)
-		}
-		paths := map[*ArchivePackage]string{}
-		for _, p := range []*ArchivePackage{pl.image, pl.headers, pl.common, pl.kbuild, pl.source} {
-			d, err := fetchDeb(ctx, debs, p, say)
-			if err != nil {
-				return nil, err
-			}
-			paths[p] = d.Path
-			res.Debs = append(res.Debs, d)
-		}
-		p, err := extract(ctx, cache, pl, paths, say)
-		if err != nil {
-			return nil, err
-		}
-		res.Profile = p
 	}
 	if o.Install {
 		p := res.Profile
@@ -208,6 +192,57 @@ func Add(ctx context.Context, cache, release string, o AddOptions) (*Added, erro
 	res.Elapsed = time.Since(start)
 	say("ready in %.1fs: boot image %s", res.Elapsed.Seconds(), res.Profile.BootImage)
 	return res, nil
+}
+
+// add resolves, fetches and extracts a kernel the cache lacks.
+func add(ctx context.Context, cache string, rel Release, log *slog.Logger, say func(string, ...any)) (*Profile, []Deb, error) {
+	say("resolving packages with apt-cache")
+	pl, err := resolve(ctx, rel)
+	if err != nil {
+		return nil, nil, err
+	}
+	// Locked only now, so that a refused add leaves no lock file.
+	unlock, err := lockFile(ctx, ProfileDir(cache, rel.Release)+".lock", log)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer unlock()
+	if p, err := openCached(cache, rel); err == nil {
+		say("added meanwhile by another process")
+		return p, nil, nil
+	}
+	dir := ProfileDir(cache, rel.Release)
+	if _, err := os.Stat(dir); err == nil {
+		return nil, nil, fmt.Errorf("%w: %s exists but holds no profile (remove it with `stitch kernel rm %s`, then add it again)", ErrIncomplete, dir, rel.Release)
+	}
+	// What an add of this release that was killed left behind: under the
+	// lock, nobody else is writing there.
+	if stale, err := filepath.Glob(filepath.Join(filepath.Dir(dir), "."+rel.Release+".add-*")); err == nil {
+		for _, d := range stale {
+			log.Info("removing an interrupted add", "dir", d)
+			os.RemoveAll(d)
+		}
+	}
+	say("image %s, exact source %s %s", pl.image.Version, pl.source.Package, pl.source.Version)
+	debs := filepath.Join(cache, "debs")
+	if err := os.MkdirAll(debs, 0o755); err != nil {
+		return nil, nil, fmt.Errorf("kernel cache: %w", err)
+	}
+	paths := map[*ArchivePackage]string{}
+	var used []Deb
+	for _, p := range []*ArchivePackage{pl.image, pl.headers, pl.common, pl.kbuild, pl.source} {
+		d, err := fetchDeb(ctx, debs, p, say)
+		if err != nil {
+			return nil, nil, err
+		}
+		paths[p] = d.Path
+		used = append(used, d)
+	}
+	p, err := extract(ctx, cache, pl, paths, say)
+	if err != nil {
+		return nil, nil, err
+	}
+	return p, used, nil
 }
 
 // ErrNotRoot means an operation needs root.
@@ -320,8 +355,17 @@ func extract(ctx context.Context, cache string, pl *plan, debs map[*ArchivePacka
 	// The file keeps paths relative to its directory; openCached resolves
 	// them (and sets the source deb and origin, which depend on where the
 	// cache is).
-	b, err := json.MarshalIndent(p, "", "  ")
+	b, err := json.Marshal(p)
 	if err != nil {
+		return nil, err
+	}
+	var fields map[string]any
+	if err := json.Unmarshal(b, &fields); err != nil {
+		return nil, err
+	}
+	delete(fields, "source_deb")
+	delete(fields, "origin")
+	if b, err = json.MarshalIndent(fields, "", "  "); err != nil {
 		return nil, err
 	}
 	if err := os.WriteFile(filepath.Join(tmp, profileFile), append(b, '\n'), 0o644); err != nil {

@@ -27,7 +27,7 @@ func ParseControl(data []byte) ([]Stanza, error) {
 	var cur Stanza
 	last := ""
 	sc := bufio.NewScanner(bytes.NewReader(data))
-	sc.Buffer(make([]byte, 64*1024), 16*1024*1024) // Description fields run long
+	sc.Buffer(nil, 16<<20) // Description fields run long
 	n := 0
 	for sc.Scan() {
 		n++

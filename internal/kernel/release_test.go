@@ -46,3 +46,13 @@ func FuzzParseRelease(f *testing.F) {
 		}
 	})
 }
+
+func TestCompilerText(t *testing.T) {
+	cfg := []byte("CONFIG_A=y\nCONFIG_CC_VERSION_TEXT=\"gcc-12 (Debian 12.2.0-14+deb12u1) 12.2.0\"\nCONFIG_B=y\n")
+	if got := CompilerText(cfg); got != "gcc-12 (Debian 12.2.0-14+deb12u1) 12.2.0" {
+		t.Errorf("CompilerText = %q", got)
+	}
+	if got := CompilerText([]byte("CONFIG_A=y\n")); got != "" {
+		t.Errorf("CompilerText without the option = %q", got)
+	}
+}

@@ -82,6 +82,16 @@ func Profiles(t testing.TB, releases ...string) []*kernel.Profile {
 	return out
 }
 
+// TestKernels are the kernels `make kernels` fetches for the tests
+// besides the installed Release: $TEST_KERNELS, as the Makefile sets it,
+// or its default.
+func TestKernels() []string {
+	if s := os.Getenv("TEST_KERNELS"); strings.TrimSpace(s) != "" {
+		return strings.Fields(s)
+	}
+	return []string{"6.1.0-47-amd64", "6.1.0-53-amd64"}
+}
+
 // DefaultProfile is the profile of Release, the kernel the tests boot.
 func DefaultProfile(t testing.TB) *kernel.Profile {
 	t.Helper()
