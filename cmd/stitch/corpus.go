@@ -103,9 +103,9 @@ func runCorpus(ctx context.Context, st *stdio, args []string) error {
 		}{time.Now().UTC().Format(time.RFC3339), *release, sum, results})
 	}
 	tw := tabwriter.NewWriter(st.out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "FIX\tOBJECT\tFUNCTIONS\tBUILD\tRESULT\tREASON")
+	fmt.Fprintln(tw, "FIX\tOBJECT\tFUNCTIONS\tBUILD\tPORT\tRESULT\tREASON")
 	for _, r := range results {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%.1fs\t%s\t%s\n", r.Name, r.Object, strings.Join(r.Functions, ","), r.BuildTime.Seconds(), r.Outcome, trim(r.Reason, 120))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%.1fs\t%s\t%s\t%s\n", r.Name, r.Object, strings.Join(r.Functions, ","), r.BuildTime.Seconds(), r.Port, r.Outcome, trim(r.Reason, 120))
 	}
 	tw.Flush()
 	var parts []string
@@ -113,8 +113,8 @@ func runCorpus(ctx context.Context, st *stdio, args []string) error {
 		parts = append(parts, fmt.Sprintf("%s %d", k, v))
 	}
 	sort.Strings(parts)
-	fmt.Fprintf(st.out, "\n%d fixes: %s; live-patched end to end: %.0f%% (%.0f%% of the %d that change this kernel's code)\n",
-		sum.Total, strings.Join(parts, ", "), 100*sum.Share, 100*sum.ShareNeeded, sum.Total-sum.Outcomes[corpus.NoChange])
+	fmt.Fprintf(st.out, "\n%d fixes: %s; live-patched end to end: %.0f%% (%.0f%% of the %d this kernel needs: not contained, changing its code)\n",
+		sum.Total, strings.Join(parts, ", "), 100*sum.Share, 100*sum.ShareNeeded, sum.Total-sum.NotNeeded())
 	return nil
 }
 
@@ -126,11 +126,11 @@ func runCorpusGuest(ctx context.Context, st *stdio, args []string) error {
 	return corpus.Guest(ctx, fs.Arg(0), st.out)
 }
 
-var csvHeader = []string{"fix", "file", "changed_lines", "location", "object", "functions", "build_seconds", "outcome", "reason"}
+var csvHeader = []string{"fix", "file", "changed_lines", "location", "object", "functions", "build_seconds", "port", "outcome", "reason"}
 
 func csvRow(r corpus.Result) []string {
 	return []string{r.Name, r.File, strconv.Itoa(r.Lines), r.Location, r.Object, strings.Join(r.Functions, " "),
-		strconv.FormatFloat(r.BuildTime.Seconds(), 'f', 1, 64), r.Outcome, r.Reason}
+		strconv.FormatFloat(r.BuildTime.Seconds(), 'f', 1, 64), r.Port, r.Outcome, r.Reason}
 }
 
 func trim(s string, n int) string {

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/build"
+	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/klpmod"
 )
 
@@ -31,6 +32,9 @@ const (
 	KernelWarning = "kernel-warning" // applied, but the kernel warned or oopsed
 	Regressed     = "regressed"      // applied, but a workload that worked before failed
 	NotRun        = "not-run"        // built; the VM stage was skipped
+	// Against a kernel other than the one the corpus was cut from:
+	Contained = "contained"  // the kernel's source already has the fix (it reverse-applies): nothing to patch
+	NotPorted = "not-ported" // the fix does not apply to this kernel's source (the reason names the hunk)
 )
 
 // Entry is one row of the corpus index.
@@ -48,6 +52,7 @@ type Result struct {
 	Object    string        `json:"object,omitempty"`
 	Functions []string      `json:"functions,omitempty"`
 	BuildTime time.Duration `json:"build_ns"`
+	Port      string        `json:"port,omitempty"` // how the fix fitted the kernel's source: clean, offset (hunks), ...
 	Outcome   string        `json:"outcome"`
 	Reason    string        `json:"reason,omitempty"`
 	Module    string        `json:"-"` // the built .ko
@@ -114,6 +119,13 @@ func BuildAll(ctx context.Context, entries []Entry, b Builder, out string, progr
 		start := time.Now()
 		res, err := buildOne(ctx, e, b, filepath.Join(out, e.Name))
 		r.BuildTime = time.Since(start)
+		var perr *kbuild.PortError
+		switch {
+		case res != nil && res.Port != nil:
+			r.Port = res.Port.Summary()
+		case errors.As(err, &perr):
+			r.Port = string(perr.Port.Status)
+		}
 		switch {
 		case err == nil:
 			r.Outcome, r.Module = NotRun, res.Module
@@ -123,6 +135,10 @@ func BuildAll(ctx context.Context, entries []Entry, b Builder, out string, progr
 					r.Functions = append(r.Functions, f.Name)
 				}
 			}
+		case errors.Is(err, kbuild.ErrContained):
+			r.Outcome, r.Reason = Contained, oneLine(err)
+		case errors.Is(err, kbuild.ErrDoesNotApply):
+			r.Outcome, r.Reason = NotPorted, oneLine(err)
 		case errors.Is(err, build.ErrNothing):
 			r.Outcome, r.Reason = NoChange, oneLine(err)
 		case refusal(err):
@@ -169,11 +185,14 @@ type Summary struct {
 	Total    int            `json:"total"`
 	Outcomes map[string]int `json:"outcomes"`
 	// Share is the fraction of all fixes applied end to end; ShareNeeded
-	// leaves out the fixes that change no code in this kernel, which
-	// need no patch.
+	// leaves out the fixes this kernel needs no patch for: those that
+	// change no code in it and those its source already contains.
 	Share       float64 `json:"share_applied"`
 	ShareNeeded float64 `json:"share_applied_of_needed"`
 }
+
+// NotNeeded counts the fixes the kernel needs no patch for.
+func (s Summary) NotNeeded() int { return s.Outcomes[NoChange] + s.Outcomes[Contained] }
 
 // Summarize counts the results.
 func Summarize(rs []Result) Summary {
@@ -185,7 +204,7 @@ func Summarize(rs []Result) Summary {
 	if s.Total > 0 {
 		s.Share = applied / float64(s.Total)
 	}
-	if needed := s.Total - s.Outcomes[NoChange]; needed > 0 {
+	if needed := s.Total - s.NotNeeded(); needed > 0 {
 		s.ShareNeeded = applied / float64(needed)
 	}
 	return s

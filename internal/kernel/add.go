@@ -333,6 +333,13 @@ func extract(ctx context.Context, cache string, pl *plan, debs map[*ArchivePacka
 	if err := relativeLinks(root); err != nil {
 		return nil, fmt.Errorf("extract %s: %w", pl.rel.Release, err)
 	}
+	// The package ships no modules.dep, modules.alias, ...: apt's
+	// postinst makes them. The corpus VMs resolve module dependencies
+	// and aliases from them as an installed system would.
+	say("indexing modules (depmod)")
+	if err := depmod(ctx, root, pl.rel.Release); err != nil {
+		return nil, fmt.Errorf("extract %s: %w", pl.rel.Release, err)
+	}
 	headers := filepath.Join("usr", "src", "linux-headers-"+pl.rel.Release)
 	if err := fixHeadersMakefile(root, headers); err != nil {
 		return nil, fmt.Errorf("extract %s: %w", pl.rel.Release, err)
@@ -375,6 +382,18 @@ func extract(ctx context.Context, cache string, pl *plan, debs map[*ArchivePacka
 		return nil, fmt.Errorf("kernel cache: %w", err)
 	}
 	return openCached(cache, pl.rel)
+}
+
+// depmod writes the module index files of release under root.
+func depmod(ctx context.Context, root, release string) error {
+	bin, err := exec.LookPath("depmod")
+	if err != nil {
+		bin = "/sbin/depmod" // not on a user's PATH on Debian
+	}
+	if out, err := exec.CommandContext(ctx, bin, "-b", root, release).CombinedOutput(); err != nil {
+		return fmt.Errorf("depmod (install kmod): %w\n%s", err, lastLines(string(out), 10))
+	}
+	return nil
 }
 
 // relativeLinks makes every absolute symbolic link under root (like

@@ -157,6 +157,10 @@ func TestAddFromCachedDebs(t *testing.T) {
 		p.SourceDeb != filepath.Join(cache, "debs", debs[4]) || p.Compiler == "" || p.Image.Version != p.Headers.Version {
 		t.Errorf("profile %+v", p)
 	}
+	// The modules are indexed as on an installed system.
+	if dep, err := os.ReadFile(filepath.Join(p.Modules, "modules.dep")); err != nil || !strings.Contains(string(dep), "kernel/fs/binfmt_misc.ko:") {
+		t.Errorf("modules.dep: %v (%d bytes)", err, len(dep))
+	}
 	// Nothing of the kernel points outside its directory.
 	if dst, err := filepath.EvalSymlinks(filepath.Join(p.Modules, "build")); err != nil || dst != p.HeadersDir {
 		t.Errorf("modules/build -> %s, %v", dst, err)
