@@ -3,8 +3,6 @@ package bundle
 import (
 	"encoding/json"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strings"
 
 	"github.com/stitchpatch/stitch/internal/contract"
@@ -156,20 +154,9 @@ func (r *Repo) OpenContained(name string) (*contract.Contained, error) {
 	if !contract.ValidContainedTarget(name) {
 		return nil, fmt.Errorf("target %s: %w: not a contained record's name (contained/RELEASE/NAME-HASH.json)", name, ErrNotFound)
 	}
-	t, err := r.loadTargets()
+	data, err := r.readTarget(name)
 	if err != nil {
 		return nil, err
-	}
-	tf, ok := t.Signed.Targets[name]
-	if !ok {
-		return nil, fmt.Errorf("target %s: %w in %s (see `stitch repo list`)", name, ErrNotFound, r.Dir)
-	}
-	data, err := os.ReadFile(filepath.Join(r.TargetsDir(), filepath.FromSlash(name)))
-	if err != nil {
-		return nil, fmt.Errorf("target %s: %w", name, err)
-	}
-	if err := tf.VerifyLengthHashes(data); err != nil {
-		return nil, fmt.Errorf("target %s: %w: the file differs from the signed metadata: %v", name, ErrVerify, err)
 	}
 	return openContained(name, data)
 }

@@ -841,6 +841,16 @@ func (r *Repo) TrustedRoot() ([]byte, error) {
 // the signed targets metadata (length and hash) and opens the bundle: what
 // a server reads when it starts a patch's rollout.
 func (r *Repo) Open(name string) (*Bundle, error) {
+	data, err := r.readTarget(name)
+	if err != nil {
+		return nil, err
+	}
+	return Open(data)
+}
+
+// readTarget reads a published target's file and checks it against the
+// signed targets metadata (length and hash).
+func (r *Repo) readTarget(name string) ([]byte, error) {
 	t, err := r.loadTargets()
 	if err != nil {
 		return nil, err
@@ -856,5 +866,5 @@ func (r *Repo) Open(name string) (*Bundle, error) {
 	if err := tf.VerifyLengthHashes(data); err != nil {
 		return nil, fmt.Errorf("target %s: %w: the file differs from the signed metadata: %v", name, ErrVerify, err)
 	}
-	return Open(data)
+	return data, nil
 }
