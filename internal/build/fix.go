@@ -12,12 +12,12 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"path"
 	"regexp"
 	"sort"
 	"strings"
 
 	"github.com/stitchpatch/stitch/internal/contract"
+	"github.com/stitchpatch/stitch/internal/kbuild"
 )
 
 // ErrBadFix means the fix is not a usable unified diff.
@@ -49,7 +49,7 @@ func ParseFix(name string, diff []byte) (*Fix, error) {
 		case strings.HasPrefix(line, "--- "):
 			inHeader = false
 		case strings.HasPrefix(line, "+++ "):
-			p, err := diffPath(strings.TrimPrefix(line, "+++ "))
+			p, err := kbuild.DiffPath(strings.TrimPrefix(line, "+++ "))
 			if err != nil {
 				return nil, fmt.Errorf("%w: %s: %v", ErrBadFix, name, err)
 			}
@@ -113,26 +113,6 @@ func upstreamCommit(header []string) string {
 		}
 	}
 	return from
-}
-
-// diffPath turns "b/fs/proc/cmdline.c\t2024-..." into "fs/proc/cmdline.c"
-// (one leading component stripped, as patch -p1 does). /dev/null (a
-// deleted file) gives "".
-func diffPath(s string) (string, error) {
-	s, _, _ = strings.Cut(s, "\t")
-	s = strings.TrimSpace(s)
-	if s == "/dev/null" {
-		return "", nil
-	}
-	_, rest, ok := strings.Cut(s, "/")
-	if !ok || rest == "" {
-		return "", fmt.Errorf("path %q has no leading component to strip (want a/… and b/…)", s)
-	}
-	clean := path.Clean(rest)
-	if strings.HasPrefix(clean, "../") || clean == ".." || path.IsAbs(clean) {
-		return "", fmt.Errorf("path %q leaves the source tree", s)
-	}
-	return clean, nil
 }
 
 func contains(ss []string, s string) bool {

@@ -48,13 +48,13 @@ func parseDiff(diff []byte) ([]diffFile, error) {
 		if !strings.HasPrefix(lines[i], "--- ") || i+1 >= len(lines) || !strings.HasPrefix(lines[i+1], "+++ ") {
 			continue
 		}
-		old, err := stripPath(lines[i][4:])
+		old, err := DiffPath(lines[i][4:])
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("%w: %v", ErrBadDiff, err)
 		}
-		new, err := stripPath(lines[i+1][4:])
+		new, err := DiffPath(lines[i+1][4:])
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("%w: %v", ErrBadDiff, err)
 		}
 		f := diffFile{Old: old, New: new}
 		i += 2
@@ -115,9 +115,11 @@ func count(s string) int {
 	return n
 }
 
-// stripPath turns "b/fs/x.c\t2024-01-01" into "fs/x.c", /dev/null into
-// "", and refuses paths that leave the tree.
-func stripPath(s string) (string, error) {
+// DiffPath turns a diff's file name, "b/fs/proc/cmdline.c\t2024-...",
+// into the path in the tree, "fs/proc/cmdline.c" (one leading component
+// stripped, as patch -p1 does); /dev/null (a created or deleted file)
+// gives "". A path that would leave the tree is an error.
+func DiffPath(s string) (string, error) {
 	s, _, _ = strings.Cut(s, "\t")
 	s = strings.TrimSpace(s)
 	if s == "/dev/null" {
@@ -125,11 +127,11 @@ func stripPath(s string) (string, error) {
 	}
 	_, rest, ok := strings.Cut(s, "/")
 	if !ok || rest == "" {
-		return "", fmt.Errorf("%w: path %q has no leading component to strip (want a/FILE and b/FILE)", ErrBadDiff, s)
+		return "", fmt.Errorf("path %q has no leading component to strip (want a/FILE and b/FILE)", s)
 	}
 	clean := path.Clean(rest)
 	if clean == ".." || strings.HasPrefix(clean, "../") || path.IsAbs(clean) {
-		return "", fmt.Errorf("%w: path %q leaves the source tree", ErrBadDiff, s)
+		return "", fmt.Errorf("path %q leaves the source tree", s)
 	}
 	return clean, nil
 }
@@ -188,7 +190,7 @@ func parsePatchOutput(out string) []patchedFile {
 			if q, ok := strings.CutPrefix(line, "|"); ok {
 				for _, pre := range []string{"+++ ", "--- "} {
 					if rest, ok := strings.CutPrefix(q, pre); ok && f.Name == "" {
-						if p, err := stripPath(rest); err == nil && p != "" {
+						if p, err := DiffPath(rest); err == nil && p != "" {
 							f.Name = p
 						}
 					}
