@@ -178,7 +178,7 @@ func (d *runner) run(ctx context.Context, profiles []*kernel.Profile, descriptio
 		case s.Name == "kernel":
 			say("[%d/%d] %s: %s in %.1fs", s.Index, s.Total, s.Release, s.Detail, s.Elapsed.Seconds())
 		case s.Done:
-			say("  %s %s: %.1fs", s.Name, s.Detail, s.Elapsed.Seconds())
+			say("  %s: %.1fs", strings.TrimSpace(s.Name+" "+s.Detail), s.Elapsed.Seconds())
 		}
 	})
 	if err != nil && len(built) == 0 {
