@@ -14,7 +14,7 @@ func runDemo(ctx context.Context, st *stdio, args []string) error {
 		"and patches and restores it live.")
 	var o demo.Options
 	var releases stringList
-	fs.Var(&releases, "kernel", "kernel release to patch (repeatable; default "+kernel.Default+"; installed, or fetched with `stitch kernel add`)")
+	fs.Var(&releases, "kernel", "kernel release to patch (repeatable; default "+kernel.Default+"; installed, or fetched with stitch kernel add)")
 	fs.Var(&releases, "release", "the same as --kernel")
 	fs.StringVar(&o.Cache, "cache", kbuild.CacheDir(), "cache directory (kernel profiles, prepared trees, extracted images)")
 	console := fs.Bool("console", false, "also show the VMs' kernel console")
