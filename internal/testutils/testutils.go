@@ -89,7 +89,7 @@ func TestKernels() []string {
 	if s := os.Getenv("TEST_KERNELS"); strings.TrimSpace(s) != "" {
 		return strings.Fields(s)
 	}
-	return []string{"6.1.0-47-amd64", "6.1.0-53-amd64"}
+	return []string{"6.1.0-47-amd64", "6.1.0-53-amd64", "6.1.0-57-amd64"}
 }
 
 // DefaultProfile is the profile of Release, the kernel the tests boot.
