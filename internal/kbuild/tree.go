@@ -11,7 +11,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/kernel"
@@ -189,34 +188,7 @@ func matchCompiler(ctx context.Context, config []byte) (string, error) {
 
 // lock takes the tree's lock file, waiting while another process holds it.
 func (t *Tree) lock(ctx context.Context) (unlock func(), err error) {
-	if err := os.MkdirAll(filepath.Dir(t.Dir), 0o755); err != nil {
-		return nil, err
-	}
-	f, err := os.OpenFile(t.Dir+".lock", os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return nil, err
-	}
-	logged := false
-	for {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil
-		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) {
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", f.Name(), err)
-		}
-		if !logged {
-			t.opts.Log.Info("waiting for another user of the kernel tree", "lock", f.Name())
-			logged = true
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
+	return kernel.Lock(ctx, t.Dir+".lock", t.opts.Log)
 }
 
 // unpack extracts the source tarball from the .deb into t.Dir, through a

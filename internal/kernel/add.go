@@ -15,7 +15,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"syscall"
 	"time"
 )
 
@@ -202,7 +201,7 @@ func add(ctx context.Context, cache string, rel Release, log *slog.Logger, say f
 		return nil, nil, err
 	}
 	// Locked only now, so that a refused add leaves no lock file.
-	unlock, err := lockFile(ctx, ProfileDir(cache, rel.Release)+".lock", log)
+	unlock, err := Lock(ctx, ProfileDir(cache, rel.Release)+".lock", log)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -442,39 +441,6 @@ func fixHeadersMakefile(root, headers string) error {
 	}
 	fixed := includeRE.ReplaceAll(b, []byte("include $(dir $(lastword $(MAKEFILE_LIST)))../$1/Makefile"))
 	return os.WriteFile(path, fixed, 0o644)
-}
-
-// lockFile takes an exclusive lock on path, waiting while another process
-// holds it.
-func lockFile(ctx context.Context, path string, log *slog.Logger) (unlock func(), err error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, err
-	}
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("lock: %w", err)
-	}
-	logged := false
-	for {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil
-		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) {
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", path, err)
-		}
-		if !logged {
-			log.Info("waiting for another user of the kernel", "lock", path)
-			logged = true
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
 }
 
 func lastLines(s string, n int) string {
