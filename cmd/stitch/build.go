@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/build"
-	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/kernel"
 )
 
@@ -22,7 +21,7 @@ func runBuild(ctx context.Context, st *stdio, args []string) error {
 	fs.Var(&releases, "kernel", "kernel release to build for (repeatable; default "+kernel.Default+")")
 	all := fs.String("kernels", "", `"all": every kernel ready in the cache or on the system (stitch kernel list)`)
 	out := fs.String("o", ".", "output directory: OUT/RELEASE/ per kernel")
-	cache := fs.String("cache", kbuild.CacheDir(), "cache directory (kernel source, prepared trees, extracted images)")
+	cache := fs.String("cache", kernel.CacheDir(), "cache directory (kernel source, prepared trees, extracted images)")
 	var opts build.Options
 	fs.StringVar(&opts.Name, "name", "", "module name (default: stitch_<first fix's name>)")
 	fs.StringVar(&opts.Description, "description", "", "description (default: the first fix's subject)")

@@ -14,7 +14,6 @@ import (
 
 	"github.com/stitchpatch/stitch/internal/build"
 	"github.com/stitchpatch/stitch/internal/corpus"
-	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/kernel"
 )
 
@@ -26,7 +25,7 @@ func runCorpus(ctx context.Context, st *stdio, args []string) error {
 	noVM := fs.Bool("no-vm", false, "build only; do not apply in a VM")
 	batch := fs.Int("batch", 8, "fixes applied per VM boot")
 	csvPath := fs.String("csv", "", "also write the results as CSV to this file")
-	cache := fs.String("cache", kbuild.CacheDir(), "cache directory")
+	cache := fs.String("cache", kernel.CacheDir(), "cache directory")
 	jsonOut := fs.Bool("json", false, "print JSON")
 	if err := parseArgs(fs, args, 1); err != nil {
 		return err

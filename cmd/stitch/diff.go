@@ -26,11 +26,11 @@ func runDiff(ctx context.Context, st *stdio, args []string) error {
 		return err
 	}
 	pre, post := fs.Arg(0), fs.Arg(1)
-	img, _, err := bootImage(ctx, kallsyms.CacheDir(), *image)
+	img, _, err := bootImage(ctx, kernel.CacheDir(), *image)
 	if err != nil {
 		return err
 	}
-	vmlinux, err := kallsyms.CachedVmlinux(ctx, img, kallsyms.CacheDir(), st.log)
+	vmlinux, err := kallsyms.CachedVmlinux(ctx, img, kernel.CacheDir(), st.log)
 	if errors.Is(err, os.ErrNotExist) {
 		return usageError{err}
 	}

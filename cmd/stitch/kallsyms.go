@@ -44,7 +44,7 @@ func runKallsyms(ctx context.Context, st *stdio, args []string) error {
 			return fmt.Errorf("%s: %w", *proc, err)
 		}
 	default:
-		img, p, err := bootImage(ctx, kallsyms.CacheDir(), *image)
+		img, p, err := bootImage(ctx, kernel.CacheDir(), *image)
 		if err != nil {
 			return err
 		}
@@ -52,7 +52,7 @@ func runKallsyms(ctx context.Context, st *stdio, args []string) error {
 			*modules = p.Modules
 		}
 		*image = img
-		im, err := kallsyms.OpenImage(ctx, img, kallsyms.CacheDir(), st.log)
+		im, err := kallsyms.OpenImage(ctx, img, kernel.CacheDir(), st.log)
 		if err != nil {
 			return err
 		}

@@ -7,7 +7,6 @@ import (
 	"os"
 	"text/tabwriter"
 
-	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/kernel"
 )
 
@@ -30,7 +29,7 @@ func runKernel(ctx context.Context, st *stdio, args []string) error {
 func runKernelAdd(ctx context.Context, st *stdio, args []string) error {
 	fs := newFlagSet(st, "kernel add", "RELEASE...", "Fetches kernels into the cache: image, headers and exact source from the apt archive (debs already in the cache are reused), extracted under CACHE/kernels/RELEASE. Nothing is installed into /boot unless --install.")
 	install := fs.Bool("install", false, "also apt-get install the image and headers on this system (root)")
-	cache := fs.String("cache", kbuild.CacheDir(), "cache directory")
+	cache := fs.String("cache", kernel.CacheDir(), "cache directory")
 	jsonOut := fs.Bool("json", false, "print a JSON report")
 	if err := fs.Parse(args); err != nil {
 		return usageError{err}
@@ -72,7 +71,7 @@ func runKernelAdd(ctx context.Context, st *stdio, args []string) error {
 
 func runKernelList(ctx context.Context, st *stdio, args []string) error {
 	fs := newFlagSet(st, "kernel list", "", "Lists the kernels ready to build for (in the cache or installed) with their boot images, and the kernels the apt archive offers: ready, available (`stitch kernel add` fetches it) or no source (the archive lacks its exact source).")
-	cache := fs.String("cache", kbuild.CacheDir(), "cache directory")
+	cache := fs.String("cache", kernel.CacheDir(), "cache directory")
 	jsonOut := fs.Bool("json", false, "print JSON")
 	if err := parseArgs(fs, args, 0); err != nil {
 		return err
@@ -141,7 +140,7 @@ func runKernelList(ctx context.Context, st *stdio, args []string) error {
 func runKernelRm(ctx context.Context, st *stdio, args []string) error {
 	fs := newFlagSet(st, "kernel rm", "RELEASE...", "Removes kernels from the cache: profile, extracted packages, prepared source tree and extracted vmlinux. Kernels installed on the system are refused.")
 	purge := fs.Bool("purge", false, "also delete the kernel's .debs (those no other ready kernel uses)")
-	cache := fs.String("cache", kbuild.CacheDir(), "cache directory")
+	cache := fs.String("cache", kernel.CacheDir(), "cache directory")
 	jsonOut := fs.Bool("json", false, "print JSON")
 	if err := fs.Parse(args); err != nil {
 		return usageError{err}

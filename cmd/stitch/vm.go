@@ -10,7 +10,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/vm"
 )
@@ -32,7 +31,7 @@ func runVM(ctx context.Context, st *stdio, args []string) error {
 	var adds stringList
 	var jsonOut, quiet bool
 	fs.StringVar(&opts.Kernel, "kernel", kernel.Default, "kernel to boot: a boot image, or a release ready in the cache or installed")
-	cache := fs.String("cache", kbuild.CacheDir(), "cache directory (kernel profiles)")
+	cache := fs.String("cache", kernel.CacheDir(), "cache directory (kernel profiles)")
 	fs.Var(&adds, "add", "host `FILE` to put at /<base name> in the guest (repeatable)")
 	fs.StringVar(&opts.Append, "append", "", "extra kernel command line")
 	fs.IntVar(&opts.Memory, "memory", 512, "guest memory in MiB")

@@ -17,6 +17,7 @@ import (
 	"github.com/stitchpatch/stitch/internal/build"
 	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/livepatch"
 	"github.com/stitchpatch/stitch/internal/server/api"
 	"github.com/stitchpatch/stitch/internal/testutils"
@@ -48,7 +49,7 @@ func buildPatches(t *testing.T) *vmPatches {
 	testutils.RequireHeaders(t)
 	root := testutils.ModuleRoot(t)
 	ctx := context.Background()
-	env, err := build.OpenEnv(ctx, testutils.DefaultProfile(t), kbuild.CacheDir(), nil)
+	env, err := build.OpenEnv(ctx, testutils.DefaultProfile(t), kernel.CacheDir(), nil)
 	if errors.Is(err, kbuild.ErrNoSource) {
 		testutils.Unavailable(t, "%v", err)
 	}

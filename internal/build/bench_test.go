@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/build"
-	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/kernel"
 )
 
@@ -28,7 +27,7 @@ import (
 //	go test -run - -bench DemoFixAllKernels -benchtime 1x ./internal/build
 func BenchmarkDemoFixAllKernels(b *testing.B) {
 	ctx := context.Background()
-	src := kbuild.CacheDir()
+	src := kernel.CacheDir()
 	all, err := kernel.List(ctx, src)
 	if err != nil {
 		b.Fatal(err)

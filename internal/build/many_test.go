@@ -38,7 +38,7 @@ func TestBuildManyKernels(t *testing.T) {
 		if e := envs[p.Release]; e != nil {
 			return e, nil
 		}
-		e, err := build.OpenEnv(ctx, p, kbuild.CacheDir(), nil)
+		e, err := build.OpenEnv(ctx, p, kernel.CacheDir(), nil)
 		if err == nil {
 			envs[p.Release] = e
 		}

@@ -5,13 +5,13 @@ import (
 	"testing"
 
 	"github.com/stitchpatch/stitch/internal/kallsyms"
-	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/testutils"
 )
 
 func openTestKernel(t *testing.T) *Kernel {
 	t.Helper()
-	k, err := OpenKernel(context.Background(), testutils.DefaultProfile(t), kbuild.CacheDir(), nil)
+	k, err := OpenKernel(context.Background(), testutils.DefaultProfile(t), kernel.CacheDir(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

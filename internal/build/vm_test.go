@@ -17,6 +17,7 @@ import (
 	"github.com/stitchpatch/stitch/internal/build"
 	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/livepatch"
 	"github.com/stitchpatch/stitch/internal/testutils"
 	"github.com/stitchpatch/stitch/internal/vm"
@@ -44,7 +45,7 @@ func setup(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	k, err := build.OpenKernel(ctx, profile, kbuild.CacheDir(), nil)
+	k, err := build.OpenKernel(ctx, profile, kernel.CacheDir(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

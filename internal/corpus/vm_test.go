@@ -10,6 +10,7 @@ import (
 	"github.com/stitchpatch/stitch/internal/build"
 	"github.com/stitchpatch/stitch/internal/corpus"
 	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/testutils"
 )
 
@@ -17,7 +18,7 @@ import (
 // modules, applied ones and a refusal. The full corpus is a benchmark:
 // stitch corpus corpus/6.1.
 func TestCorpusSubset(t *testing.T) {
-	kernel := testutils.RequireVM(t)
+	vmKernel := testutils.RequireVM(t)
 	testutils.RequireHeaders(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
@@ -37,7 +38,7 @@ func TestCorpusSubset(t *testing.T) {
 		t.Fatalf("select: %v (%d)", err, len(entries))
 	}
 	profile := testutils.DefaultProfile(t)
-	env, err := build.OpenEnv(ctx, profile, kbuild.CacheDir(), nil)
+	env, err := build.OpenEnv(ctx, profile, kernel.CacheDir(), nil)
 	if errors.Is(err, kbuild.ErrNoSource) {
 		testutils.Unavailable(t, "%v", err)
 	}
@@ -50,7 +51,7 @@ func TestCorpusSubset(t *testing.T) {
 	results := corpus.BuildAll(ctx, entries, builder, t.TempDir(), func(r corpus.Result) {
 		t.Logf("built %s: %s %s (%.1fs)", r.Name, r.Outcome, r.Reason, r.BuildTime.Seconds())
 	})
-	if err := corpus.ApplyAll(ctx, results, corpus.VMOptions{Kernel: kernel, Stitch: testutils.StitchBinary(t), Modules: profile.Modules}); err != nil {
+	if err := corpus.ApplyAll(ctx, results, corpus.VMOptions{Kernel: vmKernel, Stitch: testutils.StitchBinary(t), Modules: profile.Modules}); err != nil {
 		t.Fatal(err)
 	}
 	for _, r := range results {

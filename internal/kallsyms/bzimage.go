@@ -97,18 +97,6 @@ func gunzip(data []byte, size int) ([]byte, error) {
 	return out.Bytes(), nil
 }
 
-// DefaultCacheDir is where extracted images are kept unless $STITCH_CACHE
-// names another directory.
-const DefaultCacheDir = "/var/cache/stitch"
-
-// CacheDir returns $STITCH_CACHE, or DefaultCacheDir.
-func CacheDir() string {
-	if d := os.Getenv("STITCH_CACHE"); d != "" {
-		return d
-	}
-	return DefaultCacheDir
-}
-
 // CachedVmlinux returns the path of the vmlinux extracted from the boot
 // image at imagePath, extracting it on first use. The copy lives in
 // cacheDir/vmlinux, named by the image's sha256, so a rebuilt image with

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/testutils"
 	"github.com/stitchpatch/stitch/internal/vm"
 )
@@ -43,7 +44,7 @@ func targetImage(t testing.TB) *Image {
 	}
 	image := testutils.BootImage(t)
 	target.once.Do(func() {
-		cache := CacheDir()
+		cache := kernel.CacheDir()
 		if err := os.MkdirAll(cache, 0o755); err != nil || writable(cache) != nil {
 			cache = filepath.Join(os.TempDir(), "stitch-kallsyms-test")
 		}

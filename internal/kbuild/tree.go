@@ -36,14 +36,10 @@ type Source struct {
 // Deb is the file name apt-get download gives the package.
 func (s Source) Deb() string { return s.Package + "_" + s.Version + "_all.deb" }
 
-// CacheDir is where prepared trees and downloaded packages live:
-// $STITCH_CACHE, or /var/cache/stitch.
-func CacheDir() string {
-	if d := os.Getenv("STITCH_CACHE"); d != "" {
-		return d
-	}
-	return "/var/cache/stitch"
-}
+// CacheDir is kernel.CacheDir.
+//
+// Deprecated: use kernel.CacheDir; this remains for internal/demo.
+func CacheDir() string { return kernel.CacheDir() }
 
 // TreeOptions say which tree to prepare and where; a kernel profile
 // (internal/kernel) gives the release, source, deb and config.
@@ -51,7 +47,7 @@ type TreeOptions struct {
 	Release string       // e.g. 6.1.0-54-amd64
 	Source  Source       // the kernel's exact source package
 	Deb     string       // its .deb; default Cache/debs/Source.Deb()
-	Cache   string       // default CacheDir()
+	Cache   string       // default kernel.CacheDir()
 	Config  string       // the kernel's configuration (config-<release>)
 	Jobs    int          // make -j; default 2
 	Log     *slog.Logger // default: discard
@@ -99,7 +95,7 @@ func PrepareTree(ctx context.Context, o TreeOptions) (*Tree, error) {
 		return nil, fmt.Errorf("%w: prepare tree for %s: no kernel config given", ErrNoSource, o.Release)
 	}
 	if o.Cache == "" {
-		o.Cache = CacheDir()
+		o.Cache = kernel.CacheDir()
 	}
 	if o.Deb == "" {
 		o.Deb = filepath.Join(o.Cache, "debs", src.Deb())

@@ -129,7 +129,7 @@ func TestAddFromCachedDebs(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, d := range debs {
-		src := filepath.Join(kbuild.CacheDir(), "debs", d)
+		src := filepath.Join(kernel.CacheDir(), "debs", d)
 		if _, err := os.Stat(src); err != nil {
 			testutils.Unavailable(t, "%s is not in the cache (make kernels fetches it): %v", d, err)
 		}

@@ -27,6 +27,16 @@ import (
 // (scripts/install-deps.sh installs it).
 const Default = "6.1.0-54-amd64"
 
+// CacheDir is the cache Stitch keeps kernels in (profiles and packages,
+// prepared source trees, vmlinux extracted from boot images):
+// $STITCH_CACHE, or /var/cache/stitch.
+func CacheDir() string {
+	if d := os.Getenv("STITCH_CACHE"); d != "" {
+		return d
+	}
+	return "/var/cache/stitch"
+}
+
 var (
 	// ErrUnknown means no kernel of that release is in the cache or on the
 	// system; the error lists the ones that are.

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/stitchpatch/stitch/internal/kallsyms"
+	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/layout"
 	"github.com/stitchpatch/stitch/internal/testutils/testlayout"
 )
@@ -56,14 +57,14 @@ func TestReal61(t *testing.T) {
 func TestReal612(t *testing.T) {
 	vmlinux := os.Getenv("STITCH_TEST_VMLINUX_612")
 	if vmlinux == "" {
-		images, _ := filepath.Glob(filepath.Join(kallsyms.CacheDir(), "kernels", "6.12*", "root", "boot", "vmlinuz-*"))
+		images, _ := filepath.Glob(filepath.Join(kernel.CacheDir(), "kernels", "6.12*", "root", "boot", "vmlinuz-*"))
 		more, _ := filepath.Glob("/boot/vmlinuz-6.12*")
 		images = append(images, more...)
 		if len(images) == 0 {
 			t.Skip("no 6.12 kernel image in the cache or /boot, and $STITCH_TEST_VMLINUX_612 unset")
 		}
 		var err error
-		vmlinux, err = kallsyms.CachedVmlinux(context.Background(), images[0], kallsyms.CacheDir(), nil)
+		vmlinux, err = kallsyms.CachedVmlinux(context.Background(), images[0], kernel.CacheDir(), nil)
 		if errors.Is(err, kallsyms.ErrUnsupported) {
 			t.Skipf("%s: kallsyms cannot extract it (%v); set $STITCH_TEST_VMLINUX_612 to its vmlinux", images[0], err)
 		}

@@ -22,7 +22,7 @@ func kernelTree(t testing.TB) *kbuild.Tree {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	p, err := kernel.Open(ctx, kbuild.CacheDir(), kernel.Default)
+	p, err := kernel.Open(ctx, kernel.CacheDir(), kernel.Default)
 	if err != nil {
 		if os.Getenv("CI") == "" {
 			t.Skipf("no kernel %s (run scripts/install-deps.sh): %v", kernel.Default, err)

@@ -52,7 +52,7 @@ func RequireVM(t testing.TB) string {
 // cache or the system), or skips the test without it (fails it in CI).
 func Profile(t testing.TB, release string) *kernel.Profile {
 	t.Helper()
-	p, err := kernel.Open(context.Background(), kbuild.CacheDir(), release)
+	p, err := kernel.Open(context.Background(), kernel.CacheDir(), release)
 	if err != nil {
 		Unavailable(t, "kernel %s: %v", release, err)
 	}
@@ -66,7 +66,7 @@ func Profiles(t testing.TB, releases ...string) []*kernel.Profile {
 	var out []*kernel.Profile
 	var missing []string
 	for _, r := range releases {
-		p, err := kernel.Open(context.Background(), kbuild.CacheDir(), r)
+		p, err := kernel.Open(context.Background(), kernel.CacheDir(), r)
 		if err != nil {
 			missing = append(missing, err.Error())
 			continue

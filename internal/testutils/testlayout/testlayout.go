@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/stitchpatch/stitch/internal/kallsyms"
+	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/layout"
 	"github.com/stitchpatch/stitch/internal/testutils"
 )
@@ -25,7 +26,7 @@ func Vmlinux(t testing.TB) string {
 	if _, err := os.Stat(Image); err != nil {
 		testutils.Unavailable(t, "kernel image %s not installed", Image)
 	}
-	path, err := kallsyms.CachedVmlinux(context.Background(), Image, kallsyms.CacheDir(), nil)
+	path, err := kallsyms.CachedVmlinux(context.Background(), Image, kernel.CacheDir(), nil)
 	if err != nil {
 		t.Fatalf("vmlinux of %s: %v", Image, err)
 	}
