@@ -18,12 +18,13 @@ import (
 	"github.com/stitchpatch/stitch/internal/testutils"
 )
 
-// prepareTree is the real tree of the test kernel, prepared like it.
+// prepareTree is the real tree of the test kernel, prepared like it
+// (its profile names its exact source and config).
 func prepareTree(t *testing.T) *kbuild.Tree {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
-	tree, err := kbuild.PrepareTree(ctx, kbuild.TreeOptions{Release: testutils.Release})
+	tree, err := kbuild.PrepareTree(ctx, kbuild.OptionsFor(testutils.DefaultProfile(t)))
 	if errors.Is(err, kbuild.ErrNoSource) || errors.Is(err, kbuild.ErrCompiler) {
 		testutils.Unavailable(t, "kernel tree: %v", err)
 	}
