@@ -86,11 +86,7 @@ func assemble(ctx context.Context, headers, dir, name string, fixes []*Fix, objs
 	}
 	for _, f := range fixes {
 		m.Fixes = append(m.Fixes, f.Fix)
-		for _, c := range f.CVEs {
-			if !contains(m.CVEs, c) {
-				m.CVEs = append(m.CVEs, c)
-			}
-		}
+		m.CVEs = appendMissing(m.CVEs, f.CVEs...)
 		if m.Description == "" {
 			m.Description = f.Description
 		}

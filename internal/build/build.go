@@ -187,11 +187,7 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 	if o.Description != "" {
 		m.Description = o.Description
 	}
-	for _, c := range o.CVEs {
-		if !contains(m.CVEs, c) {
-			m.CVEs = append(m.CVEs, c)
-		}
-	}
+	m.CVEs = appendMissing(m.CVEs, o.CVEs...)
 
 	if err := os.MkdirAll(o.Out, 0o755); err != nil {
 		return nil, err

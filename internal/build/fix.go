@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 
@@ -115,11 +116,13 @@ func upstreamCommit(header []string) string {
 	return from
 }
 
-func contains(ss []string, s string) bool {
-	for _, x := range ss {
-		if x == s {
-			return true
+// appendMissing appends to ss those of add that it lacks, in their order:
+// CVE ids gathered from several fixes and options, each once.
+func appendMissing(ss []string, add ...string) []string {
+	for _, s := range add {
+		if !slices.Contains(ss, s) {
+			ss = append(ss, s)
 		}
 	}
-	return false
+	return ss
 }

@@ -255,17 +255,9 @@ func writeContained(out string, o ManyOptions, k *Kernel, fixes []*Fix) (string,
 	}
 	for _, f := range fixes {
 		c.Fixes = append(c.Fixes, f.Fix)
-		for _, id := range f.CVEs {
-			if !contains(c.CVEs, id) {
-				c.CVEs = append(c.CVEs, id)
-			}
-		}
+		c.CVEs = appendMissing(c.CVEs, f.CVEs...)
 	}
-	for _, id := range o.CVEs {
-		if !contains(c.CVEs, id) {
-			c.CVEs = append(c.CVEs, id)
-		}
-	}
+	c.CVEs = appendMissing(c.CVEs, o.CVEs...)
 	// The record makes a fleet count machines as fixed: check it by the
 	// rules publish and the server apply before it is written.
 	if err := c.Validate(); err != nil {
