@@ -120,7 +120,7 @@ func BuildMany(ctx context.Context, kernels []*kernel.Profile, fixes []*FixVaria
 		return nil, err
 	}
 	if o.OpenEnv == nil {
-		o.OpenEnv = func(ctx context.Context, p *kernel.Profile) (*Env, error) { return openEnv(ctx, p, o.Cache, o.Log) }
+		o.OpenEnv = func(ctx context.Context, p *kernel.Profile) (*Env, error) { return OpenEnv(ctx, p, o.Cache, o.Log) }
 	}
 	var results []*KernelResult
 	for i, p := range kernels {
@@ -141,11 +141,6 @@ func BuildMany(ctx context.Context, kernels []*kernel.Profile, fixes []*FixVaria
 		report(Step{Name: "kernel", Detail: detail, Done: true, Elapsed: r.Elapsed})
 	}
 	return results, nil
-}
-
-// openEnv opens a kernel's build environment from its profile.
-func openEnv(ctx context.Context, p *kernel.Profile, cache string, log *slog.Logger) (*Env, error) {
-	return OpenEnv(ctx, p, cache, log)
 }
 
 func buildOne(ctx context.Context, p *kernel.Profile, fixes []*FixVariants, o ManyOptions, report func(Step)) *KernelResult {
