@@ -117,7 +117,7 @@ func PrepareTree(ctx context.Context, o TreeOptions) (*Tree, error) {
 	if err != nil {
 		return nil, err
 	}
-	t := &Tree{Release: o.Release, Dir: filepath.Join(o.Cache, "kernel", o.Release), CC: cc, opts: o}
+	t := &Tree{Release: o.Release, Dir: kernel.TreeDir(o.Cache, o.Release), CC: cc, opts: o}
 
 	unlock, err := t.lock(ctx)
 	if err != nil {

@@ -175,6 +175,12 @@ func ProfileDir(cache, release string) string {
 	return filepath.Join(cache, "kernels", release)
 }
 
+// TreeDir is where the cache keeps release's prepared source tree, which
+// kbuild prepares and Remove deletes; TreeDir+".lock" is its lock.
+func TreeDir(cache, release string) string {
+	return filepath.Join(cache, "kernel", release)
+}
+
 // openCached reads the cache's profile of rel; errNotHere without one.
 func openCached(cache string, rel Release) (*Profile, error) {
 	p, err := readProfile(cache, rel)

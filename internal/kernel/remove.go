@@ -49,7 +49,7 @@ func Remove(ctx context.Context, cache, release string, purge bool) (*Removed, e
 	}
 	// The prepared tree's lock (kbuild's): a build holding it would lose
 	// its tree.
-	tree := filepath.Join(cache, "kernel", release)
+	tree := TreeDir(cache, release)
 	if f, err := os.Open(tree + ".lock"); err == nil {
 		defer f.Close()
 		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
