@@ -27,15 +27,6 @@ var (
 	ErrBuild = errors.New("kernel build failed")
 )
 
-// Source names the Debian source package of a kernel release.
-type Source struct {
-	Package string // linux-source-6.1
-	Version string // 6.1.190-1
-}
-
-// Deb is the file name apt-get download gives the package.
-func (s Source) Deb() string { return s.Package + "_" + s.Version + "_all.deb" }
-
 // CacheDir is kernel.CacheDir.
 //
 // Deprecated: use kernel.CacheDir; this remains for internal/demo.
@@ -44,13 +35,13 @@ func CacheDir() string { return kernel.CacheDir() }
 // TreeOptions say which tree to prepare and where; a kernel profile
 // (internal/kernel) gives the release, source, deb and config.
 type TreeOptions struct {
-	Release string       // e.g. 6.1.0-54-amd64
-	Source  Source       // the kernel's exact source package
-	Deb     string       // its .deb; default Cache/debs/Source.Deb()
-	Cache   string       // default kernel.CacheDir()
-	Config  string       // the kernel's configuration (config-<release>)
-	Jobs    int          // make -j; default 2
-	Log     *slog.Logger // default: discard
+	Release string         // e.g. 6.1.0-54-amd64
+	Source  kernel.Package // the kernel's exact source package (linux-source-6.1)
+	Deb     string         // its .deb; default Cache/debs/ and its file name
+	Cache   string         // default kernel.CacheDir()
+	Config  string         // the kernel's configuration (config-<release>)
+	Jobs    int            // make -j; default 2
+	Log     *slog.Logger   // default: discard
 	// Progress receives kbuild's output as it runs; default: discarded.
 	Progress io.Writer
 }
@@ -61,7 +52,7 @@ type TreeOptions struct {
 func OptionsFor(p *kernel.Profile) TreeOptions {
 	return TreeOptions{
 		Release: p.Release,
-		Source:  Source{Package: p.Source.Name, Version: p.Source.Version},
+		Source:  p.Source,
 		Deb:     p.SourceDeb,
 		Config:  p.Config,
 	}
@@ -88,7 +79,7 @@ const swapJournal = ".stitch-swapped"
 // Concurrent callers, in this process or others, wait for one another.
 func PrepareTree(ctx context.Context, o TreeOptions) (*Tree, error) {
 	src := o.Source
-	if src.Package == "" || src.Version == "" || o.Release == "" {
+	if src.Name == "" || src.Version == "" || o.Release == "" {
 		return nil, fmt.Errorf("%w: prepare tree: no release or source package given (%q, %+v)", ErrNoSource, o.Release, src)
 	}
 	if o.Config == "" {
@@ -98,7 +89,7 @@ func PrepareTree(ctx context.Context, o TreeOptions) (*Tree, error) {
 		o.Cache = kernel.CacheDir()
 	}
 	if o.Deb == "" {
-		o.Deb = filepath.Join(o.Cache, "debs", src.Deb())
+		o.Deb = filepath.Join(o.Cache, "debs", kernel.DebName(src.Name, src.Version, "all"))
 	}
 	if o.Jobs <= 0 {
 		o.Jobs = 2
@@ -124,7 +115,7 @@ func PrepareTree(ctx context.Context, o TreeOptions) (*Tree, error) {
 		return nil, err
 	}
 	defer unlock()
-	want := fmt.Sprintf("%s %s\n%s", src.Package, src.Version, kernel.CompilerText(config))
+	want := fmt.Sprintf("%s %s\n%s", src.Name, src.Version, kernel.CompilerText(config))
 	if got, err := os.ReadFile(filepath.Join(t.Dir, stamp)); err == nil && string(got) == want {
 		return t, t.restoreSwapped()
 	}
@@ -189,7 +180,7 @@ func (t *Tree) lock(ctx context.Context) (unlock func(), err error) {
 
 // unpack extracts the source tarball from the .deb into t.Dir, through a
 // temporary directory so that a half-unpacked tree is never used.
-func (t *Tree) unpack(ctx context.Context, deb string, src Source) error {
+func (t *Tree) unpack(ctx context.Context, deb string, src kernel.Package) error {
 	if _, err := os.Stat(deb); err != nil {
 		return fmt.Errorf("%w: %v (`stitch kernel add %s` fetches it)", ErrNoSource, err, t.Release)
 	}
@@ -202,15 +193,15 @@ func (t *Tree) unpack(ctx context.Context, deb string, src Source) error {
 	}
 	defer os.RemoveAll(tmp)
 	t.opts.Log.Info("unpacking kernel source", "deb", deb)
-	tarball := "./usr/src/" + src.Package + ".tar.xz"
+	tarball := "./usr/src/" + src.Name + ".tar.xz"
 	script := `set -o pipefail; dpkg-deb --fsys-tarfile "$1" | tar -xOf - "$2" | tar -xJf - -C "$3"`
 	cmd := exec.CommandContext(ctx, "bash", "-c", script, "unpack", deb, tarball, tmp)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("unpack %s: %w\n%s", deb, err, lastLines(string(out), 10))
 	}
-	top := filepath.Join(tmp, src.Package)
+	top := filepath.Join(tmp, src.Name)
 	if _, err := os.Stat(filepath.Join(top, "Makefile")); err != nil {
-		return fmt.Errorf("%w: %s holds no %s/Makefile", ErrNoSource, deb, src.Package)
+		return fmt.Errorf("%w: %s holds no %s/Makefile", ErrNoSource, deb, src.Name)
 	}
 	if err := os.RemoveAll(t.Dir); err != nil {
 		return err

@@ -60,8 +60,8 @@ func TestCompilerMismatch(t *testing.T) {
 func TestNoSource(t *testing.T) {
 	for _, o := range []TreeOptions{
 		{Release: "6.1.0-54-amd64", Config: "/boot/config-6.1.0-54-amd64"},
-		{Release: "6.1.0-54-amd64", Source: Source{Package: "linux-source-6.1", Version: "6.1.190-1"}},
-		{Source: Source{Package: "linux-source-6.1", Version: "6.1.190-1"}, Config: "/boot/config-6.1.0-54-amd64"},
+		{Release: "6.1.0-54-amd64", Source: kernel.Package{Name: "linux-source-6.1", Version: "6.1.190-1"}},
+		{Source: kernel.Package{Name: "linux-source-6.1", Version: "6.1.190-1"}, Config: "/boot/config-6.1.0-54-amd64"},
 	} {
 		o.Cache = t.TempDir()
 		if _, err := PrepareTree(context.Background(), o); !errors.Is(err, ErrNoSource) {
