@@ -361,17 +361,8 @@ func extract(ctx context.Context, cache string, pl *plan, debs map[*ArchivePacka
 	// The file keeps paths relative to its directory; openCached resolves
 	// them (and sets the source deb and origin, which depend on where the
 	// cache is).
-	b, err := json.Marshal(p)
+	b, err := json.MarshalIndent(p, "", "  ")
 	if err != nil {
-		return nil, err
-	}
-	var fields map[string]any
-	if err := json.Unmarshal(b, &fields); err != nil {
-		return nil, err
-	}
-	delete(fields, "source_deb")
-	delete(fields, "origin")
-	if b, err = json.MarshalIndent(fields, "", "  "); err != nil {
 		return nil, err
 	}
 	if err := os.WriteFile(filepath.Join(tmp, profileFile), append(b, '\n'), 0o644); err != nil {

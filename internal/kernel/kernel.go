@@ -74,9 +74,10 @@ type Profile struct {
 	Config     string `json:"config"`      // config-<release>
 	Modules    string `json:"modules"`     // lib/modules/<release>
 	HeadersDir string `json:"headers_dir"` // usr/src/linux-headers-<release>
-	SourceDeb  string `json:"source_deb"`  // the linux-source .deb in the cache
-
-	Origin string `json:"origin"` // "cache" or "system"
+	// SourceDeb and Origin depend on where the profile is read from (the
+	// cache may move): not in the cache's profile.json.
+	SourceDeb string `json:"source_deb,omitempty"` // the linux-source .deb in the cache
+	Origin    string `json:"origin,omitempty"`     // "cache" or "system"
 }
 
 // Open returns the profile of release: the cache's ($CACHE/kernels/
