@@ -57,7 +57,7 @@ type plan struct {
 // has it, else the newest it accepts, as apt would install), and the exact
 // source (ErrMissing when the archive no longer has it).
 func resolve(ctx context.Context, rel Release) (*plan, error) {
-	src := rel.sourcePackage()
+	src := sourcePackage(rel.Series)
 	pkgs, err := aptShow(ctx, rel.imagePackage(), rel.headersPackage(), src)
 	if err != nil {
 		return nil, err

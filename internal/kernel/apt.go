@@ -134,7 +134,7 @@ func Archive(ctx context.Context) ([]Offer, error) {
 	return offers(pkgs, func(series []string) ([]*ArchivePackage, error) {
 		var names []string
 		for _, s := range series {
-			names = append(names, "linux-source-"+s)
+			names = append(names, sourcePackage(s))
 		}
 		return aptShow(ctx, names...)
 	})
@@ -155,7 +155,7 @@ func offers(images []*ArchivePackage, sources func(series []string) ([]*ArchiveP
 		out = append(out, Offer{
 			Release: rel.Release, ABI: rel.ABI, Flavour: rel.Flavour, Series: rel.Series,
 			Image:  Package{Name: img.Package, Version: img.Version},
-			Source: Package{Name: rel.sourcePackage(), Version: ExactSource(img, rel.Series)},
+			Source: Package{Name: sourcePackage(rel.Series), Version: ExactSource(img, rel.Series)},
 		})
 		if !seen[rel.Series] {
 			seen[rel.Series] = true

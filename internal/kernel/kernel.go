@@ -272,7 +272,7 @@ func openSystem(ctx context.Context, cache string, rel Release) (*Profile, error
 	}
 	p.Image = Package{Name: rel.imagePackage(), Version: img.version}
 	p.Headers = Package{Name: rel.headersPackage(), Version: hdr.version}
-	p.Source = Package{Name: rel.sourcePackage(), Version: ExactSource(ap, rel.Series)}
+	p.Source = Package{Name: sourcePackage(rel.Series), Version: ExactSource(ap, rel.Series)}
 	p.SourceDeb = filepath.Join(cache, "debs", DebName(p.Source.Name, p.Source.Version, "all"))
 	if err := p.check(fix); err != nil {
 		return nil, err

@@ -44,7 +44,8 @@ func ParseRelease(s string) (Release, error) {
 	return Release{}, fmt.Errorf("%w: %q has flavour %q; Stitch builds for the flavours %s", ErrBadRelease, s, r.Flavour, strings.Join(Flavours, ", "))
 }
 
-// Package names of a release's parts in Debian.
+// Package names of a release's parts in Debian; the source package is
+// the series'.
 func (r Release) imagePackage() string   { return "linux-image-" + r.Release }
 func (r Release) headersPackage() string { return "linux-headers-" + r.Release }
-func (r Release) sourcePackage() string  { return "linux-source-" + r.Series }
+func sourcePackage(series string) string { return "linux-source-" + series }
