@@ -54,8 +54,7 @@ func fixGroups(ps []store.Patch, cs []store.Contained) [][2][]int {
 	for i := range parent {
 		parent[i] = i
 	}
-	var find func(int) int
-	find = func(i int) int {
+	find := func(i int) int {
 		for parent[i] != i {
 			parent[i] = parent[parent[i]]
 			i = parent[i]
