@@ -263,29 +263,23 @@ var ErrNotInKernel = errors.New("object not in the target kernel")
 // here: a static name may be defined by many objects.
 func (k *Kernel) Locate(f kbuild.ObjectFacts, funcs []string) ([]string, error) {
 	ctx := context.Background() // the modules are indexed already
-	if !f.Module {
-		for _, n := range f.ModNames {
-			if p, err := k.mods.Path(ctx, n); err == nil && f.ModFile != "" && strings.HasSuffix(p, "/"+f.ModFile+".ko") {
-				return nil, fmt.Errorf("%w: %s, but the kernel has that code as module %s (%s): the tree is not configured like this kernel", ErrNotInKernel, f, n, p)
-			}
-		}
-		if err := k.holds(kallsyms.Vmlinux, f, funcs); err != nil {
-			return nil, err
-		}
-		return []string{kallsyms.Vmlinux}, nil
-	}
-	var objs []string
 	for _, n := range f.ModNames {
-		if _, err := k.mods.Path(ctx, n); err != nil {
+		p, err := k.mods.Path(ctx, n)
+		switch {
+		case !f.Module && err == nil && f.ModFile != "" && strings.HasSuffix(p, "/"+f.ModFile+".ko"):
+			return nil, fmt.Errorf("%w: %s, but the kernel has that code as module %s (%s): the tree is not configured like this kernel", ErrNotInKernel, f, n, p)
+		case f.Module && err != nil:
 			if p, ok, _ := k.mods.Builtin(ctx, n); ok {
 				return nil, fmt.Errorf("%w: %s, but the kernel has %s built in (%s in modules.builtin): the tree is not configured like this kernel", ErrNotInKernel, f, n, p)
 			}
 			return nil, fmt.Errorf("%w: %s, but %v", ErrNotInKernel, f, err)
 		}
-		if err := k.holds(n, f, funcs); err != nil {
+	}
+	objs := f.Objects()
+	for _, o := range objs {
+		if err := k.holds(o, f, funcs); err != nil {
 			return nil, err
 		}
-		objs = append(objs, n)
 	}
 	return objs, nil
 }
