@@ -382,6 +382,7 @@ func decide(secs []diffFile, fwdFiles, revFiles []patchedFile) *Port {
 	type pair struct {
 		h        Hunk
 		fwd, rev direction
+		file     int // in secs
 	}
 	var all []pair
 	for i, s := range secs {
@@ -392,7 +393,7 @@ func decide(secs []diffFile, fwdFiles, revFiles []patchedFile) *Port {
 			if name == "" {
 				name = s.Old
 			}
-			all = append(all, pair{Hunk{File: name, Number: k + 1, Header: h.Header, MissingFile: f.missing && r.missing}, f, r})
+			all = append(all, pair{Hunk{File: name, Number: k + 1, Header: h.Header, MissingFile: f.missing && r.missing}, f, r, i})
 		}
 	}
 	with := func(h Hunk, res HunkResult, d direction) Hunk {
@@ -418,7 +419,7 @@ func decide(secs []diffFile, fwdFiles, revFiles []patchedFile) *Port {
 	}
 	p.Status = PortFails
 	var applies, contained, fails []string
-	for i, a := range all {
+	for _, a := range all {
 		var h Hunk
 		switch {
 		case a.fwd.ok:
@@ -429,7 +430,7 @@ func decide(secs []diffFile, fwdFiles, revFiles []patchedFile) *Port {
 			contained = append(contained, h.Name())
 		default:
 			h = with(a.h, HunkFails, a.fwd)
-			h.Text = secs[fileOf(secs, i)].hunkText(a.h.Number - 1)
+			h.Text = secs[a.file].hunkText(a.h.Number - 1)
 			s := fmt.Sprintf("%s (%s) FAILED", h.Name(), h.Header)
 			if h.MissingFile {
 				s = fmt.Sprintf("%s: no such file in this kernel's source", h.Name())
@@ -453,15 +454,4 @@ func decide(secs []diffFile, fwdFiles, revFiles []patchedFile) *Port {
 		p.Reason = strings.Join(fails, "; ")
 	}
 	return p
-}
-
-// fileOf finds the diff file of the i-th hunk over all files.
-func fileOf(secs []diffFile, i int) int {
-	for j, s := range secs {
-		if i < len(s.Hunks) {
-			return j
-		}
-		i -= len(s.Hunks)
-	}
-	return len(secs) - 1
 }
