@@ -5,7 +5,6 @@ import (
 	"io"
 
 	"github.com/stitchpatch/stitch/internal/demo"
-	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/kernel"
 )
 
@@ -16,7 +15,7 @@ func runDemo(ctx context.Context, st *stdio, args []string) error {
 	var releases stringList
 	fs.Var(&releases, "kernel", "kernel release to patch (repeatable; default "+kernel.Default+"; installed, or fetched with stitch kernel add)")
 	fs.Var(&releases, "release", "the same as --kernel")
-	fs.StringVar(&o.Cache, "cache", kbuild.CacheDir(), "cache directory (kernel profiles, prepared trees, extracted images)")
+	fs.StringVar(&o.Cache, "cache", kernel.CacheDir(), "cache directory (kernel profiles, prepared trees, extracted images)")
 	console := fs.Bool("console", false, "also show the VMs' kernel console")
 	jsonOut := fs.Bool("json", false, "print a JSON report (the progress and the guests' output go to stderr)")
 	if err := parseArgs(fs, args, 0); err != nil {

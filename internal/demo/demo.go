@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/build"
-	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/kmod"
 	"github.com/stitchpatch/stitch/internal/livepatch"
@@ -34,7 +33,7 @@ const ModuleName = "stitch_demo"
 type Options struct {
 	Releases []string // kernel releases; [kernel.Default] if empty
 	Stitch   string   // static stitch binary for the guest; the running one if empty
-	Cache    string   // kbuild.CacheDir() if empty
+	Cache    string   // kernel.CacheDir() if empty
 	// Dir receives each kernel's module and manifest (Dir/RELEASE/); a
 	// temporary directory, removed when Run returns, if empty.
 	Dir     string
@@ -110,7 +109,7 @@ func Run(ctx context.Context, o Options) ([]*Result, error) {
 		o.Releases = []string{kernel.Default}
 	}
 	if o.Cache == "" {
-		o.Cache = kbuild.CacheDir()
+		o.Cache = kernel.CacheDir()
 	}
 	// Every kernel is resolved first: a typo fails at once, naming the
 	// kernels that are ready, before minutes of building.

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/stitchpatch/stitch/internal/kernel"
 )
 
 // corpusFixes reads the repository's real fixes (corpus/6.1: diffs from
@@ -50,7 +52,7 @@ func unavailable(t *testing.T, format string, args ...any) {
 // port: patch reads only those files), about 20 s.
 func sourceFiles(t *testing.T, version string, fixes map[string][]byte) string {
 	t.Helper()
-	deb := filepath.Join(CacheDir(), "debs", "linux-source-6.1_"+version+"_all.deb")
+	deb := filepath.Join(kernel.CacheDir(), "debs", "linux-source-6.1_"+version+"_all.deb")
 	if _, err := os.Stat(deb); err != nil {
 		unavailable(t, "source package %s not in the cache (stitch kernel add fetches it)", deb)
 	}

@@ -27,11 +27,6 @@ var (
 	ErrBuild = errors.New("kernel build failed")
 )
 
-// CacheDir is kernel.CacheDir.
-//
-// Deprecated: use kernel.CacheDir; this remains for internal/demo.
-func CacheDir() string { return kernel.CacheDir() }
-
 // TreeOptions say which tree to prepare and where; a kernel profile
 // (internal/kernel) gives the release, source, deb and config.
 type TreeOptions struct {

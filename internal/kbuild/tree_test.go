@@ -16,7 +16,7 @@ import (
 // developer machine without it (fails in CI).
 func testProfile(t *testing.T) *kernel.Profile {
 	t.Helper()
-	p, err := kernel.Open(context.Background(), CacheDir(), kernel.Default)
+	p, err := kernel.Open(context.Background(), kernel.CacheDir(), kernel.Default)
 	if err != nil {
 		if os.Getenv("CI") == "" {
 			t.Skipf("no kernel %s (run scripts/install-deps.sh): %v", kernel.Default, err)
