@@ -547,9 +547,9 @@ func TestMirrorWithoutServer(t *testing.T) {
 	f.publish(manifest("fix_two", release, "ffffffffffffffffffffffffffffffffffffffff"), testutils.StandInModule(t, "fix_two", release, ""))
 	// A record that this very kernel contains a fix is no patch: the
 	// agent on the mirror leaves it be (nothing failed, up to date).
-	if _, err := f.repo.PublishContained(&contract.Contained{Version: contract.ManifestVersion, Name: "fix_three",
+	if _, err := f.repo.PublishAll(nil, []*contract.Contained{{Version: contract.ManifestVersion, Name: "fix_three",
 		Kernel: contract.KernelID{Release: release, BuildID: buildID}, Checked: "2026-01-01T00:00:00Z",
-		Fixes: []contract.Fix{{Name: "three.patch", Hash: strings.Repeat("ab", 32)}}}); err != nil {
+		Fixes: []contract.Fix{{Name: "three.patch", Hash: strings.Repeat("ab", 32)}}}}); err != nil {
 		t.Fatal(err)
 	}
 	// An air-gapped copy: the repository exported, imported elsewhere,

@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/theupdateframework/go-tuf/v2/metadata"
 	"github.com/theupdateframework/go-tuf/v2/metadata/config"
 	"github.com/theupdateframework/go-tuf/v2/metadata/fetcher"
@@ -47,21 +46,6 @@ func (c *Client) Fetch(ctx context.Context, target string) (*Bundle, string, err
 		return nil, "", fmt.Errorf("fetch %s: %w", target, err)
 	}
 	return b, path, nil
-}
-
-// FetchContained downloads a contained record (contained/RELEASE/...),
-// verified as a bundle is, and parses it.
-func (c *Client) FetchContained(ctx context.Context, target string) (*contract.Contained, error) {
-	data, path, err := c.download(ctx, target)
-	if err != nil {
-		return nil, err
-	}
-	rec, err := openContained(target, data)
-	if err != nil {
-		os.Remove(path)
-		return nil, fmt.Errorf("fetch %s: %w", target, err)
-	}
-	return rec, nil
 }
 
 // download gives the target's verified bytes and the path of its cached

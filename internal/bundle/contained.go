@@ -121,16 +121,6 @@ func (r *Repo) PublishAll(bundles [][]byte, contained []*contract.Contained) ([]
 	return out, nil
 }
 
-// PublishContained publishes one contained record and returns its target
-// name (see PublishAll).
-func (r *Repo) PublishContained(c *contract.Contained) (string, error) {
-	out, err := r.PublishAll(nil, []*contract.Contained{c})
-	if err != nil {
-		return "", err
-	}
-	return out[0].Target, nil
-}
-
 // ContainedTargets lists the published contained records' target names,
 // sorted.
 func (r *Repo) ContainedTargets() ([]string, error) {

@@ -68,10 +68,6 @@ func TestPublishAllWithContained(t *testing.T) {
 	if err != nil || c.Kernel.BuildID != testContained().Kernel.BuildID || c.Fixes[0].Upstream == "" {
 		t.Fatalf("open %s: %+v %v", rec.Target, c, err)
 	}
-	got, err := f.client.FetchContained(context.Background(), rec.Target)
-	if err != nil || got.Name != "stitch_fix_1" {
-		t.Fatalf("agent fetch of %s: %+v %v", rec.Target, got, err)
-	}
 	// An agent that asks for a bundle gets none under a record's name.
 	if _, _, err := f.client.Fetch(context.Background(), rec.Target); !errors.Is(err, ErrBadBundle) {
 		t.Fatalf("a record fetched as a bundle: %v", err)
@@ -117,7 +113,7 @@ func TestPublishAllIsAllOrNothing(t *testing.T) {
 // put under another record's signed name, is refused.
 func TestContainedRecordTamperRefused(t *testing.T) {
 	f := newFixture(t)
-	name, err := f.repo.PublishContained(testContained())
+	name, err := publishContained(f.repo, testContained())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -131,10 +127,6 @@ func TestContainedRecordTamperRefused(t *testing.T) {
 	if _, err := f.repo.OpenContained(name); !errors.Is(err, ErrVerify) {
 		t.Fatalf("tampered record opened by the server: %v", err)
 	}
-	os.Remove(filepath.Join(f.repo.TargetsDir(), filepath.FromSlash(hashPrefixed(name, data))))
-	os.WriteFile(filepath.Join(f.repo.TargetsDir(), filepath.FromSlash(hashPrefixed(name, data))), forged, 0o644)
-	_, err = f.client.FetchContained(context.Background(), name)
-	wantVerify(t, err, "tampered")
 	// A record signed under a name that is not its own.
 	other := testContained()
 	other.Checked = "2026-02-01T00:00:00Z"
@@ -150,7 +142,7 @@ func TestContainedRecordTamperRefused(t *testing.T) {
 // Mirrors carry records with the bundles.
 func TestContainedRecordsReachMirrors(t *testing.T) {
 	f := newFixture(t)
-	name, err := f.repo.PublishContained(testContained())
+	name, err := publishContained(f.repo, testContained())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -161,4 +153,13 @@ func TestContainedRecordsReachMirrors(t *testing.T) {
 	if c, err := mirror.OpenContained(name); err != nil || c.Kernel.Release != "6.1.0-57-amd64" {
 		t.Fatalf("record on the mirror: %+v %v", c, err)
 	}
+}
+
+// publishContained publishes one record and returns its target name.
+func publishContained(r *Repo, c *contract.Contained) (string, error) {
+	out, err := r.PublishAll(nil, []*contract.Contained{c})
+	if err != nil {
+		return "", err
+	}
+	return out[0].Target, nil
 }
