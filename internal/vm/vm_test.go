@@ -280,7 +280,7 @@ func TestBootWithShare(t *testing.T) {
 		{"a missing host directory", vm.Share{Host: filepath.Join(dir, "none"), Guest: "/x"}, testutils.ModulesDir, "not a directory"},
 		{"no Modules", vm.Share{Host: dir, Guest: "/x"}, "", "need Modules"},
 	} {
-		_, err := vm.Run(context.Background(), vm.Options{Init: testutils.StitchBinary(t), Shares: []vm.Share{c.share}, Modules: c.modules, Args: []string{"true"}})
+		_, err := vm.Run(context.Background(), vm.Options{Kernel: testutils.BootImage(t), Init: testutils.StitchBinary(t), Shares: []vm.Share{c.share}, Modules: c.modules, Args: []string{"true"}})
 		if !errors.Is(err, vm.ErrSetup) || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s: Run = %v, want a setup error with %q", c.name, err, c.want)
 		}
