@@ -12,6 +12,8 @@ require (
 	github.com/ulikunitz/xz v0.5.15
 )
 
+require github.com/klauspost/compress v1.20.4 // indirect
+
 require (
 	github.com/jackc/pgpassfile v1.0.0 // indirect
 	github.com/jackc/pgservicefile v0.0.0-20240606120523-5a60cdf6a761 // indirect

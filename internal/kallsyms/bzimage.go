@@ -12,17 +12,19 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+
+	"github.com/klauspost/compress/zstd"
 )
 
 const (
-	xzMagic  = "\xfd7zXZ\x00"
-	elfMagic = "\x7fELF"
+	xzMagic   = "\xfd7zXZ\x00"
+	zstdMagic = "\x28\xb5\x2f\xfd"
+	elfMagic  = "\x7fELF"
 )
 
 // Compression magics of the other payload formats the kernel can build
 // (CONFIG_KERNEL_*), so an unsupported image is named, not just refused.
 var otherCompressions = []struct{ magic, name string }{
-	{"\x28\xb5\x2f\xfd", "zstd"},
 	{"BZh", "bzip2"},
 	{"\x5d\x00\x00", "lzma"},
 	{"\x89LZO", "lzo"},
@@ -63,6 +65,8 @@ func ExtractVmlinux(image []byte) (vmlinux []byte, err error) {
 	switch {
 	case bytes.HasPrefix(payload, []byte(xzMagic)):
 		out, err = unxz(payload, size)
+	case bytes.HasPrefix(payload, []byte(zstdMagic)):
+		out, err = unzstd(payload, size) // 6.12's Debian images
 	case bytes.HasPrefix(payload, []byte{0x1f, 0x8b}):
 		out, err = gunzip(payload, size)
 	case bytes.HasPrefix(payload, []byte(elfMagic)):
@@ -70,7 +74,7 @@ func ExtractVmlinux(image []byte) (vmlinux []byte, err error) {
 	default:
 		for _, c := range otherCompressions {
 			if bytes.HasPrefix(payload, []byte(c.magic)) {
-				return nil, fmt.Errorf("%w: %s-compressed kernel payload (only xz and gzip are read)", ErrUnsupported, c.name)
+				return nil, fmt.Errorf("%w: %s-compressed kernel payload (only xz, zstd and gzip are read)", ErrUnsupported, c.name)
 			}
 		}
 		return nil, fmt.Errorf("%w: unknown kernel payload compression (magic % x)", ErrFormat, payload[:min(len(payload), 6)])
@@ -82,6 +86,23 @@ func ExtractVmlinux(image []byte) (vmlinux []byte, err error) {
 		return nil, fmt.Errorf("%w: the decompressed payload is not an ELF file", ErrFormat)
 	}
 	return out, nil
+}
+
+// unzstd decompresses a zstd frame. The kernel's zstd payload is made
+// with a window as large as the image (zstd --ultra -22), so the decoder
+// gets a window limit to match rather than its 8 MiB default.
+func unzstd(data []byte, size int) ([]byte, error) {
+	zr, err := zstd.NewReader(bytes.NewReader(data), zstd.WithDecoderConcurrency(1),
+		zstd.WithDecoderMaxWindow(1<<31), zstd.WithDecoderMaxMemory(uint64(32*len(data))+1<<20))
+	if err != nil {
+		return nil, err
+	}
+	defer zr.Close()
+	out := bytes.NewBuffer(make([]byte, 0, size))
+	if _, err := io.Copy(out, zr); err != nil {
+		return nil, fmt.Errorf("%w: zstd: %v", ErrFormat, err)
+	}
+	return out.Bytes(), nil
 }
 
 func gunzip(data []byte, size int) ([]byte, error) {

@@ -10,26 +10,33 @@ import (
 )
 
 // The tables scripts/kallsyms.c writes into .rodata, each label 8-byte
-// aligned, in this order (6.1 with CONFIG_KALLSYMS_BASE_RELATIVE):
+// aligned. 6.1 (with CONFIG_KALLSYMS_BASE_RELATIVE) writes them in this
+// order:
 //
 //	kallsyms_offsets        int32[num_syms]
 //	kallsyms_relative_base  uint64
 //	kallsyms_num_syms       uint32
 //	kallsyms_names          per symbol: length (ULEB128, 1 or 2 bytes), token bytes
 //	kallsyms_markers        uint32[(num_syms+255)/256]: names offset of every 256th symbol
-//	kallsyms_seqs_of_names  3 bytes per symbol (newer kernels only)
+//	kallsyms_seqs_of_names  3 bytes per symbol (6.2 and 6.3 only, here)
 //	kallsyms_token_table    256 NUL-terminated strings
 //	kallsyms_token_index    uint16[256]: offset of each string in the token table
+//
+// Since 6.4 (6.12 included) the addresses come last instead: num_syms,
+// names, markers, token_table, token_index, then kallsyms_offsets,
+// kallsyms_relative_base and kallsyms_seqs_of_names.
 //
 // A stripped vmlinux has no symbols for these labels, so they are found by
 // shape. The token index is distinctive on its own (256 increasing
 // offsets from 0 that land exactly on the NULs of 256 printable strings
 // just before it). kallsyms_num_syms is then looked for before the token
-// table where an 8-byte word that is a kernel address (relative_base)
-// sits right before it, and accepted only if exactly num_syms names walk
-// to an aligned markers table whose every entry matches the walk. Last,
-// every name must expand through the tokens to a type letter and a name,
-// and the addresses must come out sorted, as scripts/kallsyms sorts them.
+// table, and accepted only if exactly num_syms names walk to an aligned
+// markers table whose every entry matches the walk and which ends where
+// the token table (or the 6.2 name sequence table) begins. The offsets
+// and the relative base (a kernel address) are taken from before
+// num_syms or after the token index, whichever layout fits. Last, every
+// name must expand through the tokens to a type letter and a name, and
+// the addresses must come out sorted, as scripts/kallsyms sorts them.
 
 // maxSyms bounds num_syms candidates; real kernels have a few hundred
 // thousand symbols.
@@ -115,44 +122,60 @@ func decodeTables(ro []byte, base uint64, sects []*elf.Section) ([]Symbol, error
 
 	// The token index: scan from the end, where it is.
 	var tok *tokens
-	var tokStart int
+	var tokStart, tokIndex int
 	for p := len(ro) - 512; p >= 0 && tok == nil; p-- {
 		if !aligned(p) || le.Uint16(ro[p:]) != 0 || le.Uint16(ro[p+2:]) == 0 {
 			continue
 		}
 		tok, tokStart = tokenTableAt(ro, p, aligned)
+		tokIndex = p
 	}
 	if tok == nil {
 		return nil, fmt.Errorf("%w: no kallsyms token table in .rodata (CONFIG_KALLSYMS off?)", ErrFormat)
 	}
 
 	inImage := func(a uint64) bool { return sectionAt(sects, a) != nil }
+	align8 := func(off int) int {
+		for !aligned(off) {
+			off++
+		}
+		return off
+	}
 	var firstErr error
-	for q := tokStart - 8; q >= 8; q-- {
+	for q := tokStart - 8; q >= 0; q-- {
 		if !aligned(q) {
 			continue
 		}
-		n := le.Uint32(ro[q:])
-		if n == 0 || n > maxSyms || le.Uint32(ro[q+4:]) != 0 || !inImage(le.Uint64(ro[q-8:])) {
+		n := int(le.Uint32(ro[q:]))
+		if n == 0 || n > maxSyms || le.Uint32(ro[q+4:]) != 0 {
 			continue
 		}
-		names, ok := walkNames(ro, q+8, int(n), tokStart, aligned)
-		if !ok {
+		names, marksEnd, ok := walkNames(ro, q+8, n, tokStart, aligned)
+		if !ok || align8(marksEnd) != tokStart && align8(marksEnd+3*n) != tokStart {
 			continue
 		}
-		offStart := q - 8 - (int(n)*4+7)&^7
-		if offStart < 0 {
-			continue
+		// Where the offsets and the relative base may be: 6.4+ after
+		// the token index, 6.1 before num_syms.
+		after := align8(tokIndex + 2*256)
+		layouts := [][2]int{{after, align8(after + 4*n)}}
+		if before := q - 8 - (4*n+7)&^7; before >= 0 {
+			layouts = append(layouts, [2]int{before, q - 8})
 		}
-		offsets := make([]int32, n)
-		for i := range offsets {
-			offsets[i] = int32(le.Uint32(ro[offStart+4*i:]))
+		for _, l := range layouts {
+			offStart, baseAt := l[0], l[1]
+			if baseAt < 0 || baseAt+8 > len(ro) || !inImage(le.Uint64(ro[baseAt:])) {
+				continue
+			}
+			offsets := make([]int32, n)
+			for i := range offsets {
+				offsets[i] = int32(le.Uint32(ro[offStart+4*i:]))
+			}
+			syms, err := expand(ro[q+8:], names, offsets, le.Uint64(ro[baseAt:]), tok)
+			if err == nil {
+				return syms, nil
+			}
+			firstErr = cmp.Or(firstErr, err) // a lookalike; keep looking
 		}
-		syms, err := expand(ro[q+8:], names, offsets, le.Uint64(ro[q-8:]), tok)
-		if err == nil {
-			return syms, nil
-		}
-		firstErr = cmp.Or(firstErr, err) // a lookalike; keep looking
 	}
 	if firstErr != nil {
 		return nil, firstErr
@@ -218,11 +241,12 @@ func validTokens(table []byte, index *[256]int) bool {
 }
 
 // walkNames walks n length-prefixed names from off and checks the
-// markers table after them; it returns the names stream's length.
-func walkNames(ro []byte, off, n, limit int, aligned func(int) bool) (int, bool) {
+// markers table after them; it returns the names stream's length and
+// where the markers end.
+func walkNames(ro []byte, off, n, limit int, aligned func(int) bool) (size, marksEnd int, ok bool) {
 	marks := (n + 255) / 256
 	if off+n*2 > limit {
-		return 0, false
+		return 0, 0, false
 	}
 	var recorded []int
 	pos := off
@@ -231,35 +255,35 @@ func walkNames(ro []byte, off, n, limit int, aligned func(int) bool) (int, bool)
 			recorded = append(recorded, pos-off)
 		}
 		if pos >= limit {
-			return 0, false
+			return 0, 0, false
 		}
 		l := int(ro[pos])
 		pos++
 		if l&0x80 != 0 {
 			if pos >= limit {
-				return 0, false
+				return 0, 0, false
 			}
 			l = l&0x7f | int(ro[pos])<<7
 			pos++
 		}
 		if l == 0 {
-			return 0, false
+			return 0, 0, false
 		}
 		pos += l
 	}
-	size := pos - off
+	size = pos - off
 	for !aligned(pos) {
 		pos++
 	}
 	if pos+4*marks > limit {
-		return 0, false
+		return 0, 0, false
 	}
 	for k, want := range recorded {
 		if int(binary.LittleEndian.Uint32(ro[pos+4*k:])) != want {
-			return 0, false
+			return 0, 0, false
 		}
 	}
-	return size, true
+	return size, pos + 4*marks, true
 }
 
 // expand decodes every name and address.

@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/klauspost/compress/zstd"
+
 	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/testutils"
 	"github.com/stitchpatch/stitch/internal/vm"
@@ -298,7 +300,8 @@ func TestExtractErrors(t *testing.T) {
 		want    error
 		text    string
 	}{
-		{[]byte("\x28\xb5\x2f\xfdxxxx"), ErrUnsupported, "zstd"},
+		{[]byte("\x28\xb5\x2f\xfdxxxx"), ErrFormat, "zstd"},
+		{zstdFrame(t, []byte("not an ELF file")), ErrFormat, "not an ELF"},
 		{[]byte("BZh91AY"), ErrUnsupported, "bzip2"},
 		{[]byte("nothing"), ErrFormat, "unknown"},
 		{[]byte(xzMagic + "\x00\x01garbage"), ErrFormat, "checksum"},
@@ -307,6 +310,11 @@ func TestExtractErrors(t *testing.T) {
 		if !errors.Is(err, c.want) || !strings.Contains(err.Error(), c.text) {
 			t.Errorf("%q: %v", c.payload, err)
 		}
+	}
+	// A zstd payload (6.12's images) comes out whole.
+	elfish := append([]byte(elfMagic), bytes.Repeat([]byte("kernel text "), 1000)...)
+	if got, err := ExtractVmlinux(hdr(zstdFrame(t, elfish))); err != nil || !bytes.Equal(got, elfish) {
+		t.Errorf("zstd payload: %d bytes, %v; want the %d bytes compressed", len(got), err, len(elfish))
 	}
 	if _, err := ExtractVmlinux([]byte("MZ")); !errors.Is(err, ErrFormat) {
 		t.Errorf("not a bzImage: %v", err)
@@ -347,4 +355,14 @@ func TestBuiltin(t *testing.T) {
 	if got := ModuleName("kernel/net/qrtr/qrtr-mhi.ko"); got != "qrtr_mhi" {
 		t.Errorf("ModuleName = %q", got)
 	}
+}
+
+func zstdFrame(t *testing.T, data []byte) []byte {
+	t.Helper()
+	enc, err := zstd.NewWriter(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer enc.Close()
+	return enc.EncodeAll(data, nil)
 }

@@ -90,8 +90,9 @@ func (t *Tree) ObjectFacts(ctx context.Context, relpath string) (ObjectFacts, er
 }
 
 // ParseCmdFile reads the facts of object relpath from the contents of
-// its .cmd file: the line "cmd_<relpath> := <command>", whose first
-// command compiles the object.
+// its .cmd file: the line "cmd_<relpath> := <command>" (6.1) or
+// "savedcmd_<relpath> := <command>" (6.12; kbuild renamed it in 6.3),
+// whose first command compiles the object.
 func ParseCmdFile(data []byte, relpath string) (ObjectFacts, error) {
 	prefix := "cmd_" + relpath + " := "
 	var cmd string
@@ -99,7 +100,8 @@ func ParseCmdFile(data []byte, relpath string) (ObjectFacts, error) {
 	sc := bufio.NewScanner(bytes.NewReader(data))
 	sc.Buffer(nil, 1<<20) // a compiler command line is a few KiB
 	for sc.Scan() {
-		if rest, ok := strings.CutPrefix(sc.Text(), prefix); ok {
+		line := strings.TrimPrefix(sc.Text(), "saved")
+		if rest, ok := strings.CutPrefix(line, prefix); ok {
 			cmd, found = rest, true
 			break
 		}

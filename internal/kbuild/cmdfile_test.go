@@ -77,6 +77,11 @@ func TestParseCmdFile(t *testing.T) {
 			t.Errorf("%s: %+v, %v; want %+v", c.name, got, err, *c.want)
 		}
 	}
+	// 6.12's kbuild names the line savedcmd_.
+	saved := append([]byte("saved"), line(`gcc -DKBUILD_MODNAME='"y"' -c -o drivers/x/y.o drivers/x/y.c`)...)
+	if got, err := ParseCmdFile(saved, obj); err != nil || !reflect.DeepEqual(got.ModNames, []string{"y"}) {
+		t.Errorf("savedcmd_ line: %+v, %v", got, err)
+	}
 	if _, err := ParseCmdFile(nil, obj); !errors.Is(err, ErrCmdFile) || !strings.Contains(err.Error(), "cmd_"+obj) {
 		t.Errorf("empty file: %v", err)
 	}
