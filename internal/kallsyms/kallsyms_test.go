@@ -352,9 +352,6 @@ func TestBuiltin(t *testing.T) {
 	if _, ok, err := empty.Builtin(ctx, "amd_uncore"); err != nil || ok {
 		t.Errorf("no modules.builtin: %v, %v", ok, err)
 	}
-	if got := ModuleName("kernel/net/qrtr/qrtr-mhi.ko"); got != "qrtr_mhi" {
-		t.Errorf("ModuleName = %q", got)
-	}
 }
 
 func zstdFrame(t *testing.T, data []byte) []byte {

@@ -40,15 +40,16 @@ type Module struct {
 // (or the uniqueness that sympos 0 needs) cannot be trusted for it.
 func (m *Module) Shadowed(name string) bool { return m.loading[name] }
 
-// ReadModule reads the symbols of a .ko file. It keeps the symbols the
+// ReadModule reads the symbols of a .ko file (or a .ko.xz, as 6.12's
+// packages ship them). It keeps the symbols the
 // loaded module keeps in its kallsyms (kernel/module/kallsyms.c,
 // is_core_symbol with CONFIG_KALLSYMS_ALL): named, defined in an
 // allocated section that is not init code or data, in symbol-table
 // order. That order and filter give livepatch's sympos for the module.
 func ReadModule(path string) (*Module, error) {
-	data, err := os.ReadFile(path)
+	data, err := readKo(path)
 	if err != nil {
-		return nil, fmt.Errorf("read module: %w", err)
+		return nil, err
 	}
 	m, err := readModule(data, true)
 	if err != nil {
@@ -209,12 +210,6 @@ func (ms *Modules) Builtin(ctx context.Context, name string) (path string, ok bo
 	return path, ok, nil
 }
 
-// ModuleName is the kernel's name of the module in file path: its base
-// name without .ko, '-' made '_' (as kbuild's KBUILD_MODNAME is).
-func ModuleName(path string) string {
-	return strings.ReplaceAll(strings.TrimSuffix(filepath.Base(path), ".ko"), "-", "_")
-}
-
 // Defining returns the modules that define a function called fn.
 func (ms *Modules) Defining(ctx context.Context, fn string) ([]string, error) {
 	if err := ms.load(ctx); err != nil {
@@ -235,7 +230,7 @@ func (ms *Modules) index(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		if !d.IsDir() && strings.HasSuffix(p, ".ko") {
+		if !d.IsDir() && isModuleFile(p) {
 			files = append(files, p)
 		}
 		return nil
@@ -290,7 +285,7 @@ feed:
 	case err == nil:
 		ms.builtin = map[string]string{}
 		for _, p := range strings.Fields(string(b)) {
-			ms.builtin[ModuleName(p)] = p
+			ms.builtin[kmod.ModuleName(p)] = p
 		}
 	case !errors.Is(err, fs.ErrNotExist):
 		return fmt.Errorf("index modules: %w", err)
@@ -299,13 +294,35 @@ feed:
 	return nil
 }
 
+// isModuleFile tells whether a file under /lib/modules is a module.
+func isModuleFile(p string) bool {
+	return strings.HasSuffix(p, ".ko") || strings.HasSuffix(p, ".ko.xz")
+}
+
+// readKo reads a module file, decompressing a .ko.xz.
+func readKo(path string) ([]byte, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read module: %w", err)
+	}
+	if !strings.HasSuffix(path, ".xz") {
+		return data, nil
+	}
+	// Modules are a few MiB at most; 8 times the compressed size is a
+	// generous first buffer.
+	if data, err = unxz(data, 8*len(data)); err != nil {
+		return nil, fmt.Errorf("decompress module %s: %w", path, err)
+	}
+	return data, nil
+}
+
 func indexModule(path string) (r struct {
 	path, name string
 	funcs      []string
 	err        error
 }) {
 	r.path = path
-	data, err := os.ReadFile(path)
+	data, err := readKo(path)
 	if err != nil {
 		r.err = err
 		return r

@@ -135,7 +135,13 @@ func loadFile(file string) error {
 		return fmt.Errorf("load module: %w", err)
 	}
 	defer f.Close()
-	if err := unix.FinitModule(int(f.Fd()), "", 0); err != nil && !errors.Is(err, unix.EEXIST) {
+	flags := 0
+	if strings.HasSuffix(file, ".xz") {
+		// 6.12's modules: its kernel decompresses them itself
+		// (CONFIG_MODULE_DECOMPRESS).
+		flags = unix.MODULE_INIT_COMPRESSED_FILE
+	}
+	if err := unix.FinitModule(int(f.Fd()), "", flags); err != nil && !errors.Is(err, unix.EEXIST) {
 		return fmt.Errorf("load module %s: %w", path.Base(file), err)
 	}
 	return nil
