@@ -132,6 +132,11 @@ func FromObject(raw []byte, fn string, lay *layout.Layout) (Fingerprint, error) 
 			add(uint64(int64(r.Symbol.Value)+r.Addend), n)
 		}
 	}
+	if lay.ObjtoolAtLink() && !objtoolRan(o) {
+		for _, st := range objtoolSites(sym, code, lay) {
+			add(start+uint64(st.Off), st.Len)
+		}
+	}
 	fp := Fingerprint{Size: len(code), Masked: mergeMasks(masks, len(code))}
 	fp.SHA256 = fp.sum(code)
 	return fp, nil
