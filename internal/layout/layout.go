@@ -14,7 +14,11 @@
 // (an instruction-set fact). A kernel without BTF, or without a struct
 // every x86-64 kernel has, has no Layout (ErrNoLayout): Stitch refuses to
 // build for it. An object with a special section its kernel's Layout
-// does not have is refused too (ErrUnknownSection).
+// does not have is refused too (ErrUnknownSection). The layout also
+// records which of objtool's tables the kernel image has: where kbuild
+// runs objtool only at link (6.12's CONFIG_X86_KERNEL_IBT), an object
+// compiled alone has none of them, and the kernel's facts say which
+// sites it will rewrite nonetheless.
 //
 // The package uses the standard library only: the agent links it
 // through the fingerprint package.
