@@ -24,9 +24,12 @@ var bootReport = regexp.MustCompile(`BOOTED checked=(\d+) matched=(\d+) sealed=(
 // TestVMBooted612 proves the fingerprints of 6.12 objects against the
 // running 6.12.117 kernel: the host fingerprints every function of
 // ImageObjects (as TestImage612 does), boots the kernel, and the guest
-// reads their code through /proc/kcore (VerifyCode). It boots twice: as
-// is, and with mitigations=off, so that return thunks are seen both kept
-// and rewritten into RET, whichever this CPU does by default.
+// reads their code through /proc/kcore (VerifyCode). It boots three
+// times: as is; with mitigations=off (retpolines become indirect
+// branches); and with retbleed=force,stuff spectre_v2=retpoline, which
+// keeps the return thunks (call depth tracking's) and retargets calls,
+// so that return thunks are seen both kept and rewritten into RET,
+// whichever this CPU does by default.
 func TestVMBooted612(t *testing.T) {
 	testutils.RequireVM(t)
 	p := testutils.Profile(t, Release612)
@@ -43,7 +46,7 @@ func TestVMBooted612(t *testing.T) {
 		t.Fatal(err)
 	}
 	seen := map[string]bool{}
-	for _, boot := range []string{"", "mitigations=off"} {
+	for _, boot := range []string{"", "mitigations=off", "retbleed=force,stuff spectre_v2=retpoline"} {
 		out := testutils.RunGuest(t, "^TestGuestBooted612$", vm.Options{
 			Kernel: p.BootImage,
 			Append: boot,
@@ -136,6 +139,10 @@ func TestGuestBooted612(t *testing.T) {
 				}
 			}
 		}
+	}
+	for _, v := range []string{"retbleed", "spectre_v2"} {
+		b, _ := os.ReadFile("/sys/devices/system/cpu/vulnerabilities/" + v)
+		fmt.Printf("%s: %s", v, b)
 	}
 	fmt.Printf("BOOTED checked=%d matched=%d sealed=%d endbr=%d ret=%d thunk=%d retpoline_sites=%d indirect=%d\n", len(cc), matched, sealed, endbr, ret, thunk, retpolines, indirect)
 	if verr != nil {
