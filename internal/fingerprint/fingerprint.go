@@ -5,7 +5,10 @@
 // masked out: relocation fields (resolved at link or load time) and the
 // sites the kernel rewrites at boot or load (ftrace's fentry call,
 // alternatives, paravirt calls, jump labels, static calls, retpolines and
-// return thunks, lock prefixes).
+// return thunks, lock prefixes). The sites come from the object's special
+// sections; where kbuild runs objtool only at link (6.12 with IBT), the
+// sites objtool would list are found in the code as objtool finds them
+// (ObjtoolSites).
 package fingerprint
 
 import (
@@ -130,6 +133,11 @@ func FromObject(raw []byte, fn string, lay *layout.Layout) (Fingerprint, error) 
 				n = int(sec.Data[i])
 			}
 			add(uint64(int64(r.Symbol.Value)+r.Addend), n)
+		}
+	}
+	if lay.ObjtoolAtLink() && !objtoolRan(o) {
+		for _, st := range objtoolSites(sym, code, lay) {
+			add(start+uint64(st.Off), st.Len)
 		}
 	}
 	fp := Fingerprint{Size: len(code), Masked: mergeMasks(masks, len(code))}

@@ -231,7 +231,11 @@ func FuzzFromObject(f *testing.F) {
 		".parainstructions": {Name: ".parainstructions", Entry: 16, Len: layout.Field{Offset: 9, Size: 1}},
 		".retpoline_sites":  {Name: ".retpoline_sites", Entry: 4, Rewrite: 6},
 	}}
+	// 6.12's: objtool runs at link, the sites are found in the code.
+	lay612 := layout612Linked()
 	f.Fuzz(func(t *testing.T, data []byte) {
 		FromObject(data, "fn", lay) // must not panic
+		FromObject(data, "fn", lay612)
+		ObjtoolSites(data, "fn", lay612)
 	})
 }

@@ -14,7 +14,11 @@
 // (an instruction-set fact). A kernel without BTF, or without a struct
 // every x86-64 kernel has, has no Layout (ErrNoLayout): Stitch refuses to
 // build for it. An object with a special section its kernel's Layout
-// does not have is refused too (ErrUnknownSection).
+// does not have is refused too (ErrUnknownSection). The layout also
+// records which of objtool's tables the kernel image has: where kbuild
+// runs objtool only at link (6.12's CONFIG_X86_KERNEL_IBT), an object
+// compiled alone has none of them, and the kernel's facts say which
+// sites it will rewrite nonetheless.
 //
 // The package uses the standard library only: the agent links it
 // through the fingerprint package.
@@ -74,7 +78,33 @@ type Layout struct {
 	// Source says where the layout was read from, for messages.
 	Source   string             `json:"source"`
 	Sections map[string]Section `json:"sections"`
+	// Image lists the objtool tables the kernel image itself has (its
+	// section headers name them): the sites of these kinds the kernel
+	// rewrites in its own code at boot, and in its modules' at load.
+	// Empty when the layout was read from BTF alone.
+	Image []string `json:"image,omitempty"`
 }
+
+// objtoolTables are the special sections objtool writes (the compiler
+// writes the others); the image keeps each in a section of its name.
+var objtoolTables = []string{".retpoline_sites", ".return_sites", ".call_sites", ".ibt_endbr_seal", ".static_call_sites", ".orc_unwind_ip", ".orc_unwind"}
+
+// Objtool tells whether objtool writes the special section name.
+func Objtool(name string) bool { return slices.Contains(objtoolTables, name) }
+
+// InImage tells whether the kernel image has the objtool table name, so
+// that the kernel rewrites the sites of its kind.
+func (l *Layout) InImage(name string) bool {
+	return l != nil && slices.Contains(l.Image, name)
+}
+
+// ObjtoolAtLink tells whether kbuild runs objtool on vmlinux.o and on
+// each module as a whole rather than on each object (its delay-objtool,
+// set by CONFIG_X86_KERNEL_IBT): then an object compiled alone has none
+// of objtool's tables though the kernel rewrites their sites, which must
+// be found in its code as objtool finds them. The image of such a kernel
+// has .ibt_endbr_seal, which only objtool --ibt writes.
+func (l *Layout) ObjtoolAtLink() bool { return l.InImage(".ibt_endbr_seal") }
 
 // spec says where a special section's layout comes from.
 type spec struct {
@@ -182,7 +212,16 @@ func fromELF(r io.ReaderAt, name string) (l *Layout, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: read .BTF: %v", ErrNoLayout, err)
 	}
-	return fromBTF(data, "BTF of "+name)
+	l, err = fromBTF(data, "BTF of "+name)
+	if err != nil {
+		return nil, err
+	}
+	for _, t := range objtoolTables {
+		if s := f.Section(t); s != nil && s.Size > 0 {
+			l.Image = append(l.Image, t)
+		}
+	}
+	return l, nil
 }
 
 // FromBTF reads the layout from a kernel's BTF (its .BTF section).

@@ -46,6 +46,10 @@ func TestReal61(t *testing.T) {
 	if err := l.Check([]string{".text", ".parainstructions", "__ex_table"}); err != nil {
 		t.Errorf("6.1 refuses its own sections: %v", err)
 	}
+	// 6.1 runs objtool on each object: its objects have the tables.
+	if l.ObjtoolAtLink() || !l.InImage(".return_sites") || !l.InImage(".retpoline_sites") || l.InImage(".ibt_endbr_seal") {
+		t.Errorf("6.1 image tables %v: want return and retpoline sites, no ENDBR sealing", l.Image)
+	}
 }
 
 // TestReal612 checks a 6.12 kernel, where struct alt_instr grew to 14
@@ -84,6 +88,10 @@ func TestReal612(t *testing.T) {
 	}
 	if err := l.Check([]string{".parainstructions"}); !errors.Is(err, layout.ErrUnknownSection) {
 		t.Errorf("6.12 layout takes .parainstructions: %v", err)
+	}
+	// IBT: objtool runs on vmlinux.o and modules, and seals ENDBRs.
+	if !l.ObjtoolAtLink() || !l.InImage(".call_sites") || !l.InImage(".return_sites") {
+		t.Errorf("6.12 image tables %v: want .ibt_endbr_seal, .call_sites, .return_sites", l.Image)
 	}
 	for _, name := range []string{"__bug_table", "__ex_table", "__jump_table", ".static_call_sites"} {
 		if _, ok := l.Section(name); !ok {

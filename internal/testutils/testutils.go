@@ -207,10 +207,14 @@ func RunGuestTests(t *testing.T, run string, files ...vm.File) *vm.Result {
 const ModulesDir = "/lib/modules/" + Release
 
 // RunGuest is RunGuestTests with more of the VM's options (Files,
-// Modules, Load, Memory); the kernel, init, command and output are its.
+// Modules, Load, Memory, and Kernel: Release's if empty); the init,
+// command and output are its.
 func RunGuest(t *testing.T, run string, opts vm.Options) *vm.Result {
 	t.Helper()
 	kernel := RequireVM(t)
+	if opts.Kernel != "" {
+		kernel = opts.Kernel
+	}
 	bin := TestBinary(t)
 	stitch := StitchBinary(t)
 	pr, pw := io.Pipe()
