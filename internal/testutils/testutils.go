@@ -260,21 +260,18 @@ func RunGuestTests(t *testing.T, run string, files ...vm.File) *vm.Result {
 	return RunGuest(t, run, vm.Options{Files: files})
 }
 
-// ModulesDir is Release's module directory, as installed by
-// scripts/install-deps.sh (DefaultProfile(t).Modules finds it wherever;
-// a profile's Modules is the directory of any other kernel).
+// ModulesDir is the test kernel's module directory, as installed by
+// scripts/install-deps.sh (DefaultProfile(t).Modules finds it wherever).
 const ModulesDir = "/lib/modules/" + Release
 
-// RunGuest is RunGuestTests with more of the VM's options (Kernel,
-// Files, Modules, Load, Memory); init, command and output are its. The
-// kernel is Release's unless opts.Kernel names another boot image.
+// RunGuest is RunGuestTests with more of the VM's options (Files,
+// Modules, Load, Memory, and Kernel: Release's if empty); the init,
+// command and output are its.
 func RunGuest(t *testing.T, run string, opts vm.Options) *vm.Result {
 	t.Helper()
-	kernel := opts.Kernel
-	if kernel == "" {
-		kernel = RequireVM(t)
-	} else {
-		requireQEMU(t)
+	kernel := RequireVM(t)
+	if opts.Kernel != "" {
+		kernel = opts.Kernel
 	}
 	bin := TestBinary(t)
 	stitch := StitchBinary(t)
