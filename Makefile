@@ -18,8 +18,9 @@ demo: deps build
 
 # The kernels the tests build for besides the installed one, fetched into
 # the cache (/var/cache/stitch) from the apt archive; the tests read the
-# list too (testutils.TestKernels).
-TEST_KERNELS ?= 6.1.0-47-amd64 6.1.0-53-amd64 6.1.0-57-amd64
+# list too (testutils.TestKernels). The VM tests also boot 6.12.117
+# (testutils.VMKernels), so it must stay in the list.
+TEST_KERNELS ?= 6.1.0-47-amd64 6.1.0-53-amd64 6.1.0-57-amd64 6.12.117+deb12-amd64
 export TEST_KERNELS
 kernels: build
 	./bin/stitch kernel add $(TEST_KERNELS)

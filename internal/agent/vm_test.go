@@ -33,7 +33,7 @@ const guestServer = "http://10.0.2.100:8440"
 var vmChecks = []time.Duration{3 * time.Second, 5 * time.Second, 7 * time.Second}
 
 // vmPatches are the bundles of the VM tests, built on the host for the
-// real 6.1.0-54 kernel.
+// real kernel the VM boots.
 type vmPatches struct {
 	demo, badCode, warn contract.Manifest
 	demoKo, warnKo      []byte
@@ -44,12 +44,11 @@ type vmPatches struct {
 // no longer matches the kernel, and the livepatch package's lp_warn test
 // module (it WARNs whenever /proc/cmdline is read) with a manifest made
 // from the demo's, since both replace cmdline_proc_show.
-func buildPatches(t *testing.T) *vmPatches {
+func buildPatches(t *testing.T, profile *kernel.Profile) *vmPatches {
 	t.Helper()
-	testutils.RequireHeaders(t)
 	root := testutils.ModuleRoot(t)
 	ctx := context.Background()
-	env, err := build.OpenEnv(ctx, testutils.DefaultProfile(t), kernel.CacheDir(), nil)
+	env, err := build.OpenEnv(ctx, profile, kernel.CacheDir(), nil)
 	if errors.Is(err, kbuild.ErrNoSource) {
 		testutils.Unavailable(t, "%v", err)
 	}
@@ -83,7 +82,7 @@ func buildPatches(t *testing.T) *vmPatches {
 	fp := &p.badCode.Objects[0].Functions[0].Fingerprint
 	fp.SHA256 = strings.Repeat("0", 64)
 
-	kos := testutils.BuildModules(t, filepath.Join(root, "internal/livepatch/testdata/modules"), "lp_warn")
+	kos := testutils.BuildModules(t, profile, filepath.Join(root, "internal/livepatch/testdata/modules"), "lp_warn")
 	if p.warnKo, err = os.ReadFile(kos["lp_warn"]); err != nil {
 		t.Fatal(err)
 	}
@@ -94,24 +93,27 @@ func buildPatches(t *testing.T) *vmPatches {
 	return p
 }
 
-// TestAgentInVM runs the agent in the real 6.1.0-54 kernel against a
-// server on the host's loopback, which the guest reaches only through the
-// one forwarded port.
+// TestAgentInVM runs the agent in each real kernel of
+// testutils.VMKernels (6.1 and 6.12) against a server on the host's
+// loopback, which the guest reaches only through the one forwarded port.
 func TestAgentInVM(t *testing.T) {
-	testutils.RequireVM(t)
-	p := buildPatches(t)
-	t.Run("rollout", func(t *testing.T) { testRollout(t, p) })
-	t.Run("crash-loop", func(t *testing.T) { testCrashLoop(t, p) })
+	testutils.ForEachVMKernel(t, func(t *testing.T, profile *kernel.Profile) {
+		p := buildPatches(t, profile)
+		t.Run("rollout", func(t *testing.T) { testRollout(t, profile, p) })
+		t.Run("crash-loop", func(t *testing.T) { testCrashLoop(t, profile, p) })
+	})
 }
 
-// guestOptions are the VM options of a guest agent talking to f.
-func guestOptions(t *testing.T, f *fleet) vm.Options {
+// guestOptions are the VM options of a guest agent of the kernel k
+// talking to f.
+func guestOptions(t *testing.T, k *kernel.Profile, f *fleet) vm.Options {
 	rootFile := filepath.Join(t.TempDir(), "root.json")
 	if err := os.WriteFile(rootFile, f.root(), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	return vm.Options{
-		Modules: testutils.ModulesDir,
+		Kernel:  k.BootImage,
+		Modules: k.Modules,
 		Network: &vm.Network{Forward: []vm.Forward{{Guest: strings.TrimPrefix(guestServer, "http://"), Host: f.srv.Listener.Addr().String()}}},
 		Files:   []vm.File{{Src: rootFile, Dst: "/root.json"}},
 		Env:     []string{"STITCH_ENROLL_KEY=" + f.key()},
@@ -125,13 +127,13 @@ func guestOptions(t *testing.T, f *fleet) vm.Options {
 // the running kernel (refused, reported, nothing loaded); then a patch
 // that warns once loaded (reverted, reported); then the demo patch is
 // blocklisted and the agent reverts it.
-func testRollout(t *testing.T, p *vmPatches) {
+func testRollout(t *testing.T, k *kernel.Profile, p *vmPatches) {
 	f := newFleetWith(t, policy(vmChecks...))
 	story := make(chan error, 1)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go func() { story <- driveStory(ctx, t, f, p) }()
-	testutils.RunGuest(t, "^TestGuestAgent$", guestOptions(t, f))
+	testutils.RunGuest(t, "^TestGuestAgent$", guestOptions(t, k, f))
 	cancel()
 	if err := <-story; err != nil {
 		t.Fatal(err)
@@ -143,13 +145,13 @@ func testRollout(t *testing.T, p *vmPatches) {
 // the kernel panics at its first warning, inside the patch's first watch.
 // In the second, the boot pass finds the crash marker, does not load the
 // patch, and the next pass reports the crash loop to the server.
-func testCrashLoop(t *testing.T, p *vmPatches) {
+func testCrashLoop(t *testing.T, k *kernel.Profile, p *vmPatches) {
 	f := newFleetWith(t, policy(vmChecks...))
 	target := f.publish(p.warn, p.warnKo)
 	state := t.TempDir()
-	opts := guestOptions(t, f)
+	opts := guestOptions(t, k, f)
 	opts.Shares = []vm.Share{{Host: state, Guest: "/var/lib/stitch"}}
-	opts.Kernel, opts.Init = testutils.BootImage(t), testutils.StitchBinary(t)
+	opts.Init = testutils.StitchBinary(t)
 	opts.Files = append(opts.Files, vm.File{Src: testutils.TestBinary(t), Dst: "/guest.test"})
 
 	var out strings.Builder

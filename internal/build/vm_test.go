@@ -26,16 +26,13 @@ import (
 // env is what the host side of the build tests share: a prepared tree
 // and the target kernel.
 type env struct {
+	profile *kernel.Profile
 	tree    *kbuild.Tree
 	kernel  *build.Kernel
-	headers string
 }
 
-func setup(t *testing.T) *env {
+func setup(t *testing.T, profile *kernel.Profile) *env {
 	t.Helper()
-	testutils.RequireVM(t)
-	profile := testutils.DefaultProfile(t)
-	headers := profile.HeadersDir
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	tree, err := kbuild.PrepareTree(ctx, kbuild.OptionsFor(profile))
@@ -49,23 +46,29 @@ func setup(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &env{tree: tree, kernel: k, headers: headers}
+	return &env{profile: profile, tree: tree, kernel: k}
 }
 
+// build builds testdata/fixes/FIX.patch, or the variant of
+// testdata/fixes/FIX/ for the kernel's series.
 func (e *env) build(t *testing.T, fix, kcflags string) (*build.Result, error) {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join("testdata/fixes", fix+".patch"))
+	path := filepath.Join("testdata/fixes", fix)
+	if _, err := os.Stat(path); err != nil {
+		path += ".patch"
+	}
+	v, err := build.LoadFix(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	f, err := build.ParseFix(fix+".patch", b)
+	f, err := v.For(e.profile.Series)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	work := t.TempDir()
-	src := &build.TreeSource{Tree: e.tree, HeadersDir: e.headers, Work: work, KCFLAGS: kcflags}
+	src := &build.TreeSource{Tree: e.tree, HeadersDir: e.profile.HeadersDir, Work: work, KCFLAGS: kcflags}
 	start := time.Now()
 	res, err := build.Build(ctx, src, e.kernel, []*build.Fix{f}, build.Options{Out: t.TempDir(), Work: work, Name: "stitch_" + fix})
 	t.Logf("build %s: %.1fs, err %v", fix, time.Since(start).Seconds(), err)
@@ -73,9 +76,15 @@ func (e *env) build(t *testing.T, fix, kcflags string) (*build.Result, error) {
 }
 
 // TestVM builds the test fixes for the real kernel, checks the refusals,
-// and applies every module inside the VM (the TestGuest* tests).
+// and applies every module inside the VM (the TestGuest* tests): for each
+// kernel of testutils.VMKernels (6.1 and 6.12), with the fixes' variant
+// for its series where the source differs.
 func TestVM(t *testing.T) {
-	e := setup(t)
+	testutils.ForEachVMKernel(t, testVM)
+}
+
+func testVM(t *testing.T, p *kernel.Profile) {
+	e := setup(t, p)
 	var files []vm.File
 	for _, fix := range []string{"cmdline", "filesystems", "readdir", "binfmt_misc"} {
 		res, err := e.build(t, fix, "")
@@ -91,14 +100,15 @@ func TestVM(t *testing.T) {
 			files = append(files, tamperedManifests(t, m)...)
 		}
 	}
-	files = append(files, vm.File{Src: "/lib/modules/" + testutils.Release + "/kernel/fs/binfmt_misc.ko", Dst: "/binfmt_misc_orig.ko"})
 
+	// The data a fix changes, which the refusal names, is the series'.
+	changedData := map[string]string{"6.1": "enabled", "6.12": "bm_fs_type"}[p.Series]
 	refusals := []struct {
 		fix, kcflags string
 		want         error
 		reason       string
 	}{
-		{"refuse_data", "", build.ErrUnpatchable, "enabled"},
+		{"refuse_data", "", build.ErrUnpatchable, changedData},
 		{"refuse_init", "", build.ErrUnpatchable, "proc_cmdline_init"},
 		{"refuse_layout", "", build.ErrUnpatchable, "getdents_callback64"},
 		// Built with other code generation than the kernel's: the
@@ -111,7 +121,9 @@ func TestVM(t *testing.T) {
 			t.Errorf("build %s (%q): %v; want %v naming %s", r.fix, r.kcflags, err, r.want, r.reason)
 		}
 	}
-	testutils.RunGuestTests(t, "^TestGuest", files...)
+	// The guest loads binfmt_misc from the kernel's own modules, shared
+	// as on an installed system (6.12's are .ko.xz).
+	testutils.RunGuest(t, "^TestGuest", vm.Options{Kernel: p.BootImage, Modules: p.Modules, Files: files})
 }
 
 // tamperedManifests writes manifests that do not describe the running
@@ -250,12 +262,7 @@ const binfmtDir = "/proc/sys/fs/binfmt_misc"
 
 func loadBinfmt(t *testing.T) {
 	t.Helper()
-	f, err := os.Open("/binfmt_misc_orig.ko")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := unix.FinitModule(int(f.Fd()), "", 0); err != nil {
+	if err := vm.Modprobe("binfmt_misc"); err != nil {
 		t.Fatalf("load binfmt_misc: %v", err)
 	}
 	if err := unix.Mount("none", binfmtDir, "binfmt_misc", 0, ""); err != nil {

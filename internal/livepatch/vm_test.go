@@ -16,16 +16,21 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/livepatch"
 	"github.com/stitchpatch/stitch/internal/testutils"
 	"github.com/stitchpatch/stitch/internal/vm"
 )
 
 // TestVM builds the test modules with kbuild on the host, then boots the
-// real kernel and runs the TestGuest* tests below inside it.
+// real kernel and runs the TestGuest* tests below inside it: for each
+// kernel of testutils.VMKernels (6.1 and 6.12), against its own headers.
 func TestVM(t *testing.T) {
-	testutils.RequireVM(t)
-	kos := testutils.BuildModules(t, "testdata/modules", "lp_cmdline", "stall_helper", "lp_stall", "plain_mod", "lp_warn", "stall2_helper", "lp_stall2")
+	testutils.ForEachVMKernel(t, testVM)
+}
+
+func testVM(t *testing.T, p *kernel.Profile) {
+	kos := testutils.BuildModules(t, p, "testdata/modules", "lp_cmdline", "stall_helper", "lp_stall", "plain_mod", "lp_warn", "stall2_helper", "lp_stall2")
 	dir := t.TempDir()
 	good, err := os.ReadFile(kos["lp_cmdline"])
 	if err != nil {
@@ -35,7 +40,7 @@ func TestVM(t *testing.T) {
 	bad := map[string][]byte{
 		"truncated.ko": good[:len(good)/2],
 		"notelf.ko":    []byte("this is not a kernel module\n"),
-		"vermagic.ko":  bytes.ReplaceAll(good, []byte("vermagic="+testutils.Release), []byte("vermagic=6.1.0-99-amd64")),
+		"vermagic.ko":  bytes.ReplaceAll(good, []byte("vermagic="+p.Release+" "), []byte("vermagic="+otherRelease(p.Release)+" ")),
 	}
 	if bytes.Equal(bad["vermagic.ko"], good) {
 		t.Fatal("vermagic not found in lp_cmdline.ko")
@@ -51,7 +56,31 @@ func TestVM(t *testing.T) {
 	for name, ko := range kos {
 		files = append(files, vm.File{Src: ko, Dst: "/" + name + ".ko"})
 	}
-	testutils.RunGuestTests(t, "^TestGuest", files...)
+	testutils.RunGuest(t, "^TestGuest", vm.Options{Kernel: p.BootImage, Files: files})
+}
+
+// otherRelease is the release vermagic.ko claims to be built for: r with
+// the digits of its ABI's last number made 9s (8s if they were), the
+// same length, so that the module's sections keep their sizes.
+func otherRelease(r string) string {
+	b := []byte(r)
+	end := strings.LastIndex(r, "-") // before the flavour
+	for end > 0 && (b[end-1] < '0' || b[end-1] > '9') {
+		end--
+	}
+	start := end
+	for start > 0 && b[start-1] >= '0' && b[start-1] <= '9' {
+		start--
+	}
+	nines := strings.Repeat("9", end-start)
+	fill := byte('9')
+	if r[start:end] == nines {
+		fill = '8'
+	}
+	for i := start; i < end; i++ {
+		b[i] = fill
+	}
+	return string(b)
 }
 
 // stitch runs the stitch CLI in the guest and returns its exit code, its
@@ -131,7 +160,7 @@ func TestGuestApplyStatusRevert(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &st); err != nil {
 		t.Fatal(err)
 	}
-	if !st.Livepatch || st.Release != testutils.Release || len(st.BuildID) != 40 || len(st.Patches) != 1 {
+	if !st.Livepatch || st.Release != testutils.RunningRelease(t) || len(st.BuildID) != 40 || len(st.Patches) != 1 {
 		t.Fatalf("status: %+v", st)
 	}
 	p := st.Patches[0]
@@ -172,7 +201,7 @@ func TestGuestBadInput(t *testing.T) {
 		{"not ELF", 0, []string{"apply", "/notelf.ko"}, 2, "not an ELF file"},
 		{"not a module", 0, []string{"apply", "/bin/stitch"}, 2, "not a kernel module"},
 		{"not livepatch", 0, []string{"apply", "/plain_mod.ko"}, 2, "livepatch=Y"},
-		{"wrong vermagic", 0, []string{"apply", "/vermagic.ko"}, 2, "6.1.0-99-amd64"},
+		{"wrong vermagic", 0, []string{"apply", "/vermagic.ko"}, 2, otherRelease(testutils.RunningRelease(t))},
 		{"not root", 1000, []string{"apply", "/lp_cmdline.ko"}, 3, "root"},
 		{"unknown patch", 0, []string{"revert", "no_such_patch"}, 2, "no such livepatch"},
 		{"no args", 0, []string{"apply"}, 2, "usage"},
@@ -442,7 +471,8 @@ func kallsymsAddr(t *testing.T, name string) uint64 {
 
 // TestGuestKcore reads live kernel text: ftrace has turned the fentry
 // call of cmdline_proc_show into a 5-byte NOP at boot, and a livepatch
-// turns it into a call to its ftrace trampoline.
+// turns it into a call to its ftrace trampoline. With IBT (6.12) the call
+// follows the function's ENDBR64, or the 4-byte NOP that seals it.
 func TestGuestKcore(t *testing.T) {
 	testutils.RequireGuest(t)
 	k := &livepatch.Kernel{}
@@ -452,6 +482,14 @@ func TestGuestKcore(t *testing.T) {
 	}
 	defer kc.Close()
 	addr := kallsymsAddr(t, "cmdline_proc_show")
+	head, err := kc.Read(addr, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	endbr64, sealed := []byte{0xf3, 0x0f, 0x1e, 0xfa}, []byte{0x66, 0x0f, 0x1f, 0x00}
+	if bytes.Equal(head, endbr64) || bytes.Equal(head, sealed) {
+		addr += 4
+	}
 	nop5 := []byte{0x0f, 0x1f, 0x44, 0x00, 0x00}
 	b, err := kc.Read(addr, 5)
 	if err != nil || !bytes.Equal(b, nop5) {

@@ -16,13 +16,48 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/vm"
 )
 
-// Release is the distro kernel the tests run against.
+// The tests' kernels come in two lists, because booting costs CI far
+// more than building does (no KVM there: QEMU emulates):
+//
+//   - TestKernels ($TEST_KERNELS, the Makefile's list, which `make
+//     kernels` fetches) are the kernels besides Release that the tests
+//     build for: TestDemo builds and boots the demo on each, BuildMany's
+//     tests build for several.
+//   - VMKernels are the kernels the VM tests of livepatch, build and
+//     agent boot, each in its own subtest: Release and one 6.12, whose
+//     code generation (IBT, call padding, call thunks) and packaging
+//     (.ko.xz modules) differ most from 6.1's. Each is Release or in the
+//     Makefile's TEST_KERNELS (TestKernelLists checks), so `make kernels`
+//     fetches it.
+
+// Release is the default kernel (kernel.Default): the one the tests that
+// need a single real kernel read and boot.
 const Release = kernel.Default
+
+// Release612 is the 6.12 kernel of VMKernels.
+const Release612 = "6.12.117+deb12-amd64"
+
+// VMKernels are the kernels the VM tests boot: Release, then Release612.
+func VMKernels() []string { return []string{Release, Release612} }
+
+// ForEachVMKernel runs fn in a subtest per VMKernels release (named by
+// it) with that kernel's profile, one after the other (one VM at a time).
+// It skips without QEMU; a subtest skips (fails in CI) when its kernel is
+// not in the cache or the system.
+func ForEachVMKernel(t *testing.T, fn func(t *testing.T, p *kernel.Profile)) {
+	t.Helper()
+	requireQEMU(t)
+	for _, r := range VMKernels() {
+		t.Run(r, func(t *testing.T) { fn(t, Profile(t, r)) })
+	}
+}
 
 // Unavailable skips the test, or fails it when CI is set: CI must run
 // every test, so a missing dependency there is a bug in .ci/run.
@@ -39,13 +74,18 @@ func Unavailable(t testing.TB, format string, args ...any) {
 // the kernel is missing.
 func RequireVM(t testing.TB) string {
 	t.Helper()
+	requireQEMU(t)
+	return BootImage(t)
+}
+
+func requireQEMU(t testing.TB) {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("skipped in -short mode: boots a VM")
 	}
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 		Unavailable(t, "qemu-system-x86_64 not installed")
 	}
-	return BootImage(t)
 }
 
 // Profile opens the profile of release (kernel.Open, from the default
@@ -83,13 +123,20 @@ func Profiles(t testing.TB, releases ...string) []*kernel.Profile {
 }
 
 // TestKernels are the kernels `make kernels` fetches for the tests
-// besides the installed Release: $TEST_KERNELS, as the Makefile sets it,
-// or its default.
+// besides the installed Release, which the tests build for:
+// $TEST_KERNELS, as the Makefile sets it, or the Makefile's default
+// (DefaultTestKernels) when a test runs without make.
 func TestKernels() []string {
 	if s := os.Getenv("TEST_KERNELS"); strings.TrimSpace(s) != "" {
 		return strings.Fields(s)
 	}
-	return []string{"6.1.0-47-amd64", "6.1.0-53-amd64", "6.1.0-57-amd64"}
+	return DefaultTestKernels()
+}
+
+// DefaultTestKernels is the Makefile's default TEST_KERNELS
+// (TestKernelLists checks that they agree).
+func DefaultTestKernels() []string {
+	return []string{"6.1.0-47-amd64", "6.1.0-53-amd64", "6.1.0-57-amd64", Release612}
 }
 
 // DefaultProfile is the profile of Release, the kernel the tests boot.
@@ -120,6 +167,17 @@ func RequireGuest(t testing.TB) {
 	if !InGuest() {
 		t.Skip("runs inside the VM only; started by the host-side test")
 	}
+}
+
+// RunningRelease is the running kernel's release (uname -r). Guest tests
+// compare with it, not with Release: the host boots each of VMKernels.
+func RunningRelease(t testing.TB) string {
+	t.Helper()
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		t.Fatalf("uname: %v", err)
+	}
+	return unix.ByteSliceToString(u.Release[:])
 }
 
 // ModuleRoot is the repository's root directory.
@@ -164,11 +222,11 @@ func goBuild(t testing.TB, dir string, args ...string) {
 }
 
 // BuildModules copies the kbuild directory src to a temporary directory,
-// builds it against the headers of Release, and returns the path of each
-// named module's .ko.
-func BuildModules(t testing.TB, src string, names ...string) map[string]string {
+// builds it against the headers of the kernel p, and returns the path of
+// each named module's .ko.
+func BuildModules(t testing.TB, p *kernel.Profile, src string, names ...string) map[string]string {
 	t.Helper()
-	headers := RequireHeaders(t)
+	headers := p.HeadersDir
 	dir := t.TempDir()
 	if err := os.CopyFS(dir, os.DirFS(src)); err != nil {
 		t.Fatalf("copy %s: %v", src, err)
