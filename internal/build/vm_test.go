@@ -1,6 +1,7 @@
 package build_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -86,7 +87,7 @@ func TestVM(t *testing.T) {
 func testVM(t *testing.T, p *kernel.Profile) {
 	e := setup(t, p)
 	var files []vm.File
-	for _, fix := range []string{"cmdline", "filesystems", "readdir", "binfmt_misc"} {
+	for _, fix := range []string{"cmdline", "filesystems", "readdir", "binfmt_misc", "taskname"} {
 		res, err := e.build(t, fix, "")
 		if err != nil {
 			t.Fatalf("build %s: %v", fix, err)
@@ -307,4 +308,69 @@ func TestGuestModule(t *testing.T) {
 		t.Errorf("loaded after: reverted status = %q", got)
 	}
 	unloadBinfmt(t)
+}
+
+// proc_task_name is only ever called directly, so on an IBT kernel (6.12)
+// objtool lists it in .ibt_endbr_seal and boot turns its ENDBR64 into a
+// 4-byte NOP. The patch must still redirect it: ftrace's site is the
+// fentry call after that NOP, which becomes a call to the patch's
+// trampoline while the patch is on, and a NOP again once reverted.
+func TestGuestSealed(t *testing.T) {
+	testutils.RequireGuest(t)
+	kc, err := (&livepatch.Kernel{}).OpenKcore()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer kc.Close()
+	addr := testutils.KallsymsAddr(t, "proc_task_name")
+	head, err := kc.Read(addr, 9)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sealed, nop5 := []byte{0x66, 0x0f, 0x1f, 0x00}, []byte{0x0f, 0x1f, 0x44, 0x00, 0x00}
+	var uts unix.Utsname
+	if err := unix.Uname(&uts); err != nil {
+		t.Fatal(err)
+	}
+	ftrace := addr // 6.1: no IBT, the fentry call comes first
+	if strings.HasPrefix(unix.ByteSliceToString(uts.Release[:]), "6.12.") {
+		if !bytes.Equal(head[:4], sealed) {
+			t.Fatalf("proc_task_name starts with % x; want its ENDBR64 sealed (% x)", head[:4], sealed)
+		}
+		ftrace += 4
+	}
+	site := func() []byte {
+		b, err := kc.Read(ftrace, 5)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	if b := site(); !bytes.Equal(b, nop5) {
+		t.Fatalf("proc_task_name's fentry site is % x; want ftrace's NOP", b)
+	}
+	name := func() string {
+		for _, l := range strings.Split(read(t, "/proc/self/status"), "\n") {
+			if v, ok := strings.CutPrefix(l, "Name:"); ok {
+				return strings.TrimSpace(v)
+			}
+		}
+		t.Fatal("no Name: in /proc/self/status")
+		return ""
+	}
+	before := name()
+	stitch(t, "apply", "/taskname.ko")
+	if got, want := name(), before+" (patched live by stitch)"; got != want {
+		t.Errorf("patched Name: %q, want %q", got, want)
+	}
+	if b := site(); b[0] != 0xe8 {
+		t.Errorf("patched proc_task_name's fentry site is % x; want a call (e8) to the patch's trampoline", b)
+	}
+	stitch(t, "revert", "stitch_taskname")
+	if got := name(); got != before {
+		t.Errorf("reverted Name: %q, want %q", got, before)
+	}
+	if b := site(); !bytes.Equal(b, nop5) {
+		t.Errorf("reverted proc_task_name's fentry site is % x; want the NOP back", b)
+	}
 }

@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -448,27 +447,6 @@ func TestGuestWarningRevertsPatch(t *testing.T) {
 	}
 }
 
-// kallsymsAddr finds a vmlinux symbol's address in /proc/kallsyms.
-func kallsymsAddr(t *testing.T, name string) uint64 {
-	t.Helper()
-	b, err := os.ReadFile("/proc/kallsyms")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		f := strings.Fields(l)
-		if len(f) == 3 && f[2] == name {
-			var addr uint64
-			if _, err := fmt.Sscanf(f[0], "%x", &addr); err != nil {
-				t.Fatal(err)
-			}
-			return addr
-		}
-	}
-	t.Fatalf("%s not in /proc/kallsyms", name)
-	return 0
-}
-
 // TestGuestKcore reads live kernel text: ftrace has turned the fentry
 // call of cmdline_proc_show into a 5-byte NOP at boot, and a livepatch
 // turns it into a call to its ftrace trampoline. With IBT (6.12) the call
@@ -481,7 +459,7 @@ func TestGuestKcore(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer kc.Close()
-	addr := kallsymsAddr(t, "cmdline_proc_show")
+	addr := testutils.KallsymsAddr(t, "cmdline_proc_show")
 	head, err := kc.Read(addr, 4)
 	if err != nil {
 		t.Fatal(err)

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -155,6 +156,28 @@ func BootImage(t testing.TB) string {
 func RequireHeaders(t testing.TB) string {
 	t.Helper()
 	return DefaultProfile(t).HeadersDir
+}
+
+// KallsymsAddr finds a vmlinux symbol's address in the running kernel's
+// /proc/kallsyms (in a guest test).
+func KallsymsAddr(t testing.TB, name string) uint64 {
+	t.Helper()
+	b, err := os.ReadFile("/proc/kallsyms")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) == 3 && f[2] == name {
+			addr, err := strconv.ParseUint(f[0], 16, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return addr
+		}
+	}
+	t.Fatalf("%s not in /proc/kallsyms", name)
+	return 0
 }
 
 // InGuest reports whether this process runs inside a stitch VM.
