@@ -22,9 +22,6 @@ import (
 	"github.com/stitchpatch/stitch/internal/testutils"
 )
 
-// Release612 is the 6.12 kernel the fingerprints are proven on.
-const Release612 = "6.12.117+deb12-amd64"
-
 // ImageObjects are objects of the kernel with return thunks, retpolines,
 // static calls, jump labels and alternatives, quick enough to compile.
 var ImageObjects = []string{"kernel/sys.o", "fs/proc/base.o", "net/ipv4/tcp.o", "kernel/sched/core.o", "mm/filemap.o"}
@@ -297,7 +294,7 @@ func compareSites(derived []fingerprint.Site, tables map[string]map[uint64]bool,
 // image as built and as the kernel rewrites it at boot, and the sites
 // found in the objects are the sites objtool listed in the image.
 func TestImage612(t *testing.T) {
-	res := checkImage(t, Release612, ImageObjects)
+	res := checkImage(t, testutils.Release612, ImageObjects)
 	for _, kind := range []string{".return_sites", ".retpoline_sites", ".static_call_sites", ".ibt_endbr_seal"} {
 		if res.sites[kind] == 0 {
 			t.Errorf("no %s in the functions checked: the test proves nothing about them", kind)

@@ -32,8 +32,8 @@ var bootReport = regexp.MustCompile(`BOOTED checked=(\d+) matched=(\d+) sealed=(
 // whichever this CPU does by default.
 func TestVMBooted612(t *testing.T) {
 	testutils.RequireVM(t)
-	p := testutils.Profile(t, Release612)
-	res := checkImage(t, Release612, ImageObjects)
+	p := testutils.Profile(t, testutils.Release612)
+	res := checkImage(t, testutils.Release612, ImageObjects)
 	if t.Failed() {
 		t.FailNow()
 	}
