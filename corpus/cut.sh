@@ -6,6 +6,7 @@
 # object is part of that kernel (vmlinux or a module the package ships).
 # See usage below and corpus/6.12/README.md for what each step checks.
 set -euo pipefail
+export LC_ALL=C # sort and comm must agree on order
 
 prog=corpus/cut.sh
 usage() {
@@ -177,7 +178,9 @@ awk '{print $3}' "$sysmap" | sort -u >"$work/sysmap.txt"
 facts() {
 	local obj=$1 cmd line
 	cmd=$tree/$(dirname "$obj")/.$(basename "$obj").cmd
-	line=$(grep -m1 -E "^(saved)?cmd_$obj := " "$cmd") || return 1
+	# (an object of a directory kbuild does not descend into is compiled
+	# from the top as ./DIR/NAME.o)
+	line=$(grep -m1 -E "^(saved)?cmd_(\./)?$obj := " "$cmd") || return 1
 	local name modfile module=vmlinux
 	# -DKBUILD_MODNAME='"act_csum"' (quoting as make wrote it)
 	name=$(grep -oE -- "-DKBUILD_MODNAME=[^ ]+" <<<"$line" | head -1 | sed -E 's/^[^=]*=//; s/[^A-Za-z0-9_:]//g')
@@ -193,47 +196,111 @@ facts() {
 builtin_share() {
 	local syms
 	syms=$(nm --defined-only "$tree/$1" | awk '$2 ~ /^[tT]$/ && $3 !~ /^__(pfx|cfi)_/ && $3 !~ /\./ {print $3}' | sort -u)
+	if [[ -z $syms ]]; then # no function: its data then
+		syms=$(nm --defined-only "$tree/$1" | awk '$2 ~ /^[dDbBrR]$/ && $3 !~ /^__/ && $3 !~ /\./ {print $3}' | sort -u)
+	fi
 	local n f
 	n=$(grep -c . <<<"$syms" || true)
 	f=$(comm -12 <(echo "$syms") "$work/sysmap.txt" | grep -c . || true)
 	echo "$f/$n"
 }
 
-# 4. Compile each candidate alone with its change applied, then restore.
 stage=$work/stage
 rm -rf "$stage"
-mkdir -p "$stage/fixes" "$work/logs"
+mkdir -p "$stage/fixes"
 index=$stage/index.tsv
 printf '# name\tfile\tchanged_lines\tlocation (vmlinux or module)\n' >"$index"
-saved=$work/saved.c
-restore() { [[ -e $saved.path ]] && cp -a "$saved" "$tree/$(cat "$saved.path")" && rm -f "$saved.path"; }
-restore
-trap 'restore' EXIT
-make_obj() { # obj log
-	rm -f "$tree/$1"
-	make -C "$tree" -s CC="$cc" KCFLAGS="$kcflags" "$1" >"$2" 2>&1 && [[ -e $tree/$1 ]]
+
+# 4. Compile every candidate with its change applied, as one object each.
+# One make for all of them: kbuild's fixed cost is about 10 s per
+# invocation, more than most compilations, and each object depends only on
+# its own .c file (the headers stay as they are), so compiling them
+# together gives what compiling each alone would; an object whose source
+# includes another candidate's .c file is compiled again alone. make runs
+# without -j: one compilation at a time.
+saved=$work/saved applied=$work/applied.txt
+restore_all() { # puts the original files back (after a crash too: next run)
+	[[ -e $applied ]] || return 0
+	local f
+	while read -r f; do cp -a "$saved/$f" "$tree/$f"; done <"$applied"
+	rm -f "$applied"
 }
+restore_all
+trap restore_all EXIT
+apply() { # files...: replace them in the tree by NEW's, remembering the originals
+	local f
+	for f; do
+		mkdir -p "$saved/$(dirname "$f")"
+		cp -a "$tree/$f" "$saved/$f"
+		echo "$f" >>"$applied"
+		cp "$new/$f" "$tree/$f"
+	done
+}
+make_objs() { # log objects...: compile them, going on past failures
+	local log=$1 o
+	shift
+	for o; do rm -f "$tree/$o"; done
+	make -k -C "$tree" CC="$cc" KCFLAGS="$kcflags" "$@" >"$log" 2>&1 || true
+}
+first_error() { # log object: the first error kbuild printed while compiling it
+	awk -v o="$2" '$1 == "CC" { sub(/^\.\//, "", $NF); on = ($NF == o); next }
+		on && /error/ { sub(/^[^ ]*: /, ""); print substr($0, 1, 120); exit }' "$1"
+}
+objs=()
+for f in "${candidates[@]}"; do
+	cmp -s "$tree/$f" "$old/$f" || die "$tree/$f differs from $old_version's: the prepared tree is not that source"
+	objs+=("${f%.c}.o")
+done
+rm -rf "$saved" "$work/logs"
+mkdir -p "$saved" "$work/logs"
+say "compiling ${#objs[@]} objects with their change applied (log: $work/logs/patched.log)"
+apply "${candidates[@]}"
+make_objs "$work/logs/patched.log" "${objs[@]}"
+restore_all
+
+# Objects that compiled with another candidate's .c included: again alone.
+declare -A is_candidate=()
+for f in "${candidates[@]}"; do is_candidate[$f]=1; done
+for f in "${candidates[@]}"; do
+	obj=${f%.c}.o
+	cmdf=$tree/$(dirname "$obj")/.$(basename "$obj").cmd
+	[[ -e $tree/$obj && -e $cmdf ]] || continue
+	for dep in $(grep -oE '[A-Za-z0-9_./,+-]+\.c' "$cmdf" | sed 's|^\./||' | sort -u); do
+		if [[ $dep != "$f" && -n ${is_candidate[$dep]:-} ]]; then
+			say "$obj includes $dep, also changed: compiling it again with its own change only"
+			apply "$f"
+			make_objs "$work/logs/${obj//\//_}.alone.log" "$obj"
+			restore_all
+			break
+		fi
+	done
+done
+
+# Tell a change that does not compile alone from a file this configuration
+# cannot compile at all: compile the failed ones unchanged.
+failed=()
+for o in "${objs[@]}"; do [[ -e $tree/$o ]] || failed+=("$o"); done
+declare -A fails_unchanged=()
+if [[ ${#failed[@]} -gt 0 ]]; then
+	say "${#failed[@]} objects failed; compiling them unchanged (log: $work/logs/unchanged.log)"
+	make_objs "$work/logs/unchanged.log" "${failed[@]}"
+	for o in "${failed[@]}"; do
+		[[ -e $tree/$o ]] || fails_unchanged[$o]=1
+		rm -f "$tree/$o"
+	done
+fi
+
 kept=0 nvmlinux=0 nmodules=0 i=0
 for f in "${candidates[@]}"; do
 	i=$((i + 1))
 	name=${f%.c}
 	name=${name//\//_}
 	obj=${f%.c}.o
-	log=$work/logs/$name.log
-	cmp -s "$tree/$f" "$old/$f" || die "$tree/$f differs from $old_version's: the prepared tree is not that source"
-	cp -a "$tree/$f" "$saved"
-	echo "$f" >"$saved.path"
-	cp "$new/$f" "$tree/$f"
-	ok=1
-	make_obj "$obj" "$log" || ok=0
-	restore
-	if [[ $ok == 0 ]]; then
-		# Tell a change that does not compile alone from a file this
-		# configuration cannot compile at all.
-		if make_obj "$obj" "$log.orig"; then
-			why="does not compile alone: $(grep -m1 -E 'error:|Error' "$log" | sed -E 's/^[^ ]*: //' | cut -c1-120)"
-		else
+	if [[ ! -e $tree/$obj ]]; then
+		if [[ -n ${fails_unchanged[$obj]:-} ]]; then
 			why="not built in this configuration: make $obj fails unchanged too"
+		else
+			why="does not compile alone: $(first_error "$work/logs/patched.log" "$obj")"
 		fi
 		drop "$f" "$why"
 		say "[$i/${#candidates[@]}] drop $f: $why"
