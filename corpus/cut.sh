@@ -60,9 +60,7 @@ cache=${STITCH_CACHE:-/var/cache/stitch}
 work=${WORK:-/tmp/corpus-cut-$release}
 kroot=$cache/kernels/$release/root
 moddir=$kroot/lib/modules/$release
-sysmap=$kroot/boot/System.map-$release
-config=$kroot/boot/config-$release
-for f in "$sysmap" "$config" "$moddir/modules.builtin"; do
+for f in "$kroot/boot/vmlinuz-$release" "$moddir/modules.builtin"; do
 	[[ -e $f ]] || die "$f is missing: run 'stitch kernel add $release' first"
 done
 for tool in dpkg-deb tar xz diff make nm awk; do
@@ -170,7 +168,10 @@ kcflags="-ffunction-sections -fdata-sections" # as stitch compiles objects
 # The modules the package ships, by module name ('-' as '_').
 shipped=$work/shipped.txt
 find "$moddir/kernel" -name '*.ko*' -printf '%f\n' | sed -E 's/\.ko(\.[a-z]+)?$//; s/-/_/g' | sort -u >"$shipped"
-awk '{print $3}' "$sysmap" | sort -u >"$work/sysmap.txt"
+# The kernel's symbols, decoded from its boot image's kallsyms tables
+# (Debian's System.map is a placeholder pointing at the -dbg package).
+"$STITCH" kallsyms -image "$release" | awk '{print $3}' | sort -u >"$work/ksyms.txt"
+[[ $(wc -l <"$work/ksyms.txt") -gt 1000 ]] || die "stitch kallsyms -image $release printed no symbol table"
 
 # facts OBJ -> "module NAMES" or "vmlinux MODFILE", from kbuild's .o.cmd
 # (the savedcmd_ or cmd_ line: -DMODULE and -DKBUILD_MODNAME, as
@@ -191,7 +192,7 @@ facts() {
 }
 
 # builtin_share OBJ -> "FOUND/TOTAL": how many of the object's functions
-# are in the kernel's System.map (an object of a disabled option compiles
+# are in the kernel's kallsyms (an object of a disabled option compiles
 # too, as built-in, but none of its functions is in the kernel).
 builtin_share() {
 	local syms
@@ -201,7 +202,7 @@ builtin_share() {
 	fi
 	local n f
 	n=$(grep -c . <<<"$syms" || true)
-	f=$(comm -12 <(echo "$syms") "$work/sysmap.txt" | grep -c . || true)
+	f=$(comm -12 <(echo "$syms") "$work/ksyms.txt" | grep -c . || true)
 	echo "$f/$n"
 }
 
@@ -325,8 +326,8 @@ for f in "${candidates[@]}"; do
 	else
 		share=$(builtin_share "$obj")
 		if [[ ${share%/*} == 0 || $((${share%/*} * 2)) -lt ${share#*/} ]]; then
-			drop "$f" "not built in this configuration: compiled as built-in, but only $share of its functions are in System.map"
-			say "[$i/${#candidates[@]}] drop $f: not in this kernel ($share functions in System.map)"
+			drop "$f" "not built in this configuration: compiled as built-in, but only $share of its functions are in the kernel's kallsyms"
+			say "[$i/${#candidates[@]}] drop $f: not in this kernel ($share functions in the kernel's kallsyms)"
 			continue
 		fi
 		location=vmlinux
