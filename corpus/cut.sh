@@ -28,6 +28,8 @@ Environment:
                 about 6 GB: both source trees and a copy of the prepared one
   STITCH        stitch binary (default: built from this repository)
   STITCH_CACHE  stitch's cache (default /var/cache/stitch)
+  ONLY          an extended regular expression: only the changed files
+                whose path matches it (a quick check of this script)
 
 Progress goes to stderr; the counts of each step end it and are written
 to WORK/summary.txt, the dropped files with their reasons to
@@ -114,6 +116,10 @@ diff -rq "$old" "$new" | awk -v o="$old/" -v n="$new/" '
 		f = side == "old" ? substr(d, length(o) + 1) : substr(d, length(n) + 1)
 		if (f ~ /\.c$/) print (side == "old" ? "D" : "A") "\t" f
 	}' | sort -k2 >"$changed" || true
+if [[ -n ${ONLY:-} ]]; then
+	grep -E -- "$ONLY" "$changed" >"$changed.only" || die "no changed C file matches ONLY='$ONLY'"
+	mv "$changed.only" "$changed"
+fi
 total=$(wc -l <"$changed")
 [[ $total -gt 0 ]] || die "no C file differs between $old_version and $new_version"
 candidates=()
@@ -245,7 +251,8 @@ make_objs() { # log objects...: compile them, going on past failures
 }
 first_error() { # log object: the first error kbuild printed while compiling it
 	awk -v o="$2" '$1 == "CC" { sub(/^\.\//, "", $NF); on = ($NF == o); next }
-		on && /error/ { sub(/^[^ ]*: /, ""); print substr($0, 1, 120); exit }' "$1"
+		on && /error/ { sub(/^[^ ]*: /, ""); print; exit }' "$1" |
+		sed "s/\xe2\x80[\x98\x99]/'/g" | cut -c1-120 # gcc's typographic quotes as '
 }
 objs=()
 for f in "${candidates[@]}"; do
