@@ -306,7 +306,10 @@ for f in "${candidates[@]}"; do
 	obj=${f%.c}.o
 	if [[ ! -e $tree/$obj ]]; then
 		if [[ -n ${fails_unchanged[$obj]:-} ]]; then
-			why="not built in this configuration: make $obj fails unchanged too"
+			# Most are of a disabled option; some are built, but only from
+			# another directory's Makefile (amdgpu builds ../amdkfd/*.o),
+			# which make DIR/NAME.o, as Stitch runs it, cannot do.
+			why="fails unchanged too: make $obj fails with the original source as well (not built in this configuration, or only from another directory's Makefile)"
 		else
 			why="does not compile alone: $(first_error "$work/logs/patched.log" "$obj")"
 		fi
