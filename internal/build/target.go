@@ -91,8 +91,8 @@ func (k *Kernel) Layout() *layout.Layout { return k.layout }
 
 // Exported tells which object exports name.
 func (k *Kernel) Exported(name string) (string, bool) {
-	obj, ok := k.symvers[name]
-	return obj, ok
+	e, ok := k.symvers[name]
+	return e.Module, ok
 }
 
 // table returns the symbols of object: the image's for vmlinux, the .ko's

@@ -54,9 +54,17 @@ func lastLines(s string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// Symvers maps each symbol the kernel exports to the module that exports
-// it ("vmlinux" for the kernel itself), from a Module.symvers file.
-type Symvers map[string]string
+// Export is where one exported symbol comes from.
+type Export struct {
+	Module string // "vmlinux" for the kernel itself
+	// Namespace is the symbol namespace (EXPORT_SYMBOL_NS): a module
+	// using the symbol must import it, or modpost refuses the module.
+	Namespace string
+}
+
+// Symvers maps each symbol the kernel exports to where it comes from,
+// from a Module.symvers file.
+type Symvers map[string]Export
 
 // ReadSymvers reads the Module.symvers of a headers tree: lines of
 // "crc<TAB>symbol<TAB>module<TAB>export type<TAB>namespace".
@@ -75,7 +83,11 @@ func ReadSymvers(headers string) (Symvers, error) {
 		if len(f) < 3 {
 			return nil, fmt.Errorf("%s:%d: malformed line %q", path, i+1, line)
 		}
-		sv[f[1]] = f[2]
+		e := Export{Module: f[2]}
+		if len(f) > 4 {
+			e.Namespace = f[4]
+		}
+		sv[f[1]] = e
 	}
 	return sv, nil
 }

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 
@@ -24,6 +26,9 @@ var ErrUnresolved = errors.New("module refers to symbols the kernel does not exp
 func Link(ctx context.Context, headers, dir, name string, rename map[string]string, progress io.Writer) (string, map[string]int, error) {
 	symvers, err := kbuild.ReadSymvers(headers)
 	if err != nil {
+		return "", nil, err
+	}
+	if err := importNamespaces(dir, symvers); err != nil {
 		return "", nil, err
 	}
 	// modpost would stop at the klp symbols it cannot find; checkUndefined
@@ -69,4 +74,48 @@ func checkUndefined(ko string, symvers kbuild.Symvers, rename map[string]string)
 		return fmt.Errorf("%s: %w: %s", ko, ErrUnresolved, strings.Join(missing, ", "))
 	}
 	return nil
+}
+
+// importNamespaces declares in the registration (stitch_hook.c) the
+// symbol namespaces of the exported symbols the diff objects use: a
+// module that uses a namespaced export (EXPORT_SYMBOL_NS, common in
+// 6.12's drivers) without importing its namespace is refused by modpost.
+// MODULE_INFO(import_ns, "NS") is what MODULE_IMPORT_NS expands to in
+// every series, whether it takes an identifier (6.1, 6.12) or a string.
+func importNamespaces(dir string, symvers kbuild.Symvers) error {
+	objs, err := filepath.Glob(filepath.Join(dir, "stitch_diff_*.o_shipped"))
+	if err != nil {
+		return err
+	}
+	seen := map[string]bool{}
+	var ns []string
+	for _, path := range objs {
+		f, err := elf.Open(path)
+		if err != nil {
+			return fmt.Errorf("%w: %s: %v", ErrBadModule, path, err)
+		}
+		syms, err := f.Symbols()
+		f.Close()
+		if err != nil {
+			return fmt.Errorf("%w: %s: %v", ErrBadModule, path, err)
+		}
+		for _, s := range syms {
+			if n := symvers[s.Name].Namespace; s.Section == elf.SHN_UNDEF && n != "" && !seen[n] {
+				seen[n] = true
+				ns = append(ns, n)
+			}
+		}
+	}
+	if len(ns) == 0 {
+		return nil
+	}
+	sort.Strings(ns)
+	hook, err := os.OpenFile(filepath.Join(dir, "stitch_hook.c"), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	for _, n := range ns {
+		fmt.Fprintf(hook, "MODULE_INFO(import_ns, %q);\n", n)
+	}
+	return hook.Close()
 }
