@@ -45,7 +45,8 @@ var everywhere = []*elf.Section{{SectionHeader: elf.SectionHeader{Size: ^uint64(
 // FuzzDecodeTables drives the table search directly with .rodata bytes.
 func FuzzDecodeTables(f *testing.F) {
 	f.Add(make([]byte, 1024), uint64(0))
-	f.Add(synthRodata(synthSymbols(300), 0xffffffff81000000), uint64(0x1000))
+	f.Add(synthRodata(synthSymbols(300), 0xffffffff81000000, false), uint64(0x1000))
+	f.Add(synthRodata(synthSymbols(300), 0xffffffff81000000, true), uint64(0x1000))
 	f.Fuzz(func(t *testing.T, ro []byte, base uint64) {
 		var syms []Symbol
 		var err error

@@ -130,6 +130,38 @@ func TestDecodeVmlinux(t *testing.T) {
 	}
 }
 
+// TestDecodeVmlinux612 decodes a 6.12 image: a zstd payload, and the
+// kallsyms tables in the order kernels have written them since 6.4.
+func TestDecodeVmlinux612(t *testing.T) {
+	p := testutils.Profile(t, testutils.Release612)
+	im, err := OpenImage(context.Background(), p.BootImage, kernel.CacheDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if im.Table.Len() < 50000 {
+		t.Fatalf("only %d symbols", im.Table.Len())
+	}
+	text, err := im.Table.Find(Vmlinux, "_text", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := mustELF(t, im.data).Section(".text"); s == nil || s.Addr != text.Addr {
+		t.Errorf("_text at %#x, .text section at %+v", text.Addr, s)
+	}
+	// IBT and call padding: ENDBR64, then the fentry call; the padding
+	// before it is its __pfx_ symbol's.
+	b, s, err := im.Bytes("cmdline_proc_show", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Type != 't' || len(b) < 9 || !bytes.Equal(b[:4], []byte{0xf3, 0x0f, 0x1e, 0xfa}) || b[4] != 0xe8 {
+		t.Errorf("cmdline_proc_show: %+v % x", s, b)
+	}
+	if pfx, err := im.Table.Find(Vmlinux, "__pfx_cmdline_proc_show", 0); err != nil || pfx.Addr != s.Addr-16 {
+		t.Errorf("__pfx_cmdline_proc_show: %+v, %v; want 16 bytes before %#x", pfx, err, s.Addr)
+	}
+}
+
 // TestSympos uses a static function defined in several files: each copy
 // gets its position in kallsyms order, and livepatch's rules for sympos 0.
 func TestSympos(t *testing.T) {

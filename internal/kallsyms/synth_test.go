@@ -19,8 +19,9 @@ import (
 // (absolute-percpu, base-relative, with kallsyms_seqs_of_names), with a
 // token table in which each printable character stands for itself, so
 // tests and fuzzing need no kernel. Everything is placed 8-aligned at
-// address base.
-func synthRodata(syms []Symbol, relBase uint64) []byte {
+// address base. addrsLast puts the offsets and the relative base after
+// the token index, as kernels since 6.4 (6.12) do; 6.1 has them first.
+func synthRodata(syms []Symbol, relBase uint64, addrsLast bool) []byte {
 	le := binary.LittleEndian
 	var b []byte
 	align := func() {
@@ -28,16 +29,21 @@ func synthRodata(syms []Symbol, relBase uint64) []byte {
 			b = append(b, 0)
 		}
 	}
-	b = append(b, make([]byte, 64)...) // unrelated data before
-	for _, s := range syms {
-		off := int32(s.Addr)
-		if s.Addr >= relBase {
-			off = int32(int64(relBase) - 1 - int64(s.Addr))
+	addrs := func() {
+		for _, s := range syms {
+			off := int32(s.Addr)
+			if s.Addr >= relBase {
+				off = int32(int64(relBase) - 1 - int64(s.Addr))
+			}
+			b = le.AppendUint32(b, uint32(off))
 		}
-		b = le.AppendUint32(b, uint32(off))
+		align()
+		b = le.AppendUint64(b, relBase)
 	}
-	align()
-	b = le.AppendUint64(b, relBase)
+	b = append(b, make([]byte, 64)...) // unrelated data before
+	if !addrsLast {
+		addrs()
+	}
 	b = le.AppendUint32(b, uint32(len(syms)))
 	align()
 	var markers []uint32
@@ -59,8 +65,10 @@ func synthRodata(syms []Symbol, relBase uint64) []byte {
 		b = le.AppendUint32(b, m)
 	}
 	align()
-	b = append(b, make([]byte, 3*len(syms))...) // seqs_of_names: not read
-	align()
+	if !addrsLast {
+		b = append(b, make([]byte, 3*len(syms))...) // seqs_of_names (6.2, 6.3): not read
+		align()
+	}
 	var index []uint16
 	tableStart := len(b)
 	for i := range 256 {
@@ -74,6 +82,11 @@ func synthRodata(syms []Symbol, relBase uint64) []byte {
 	align()
 	for _, x := range index {
 		b = le.AppendUint16(b, x)
+	}
+	if addrsLast {
+		align()
+		addrs()
+		b = append(b, make([]byte, 3*len(syms))...) // seqs_of_names: not read
 	}
 	return append(b, make([]byte, 64)...)
 }
@@ -96,9 +109,17 @@ func synthSymbols(n int) []Symbol {
 }
 
 func TestDecodeSynthetic(t *testing.T) {
+	for _, addrsLast := range []bool{false, true} {
+		t.Run(map[bool]string{false: "6.1 order", true: "6.4+ order"}[addrsLast], func(t *testing.T) {
+			testDecodeSynthetic(t, addrsLast)
+		})
+	}
+}
+
+func testDecodeSynthetic(t *testing.T, addrsLast bool) {
 	want := synthSymbols(1000)
 	relBase := uint64(0xffffffff81000000)
-	ro := synthRodata(want, relBase)
+	ro := synthRodata(want, relBase, addrsLast)
 	sects := []*elf.Section{{SectionHeader: elf.SectionHeader{Addr: relBase, Size: 1 << 20}}}
 	got, err := decodeTables(ro, 0x1000, sects)
 	if err != nil {
