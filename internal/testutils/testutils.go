@@ -292,9 +292,13 @@ const ModulesDir = "/lib/modules/" + Release
 // command and output are its.
 func RunGuest(t *testing.T, run string, opts vm.Options) *vm.Result {
 	t.Helper()
-	kernel := RequireVM(t)
-	if opts.Kernel != "" {
-		kernel = opts.Kernel
+	// The default kernel unless the caller boots another (which then
+	// need not have the default's profile).
+	kernel := opts.Kernel
+	if kernel == "" {
+		kernel = RequireVM(t)
+	} else {
+		requireQEMU(t)
 	}
 	bin := TestBinary(t)
 	stitch := StitchBinary(t)
