@@ -9,14 +9,17 @@ import (
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/build"
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/kernel"
 )
 
 func runBuild(ctx context.Context, st *stdio, args []string) error {
-	fs := newFlagSet(st, "build", "FIX...", "Builds a livepatch module per kernel from source fixes (unified diffs against its source, or\n"+
+	fs := newFlagSet(st, "build", "FIX... | --stream FILE [--level N]", "Builds a livepatch module per kernel from source fixes (unified diffs against its source, or\n"+
 		"directories of variants per kernel series: NAME/6.1.patch, NAME/default.patch). Each kernel's\n"+
 		"module and manifest go to OUT/RELEASE/; a kernel that already contains the fixes gets\n"+
-		"OUT/RELEASE/NAME.contained.json instead.")
+		"OUT/RELEASE/NAME.contained.json instead. --cumulative makes the module replace every\n"+
+		"livepatch loaded before it (atomic replace); --stream builds a level of a patch stream,\n"+
+		"which is such a module carrying every fix of the stream up to that level.")
 	var releases stringList
 	fs.Var(&releases, "kernel", "kernel release to build for (repeatable; default "+kernel.Default+")")
 	all := fs.String("kernels", "", `"all": every kernel ready in the cache or on the system (stitch kernel list)`)
@@ -28,11 +31,21 @@ func runBuild(ctx context.Context, st *stdio, args []string) error {
 	var cves stringList
 	fs.Var(&cves, "cve", "CVE id the fixes address (repeatable; also read from the fixes' headers)")
 	fs.BoolVar(&opts.KeepWork, "keep-tmp", false, "keep the scratch directories and print their paths")
+	fs.BoolVar(&opts.Replace, "cumulative", false, "build a cumulative patch: it replaces every livepatch loaded before it (klp atomic replace)")
+	streamPath := fs.String("stream", "", "build a level of the patch stream in this file (docs/build.md); no FIX arguments")
+	level := fs.Int("level", 0, "with --stream: the level to build (default: the newest)")
 	jsonOut := fs.Bool("json", false, "print a JSON report")
 	if err := fs.Parse(args); err != nil {
 		return usageError{err}
 	}
-	if fs.NArg() == 0 {
+	switch {
+	case *streamPath != "" && fs.NArg() > 0:
+		return usageError{fmt.Errorf("--stream and fixes %s: a stream names its fixes", fs.Arg(0))}
+	case *streamPath != "" && opts.Name != "":
+		return usageError{fmt.Errorf("--stream and --name: a level's name is the stream's and its number")}
+	case *streamPath == "" && *level != 0:
+		return usageError{fmt.Errorf("--level without --stream")}
+	case *streamPath == "" && fs.NArg() == 0:
 		fs.Usage()
 		return usageError{fmt.Errorf("no fix given")}
 	}
@@ -44,6 +57,20 @@ func runBuild(ctx context.Context, st *stdio, args []string) error {
 	}
 	opts.Out, opts.CVEs = *out, cves
 	var fixes []*build.FixVariants
+	if *streamPath != "" {
+		s, err := build.ReadStream(*streamPath)
+		if err != nil {
+			return err
+		}
+		if *level == 0 {
+			*level = s.Levels()
+		}
+		if fixes, opts.Level, err = s.Level(*level); err != nil {
+			return err
+		}
+		opts.Name = contract.LevelName(s.Name, *level)
+		fmt.Fprintf(st.err, "stream %s level %d: %d fix(es)%s\n", s.Name, *level, len(fixes), withdrawnNote(opts.Level.Withdrawn))
+	}
 	for _, p := range fs.Args() {
 		v, err := build.LoadFix(p)
 		if err != nil {
@@ -224,4 +251,11 @@ func manyExitCode(codes []int) int {
 		}
 	}
 	return codes[0]
+}
+
+func withdrawnNote(names []string) string {
+	if len(names) == 0 {
+		return ""
+	}
+	return ", withdrawing " + strings.Join(names, ", ")
 }

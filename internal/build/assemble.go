@@ -68,7 +68,7 @@ type compiled struct {
 // assemble checks the compiled objects against the target (run-pre),
 // writes the diff objects and the registration into dir, links the module
 // and returns it with its manifest.
-func assemble(ctx context.Context, headers, dir, name string, fixes []*Fix, objs []compiled, t Target, progress io.Writer) (string, *contract.Manifest, error) {
+func assemble(ctx context.Context, headers, dir, name string, replace bool, fixes []*Fix, objs []compiled, t Target, progress io.Writer) (string, *contract.Manifest, error) {
 	var problems []string
 	for _, c := range objs {
 		for _, p := range c.Diff.Unsafe {
@@ -81,8 +81,9 @@ func assemble(ctx context.Context, headers, dir, name string, fixes []*Fix, objs
 
 	m := &contract.Manifest{
 		Version: contract.ManifestVersion, Name: name, Module: name + ".ko",
-		Kernel: contract.KernelID{Release: t.Release(), BuildID: t.BuildID()},
-		Built:  time.Now().UTC().Format(time.RFC3339),
+		Kernel:  contract.KernelID{Release: t.Release(), BuildID: t.BuildID()},
+		Built:   time.Now().UTC().Format(time.RFC3339),
+		Replace: replace,
 	}
 	for _, f := range fixes {
 		m.Fixes = append(m.Fixes, f.Fix)
@@ -92,7 +93,7 @@ func assemble(ctx context.Context, headers, dir, name string, fixes []*Fix, objs
 		}
 	}
 
-	mod := &klpmod.Module{Name: name, Description: m.Description}
+	mod := &klpmod.Module{Name: name, Description: m.Description, Replace: replace}
 	hooks := map[string]*klpmod.HookObject{} // by klp object
 	manifestObjs := map[string]*contract.Object{}
 	var order []string

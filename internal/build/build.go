@@ -63,8 +63,12 @@ type Options struct {
 	// Description and CVEs add to what the fixes' headers say.
 	Description string
 	CVEs        []string
-	Progress    func(Step)
-	Logger      *slog.Logger
+	// Replace builds a cumulative patch (klp_patch.replace); Level, a
+	// level of a patch stream, which is one (Name must be the level's).
+	Replace  bool
+	Level    *contract.Level
+	Progress func(Step)
+	Logger   *slog.Logger
 }
 
 // Result is a finished build.
@@ -179,7 +183,7 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
-	ko, m, err := assemble(ctx, src.Headers(), dir, name, fixes, objs, loc, nil)
+	ko, m, err := assemble(ctx, src.Headers(), dir, name, o.Replace || o.Level != nil, fixes, objs, loc, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -188,6 +192,7 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 		m.Description = o.Description
 	}
 	m.CVEs = appendMissing(m.CVEs, o.CVEs...)
+	m.Level = o.Level
 
 	if err := os.MkdirAll(o.Out, 0o755); err != nil {
 		return nil, err

@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"unicode"
 
 	"github.com/stitchpatch/stitch/internal/fingerprint"
 )
@@ -37,7 +38,33 @@ type Manifest struct {
 	Fixes       []Fix    `json:"fixes"`
 	Objects     []Object `json:"objects"`
 	Built       string   `json:"built"` // RFC 3339
+	// Replace marks a cumulative patch (klp_patch.replace): once its
+	// transition ends it is the only livepatch the kernel runs, and every
+	// function it does not carry is back to the original code.
+	Replace bool `json:"replace,omitempty"`
+	// Level places a cumulative patch in a patch stream: level Level of
+	// stream Stream, carrying every fix of the stream up to it but those
+	// withdrawn. Supersedes is the level it follows (0 for the first);
+	// Withdrawn names the fixes that level carried and this one does not.
+	Level *Level `json:"level,omitempty"`
 }
+
+// Level is where a cumulative patch stands in its stream.
+type Level struct {
+	Stream     string   `json:"stream"`
+	Number     int      `json:"number"`
+	Supersedes int      `json:"supersedes"`
+	Withdrawn  []string `json:"withdrawn,omitempty"`
+}
+
+// LevelName is the module (and patch) name of level n of a stream:
+// every level has its own, as the kernel loads the next level while the
+// one it replaces is still there.
+func LevelName(stream string, n int) string { return fmt.Sprintf("%s_l%d", stream, n) }
+
+// MaxLevel bounds a stream's levels, so that a level's name fits the
+// kernel's module names.
+const MaxLevel = 9999
 
 // KernelID names the one kernel a patch is for.
 type KernelID struct {
@@ -148,6 +175,25 @@ func (m *Manifest) Validate() error {
 		return bad("objects: patches nothing")
 	case len(m.Description) > 4096:
 		return bad("description: %d bytes, at most 4096", len(m.Description))
+	}
+	if l := m.Level; l != nil {
+		switch {
+		case !m.Replace:
+			return bad("level %d of %s without replace: a level is a cumulative patch", l.Number, l.Stream)
+		case l.Number < 1 || l.Number > MaxLevel:
+			return bad("level %d: want 1 to %d", l.Number, MaxLevel)
+		case l.Supersedes < 0 || l.Supersedes >= l.Number:
+			return bad("level %d supersedes %d: want an earlier level, or 0", l.Number, l.Supersedes)
+		case !ValidName(LevelName(l.Stream, l.Number)) || strings.Contains(l.Stream, "-"):
+			return bad("stream %q: want letters, digits and underscores, short enough for %q", l.Stream, LevelName(l.Stream, MaxLevel))
+		case m.Name != LevelName(l.Stream, l.Number):
+			return bad("name %q: level %d of %s is named %s", m.Name, l.Number, l.Stream, LevelName(l.Stream, l.Number))
+		}
+		for _, w := range l.Withdrawn {
+			if w == "" || len(w) > 255 || strings.ContainsFunc(w, unicode.IsControl) {
+				return bad("level %d withdraws %q: not a fix name", l.Number, w)
+			}
+		}
 	}
 	for _, f := range m.Fixes {
 		if !validSHA256(f.Hash) {

@@ -25,7 +25,10 @@ type HookObject struct {
 type Module struct {
 	Name        string // module name: letters, digits and underscores
 	Description string
-	Objects     []HookObject
+	// Replace makes it a cumulative patch: klp_patch.replace, atomic
+	// replace of every livepatch loaded before it.
+	Replace bool
+	Objects []HookObject
 	// DiffObjects are the objects WriteObject made, in the order their
 	// aliases were numbered.
 	DiffObjects [][]byte
@@ -100,7 +103,11 @@ func writeHook(w io.Writer, m *Module) {
 		fmt.Fprintf(w, "\t{ .name = %s, .funcs = funcs_%d },\n", name, i)
 	}
 	fmt.Fprint(w, "\t{ }\n};\n\n")
-	fmt.Fprint(w, "static struct klp_patch patch = {\n\t.mod = THIS_MODULE,\n\t.objs = objs,\n};\n\n")
+	fmt.Fprint(w, "static struct klp_patch patch = {\n\t.mod = THIS_MODULE,\n\t.objs = objs,\n")
+	if m.Replace {
+		fmt.Fprint(w, "\t.replace = true,\n")
+	}
+	fmt.Fprint(w, "};\n\n")
 	fmt.Fprint(w, "static int __init stitch_patch_init(void)\n{\n\treturn klp_enable_patch(&patch);\n}\n\n")
 	fmt.Fprint(w, "static void __exit stitch_patch_exit(void)\n{\n}\n\n")
 	fmt.Fprint(w, "module_init(stitch_patch_init);\nmodule_exit(stitch_patch_exit);\n")

@@ -314,6 +314,10 @@ func (k *Kernel) Apply(ctx context.Context, path string, opts ApplyOptions) (*km
 	if err != nil {
 		return nil, err
 	}
+	before, err := k.patchNames()
+	if err != nil {
+		return nil, err
+	}
 	kmsg := OpenKernelLog()
 	defer kmsg.Close()
 	opts.report(Progress{Patch: m.Name, Phase: "load"})
@@ -326,6 +330,9 @@ func (k *Kernel) Apply(ctx context.Context, path string, opts ApplyOptions) (*km
 	var te *TransitionError
 	if !errors.As(err, &te) {
 		if err != nil {
+			return m, err
+		}
+		if err := k.unloadReplaced(ctx, m.Name, before, opts, start); err != nil {
 			return m, err
 		}
 		if opts.Watch > 0 {
@@ -603,6 +610,42 @@ func (k *Kernel) watch(ctx context.Context, name string, before Taint, kmsg *Ker
 	}
 	te.RolledBack = true
 	return te
+}
+
+// patchNames lists the patches the kernel holds now.
+func (k *Kernel) patchNames() ([]string, error) {
+	if err := k.Supported(); err != nil {
+		return nil, nil // load says why
+	}
+	ents, err := os.ReadDir(k.klpDir())
+	if err != nil {
+		return nil, fmt.Errorf("read livepatch state: %w", err)
+	}
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	return names, nil
+}
+
+// unloadReplaced unloads the modules of the patches a cumulative patch
+// (klp_patch.replace) took over: once its transition is over the kernel
+// drops them, and their modules can only be unloaded, never enabled
+// again. A patch that is still there was not replaced.
+func (k *Kernel) unloadReplaced(ctx context.Context, name string, before []string, opts ApplyOptions, start time.Time) error {
+	if p, err := k.Patch(name); err != nil || !p.Replace {
+		return nil
+	}
+	for _, old := range before {
+		if _, err := k.Patch(old); !errors.Is(err, ErrUnknownPatch) || !k.moduleLoaded(old) {
+			continue
+		}
+		k.log().Info("unloading the replaced patch's module", "patch", name, "replaced", old)
+		if err := k.unload(ctx, old, ApplyOptions{Progress: opts.Progress}, start); err != nil {
+			return fmt.Errorf("%s replaced %s: %w", name, old, err)
+		}
+	}
+	return nil
 }
 
 // unload removes the module once livepatch has let go of it: after a

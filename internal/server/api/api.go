@@ -81,6 +81,10 @@ type Action struct {
 	Name   string   `json:"name"`
 	CVEs   []string `json:"cves,omitempty"`
 	Op     string   `json:"op"` // OpApply or OpRevert
+	// Level, for a level of a patch stream (a cumulative patch), is
+	// where it stands: a machine holds one level of a stream and takes
+	// the newest offered, so it can choose before it fetches anything.
+	Level *contract.Level `json:"level,omitempty"`
 }
 
 // CheckInResponse answers a check-in: the patches eligible now for this
