@@ -185,6 +185,14 @@ func buildOne(ctx context.Context, p *kernel.Profile, fixes []*FixVariants, o Ma
 			return fail(err)
 		}
 		port, err := env.Tree.Port(ctx, f.Diff)
+		if errors.Is(err, kbuild.ErrDoesNotApply) && len(build) > 0 {
+			// Written on top of the fixes before it, as a series'
+			// fixes to one function are: it ports onto them, and the
+			// build applies the fixes in order.
+			if p, perr := env.Tree.PortOnto(ctx, joinDiffs(build), f.Diff); perr == nil {
+				port, err = p, nil
+			}
+		}
 		r.Ports = append(r.Ports, FixPort{Fix: f.Name, Variant: f.Variant, Port: port})
 		switch {
 		case errors.Is(err, kbuild.ErrContained):
@@ -236,6 +244,16 @@ func buildOne(ctx context.Context, p *kernel.Profile, fixes []*FixVariants, o Ma
 		r.Reason = "already contains " + strings.Join(names, ", ") + ": built without"
 	}
 	return r
+}
+
+// joinDiffs is the fixes' diffs as one, in order, as CompilePair applies
+// them.
+func joinDiffs(fixes []*Fix) []byte {
+	var all []byte
+	for _, f := range fixes {
+		all = append(append(all, f.Diff...), '\n')
+	}
+	return all
 }
 
 // writeContained records that the kernel contains the fixes, as

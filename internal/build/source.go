@@ -1,7 +1,6 @@
 package build
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -34,12 +33,7 @@ func (s *TreeSource) Headers() string { return s.HeadersDir }
 // CompilePair applies the fixes, in order, to copies of the files they
 // touch, and compiles each touched C file's object before and after.
 func (s *TreeSource) CompilePair(ctx context.Context, fixes []*Fix) ([]Pair, error) {
-	var all bytes.Buffer
-	for _, f := range fixes {
-		all.Write(f.Diff)
-		all.WriteByte('\n')
-	}
-	patched, port, err := s.Tree.PatchedFiles(ctx, all.Bytes())
+	patched, port, err := s.Tree.PatchedFiles(ctx, joinDiffs(fixes))
 	s.Port = port
 	if errors.Is(err, kbuild.ErrDoesNotApply) || errors.Is(err, kbuild.ErrBadDiff) {
 		return nil, fmt.Errorf("%w: %w", ErrBadFix, err)

@@ -77,7 +77,8 @@ func ParseStream(b []byte) (*Stream, error) {
 	bad := func(line int, format string, a ...any) error {
 		return fmt.Errorf("%w: stream line %d: %s", ErrBadFix, line, fmt.Sprintf(format, a...))
 	}
-	in := map[string]bool{} // fixes carried at the level read so far
+	in := map[string]bool{}     // fixes carried at the level read so far
+	changed := map[string]int{} // the level each fix last changed at
 	sc := bufio.NewScanner(bytes.NewReader(b))
 	for n := 1; sc.Scan(); n++ {
 		line, _, _ := strings.Cut(sc.Text(), "#")
@@ -90,7 +91,7 @@ func ParseStream(b []byte) (*Stream, error) {
 				return nil, bad(n, "want \"stream NAME\" first")
 			}
 			s.Name = f[1]
-			if !contract.ValidName(contract.LevelName(s.Name, contract.MaxLevel)) || strings.Contains(s.Name, "-") {
+			if !contract.ValidStream(s.Name) {
 				return nil, bad(n, "stream name %q: want letters, digits and underscores, at most %d", s.Name, 55-len(contract.LevelName("", contract.MaxLevel)))
 			}
 			continue
@@ -109,6 +110,10 @@ func ParseStream(b []byte) (*Stream, error) {
 			return nil, bad(n, "level %d after level %d: level %d has no change", level, prev, prev+1)
 		}
 		c := StreamChange{Level: level, Fix: filepath.Clean(f[2]), Line: n}
+		if changed[c.Fix] == level {
+			return nil, bad(n, "%s changes twice at level %d", c.Fix, level)
+		}
+		changed[c.Fix] = level
 		switch f[1] {
 		case "add":
 			if in[c.Fix] {

@@ -102,6 +102,8 @@ func testVM(t *testing.T, p *kernel.Profile) {
 		}
 	}
 
+	files = append(files, e.buildLevels(t)...)
+
 	// The data a fix changes, which the refusal names, is the series'.
 	changedData := map[string]string{"6.1": "enabled", "6.12": "bm_fs_type"}[p.Series]
 	refusals := []struct {
@@ -125,6 +127,47 @@ func testVM(t *testing.T, p *kernel.Profile) {
 	// The guest loads binfmt_misc from the kernel's own modules, shared
 	// as on an installed system (6.12's are .ko.xz).
 	testutils.RunGuest(t, "^TestGuest", vm.Options{Kernel: p.BootImage, Modules: p.Modules, Files: files})
+}
+
+// buildLevels builds every level of testdata/levels/stream, as the
+// guest's /levelN.ko.
+func (e *env) buildLevels(t *testing.T) []vm.File {
+	t.Helper()
+	s, err := build.ReadStream("testdata/levels/stream")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var files []vm.File
+	for n := 1; n <= s.Levels(); n++ {
+		vs, level, err := s.Level(n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var fixes []*build.Fix
+		for _, v := range vs {
+			f, err := v.For(e.profile.Series)
+			if err != nil {
+				t.Fatal(err)
+			}
+			fixes = append(fixes, f)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+		work := t.TempDir()
+		src := &build.TreeSource{Tree: e.tree, HeadersDir: e.profile.HeadersDir, Work: work}
+		start := time.Now()
+		res, err := build.Build(ctx, src, e.kernel, fixes, build.Options{Out: t.TempDir(), Work: work, Name: contract.LevelName(s.Name, n), Level: level})
+		cancel()
+		if err != nil {
+			t.Fatalf("build level %d: %v", n, err)
+		}
+		m := res.Manifest
+		t.Logf("level %d: %d fixes, %d objects, %.1fs", n, len(m.Fixes), len(m.Objects), time.Since(start).Seconds())
+		if !m.Replace || m.Level == nil || m.Level.Number != n || len(m.Fixes) != len(fixes) {
+			t.Errorf("level %d: manifest replace %v, level %+v, %d fixes", n, m.Replace, m.Level, len(m.Fixes))
+		}
+		files = append(files, vm.File{Src: res.Module, Dst: "/level" + strconv.Itoa(n) + ".ko"})
+	}
+	return files
 }
 
 // tamperedManifests writes manifests that do not describe the running
@@ -373,4 +416,85 @@ func TestGuestSealed(t *testing.T) {
 	if b := site(); !bytes.Equal(b, nop5) {
 		t.Errorf("reverted proc_task_name's fentry site is % x; want the NOP back", b)
 	}
+}
+
+// TestGuestLevels moves the kernel through the levels of
+// testdata/levels/stream, each a cumulative patch (klp atomic replace):
+// level 1 (fix A), level 2 (A and B, which changes the function A
+// changes), level 3 (A withdrawn, a fix to binfmt_misc added, the module
+// loaded after the level), back to level 2, then reverted. After each
+// step every fix's effect is checked from user space, the kernel holds
+// exactly the level's patch, and the replaced level's module is gone.
+func TestGuestLevels(t *testing.T) {
+	testutils.RequireGuest(t)
+	meminfo := func() (a, b bool) {
+		m := read(t, "/proc/meminfo")
+		return strings.Contains(m, "\nMemTotal(A):") || strings.HasPrefix(m, "MemTotal(A):"), strings.Contains(m, "\nCommitted_AS(B):")
+	}
+	holds := func(step, want string) {
+		t.Helper()
+		ents, err := os.ReadDir("/sys/kernel/livepatch")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, e := range ents {
+			names = append(names, e.Name())
+		}
+		if len(names) != 1 || names[0] != want {
+			t.Errorf("%s: /sys/kernel/livepatch holds %v, want only %s", step, names, want)
+		}
+		if enabled := strings.TrimSpace(read(t, "/sys/kernel/livepatch/"+want+"/enabled")); enabled != "1" {
+			t.Errorf("%s: %s enabled = %s", step, want, enabled)
+		}
+	}
+	gone := func(step string, modules ...string) {
+		t.Helper()
+		for _, m := range modules {
+			if _, err := os.Stat("/sys/module/" + m); err == nil {
+				t.Errorf("%s: module %s is still loaded", step, m)
+			}
+		}
+	}
+	check := func(step string, wantA, wantB bool) {
+		t.Helper()
+		if a, b := meminfo(); a != wantA || b != wantB {
+			t.Errorf("%s: /proc/meminfo shows fix A %v, fix B %v; want %v, %v", step, a, b, wantA, wantB)
+		}
+	}
+
+	stitch(t, "apply", "/level1.ko")
+	check("level 1", true, false)
+	holds("level 1", "stitch_test_l1")
+
+	stitch(t, "apply", "/level2.ko")
+	check("level 2", true, true)
+	holds("level 2", "stitch_test_l2")
+	gone("level 2", "stitch_test_l1")
+
+	stitch(t, "apply", "/level3.ko")
+	check("level 3", false, true)
+	holds("level 3", "stitch_test_l3")
+	gone("level 3", "stitch_test_l2")
+	loadBinfmt(t) // after the level: patched as it arrives
+	if got := read(t, binfmtDir+"/status"); got != "enabled (stitch)\n" {
+		t.Errorf("level 3: binfmt_misc status = %q, want the fix's", got)
+	}
+
+	// Back to level 2: loaded again, it replaces level 3.
+	stitch(t, "apply", "/level2.ko")
+	check("back to level 2", true, true)
+	holds("back to level 2", "stitch_test_l2")
+	gone("back to level 2", "stitch_test_l3")
+	if got := read(t, binfmtDir+"/status"); got != "enabled\n" {
+		t.Errorf("back to level 2: binfmt_misc status = %q, want the original", got)
+	}
+
+	stitch(t, "revert", "stitch_test_l2")
+	check("reverted", false, false)
+	gone("reverted", "stitch_test_l2")
+	if ents, _ := os.ReadDir("/sys/kernel/livepatch"); len(ents) != 0 {
+		t.Errorf("reverted: /sys/kernel/livepatch still holds %d patches", len(ents))
+	}
+	unloadBinfmt(t)
 }

@@ -62,6 +62,12 @@ type Level struct {
 // one it replaces is still there.
 func LevelName(stream string, n int) string { return fmt.Sprintf("%s_l%d", stream, n) }
 
+// ValidStream says whether s can name a patch stream: every level's
+// name (LevelName) must be a module name, and a C identifier.
+func ValidStream(s string) bool {
+	return ValidName(LevelName(s, MaxLevel)) && !strings.Contains(s, "-")
+}
+
 // MaxLevel bounds a stream's levels, so that a level's name fits the
 // kernel's module names.
 const MaxLevel = 9999
@@ -184,7 +190,7 @@ func (m *Manifest) Validate() error {
 			return bad("level %d: want 1 to %d", l.Number, MaxLevel)
 		case l.Supersedes < 0 || l.Supersedes >= l.Number:
 			return bad("level %d supersedes %d: want an earlier level, or 0", l.Number, l.Supersedes)
-		case !ValidName(LevelName(l.Stream, l.Number)) || strings.Contains(l.Stream, "-"):
+		case !ValidStream(l.Stream):
 			return bad("stream %q: want letters, digits and underscores, short enough for %q", l.Stream, LevelName(l.Stream, MaxLevel))
 		case m.Name != LevelName(l.Stream, l.Number):
 			return bad("name %q: level %d of %s is named %s", m.Name, l.Number, l.Stream, LevelName(l.Stream, l.Number))

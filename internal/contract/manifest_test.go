@@ -78,3 +78,39 @@ func FuzzParseManifest(f *testing.F) {
 		}
 	})
 }
+
+func TestLevelManifest(t *testing.T) {
+	level := func() *Manifest {
+		m := validManifest()
+		m.Name, m.Module, m.Replace = "fleet_l3", "fleet_l3.ko", true
+		m.Level = &Level{Stream: "fleet", Number: 3, Supersedes: 2, Withdrawn: []string{"a.patch"}}
+		return m
+	}
+	b, err := json.Marshal(level())
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := ParseManifest(b)
+	if err != nil {
+		t.Fatalf("valid level: %v", err)
+	}
+	if !got.Replace || got.Level.Number != 3 || got.Level.Withdrawn[0] != "a.patch" {
+		t.Errorf("round trip lost the level: %+v", got.Level)
+	}
+	for name, mutate := range map[string]func(*Manifest){
+		"without replace":   func(m *Manifest) { m.Replace = false },
+		"number 0":          func(m *Manifest) { m.Level.Number, m.Name, m.Module = 0, "fleet_l0", "fleet_l0.ko" },
+		"supersedes itself": func(m *Manifest) { m.Level.Supersedes = 3 },
+		"named otherwise":   func(m *Manifest) { m.Name = "fleet_l2" },
+		"stream with dash":  func(m *Manifest) { m.Level.Stream, m.Name = "a-b", "a-b_l3" },
+		"stream too long":   func(m *Manifest) { m.Level.Stream = strings.Repeat("s", 50); m.Name = LevelName(m.Level.Stream, 3) },
+		"withdrawn empty":   func(m *Manifest) { m.Level.Withdrawn = []string{""} },
+	} {
+		m := level()
+		mutate(m)
+		b, _ := json.Marshal(m)
+		if _, err := ParseManifest(b); !errors.Is(err, ErrBadManifest) {
+			t.Errorf("%s: %v, want ErrBadManifest", name, err)
+		}
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 )
 
@@ -146,6 +147,42 @@ func (e *PortError) Unwrap() error {
 // tree's source, without changing the tree.
 func (t *Tree) Port(ctx context.Context, diff []byte) (*Port, error) {
 	p, _, err := t.port(ctx, diff, false)
+	return p, err
+}
+
+// PortOnto says how the fix fits the tree's source once base (the fixes
+// before it in a series, a unified diff too) is applied: a fix written
+// on top of another one, whose context holds the other's new lines. base
+// must apply; the tree is not changed.
+func (t *Tree) PortOnto(ctx context.Context, base, diff []byte) (*Port, error) {
+	unlock, err := t.lock(ctx)
+	if err != nil {
+		return nil, err
+	}
+	tmp, err := os.MkdirTemp("", "stitch-port-")
+	if err != nil {
+		unlock()
+		return nil, err
+	}
+	defer os.RemoveAll(tmp)
+	both := append(append(slices.Clip(base), '\n'), diff...)
+	_, err = copySources(t, tmp, both)
+	unlock()
+	if err != nil {
+		return nil, err
+	}
+	secs, err := parseDiff(base)
+	if err != nil {
+		return nil, err
+	}
+	if _, _, err := portCopies(ctx, tmp, t.Release, secs, base, true); err != nil {
+		return nil, fmt.Errorf("the fixes before it: %w", err)
+	}
+	secs, err = parseDiff(diff)
+	if err != nil {
+		return nil, err
+	}
+	p, _, err := portCopies(ctx, tmp, t.Release, secs, diff, false)
 	return p, err
 }
 

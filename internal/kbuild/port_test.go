@@ -185,3 +185,33 @@ func TestPortCorpus(t *testing.T) {
 		})
 	})
 }
+
+// A fix written on top of another (its context is the other's new line)
+// does not port alone, and ports onto the other.
+func TestPortOnto(t *testing.T) {
+	dir := t.TempDir()
+	src := "int f(void)\n{\n\tint a = 1;\n\tint b = 2;\n\tint c = 3;\n\treturn a + b + c;\n}\n"
+	if err := os.MkdirAll(filepath.Join(dir, "lib"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "lib/f.c"), []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	first := []byte("--- a/lib/f.c\n+++ b/lib/f.c\n@@ -1,7 +1,7 @@\n int f(void)\n {\n-\tint a = 1;\n+\tint a = 10;\n \tint b = 2;\n \tint c = 3;\n \treturn a + b + c;\n")
+	onTop := []byte("--- a/lib/f.c\n+++ b/lib/f.c\n@@ -1,7 +1,7 @@\n int f(void)\n {\n \tint a = 10;\n-\tint b = 2;\n+\tint b = 20;\n \tint c = 3;\n \treturn a + b + c;\n }\n")
+	tree := &Tree{Dir: dir, Release: "test"}
+	ctx := context.Background()
+	if _, err := tree.Port(ctx, onTop); !errors.Is(err, ErrDoesNotApply) {
+		t.Fatalf("alone: %v, want ErrDoesNotApply", err)
+	}
+	p, err := tree.PortOnto(ctx, first, onTop)
+	if err != nil || p.Status != PortClean {
+		t.Fatalf("onto the first: %v, %+v", err, p)
+	}
+	if _, err := tree.PortOnto(ctx, onTop, first); !errors.Is(err, ErrDoesNotApply) {
+		t.Errorf("base that does not apply: %v, want ErrDoesNotApply", err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dir, "lib/f.c")); string(b) != src {
+		t.Errorf("the tree changed:\n%s", b)
+	}
+}
