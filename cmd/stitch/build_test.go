@@ -2,8 +2,13 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -74,6 +79,32 @@ func TestBuildTable(t *testing.T) {
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+// stitch build's stream flags: wrong combinations and a bad stream are
+// bad input (exit 2), refused before any kernel is opened.
+func TestBuildStreamInput(t *testing.T) {
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "stream")
+	if err := os.WriteFile(bad, []byte("stream s\n2 add a.patch\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	stream := "../../internal/build/testdata/levels/stream"
+	var out, errOut bytes.Buffer
+	st := &stdio{out: &out, err: &errOut, log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	for _, args := range [][]string{
+		{"--stream", stream, "x.patch"},
+		{"--stream", stream, "--name", "n"},
+		{"--level", "2", "x.patch"},
+		{"--stream", bad},
+		{"--stream", filepath.Join(dir, "missing")},
+		{"--stream", stream, "--level", "4"},
+	} {
+		err := runBuild(context.Background(), st, append([]string{"--cache", dir, "-o", dir}, args...))
+		if exitCode(err) != exitUsage {
+			t.Errorf("stitch build %q: exit %d (%v), want %d", args, exitCode(err), err, exitUsage)
 		}
 	}
 }
