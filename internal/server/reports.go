@@ -1,6 +1,8 @@
 package server
 
 import (
+	"cmp"
+	"maps"
 	"net/http"
 	"slices"
 
@@ -19,7 +21,7 @@ func (s *Server) patchReport(p store.Patch, machines []store.Machine, rms []stor
 	t := s.policy().Tally(keys)
 	rep := api.PatchReport{Target: p.Target, Name: p.Name, KernelRelease: p.KernelRelease, KernelBuildID: p.KernelBuildID,
 		CVEs: append([]string{}, p.CVEs...), RegisteredAt: p.RegisteredAt, State: p.State, Reason: p.Reason, Stage: p.Stage, Share: s.policy().Share(p.Stage),
-		Applied: t.Healthy + t.Unfinished + t.Lost, Healthy: t.Healthy, Failed: t.Failed, Lost: t.Lost, Counted: t.Counted}
+		Applied: t.Healthy + t.Unfinished + t.Lost, Healthy: t.Healthy, Failed: t.Failed, Lost: t.Lost, Counted: t.Counted, Level: p.Level}
 	took := map[string]bool{}
 	for _, rm := range rms {
 		took[rm.MachineID] = true
@@ -124,10 +126,20 @@ func (s *Server) reportMachines(w http.ResponseWriter, r *http.Request) {
 	for _, p := range f.patches {
 		byTarget[p.Target] = p
 	}
+	offers, err := s.Store.LevelOffers(r.Context())
+	if err != nil {
+		s.internal(w, "report", err)
+		return
+	}
+	live := liveLevels(f, offers)
 	out := []api.MachineReport{}
 	for _, m := range f.machines {
 		rep := api.MachineReport{ID: m.ID, Hostname: m.Hostname, KeyID: m.KeyID, Group: m.Group, Channel: m.Channel, KernelRelease: m.KernelRelease,
-			KernelBuildID: m.KernelBuildID, LastCheckIn: m.LastCheckIn, Applied: []string{}, FixedCVEs: []string{}, Missing: []string{}}
+			KernelBuildID: m.KernelBuildID, LastCheckIn: m.LastCheckIn, Applied: []string{}, FixedCVEs: []string{}, Missing: []string{}, Levels: []api.MachineLevel{}}
+		for stream, p := range live[m.ID] {
+			rep.Levels = append(rep.Levels, api.MachineLevel{Stream: stream, Number: p.Level.Number, Target: p.Target, State: p.State})
+		}
+		slices.SortFunc(rep.Levels, func(a, b api.MachineLevel) int { return cmp.Compare(a.Stream, b.Stream) })
 		for t := range f.applied[m.ID] {
 			rep.Applied = append(rep.Applied, t)
 			if p, ok := byTarget[t]; ok {
@@ -140,9 +152,26 @@ func (s *Server) reportMachines(w http.ResponseWriter, r *http.Request) {
 		if m.KernelRelease != "" {
 			rep.FixedCVEs = append(rep.FixedCVEs, contained[kernelID{m.KernelRelease, m.KernelBuildID}]...)
 		}
-		for _, p := range f.forKernel(m) {
-			if !f.applied[m.ID][p.Target] && !rollout.State(p.State).Reverts() {
+		kernel := f.forKernel(m)
+		for _, p := range kernel {
+			if p.Level == nil && !f.applied[m.ID][p.Target] && !rollout.State(p.State).Reverts() {
 				rep.Missing = append(rep.Missing, p.Target)
+			}
+		}
+		// Of a stream, only its newest good level is missing, on a
+		// machine that runs an older one or none.
+		byStream := streams(kernel)
+		for _, stream := range slices.Sorted(maps.Keys(byStream)) {
+			levels := byStream[stream]
+			for i := len(levels) - 1; i >= 0; i-- {
+				p := levels[i]
+				if rollout.State(p.State).Reverts() {
+					continue
+				}
+				if cur, ok := live[m.ID][stream]; !ok || cur.Level.Number < p.Level.Number {
+					rep.Missing = append(rep.Missing, p.Target)
+				}
+				break
 			}
 		}
 		slices.Sort(rep.Applied)
