@@ -75,10 +75,17 @@ func (s *Server) levelOrders(levels []store.Patch, reported map[string]string, m
 			}
 		}
 	}
+	fallback, err := s.fallback(levels, reported, live, top, m, offeredBefore)
+	if err != nil {
+		return nil, nil, err
+	}
 	var offers []string
-	liveNumber := 0
-	if live != nil {
-		liveNumber = live.Level.Number
+	floor := 0 // what the machine runs, or will once it fell back
+	switch {
+	case fallback != nil:
+		floor = fallback.Level.Number
+	case live != nil:
+		floor = live.Level.Number
 	}
 	// The newest level that reaches the machine; older ones are not
 	// offered, nor a newer one the machine already decided on.
@@ -87,46 +94,54 @@ func (s *Server) levelOrders(levels []store.Patch, reported map[string]string, m
 		if !s.offered(p, m) {
 			continue
 		}
-		if _, known := reported[p.Target]; !known && p.Level.Number > liveNumber {
+		if _, known := reported[p.Target]; !known && p.Level.Number > floor {
 			acts = append(acts, levelAction(p, api.OpApply))
 			offers = append(offers, p.Target)
 		}
 		break
 	}
+	if fallback != nil {
+		acts = append(acts, levelAction(*fallback, api.OpApply))
+		offers = append(offers, fallback.Target)
+	}
+	return acts, offers, nil
+}
+
+// fallback is the level a machine goes back to from a blocklisted level
+// (see levelOrders), nil when it runs none (or runs a good one, or there
+// is none to go back to).
+func (s *Server) fallback(levels []store.Patch, reported map[string]string, live, top *store.Patch, m store.Machine, offeredBefore func() (map[string]bool, error)) (*store.Patch, error) {
 	var from *store.Patch // the blocklisted level the machine is sent back from
 	switch {
 	case live != nil && rollout.State(live.State).Reverts():
 		from = live
 	case live == nil && top != nil && rollout.State(top.State).Reverts() && reported[top.Target] == contract.StateReverted:
 		from = top
-	}
-	if from == nil {
-		return acts, offers, nil
+	default:
+		return nil, nil
 	}
 	before, err := offeredBefore()
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	for i := len(levels) - 1; i >= 0; i-- {
-		p := levels[i]
+		p := &levels[i]
 		state := reported[p.Target]
 		switch {
 		case p.Level.Number >= from.Level.Number, !rollout.State(p.State).Offers():
 			continue
 		case state == contract.StateFailed || state == contract.StateRefused:
 			continue
-		case !before[p.Target] && !s.offered(p, m):
+		case !before[p.Target] && !s.offered(*p, m):
 			continue
+		case state == contract.StateApplied:
+			// It runs this one too (it should run one level only):
+			// nothing to go back to.
+			return nil, nil
 		}
-		// One the machine reports applied as well (it should run one
-		// level): nothing to fall back to, it has it.
-		if state != contract.StateApplied && !slices.Contains(offers, p.Target) {
-			acts = append(acts, levelAction(p, api.OpApply))
-			offers = append(offers, p.Target)
-		}
-		break
+		return p, nil
 	}
-	return acts, offers, nil
+	return nil, nil
 }
 
 // machineOffers reads the targets a machine was offered, as a set.
