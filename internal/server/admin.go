@@ -67,7 +67,7 @@ func (s *Server) registerPatch(w http.ResponseWriter, r *http.Request) {
 	} else {
 		s.log().Info("rollout started", "target", p.Target, "kernel", p.KernelRelease, "build_id", p.KernelBuildID, "cves", p.CVEs)
 	}
-	reply(w, http.StatusCreated, s.patchReport(p, nil, nil, nil))
+	reply(w, http.StatusCreated, s.patchReport(p, nil, nil, nil, nil))
 }
 
 // operate is the operator's halt, resume and blocklist.
@@ -126,7 +126,7 @@ func (s *Server) operate(w http.ResponseWriter, r *http.Request) {
 	}
 	s.metrics.event(event)
 	s.log().Warn("rollout "+string(op)+" by the operator", "target", target, "reason", req.Reason)
-	reply(w, http.StatusOK, s.patchReport(out, nil, nil, nil))
+	reply(w, http.StatusOK, s.patchReport(out, nil, nil, nil, nil))
 }
 
 // opEvent is the rollout event an operator's op counts as, "" for an

@@ -250,6 +250,14 @@ func testPatchLevels(t *testing.T, e *env) {
 	if err := admin.Do(ctx, "GET", "/v1/admin/reports/patches", nil, &reps); err != nil || len(reps) != 4 {
 		t.Fatalf("%d rollouts (%v), want 4: one per kernel and level", len(reps), err)
 	}
+	// Pending: m1 and m3 are offered level 3, not the older levels.
+	pending := map[string]int{}
+	for _, r := range reps {
+		pending[r.Target] = r.Pending
+	}
+	if pending[l1] != 0 || pending[l2] != 0 || pending[l3] != 2 {
+		t.Fatalf("pending %v, want level 3's two only", pending)
+	}
 
 	// Level 3 blocklisted: its machines revert it and are offered level 2
 	// (never offered to them before: it reaches them), not level 1; a

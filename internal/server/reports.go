@@ -17,7 +17,10 @@ import (
 
 // patchReport sums up p's rollout over machines, rms (the machines in
 // it) and keys (its counts by enrollment key); nil leaves counts zero.
-func (s *Server) patchReport(p store.Patch, machines []store.Machine, rms []store.RolloutMachine, keys []rollout.KeyCounts) api.PatchReport {
+// For a level, newer are the newer levels of its stream and kernel: a
+// machine one of them reaches is offered that one, so p is not pending
+// there.
+func (s *Server) patchReport(p store.Patch, machines []store.Machine, rms []store.RolloutMachine, keys []rollout.KeyCounts, newer []store.Patch) api.PatchReport {
 	t := s.policy().Tally(keys)
 	rep := api.PatchReport{Target: p.Target, Name: p.Name, KernelRelease: p.KernelRelease, KernelBuildID: p.KernelBuildID,
 		CVEs: append([]string{}, p.CVEs...), RegisteredAt: p.RegisteredAt, State: p.State, Reason: p.Reason, Stage: p.Stage, Share: s.policy().Share(p.Stage),
@@ -31,7 +34,7 @@ func (s *Server) patchReport(p store.Patch, machines []store.Machine, rms []stor
 			continue
 		}
 		rep.Eligible++
-		if !took[m.ID] && s.offered(p, m) {
+		if !took[m.ID] && s.offered(p, m) && !slices.ContainsFunc(newer, func(q store.Patch) bool { return s.offered(q, m) }) {
 			rep.Pending++
 		}
 	}
@@ -52,6 +55,14 @@ func (s *Server) reportPatches(w http.ResponseWriter, r *http.Request) {
 	checks, silent := len(s.policy().Checks), s.silentBefore(s.now())
 	out := []api.PatchReport{}
 	for _, p := range ps {
+		var newer []store.Patch
+		if p.Level != nil {
+			for _, q := range ps {
+				if q.Level != nil && q.Level.Stream == p.Level.Stream && q.Level.Number > p.Level.Number && q.KernelRelease == p.KernelRelease && q.KernelBuildID == p.KernelBuildID {
+					newer = append(newer, q)
+				}
+			}
+		}
 		rms, err := s.Store.RolloutMachines(r.Context(), p.Target)
 		if err != nil {
 			s.internal(w, "report", err)
@@ -62,7 +73,7 @@ func (s *Server) reportPatches(w http.ResponseWriter, r *http.Request) {
 			s.internal(w, "report", err)
 			return
 		}
-		out = append(out, s.patchReport(p, ms, rms, keys))
+		out = append(out, s.patchReport(p, ms, rms, keys, newer))
 	}
 	reply(w, http.StatusOK, out)
 }
