@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -73,7 +74,7 @@ func ops(acts []api.Action) []string {
 	for _, a := range acts {
 		s := a.Op + " " + a.Name
 		if a.Level != nil {
-			s += " " + a.Level.Stream + "/" + string(rune('0'+a.Level.Number))
+			s += " " + a.Level.Stream + "/" + strconv.Itoa(a.Level.Number)
 		}
 		out = append(out, s)
 	}
@@ -346,5 +347,31 @@ func TestLevelOrders(t *testing.T) {
 				t.Fatalf("orders %q, want %q", got, tc.want)
 			}
 		})
+	}
+}
+
+// Offers stay bounded however many levels a stream has: one level to a
+// machine on none, the newest; two (the newest and the fallback) and a
+// revert to a machine on a blocklisted level.
+func TestLevelOffersStayBounded(t *testing.T) {
+	t0 := time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)
+	s := &Server{Now: func() time.Time { return t0.Add(time.Hour) }, Policy: onePolicy}
+	m := store.Machine{ID: "m-1", KernelRelease: simRelease, KernelBuildID: simBuildID}
+	var levels []store.Patch
+	for n := 1; n <= 200; n++ {
+		levels = append(levels, store.Patch{Target: simRelease + "/mem_l" + strconv.Itoa(n) + "-0123456789abcdef.stitch", Name: contract.LevelName("mem", n),
+			KernelRelease: simRelease, KernelBuildID: simBuildID, RegisteredAt: t0, State: "complete", StageStarted: []time.Time{t0},
+			Level: &contract.Level{Stream: "mem", Number: n, Supersedes: n - 1}})
+	}
+	none := func() (map[string]bool, error) { return nil, nil }
+	acts, _, err := s.levelOrders(levels, nil, m, none)
+	if err != nil || len(acts) != 1 || acts[0].Level.Number != 200 {
+		t.Fatalf("on no level: %d orders (%v), want level 200 only", len(acts), err)
+	}
+	levels[149].State = "blocklisted"
+	levels[199].State = "blocklisted"
+	acts, _, err = s.levelOrders(levels, map[string]string{levels[149].Target: contract.StateApplied}, m, none)
+	if got := ops(acts); err != nil || !reflect.DeepEqual(got, []string{"revert mem_l150 mem/150", "apply mem_l199 mem/199", "apply mem_l149 mem/149"}) {
+		t.Fatalf("on blocklisted 150: %q (%v)", got, err)
 	}
 }
