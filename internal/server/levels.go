@@ -46,8 +46,9 @@ func levelAction(p store.Patch, op string) api.Action {
 //     blocklisted;
 //   - apply the newest level that reaches the machine (rollout running
 //     or complete, its channel and stage: offered), when it is newer than
-//     the level the machine runs and the machine never reported it (in
-//     any state: its agent decided, as for every patch);
+//     the level the machine runs (or falls back to) and the machine
+//     never reported it (in any state: its agent decided, as for every
+//     patch);
 //   - when the level the machine runs is blocklisted (or it reverted a
 //     blocklisted level and runs none), apply the previous good level:
 //     the newest one below it that is not blocklisted, whose rollout runs
