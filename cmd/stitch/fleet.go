@@ -119,7 +119,11 @@ func runFleet(ctx context.Context, st *stdio, args []string) error {
 		return fleetReport(ctx, st, c, sub, *asJSON)
 	case "levels":
 		ls, err := c.Levels(ctx)
-		if err != nil {
+		var se *api.StatusError
+		switch {
+		case errors.As(err, &se) && se.Code == http.StatusNotFound:
+			return fmt.Errorf("fleet levels: the server has no levels report (it is older than this stitch): %w", err)
+		case err != nil:
 			return fmt.Errorf("fleet levels: %w", err)
 		}
 		if *asJSON {
