@@ -61,13 +61,16 @@ func runRollout(ctx context.Context, st *stdio, args []string) error {
 	if err != nil {
 		return fmt.Errorf("rollout %s %s: %w", op, target, err)
 	}
+	if l := out.Level; l != nil {
+		return report(st, *asJSON, out, "%s: level %d of stream %s: %s at stage %d (%.0f%%) %s\n", out.Target, l.Number, l.Stream, out.State, out.Stage, out.Share*100, out.Reason)
+	}
 	return report(st, *asJSON, out, "%s: %s at stage %d (%.0f%%) %s\n", out.Target, out.State, out.Stage, out.Share*100, out.Reason)
 }
 
-// runFleet: stitch fleet patches|machines|cves|keys|key|revoke|delete|channel|group|move ...
+// runFleet: stitch fleet patches|machines|cves|levels|keys|key|revoke|delete|channel|group|move ...
 func runFleet(ctx context.Context, st *stdio, args []string) error {
 	if len(args) == 0 {
-		return usageError{fmt.Errorf("fleet: want a subcommand: patches, machines, cves, keys (reports); key, revoke KEY, delete MACHINE, channel NAME, group NAME, move MACHINE GROUP")}
+		return usageError{fmt.Errorf("fleet: want a subcommand: patches, machines, cves, levels, keys (reports); key, revoke KEY, delete MACHINE, channel NAME, group NAME, move MACHINE GROUP")}
 	}
 	sub, rest := args[0], args[1:]
 	var pos []string // positional arguments before the flags
@@ -88,7 +91,7 @@ func runFleet(ctx context.Context, st *stdio, args []string) error {
 	if err := fs.Parse(rest); err != nil {
 		return usageError{err}
 	}
-	want := map[string]int{"patches": 0, "machines": 0, "cves": 0, "keys": 0, "key": 0, "revoke": 1, "delete": 1, "channel": 1, "group": 1, "move": 2}
+	want := map[string]int{"patches": 0, "machines": 0, "cves": 0, "levels": 0, "keys": 0, "key": 0, "revoke": 1, "delete": 1, "channel": 1, "group": 1, "move": 2}
 	n, ok := want[sub]
 	if !ok {
 		return usageError{fmt.Errorf("fleet: unknown subcommand %q", sub)}
@@ -114,6 +117,20 @@ func runFleet(ctx context.Context, st *stdio, args []string) error {
 	switch sub {
 	case "patches", "machines", "cves":
 		return fleetReport(ctx, st, c, sub, *asJSON)
+	case "levels":
+		ls, err := c.Levels(ctx)
+		var se *api.StatusError
+		switch {
+		case errors.As(err, &se) && se.Code == http.StatusNotFound:
+			return fmt.Errorf("fleet levels: the server has no levels report (it is older than this stitch): %w", err)
+		case err != nil:
+			return fmt.Errorf("fleet levels: %w", err)
+		}
+		if *asJSON {
+			return printJSON(st.out, ls)
+		}
+		printLevels(st, ls)
+		return nil
 	case "keys":
 		keys, err := c.Keys(ctx)
 		if err != nil {
@@ -212,13 +229,21 @@ func fleetReport(ctx context.Context, st *stdio, c *api.Client, kind string, asJ
 	case "machines":
 		var rs []api.MachineReport
 		json.Unmarshal(raw, &rs)
-		fmt.Fprintln(tw, "MACHINE\tHOST\tKEY\tGROUP\tKERNEL\tPATCH LEVEL\tAPPLIED\tMISSING\tFIXED CVES")
+		fmt.Fprintln(tw, "MACHINE\tHOST\tKEY\tGROUP\tKERNEL\tPATCH LEVEL\tLEVELS\tAPPLIED\tMISSING\tFIXED CVES")
 		for _, r := range rs {
 			level := "-"
 			if !r.PatchLevel.IsZero() {
 				level = r.PatchLevel.Format(time.DateOnly)
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", r.ID, r.Hostname, r.KeyID, r.Group, r.KernelRelease, level, len(r.Applied), len(r.Missing), strings.Join(r.FixedCVEs, " "))
+			var levels []string
+			for _, l := range r.Levels {
+				levels = append(levels, fmt.Sprintf("%s %d", l.Stream, l.Number))
+				if l.State == "blocklisted" {
+					levels[len(levels)-1] += " (blocklisted)"
+				}
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", r.ID, r.Hostname, r.KeyID, r.Group, r.KernelRelease, level, orDash(strings.Join(levels, ", ")),
+				len(r.Applied), len(r.Missing), strings.Join(r.FixedCVEs, " "))
 		}
 	case "cves":
 		var rs []api.CVEReport
@@ -286,6 +311,36 @@ func printFixes(st *stdio, fixes []api.FixReport) {
 		if len(f.Patched)+len(f.Contained)+len(f.NotCovered) == 0 {
 			fmt.Fprintf(tw, "%s\t%s\t%s\t-\t-\t-\t0\t-\n", head[0], head[1], head[2])
 		}
+	}
+}
+
+// printLevels is the table of each kernel's streams: per level, its
+// rollout, the machines that run it and what it carries, the machines on
+// no level first; under it, the fixes each level withdraws and why a
+// stopped level's rollout stopped.
+func printLevels(st *stdio, ks []api.KernelLevels) {
+	tw := tabwriter.NewWriter(st.out, 0, 8, 2, ' ', 0)
+	fmt.Fprintln(tw, "KERNEL\tBUILD-ID\tSTREAM\tLEVEL\tSTATE\tSTAGE\tMACHINES\tFIXES\tCVES")
+	var notes []string
+	for _, k := range ks {
+		head := []string{k.Release, shortID(k.BuildID)}
+		for _, s := range k.Streams {
+			fmt.Fprintf(tw, "%s\t%s\t%s\tnone\t-\t-\t%d\t-\t-\n", head[0], head[1], s.Stream, s.NoLevel)
+			head = []string{"", ""} // the kernel's columns once, on its first line
+			for _, l := range s.Levels {
+				fmt.Fprintf(tw, "\t\t\t%d\t%s\t%d (%.0f%%)\t%d\t%d\t%s\n", l.Number, l.State, l.Stage, l.Share*100, l.Machines, len(l.Fixes), orDash(strings.Join(l.CVEs, " ")))
+				if len(l.Withdrawn) > 0 {
+					notes = append(notes, fmt.Sprintf("%s level %d on %s withdraws %s", s.Stream, l.Number, k.Release, strings.Join(l.Withdrawn, " ")))
+				}
+				if l.Reason != "" && l.State != "running" && l.State != "complete" {
+					notes = append(notes, fmt.Sprintf("%s %s: %s", l.Target, l.State, l.Reason))
+				}
+			}
+		}
+	}
+	tw.Flush()
+	for _, n := range notes {
+		fmt.Fprintln(st.out, n)
 	}
 }
 

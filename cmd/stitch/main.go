@@ -52,7 +52,7 @@ func commands() []command {
 		{name: "publish", summary: "add a build to a repository and sign it: its whole OUT/ (every kernel's module and manifest, every contained record), a bundle, or --module and --manifest", run: runPublish},
 		{name: "server", summary: "serve the patch repository, enroll machines and roll patches out in stages (HTTP API)", run: runServer},
 		{name: "rollout", summary: "start, halt, resume or blocklist a patch's rollout on a server", run: runRollout},
-		{name: "fleet", summary: "fleet reports (patches with each fix's coverage of the kernels, machines, cves, keys), settings (keys, channels, groups) and revocation (revoke a key, delete a machine) on a server", run: runFleet},
+		{name: "fleet", summary: "fleet reports (patches with each fix's coverage of the kernels, machines, cves, patch levels, keys), settings (keys, channels, groups) and revocation (revoke a key, delete a machine) on a server", run: runFleet},
 		{name: "agent", summary: "keep this machine patched: enroll, check in, verify, apply, watch, report (enroll, install, disable, enable)", run: runAgent},
 		{name: "keys", summary: "rotate a repository's signing keys, renew its root with the offline root key", run: runKeys},
 		{name: "demo", summary: "patch a real kernel live in a VM, then restore it", run: runDemo},

@@ -41,9 +41,19 @@ func (s *Server) registerPatch(w http.ResponseWriter, r *http.Request) {
 	now := s.now()
 	m := b.Manifest
 	p := store.Patch{Target: req.Target, Name: m.Name, KernelRelease: m.Kernel.Release, KernelBuildID: m.Kernel.BuildID,
-		CVEs: m.CVEs, Upstream: m.Upstreams(), Description: m.Description, RegisteredAt: now, UpdatedAt: now, State: string(rollout.Running), StageStarted: []time.Time{now}}
+		CVEs: m.CVEs, Upstream: m.Upstreams(), Description: m.Description, RegisteredAt: now, UpdatedAt: now, State: string(rollout.Running), StageStarted: []time.Time{now},
+		Level: m.Level}
+	for _, f := range m.Fixes {
+		p.Fixes = append(p.Fixes, store.Fix{Name: f.Name, CVEs: f.CVEs, Upstream: f.Upstream})
+	}
 	err = s.Store.RegisterPatch(r.Context(), p)
+	var taken *store.LevelTakenError
 	switch {
+	case errors.As(err, &taken):
+		fail(w, http.StatusBadRequest, fmt.Sprintf("%s is level %d of stream %s for kernel %s (build-id %s), which is registered already as %s: "+
+			"a level number stands for one build on every machine; build the next level (stitch build --stream FILE --level %d) for what changed",
+			req.Target, taken.Number, taken.Stream, taken.Release, taken.BuildID, taken.Target, taken.Number+1))
+		return
 	case errors.Is(err, store.ErrExists):
 		fail(w, http.StatusConflict, fmt.Sprintf("patch %s is already registered: see /v1/admin/reports/patches", req.Target))
 		return
@@ -52,8 +62,12 @@ func (s *Server) registerPatch(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.metrics.event("started")
-	s.log().Info("rollout started", "target", p.Target, "kernel", p.KernelRelease, "build_id", p.KernelBuildID, "cves", p.CVEs)
-	reply(w, http.StatusCreated, s.patchReport(p, nil, nil, nil))
+	if l := p.Level; l != nil {
+		s.log().Info("rollout started", "target", p.Target, "kernel", p.KernelRelease, "build_id", p.KernelBuildID, "cves", p.CVEs, "stream", l.Stream, "level", l.Number)
+	} else {
+		s.log().Info("rollout started", "target", p.Target, "kernel", p.KernelRelease, "build_id", p.KernelBuildID, "cves", p.CVEs)
+	}
+	reply(w, http.StatusCreated, s.patchReport(p, nil, nil, nil, nil))
 }
 
 // operate is the operator's halt, resume and blocklist.
@@ -112,7 +126,7 @@ func (s *Server) operate(w http.ResponseWriter, r *http.Request) {
 	}
 	s.metrics.event(event)
 	s.log().Warn("rollout "+string(op)+" by the operator", "target", target, "reason", req.Reason)
-	reply(w, http.StatusOK, s.patchReport(out, nil, nil, nil))
+	reply(w, http.StatusOK, s.patchReport(out, nil, nil, nil, nil))
 }
 
 // opEvent is the rollout event an operator's op counts as, "" for an

@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
+	"slices"
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/contract"
@@ -96,7 +98,22 @@ func (s *Server) checkIn(w http.ResponseWriter, r *http.Request, m store.Machine
 	}
 	resp := api.CheckInResponse{Actions: []api.Action{}, NextCheckinSeconds: int(s.checkInEvery().Seconds()), Checks: s.schedule()}
 	var offers []string
+	// Levels of patch streams: one level per stream (levels.go).
+	byStream := streams(patches)
+	names := slices.Sorted(maps.Keys(byStream))
+	past := s.machineOffers(r.Context(), m.ID)
+	for _, name := range names {
+		acts, offered, err := s.levelOrders(byStream[name], reported, m, past)
+		if err != nil {
+			s.internal(w, "check-in", err)
+			return
+		}
+		resp.Actions, offers = append(resp.Actions, acts...), append(offers, offered...)
+	}
 	for _, p := range patches {
+		if p.Level != nil {
+			continue
+		}
 		state, known := reported[p.Target]
 		switch {
 		case state == contract.StateApplied && rollout.State(p.State).Reverts():

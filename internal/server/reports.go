@@ -1,6 +1,8 @@
 package server
 
 import (
+	"cmp"
+	"maps"
 	"net/http"
 	"slices"
 
@@ -15,11 +17,14 @@ import (
 
 // patchReport sums up p's rollout over machines, rms (the machines in
 // it) and keys (its counts by enrollment key); nil leaves counts zero.
-func (s *Server) patchReport(p store.Patch, machines []store.Machine, rms []store.RolloutMachine, keys []rollout.KeyCounts) api.PatchReport {
+// For a level, newer are the newer levels of its stream and kernel: a
+// machine one of them reaches is offered that one, so p is not pending
+// there.
+func (s *Server) patchReport(p store.Patch, machines []store.Machine, rms []store.RolloutMachine, keys []rollout.KeyCounts, newer []store.Patch) api.PatchReport {
 	t := s.policy().Tally(keys)
 	rep := api.PatchReport{Target: p.Target, Name: p.Name, KernelRelease: p.KernelRelease, KernelBuildID: p.KernelBuildID,
 		CVEs: append([]string{}, p.CVEs...), RegisteredAt: p.RegisteredAt, State: p.State, Reason: p.Reason, Stage: p.Stage, Share: s.policy().Share(p.Stage),
-		Applied: t.Healthy + t.Unfinished + t.Lost, Healthy: t.Healthy, Failed: t.Failed, Lost: t.Lost, Counted: t.Counted}
+		Applied: t.Healthy + t.Unfinished + t.Lost, Healthy: t.Healthy, Failed: t.Failed, Lost: t.Lost, Counted: t.Counted, Level: p.Level}
 	took := map[string]bool{}
 	for _, rm := range rms {
 		took[rm.MachineID] = true
@@ -29,7 +34,7 @@ func (s *Server) patchReport(p store.Patch, machines []store.Machine, rms []stor
 			continue
 		}
 		rep.Eligible++
-		if !took[m.ID] && s.offered(p, m) {
+		if !took[m.ID] && s.offered(p, m) && !slices.ContainsFunc(newer, func(q store.Patch) bool { return s.offered(q, m) }) {
 			rep.Pending++
 		}
 	}
@@ -50,6 +55,14 @@ func (s *Server) reportPatches(w http.ResponseWriter, r *http.Request) {
 	checks, silent := len(s.policy().Checks), s.silentBefore(s.now())
 	out := []api.PatchReport{}
 	for _, p := range ps {
+		var newer []store.Patch
+		if p.Level != nil {
+			for _, q := range ps {
+				if q.Level != nil && q.Level.Stream == p.Level.Stream && q.Level.Number > p.Level.Number && q.KernelRelease == p.KernelRelease && q.KernelBuildID == p.KernelBuildID {
+					newer = append(newer, q)
+				}
+			}
+		}
 		rms, err := s.Store.RolloutMachines(r.Context(), p.Target)
 		if err != nil {
 			s.internal(w, "report", err)
@@ -60,7 +73,7 @@ func (s *Server) reportPatches(w http.ResponseWriter, r *http.Request) {
 			s.internal(w, "report", err)
 			return
 		}
-		out = append(out, s.patchReport(p, ms, rms, keys))
+		out = append(out, s.patchReport(p, ms, rms, keys, newer))
 	}
 	reply(w, http.StatusOK, out)
 }
@@ -124,10 +137,20 @@ func (s *Server) reportMachines(w http.ResponseWriter, r *http.Request) {
 	for _, p := range f.patches {
 		byTarget[p.Target] = p
 	}
+	offers, err := s.Store.LevelOffers(r.Context())
+	if err != nil {
+		s.internal(w, "report", err)
+		return
+	}
+	live := liveLevels(f, offers)
 	out := []api.MachineReport{}
 	for _, m := range f.machines {
 		rep := api.MachineReport{ID: m.ID, Hostname: m.Hostname, KeyID: m.KeyID, Group: m.Group, Channel: m.Channel, KernelRelease: m.KernelRelease,
-			KernelBuildID: m.KernelBuildID, LastCheckIn: m.LastCheckIn, Applied: []string{}, FixedCVEs: []string{}, Missing: []string{}}
+			KernelBuildID: m.KernelBuildID, LastCheckIn: m.LastCheckIn, Applied: []string{}, FixedCVEs: []string{}, Missing: []string{}, Levels: []api.MachineLevel{}}
+		for stream, p := range live[m.ID] {
+			rep.Levels = append(rep.Levels, api.MachineLevel{Stream: stream, Number: p.Level.Number, Target: p.Target, State: p.State})
+		}
+		slices.SortFunc(rep.Levels, func(a, b api.MachineLevel) int { return cmp.Compare(a.Stream, b.Stream) })
 		for t := range f.applied[m.ID] {
 			rep.Applied = append(rep.Applied, t)
 			if p, ok := byTarget[t]; ok {
@@ -140,9 +163,26 @@ func (s *Server) reportMachines(w http.ResponseWriter, r *http.Request) {
 		if m.KernelRelease != "" {
 			rep.FixedCVEs = append(rep.FixedCVEs, contained[kernelID{m.KernelRelease, m.KernelBuildID}]...)
 		}
-		for _, p := range f.forKernel(m) {
-			if !f.applied[m.ID][p.Target] && !rollout.State(p.State).Reverts() {
+		kernel := f.forKernel(m)
+		for _, p := range kernel {
+			if p.Level == nil && !f.applied[m.ID][p.Target] && !rollout.State(p.State).Reverts() {
 				rep.Missing = append(rep.Missing, p.Target)
+			}
+		}
+		// Of a stream, only its newest good level is missing, on a
+		// machine that runs an older one or none.
+		byStream := streams(kernel)
+		for _, stream := range slices.Sorted(maps.Keys(byStream)) {
+			levels := byStream[stream]
+			for i := len(levels) - 1; i >= 0; i-- {
+				p := levels[i]
+				if rollout.State(p.State).Reverts() {
+					continue
+				}
+				if cur, ok := live[m.ID][stream]; !ok || cur.Level.Number < p.Level.Number {
+					rep.Missing = append(rep.Missing, p.Target)
+				}
+				break
 			}
 		}
 		slices.Sort(rep.Applied)

@@ -107,6 +107,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/admin/reports/machines", s.adminOnly(s.reportMachines))
 	mux.HandleFunc("GET /v1/admin/reports/cves", s.adminOnly(s.reportCVEs))
 	mux.HandleFunc("GET "+api.PathAdminFixes, s.adminOnly(s.reportFixes))
+	mux.HandleFunc("GET "+api.PathAdminLevels, s.adminOnly(s.reportLevels))
 	mux.HandleFunc("GET /metrics", s.adminOnly(s.writeMetrics))
 	return s.metrics.instrument(mux)
 }

@@ -5,6 +5,8 @@ import (
 	"net/http"
 	"net/url"
 	"time"
+
+	"github.com/stitchpatch/stitch/internal/contract"
 )
 
 // Admin API: the admin bearer token, never a machine's.
@@ -125,6 +127,9 @@ type PatchReport struct {
 	Healthy       int       `json:"healthy"`  // applied and passed every check
 	Failed        int       `json:"failed"`
 	Pending       int       `json:"pending"` // offered now, not applied yet
+	// Level, for a level of a patch stream: its stream, number, the
+	// level it supersedes and the fixes it withdraws.
+	Level *contract.Level `json:"level,omitempty"`
 	// Lost: applied, short of a check, and silent (no check-in, no
 	// report) for over two check-in intervals; they no longer hold a stage.
 	Lost int `json:"lost"`
@@ -149,8 +154,21 @@ type MachineReport struct {
 	// it was offered.
 	PatchLevel time.Time `json:"patch_level,omitzero"`
 	FixedCVEs  []string  `json:"fixed_cves"`
-	// Missing are patches for its kernel it has not applied.
+	// Missing are patches for its kernel it has not applied; of a patch
+	// stream, the newest level not blocklisted when the machine runs an
+	// older one or none (the levels below it are not missing).
 	Missing []string `json:"missing"`
+	// Levels are the levels the machine runs, one per stream: it reports
+	// the level applied, and the server offered it that level.
+	Levels []MachineLevel `json:"levels"`
+}
+
+// MachineLevel is the level of a stream a machine runs.
+type MachineLevel struct {
+	Stream string `json:"stream"`
+	Number int    `json:"number"`
+	Target string `json:"target"`
+	State  string `json:"state"` // its rollout's: blocklisted means it is being reverted
 }
 
 // CVEReport is one CVE across the fleet. A machine is fixed when it
@@ -225,5 +243,64 @@ const PathAdminFixes = "/v1/admin/reports/fixes"
 func (c *Client) Fixes(ctx context.Context) ([]FixReport, error) {
 	var out []FixReport
 	err := c.Do(ctx, http.MethodGet, PathAdminFixes, nil, &out)
+	return out, err
+}
+
+// PathAdminLevels is the report of patch levels.
+const PathAdminLevels = "/v1/admin/reports/levels"
+
+// KernelLevels is one kernel's patch streams across the fleet: how many
+// of its machines run each level of each stream, and what each level
+// carries. Only kernels with a registered level are reported.
+type KernelLevels struct {
+	Release string `json:"release"`
+	BuildID string `json:"build_id"`
+	// Machines whose last check-in reported this kernel.
+	Machines int            `json:"machines"`
+	Streams  []StreamLevels `json:"streams"`
+}
+
+// StreamLevels is one stream of a kernel.
+type StreamLevels struct {
+	Stream string `json:"stream"`
+	// NoLevel are the kernel's machines that run no level of the stream.
+	NoLevel int           `json:"no_level"`
+	Levels  []LevelReport `json:"levels"` // by number
+}
+
+// LevelReport is one level: its rollout, the machines that run it and
+// what it carries.
+type LevelReport struct {
+	Number       int       `json:"number"`
+	Supersedes   int       `json:"supersedes"`
+	Target       string    `json:"target"`
+	Name         string    `json:"name"`
+	RegisteredAt time.Time `json:"registered_at"`
+	State        string    `json:"state"` // its rollout's: running, halted, blocklisted, complete
+	Reason       string    `json:"reason,omitempty"`
+	Stage        int       `json:"stage"`
+	Share        float64   `json:"share"`
+	// Machines run it: they report it applied (their newest of the
+	// stream) and the server offered it to them; a machine's word alone
+	// does not count.
+	Machines int `json:"machines"`
+	// Fixes it carries, CVEs it closes, and the fixes of earlier levels
+	// it withdraws (their code is back to the original under it).
+	Fixes     []LevelFix `json:"fixes"`
+	CVEs      []string   `json:"cves"`
+	Withdrawn []string   `json:"withdrawn"`
+}
+
+// LevelFix is one fix a level carries.
+type LevelFix struct {
+	Name     string   `json:"name"`
+	CVEs     []string `json:"cves"`
+	Upstream string   `json:"upstream,omitempty"`
+}
+
+// Levels reads the report of patch levels (admin token).
+func (c *Client) Levels(ctx context.Context) ([]KernelLevels, error) {
+	var out []KernelLevels
+	err := c.Do(ctx, http.MethodGet, PathAdminLevels, nil, &out)
 	return out, err
 }

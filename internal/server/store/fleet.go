@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -10,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/server/rollout"
 )
 
@@ -62,6 +64,42 @@ type Patch struct {
 	// Tolerated are the counted failures an operator accepted by resuming
 	// the rollout (rollout.Status.Tolerated).
 	Tolerated int
+	// Level is the patch's place in its patch stream when it is a level
+	// (a cumulative patch), else nil. One target per kernel, stream and
+	// level number (RegisterPatch refuses another with ErrLevelTaken).
+	Level *contract.Level
+	// Fixes are the fixes the manifest lists; none for patches
+	// registered before the server recorded them.
+	Fixes []Fix
+}
+
+// Fix is one fix a patch carries, as its manifest names it.
+type Fix struct {
+	Name     string   `json:"name"`
+	CVEs     []string `json:"cves,omitempty"`
+	Upstream string   `json:"upstream,omitempty"`
+}
+
+// ErrLevelTaken refuses to register a level of a stream that another
+// target already is, for the same kernel; it comes as a *LevelTakenError.
+var ErrLevelTaken = errors.New("level already registered")
+
+// LevelTakenError names the target that holds the level already.
+type LevelTakenError struct {
+	Release, BuildID, Stream string
+	Number                   int
+	Target                   string // the registered one
+}
+
+func (e *LevelTakenError) Error() string {
+	return fmt.Sprintf("level %d of stream %s for kernel %s (build-id %s): %v as %s", e.Number, e.Stream, e.Release, e.BuildID, ErrLevelTaken, e.Target)
+}
+
+func (e *LevelTakenError) Unwrap() error { return ErrLevelTaken }
+
+// Offer is a patch offered to a machine.
+type Offer struct {
+	Target, MachineID string
 }
 
 // RolloutMachine is a machine that applied (or failed to apply) a patch.
@@ -126,6 +164,10 @@ type Fleet interface {
 	// RecordOffers records that machineID was offered targets at at (a
 	// target offered before keeps its first time).
 	RecordOffers(ctx context.Context, machineID string, targets []string, at time.Time) error
+	// MachineOffers are the targets machineID was ever offered.
+	MachineOffers(ctx context.Context, machineID string) ([]string, error)
+	// LevelOffers are the offers of every registered level.
+	LevelOffers(ctx context.Context) ([]Offer, error)
 	// Rollout runs fn on the patch's rollout in one transaction; p is
 	// written back when fn returns nil and changed it.
 	Rollout(ctx context.Context, target string, fn func(tx RolloutTx, p *Patch) error) error
@@ -311,32 +353,80 @@ func (s *SQL) Groups(ctx context.Context) ([]Group, error) {
 }
 
 func (s *SQL) RegisterPatch(ctx context.Context, p Patch) error {
-	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO patches (target, name, kernel_release, kernel_build_id, cves, description, registered_at, stage, state, reason, updated_at, stage_started, tolerated, upstream)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
+	var l contract.Level
+	if p.Level != nil {
+		l = *p.Level
+	}
+	_, err := s.db.ExecContext(ctx, s.q(`INSERT INTO patches (target, name, kernel_release, kernel_build_id, cves, description, registered_at, stage, state, reason, updated_at, stage_started, tolerated, upstream,
+		level_stream, level_number, level_supersedes, level_withdrawn, fixes)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
 		p.Target, p.Name, p.KernelRelease, p.KernelBuildID, strings.Join(p.CVEs, " "), p.Description, unix(p.RegisteredAt), p.Stage, p.State, p.Reason, unix(p.UpdatedAt), joinTimes(p.StageStarted), p.Tolerated,
-		strings.Join(p.Upstream, " "))
+		strings.Join(p.Upstream, " "), l.Stream, l.Number, l.Supersedes, jsonList(l.Withdrawn), jsonList(p.Fixes))
 	if err != nil {
 		if _, e := s.Patch(ctx, p.Target); e == nil {
 			return fmt.Errorf("patch %s: %w", p.Target, ErrExists)
+		}
+		if p.Level != nil {
+			var other string
+			if e := s.db.QueryRowContext(ctx, s.q(`SELECT target FROM patches WHERE kernel_release = ? AND kernel_build_id = ? AND level_stream = ? AND level_number = ?`),
+				p.KernelRelease, p.KernelBuildID, l.Stream, l.Number).Scan(&other); e == nil {
+				return fmt.Errorf("register %s: %w", p.Target, &LevelTakenError{Release: p.KernelRelease, BuildID: p.KernelBuildID, Stream: l.Stream, Number: l.Number, Target: other})
+			}
 		}
 		return fmt.Errorf("register %s: %w", p.Target, err)
 	}
 	return nil
 }
 
-const patchSelect = `SELECT target, name, kernel_release, kernel_build_id, cves, description, registered_at, stage, state, reason, updated_at, stage_started, tolerated, upstream FROM patches`
+// jsonList stores a list as JSON, "" when empty: names may hold spaces.
+func jsonList[T any](v []T) string {
+	if len(v) == 0 {
+		return ""
+	}
+	b, _ := json.Marshal(v) // strings and string structs always marshal
+	return string(b)
+}
+
+// parseList reads what jsonList stored.
+func parseList[T any](s string) ([]T, error) {
+	if s == "" {
+		return nil, nil
+	}
+	var v []T
+	if err := json.Unmarshal([]byte(s), &v); err != nil {
+		return nil, err
+	}
+	return v, nil
+}
+
+const patchSelect = `SELECT target, name, kernel_release, kernel_build_id, cves, description, registered_at, stage, state, reason, updated_at, stage_started, tolerated, upstream,
+	level_stream, level_number, level_supersedes, level_withdrawn, fixes FROM patches`
 
 func scanPatch(row interface{ Scan(...any) error }) (Patch, error) {
 	var p Patch
-	var cves, started, upstream string
+	var cves, started, upstream, withdrawn, fixes string
 	var reg, upd int64
-	err := row.Scan(&p.Target, &p.Name, &p.KernelRelease, &p.KernelBuildID, &cves, &p.Description, &reg, &p.Stage, &p.State, &p.Reason, &upd, &started, &p.Tolerated, &upstream)
+	var l contract.Level
+	err := row.Scan(&p.Target, &p.Name, &p.KernelRelease, &p.KernelBuildID, &cves, &p.Description, &reg, &p.Stage, &p.State, &p.Reason, &upd, &started, &p.Tolerated, &upstream,
+		&l.Stream, &l.Number, &l.Supersedes, &withdrawn, &fixes)
+	if err != nil {
+		return p, err
+	}
 	p.CVEs, p.Upstream, p.RegisteredAt, p.UpdatedAt = strings.Fields(cves), strings.Fields(upstream), fromUnix(reg), fromUnix(upd)
 	for _, f := range strings.Fields(started) {
 		v, _ := strconv.ParseInt(f, 10, 64)
 		p.StageStarted = append(p.StageStarted, fromUnix(v))
 	}
-	return p, err
+	if l.Stream != "" {
+		if l.Withdrawn, err = parseList[string](withdrawn); err != nil {
+			return p, fmt.Errorf("patch %s: level_withdrawn: %w", p.Target, err)
+		}
+		p.Level = &l
+	}
+	if p.Fixes, err = parseList[Fix](fixes); err != nil {
+		return p, fmt.Errorf("patch %s: fixes: %w", p.Target, err)
+	}
+	return p, nil
 }
 
 // joinTimes stores times as space-separated Unix seconds.
@@ -448,6 +538,41 @@ func (s *SQL) RecordOffers(ctx context.Context, machineID string, targets []stri
 		}
 	}
 	return nil
+}
+
+func (s *SQL) MachineOffers(ctx context.Context, machineID string) ([]string, error) {
+	rows, err := s.db.QueryContext(ctx, s.q(`SELECT target FROM patch_offers WHERE machine_id = ? ORDER BY target`), machineID)
+	if err != nil {
+		return nil, fmt.Errorf("offers to %s: %w", machineID, err)
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var t string
+		if err := rows.Scan(&t); err != nil {
+			return nil, fmt.Errorf("offers to %s: %w", machineID, err)
+		}
+		out = append(out, t)
+	}
+	return out, rows.Err()
+}
+
+func (s *SQL) LevelOffers(ctx context.Context) ([]Offer, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT o.target, o.machine_id FROM patch_offers o JOIN patches p ON p.target = o.target
+		WHERE p.level_stream <> '' ORDER BY o.machine_id, o.target`)
+	if err != nil {
+		return nil, fmt.Errorf("level offers: %w", err)
+	}
+	defer rows.Close()
+	var out []Offer
+	for rows.Next() {
+		var o Offer
+		if err := rows.Scan(&o.Target, &o.MachineID); err != nil {
+			return nil, fmt.Errorf("level offers: %w", err)
+		}
+		out = append(out, o)
+	}
+	return out, rows.Err()
 }
 
 func (s *SQL) Rollout(ctx context.Context, target string, fn func(RolloutTx, *Patch) error) error {
