@@ -467,3 +467,28 @@ func TestStateBeforeLevels(t *testing.T) {
 		t.Errorf("state version %d (%v)", st.Version, err)
 	}
 }
+
+// A revert order for a level the machine holds superseded (a server that
+// blocklists it) takes it off the levels to fall back to.
+func TestRevertOrderForSupersededLevel(t *testing.T) {
+	f, m := newFleet(t), newMachine(t)
+	g := newGateway(t, f)
+	m.enrollVia(t, f, g)
+	var targets []string
+	for n := 1; n <= 3; n++ {
+		targets = append(targets, f.level(t, n))
+		m.pass(t)
+	}
+	g.set(nil, func(cr *api.CheckInResponse) {
+		cr.Actions = append(cr.Actions, api.Action{Target: targets[1], Name: levelName(2), Op: api.OpRevert})
+	})
+	m.pass(t)
+	g.set(nil, nil)
+	if p := m.state(t, targets[1]); p.State != contract.StateReverted || p.Superseded {
+		t.Fatalf("level 2 after its revert order: %+v", p)
+	}
+	m.onlyLoaded(t, levelName(3))
+	f.operate(targets[2], "blocklist")
+	m.pass(t)
+	m.onlyLoaded(t, levelName(1))
+}

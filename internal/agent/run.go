@@ -1007,6 +1007,11 @@ func (s *session) act(ctx context.Context, actions []api.Action) (bool, error) {
 				from = "the mirror " + s.cfg.Repo
 			}
 			why = "that patch was not offered by this server (it came from " + from + ")"
+		case p.Superseded:
+			// Not loaded, but kept to fall back to: no more.
+			s.log().Warn("revert order for a superseded level: it is no longer one to fall back to", "patch", p.Name, "target", p.Target, "server", s.cfg.Server)
+			p.set(contract.StateReverted, "", "blocklisted by the server after it was superseded", s.now())
+			continue
 		case p.State != contract.StateApplied:
 			why = "that patch is " + p.State + ", not applied"
 		}
