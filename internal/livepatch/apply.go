@@ -631,12 +631,28 @@ func (k *Kernel) patchNames() ([]string, error) {
 // unloadReplaced unloads the modules of the patches a cumulative patch
 // (klp_patch.replace) took over: once its transition is over the kernel
 // drops them, and their modules can only be unloaded, never enabled
-// again. A patch that is still there was not replaced.
+// again. The kernel frees them in a work item after the transition
+// ends, so each is given a few seconds to leave /sys/kernel/livepatch; a
+// patch that is still there then was not replaced.
 func (k *Kernel) unloadReplaced(ctx context.Context, name string, before []string, opts ApplyOptions, start time.Time) error {
 	if p, err := k.Patch(name); err != nil || !p.Replace {
 		return nil
 	}
+	deadline := time.Now().Add(5 * time.Second)
 	for _, old := range before {
+		if old == name {
+			continue
+		}
+		for {
+			if _, err := k.Patch(old); errors.Is(err, ErrUnknownPatch) || time.Now().After(deadline) {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("%s replaced %s: %w", name, old, ctx.Err())
+			case <-time.After(k.poll()):
+			}
+		}
 		if _, err := k.Patch(old); !errors.Is(err, ErrUnknownPatch) || !k.moduleLoaded(old) {
 			continue
 		}
