@@ -356,7 +356,7 @@ func jitter(d time.Duration) time.Duration {
 // loaded: the exact kernel, the module file, and the running code of every
 // function it replaces.
 func Expect(m *contract.Manifest) *livepatch.Expect {
-	e := &livepatch.Expect{Release: m.Kernel.Release, BuildID: m.Kernel.BuildID, ModuleSHA256: m.ModuleHash}
+	e := &livepatch.Expect{Release: m.Kernel.Release, BuildID: m.Kernel.BuildID, ModuleSHA256: m.ModuleHash, Replace: m.Replace}
 	for _, o := range m.Objects {
 		for _, f := range o.Functions {
 			e.Code = append(e.Code, livepatch.CodeCheck{Object: o.Name, Name: f.Name, Sympos: f.Sympos, Fingerprint: f.Fingerprint})

@@ -183,6 +183,10 @@ type Expect struct {
 	BuildID      string
 	ModuleSHA256 string // of the .ko file; empty: not checked
 	Code         []CodeCheck
+	// Replace: the patch is cumulative (klp_patch.replace). Older
+	// kernels (6.1) do not show it in sysfs, and Apply must know it to
+	// unload the modules of the patches it replaces.
+	Replace bool
 }
 
 func (o ApplyOptions) timeout() time.Duration {
@@ -631,11 +635,14 @@ func (k *Kernel) patchNames() ([]string, error) {
 // unloadReplaced unloads the modules of the patches a cumulative patch
 // (klp_patch.replace) took over: once its transition is over the kernel
 // drops them, and their modules can only be unloaded, never enabled
-// again. The kernel frees them in a work item after the transition
-// ends, so each is given a few seconds to leave /sys/kernel/livepatch; a
-// patch that is still there then was not replaced.
+// again. Whether it is cumulative is sysfs's to say (6.12 shows it, 6.1
+// does not) or the manifest's (Expect.Replace). The kernel frees the
+// replaced patches in a work item after the transition ends, so each is
+// given a few seconds to leave /sys/kernel/livepatch; a patch that is
+// still there then was not replaced.
 func (k *Kernel) unloadReplaced(ctx context.Context, name string, before []string, opts ApplyOptions, start time.Time) error {
-	if p, err := k.Patch(name); err != nil || !p.Replace {
+	p, err := k.Patch(name)
+	if err != nil || !p.Replace && (opts.Expect == nil || !opts.Expect.Replace) {
 		return nil
 	}
 	deadline := time.Now().Add(5 * time.Second)
