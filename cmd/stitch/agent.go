@@ -277,6 +277,12 @@ func printCoverage(w io.Writer, s *agent.Status) {
 		if p.Reason != "" {
 			state += " (" + p.Reason + ")"
 		}
+		switch {
+		case p.Superseded:
+			state += " (superseded)"
+		case p.HotFix:
+			state += " (hot-fix)"
+		}
 		cves := strings.Join(p.CVEs, " ")
 		if cves == "" {
 			cves = "no CVE"

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -51,6 +52,7 @@ type fakeKernel struct {
 	stuck     map[string]bool
 	stallBoth map[string]bool
 	revertErr map[string]error
+	order     []string // the modules loaded, in order
 }
 
 func newKernel() *fakeKernel {
@@ -90,9 +92,19 @@ func (k *fakeKernel) Apply(ctx context.Context, path string, o livepatch.ApplyOp
 		return &kmod.Module{Name: name}, &livepatch.RollbackError{Patch: name, Cause: stall, Err: back, Reason: back.Error(),
 			Still: &livepatch.Patch{Name: name, Transition: true}, ModuleLoaded: true, Holders: back.Holders}
 	}
+	if levelModule.MatchString(name) {
+		// A level is cumulative (klp replace): once its transition is
+		// over it is the only patch, and livepatch.Apply unloads the
+		// modules of those it replaced.
+		clear(k.loaded)
+	}
 	k.loaded[name] = true
+	k.order = append(k.order, name)
 	return &kmod.Module{Name: name}, nil
 }
+
+// levelModule matches a level's name (contract.LevelName).
+var levelModule = regexp.MustCompile(`_l[0-9]+$`)
 
 func (k *fakeKernel) Revert(ctx context.Context, name string, o livepatch.ApplyOptions) error {
 	k.mu.Lock()

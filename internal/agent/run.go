@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"slices"
 	"strings"
@@ -72,7 +73,8 @@ func (a *Agent) open() (*session, error) {
 		f.Close()
 		return nil, fmt.Errorf("%w: this kernel has no /sys/kernel/livepatch (CONFIG_LIVEPATCH)", livepatch.ErrUnsupported)
 	}
-	if st.Version < stateVersion {
+	s := &session{Agent: a, cfg: cfg, root: root, st: st, boot: a.bootID(), kernel: ks, unlock: func() { f.Close() }}
+	if st.Version < 1 {
 		// Before version 1 the state did not say which server offered a
 		// patch: with a server configured, it was that one.
 		for _, p := range st.Patches {
@@ -80,9 +82,72 @@ func (a *Agent) open() (*session, error) {
 				p.Server = cfg.Server
 			}
 		}
-		st.Version = stateVersion
 	}
-	return &session{Agent: a, cfg: cfg, root: root, st: st, boot: a.bootID(), kernel: ks, unlock: func() { f.Close() }}, nil
+	if st.Version < 2 {
+		s.learnLevels()
+	}
+	st.Version = stateVersion
+	return s, nil
+}
+
+// learnLevels fills in, for a state written before version 2, which
+// patches are cumulative and which levels, from their kept bundles; of
+// the levels of a stream applied then, the newest is the live one.
+func (s *session) learnLevels() {
+	for _, p := range s.st.Patches {
+		if p.Bundle == "" || p.Level != nil {
+			continue
+		}
+		b, err := s.cached(p)
+		if err != nil {
+			continue // reload finds it unusable and says so
+		}
+		p.Replace, p.Level, p.Fixes = b.Manifest.Replace, b.Manifest.Level, fixNames(&b.Manifest)
+	}
+	for _, p := range s.st.Patches {
+		if p.Level == nil || p.State != contract.StateApplied {
+			continue
+		}
+		if live := s.live(p.Release, p.BuildID, p.Level.Stream); live != nil && live != p {
+			older := p
+			if older.number() > live.number() {
+				older = live
+			}
+			older.set(contract.StateReverted, "", "superseded by a newer level", s.now())
+			older.Superseded = true
+		}
+	}
+}
+
+func fixNames(m *contract.Manifest) []string {
+	var out []string
+	for _, f := range m.Fixes {
+		out = append(out, f.Name)
+	}
+	return out
+}
+
+// live is the newest applied level of a stream for a kernel: the level
+// the agent holds (there is one, but for an old state's).
+func (s *session) live(release, buildID, stream string) *Patch {
+	var out *Patch
+	for _, p := range s.st.Patches {
+		if p.inStream(stream) && p.State == contract.StateApplied && p.Release == release && p.BuildID == buildID && p.number() > out.number() {
+			out = p
+		}
+	}
+	return out
+}
+
+// liveLevel is the running kernel's live level of any stream: a kernel
+// runs one cumulative patch, so there is at most one.
+func (s *session) liveLevel() *Patch {
+	for _, p := range s.st.Patches {
+		if p.Level != nil && p.State == contract.StateApplied && s.forKernel(p) {
+			return p
+		}
+	}
+	return nil
 }
 
 // checks is the health-check schedule in force: the test's override, or
@@ -282,38 +347,202 @@ func (s *session) recover() {
 		s.log().Error("crash marker found: patch not loaded again", "patch", p.Name, "target", p.Target)
 		p.set(contract.StateFailed, contract.ReasonCrashLoop, detail, s.now())
 		s.report(p, contract.CheckBoot, false, contract.ReasonCrashLoop, detail)
+		if p.Level != nil && s.live(p.Release, p.BuildID, p.Level.Stream) == nil {
+			if q := s.goodBelow(p); q != nil {
+				// Wanted again: reload loads it (verified as any apply).
+				s.log().Warn("falling back to the last good level at the next load", "from", p.Name, "to", q.Name)
+				q.set(contract.StateApplied, "", "fallback after "+p.Name+" crash-looped", s.now())
+				q.BootID = ""
+			}
+		}
 	}
 }
 
 // reload loads again the applied patches a reboot dropped, from their
-// verified local copies; a patch unloaded in this boot by someone else
-// is taken as reverted rather than forced back.
+// verified local copies: the live level of each stream first (loading
+// it replaces whatever is loaded), then the other patches. A patch
+// unloaded in this boot by someone else is taken as reverted rather
+// than forced back; one a cumulative patch of this boot took over is
+// settled as that transition left it (see afterReplace). A live level
+// that cannot be loaded gives way to the last good level before it.
 func (s *session) reload(ctx context.Context) error {
 	loaded := s.loaded()
+	var want []*Patch
 	var errs []error
 	for _, p := range s.st.Patches {
 		if p.State != contract.StateApplied || loaded[p.Name] || !s.forKernel(p) {
 			continue
 		}
 		if p.BootID == s.boot && s.boot != "" {
-			p.set(contract.StateReverted, "", "unloaded outside the agent (stitch revert, or by hand)", s.now())
+			if s.replacer(p, loaded) == nil {
+				p.set(contract.StateReverted, "", "unloaded outside the agent (stitch revert, or by hand)", s.now())
+			}
 			continue
 		}
-		if off, why := s.Disabled(); off {
-			s.log().Warn("not loading patches", "why", why)
-			return nil
+		want = append(want, p)
+	}
+	// Left over by an agent that stopped between a level's transition
+	// and the hot-fixes' return.
+	if err := s.afterReplace(ctx); err != nil {
+		errs = append(errs, err)
+	}
+	if len(want) == 0 {
+		return errors.Join(errs...)
+	}
+	if off, why := s.Disabled(); off {
+		s.log().Warn("not loading patches", "why", why)
+		return errors.Join(errs...)
+	}
+	slices.SortStableFunc(want, func(a, b *Patch) int {
+		switch {
+		case a.Replace == b.Replace:
+			return 0
+		case a.Replace:
+			return -1
+		}
+		return 1
+	})
+	for _, p := range want {
+		if p.State != contract.StateApplied || s.loaded()[p.Name] {
+			continue
 		}
 		b, err := s.cached(p)
 		if err != nil {
 			p.set(contract.StateFailed, contract.ReasonVerifyFailed, err.Error(), s.now())
 			s.report(p, contract.CheckBoot, false, contract.ReasonVerifyFailed, err.Error())
+		} else if err := s.apply(ctx, p, b, contract.CheckBoot); err != nil {
+			errs = append(errs, err)
 			continue
 		}
-		if err := s.load(ctx, p, b, contract.CheckBoot); err != nil {
-			errs = append(errs, err)
+		if p.Level != nil && p.State != contract.StateApplied {
+			if _, err := s.fallback(ctx, p, contract.CheckBoot); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// apply loads p (see load); when p is cumulative and took over, it
+// settles the patches its transition took out of the kernel.
+func (s *session) apply(ctx context.Context, p *Patch, b *bundle.Bundle, check string) error {
+	if err := s.load(ctx, p, b, check); err != nil {
+		return err
+	}
+	if p.State == contract.StateApplied && p.Replace {
+		return s.afterReplace(ctx)
+	}
+	return nil
+}
+
+// replacer is the cumulative patch that took p out of the kernel: one
+// the agent loaded in this boot after p and that is still live. Nil when
+// p went by other hands.
+func (s *session) replacer(p *Patch, loaded map[string]bool) *Patch {
+	for _, r := range s.st.Patches {
+		if r != p && r.Replace && r.State == contract.StateApplied && loaded[r.Name] && s.forKernel(r) &&
+			r.BootID == s.boot && r.AppliedAt.After(p.AppliedAt) {
+			return r
+		}
+	}
+	return nil
+}
+
+// afterReplace settles the patches a cumulative patch's transition took
+// out of the kernel (klp atomic replace drops every other livepatch,
+// and livepatch.Apply unloads their modules): the level it follows in
+// its stream is superseded (kept, as a level to fall back to); a hot-fix
+// under a new level is loaded again on top of it (it is still wanted:
+// its disappearance is no operator's revert); anything else is reverted
+// in favour of the cumulative patch.
+func (s *session) afterReplace(ctx context.Context) error {
+	loaded := s.loaded()
+	var errs []error
+	for _, p := range s.st.Patches {
+		if p.State != contract.StateApplied || loaded[p.Name] || !s.forKernel(p) || p.BootID != s.boot || s.boot == "" {
+			continue
+		}
+		r := s.replacer(p, loaded)
+		if r == nil {
+			continue
+		}
+		s.unmark(p.Name)
+		switch {
+		case p.Level != nil && r.inStream(p.Level.Stream) && r.number() > p.number():
+			s.log().Info("level superseded", "patch", p.Name, "by", r.Name)
+			p.set(contract.StateReverted, "", "superseded by "+r.Name, s.now())
+			p.Superseded = true
+		case p.Replace || r.Level == nil:
+			s.log().Info("patch replaced by a cumulative patch", "patch", p.Name, "by", r.Name)
+			p.set(contract.StateReverted, "", "replaced by the cumulative patch "+r.Name, s.now())
+		default:
+			if off, _ := s.Disabled(); off {
+				p.BootID = "" // loaded again when loading is back on
+				continue
+			}
+			b, err := s.cached(p)
+			if err != nil {
+				p.set(contract.StateFailed, contract.ReasonVerifyFailed, err.Error(), s.now())
+				s.report(p, contract.CheckApply, false, contract.ReasonVerifyFailed, err.Error())
+				continue
+			}
+			s.log().Info("loading the hot-fix again on top of the new level", "patch", p.Name, "level", r.Name)
+			if err := s.load(ctx, p, b, contract.CheckApply); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// goodBelow is the newest level of p's stream, for p's kernel, below p,
+// that was good when a newer one superseded it, and whose bundle is
+// kept: the level to fall back to.
+func (s *session) goodBelow(p *Patch) *Patch {
+	var q *Patch
+	for _, c := range s.st.Patches {
+		if c.inStream(p.Level.Stream) && c.Superseded && c.State == contract.StateReverted && c.number() < p.number() &&
+			c.Release == p.Release && c.BuildID == p.BuildID && c.Bundle != "" && c.number() > q.number() {
+			q = c
+		}
+	}
+	return q
+}
+
+// fallback loads, in place of the live level p, the last good level of
+// its stream (goodBelow), verified as any apply: it replaces p in one
+// transition. A level that fails on the way is failed for good and the
+// next older one is tried. It returns the level that took over, or nil
+// when none did (there is none, or loading is off): then p is to be
+// reverted plainly.
+func (s *session) fallback(ctx context.Context, p *Patch, check string) (*Patch, error) {
+	if p.Level == nil {
+		return nil, nil
+	}
+	if off, why := s.Disabled(); off {
+		s.log().Warn("not falling back to an earlier level", "patch", p.Name, "why", why)
+		return nil, nil
+	}
+	for {
+		q := s.goodBelow(p)
+		if q == nil {
+			s.log().Warn("no good earlier level to fall back to", "patch", p.Name)
+			return nil, nil
+		}
+		s.log().Warn("falling back to the last good level", "from", p.Name, "to", q.Name)
+		b, err := s.cached(q)
+		if err != nil {
+			q.set(contract.StateFailed, contract.ReasonVerifyFailed, err.Error(), s.now())
+			s.report(q, check, false, contract.ReasonVerifyFailed, err.Error())
+			continue
+		}
+		if err := s.apply(ctx, q, b, check); err != nil {
+			return nil, fmt.Errorf("fall back from %s to %s: %w", p.Name, q.Name, err)
+		}
+		if q.State == contract.StateApplied {
+			return q, nil
+		}
+	}
 }
 
 // holds says whether the kernel lists a patch of that name, enabled or
@@ -374,6 +603,13 @@ func (s *session) load(ctx context.Context, p *Patch, b *bundle.Bundle, check st
 		refuse(contract.ReasonVerifyFailed, fmt.Errorf("%w: %s was built for %s (build-id %s), this machine runs %s (build-id %s)",
 			livepatch.ErrWrongKernel, p.Name, m.Kernel.Release, m.Kernel.BuildID, s.kernel.Release, s.kernel.BuildID))
 		return nil
+	}
+	p.Replace, p.Level, p.Fixes = m.Replace, m.Level, fixNames(m)
+	// On a live level a patch that is no level is a hot-fix: the next
+	// level's transition drops it, and the agent loads it again.
+	p.HotFix = false
+	if l := s.liveLevel(); !p.Replace && l != nil && s.loaded()[l.Name] {
+		p.HotFix = true
 	}
 	if err := os.MkdirAll(s.path("modules"), 0o700); err != nil {
 		return err
@@ -473,6 +709,12 @@ func (s *session) watch(ctx context.Context) {
 			}
 		}
 	}
+	type verdict struct {
+		p     *Patch
+		check string
+		blame []string
+	}
+	var blamed []verdict
 	for _, p := range window {
 		newBits := taint.Value & livepatch.TroubleTaint &^ p.Taint
 		var blame []string
@@ -485,9 +727,8 @@ func (s *session) watch(ctx context.Context) {
 				blame = []string{"new kernel taint " + livepatch.DecodeTaint(newBits).String()}
 			}
 		}
-		next := nextCheck(p, checks)
 		if len(blame) > 0 {
-			s.fail(ctx, p, next, blame)
+			blamed = append(blamed, verdict{p, nextCheck(p, checks), blame})
 			continue
 		}
 		for _, c := range checks {
@@ -497,6 +738,14 @@ func (s *session) watch(ctx context.Context) {
 					s.unmark(p.Name)
 				}
 			}
+		}
+	}
+	// Patches that are no level first: a level's fallback loads the
+	// hot-fixes again, and a blamed one must be failed before that.
+	slices.SortStableFunc(blamed, func(a, b verdict) int { return a.p.number() - b.p.number() })
+	for _, v := range blamed {
+		if v.p.State == contract.StateApplied {
+			s.fail(ctx, v.p, v.check, v.blame)
 		}
 	}
 }
@@ -521,6 +770,18 @@ func (s *session) fail(ctx context.Context, p *Patch, check string, lines []stri
 	}
 	detail := strings.Join(lines, "\n")
 	s.log().Error("kernel trouble after a patch: reverting it", "patch", p.Name, "reason", reason, "log", detail)
+	// A level gives way to the last good level of its stream, not to
+	// nothing.
+	q, err := s.fallback(context.WithoutCancel(ctx), p, contract.CheckApply)
+	if err != nil {
+		s.log().Error("fallback failed; reverting the level", "patch", p.Name, "err", err)
+	}
+	if q != nil {
+		s.unmark(p.Name)
+		p.set(contract.StateFailed, reason, detail, s.now())
+		s.report(p, check, false, reason, detail)
+		return
+	}
 	// Not cut short by the daemon stopping: an interrupted revert would
 	// be taken for a failed one. ApplyOptions.Timeout still bounds it.
 	if err := s.Kernel.Revert(context.WithoutCancel(ctx), p.Name, livepatch.ApplyOptions{Timeout: s.Timeout}); err != nil && !errors.Is(err, livepatch.ErrUnknownPatch) {
@@ -710,8 +971,11 @@ func (s *session) checkInReport() api.CheckIn {
 			continue
 		}
 		ps := api.PatchState{Target: p.Target, Name: p.Name, State: p.State, Since: p.Since, Reason: p.Reason}
-		if p.State == contract.StateApplied && !loaded[p.Name] {
+		switch {
+		case p.State == contract.StateApplied && !loaded[p.Name]:
 			ps.State, ps.Reason = contract.StateReverted, "not loaded"
+		case p.Superseded:
+			ps.Reason = "superseded"
 		}
 		ci.Patches = append(ci.Patches, ps)
 		if len(ci.Patches) == api.MaxPatches {
@@ -743,12 +1007,30 @@ func (s *session) act(ctx context.Context, actions []api.Action) (bool, error) {
 				from = "the mirror " + s.cfg.Repo
 			}
 			why = "that patch was not offered by this server (it came from " + from + ")"
+		case p.Superseded:
+			// Not loaded, but kept to fall back to: no more.
+			s.log().Warn("revert order for a superseded level: it is no longer one to fall back to", "patch", p.Name, "target", p.Target, "server", s.cfg.Server)
+			p.set(contract.StateReverted, "", "blocklisted by the server after it was superseded", s.now())
+			continue
 		case p.State != contract.StateApplied:
 			why = "that patch is " + p.State + ", not applied"
 		}
 		if why != "" {
 			s.log().Warn("revert order ignored", "target", clip(a.Target), "server", s.cfg.Server, "why", why)
 			continue
+		}
+		if p.Level != nil {
+			q, err := s.fallback(ctx, p, contract.CheckApply)
+			if err != nil {
+				return acted, fmt.Errorf("revert %s as ordered: %w", p.Name, err)
+			}
+			if q != nil {
+				s.log().Warn("revert order obeyed: the level blocklisted by the server gave way to the last good one", "patch", p.Name, "target", p.Target, "level", q.Name, "server", s.cfg.Server)
+				s.unmark(p.Name)
+				p.set(contract.StateReverted, "", "blocklisted by the server; back to "+q.Name, s.now())
+				acted = true
+				continue
+			}
 		}
 		s.log().Warn("revert order obeyed: reverting the patch (blocklisted by the server)", "patch", p.Name, "target", p.Target, "server", s.cfg.Server)
 		if err := s.Kernel.Revert(ctx, p.Name, livepatch.ApplyOptions{Timeout: s.Timeout}); err != nil && !errors.Is(err, livepatch.ErrUnknownPatch) {
@@ -759,20 +1041,75 @@ func (s *session) act(ctx context.Context, actions []api.Action) (bool, error) {
 		acted = true
 	}
 	s.st.Pending = nil
-	if !slices.ContainsFunc(actions, func(a api.Action) bool { return a.Op == api.OpApply && s.st.patch(a.Target) == nil }) {
+	var offers []api.Action
+	for _, a := range actions {
+		if a.Op == api.OpApply && s.st.patch(a.Target) == nil {
+			offers = append(offers, a)
+		}
+	}
+	if len(offers) == 0 {
 		// Nothing waits on the repository any more.
 		s.st.RepoError, s.st.RepoErrorAt = "", time.Time{}
 	}
-	for _, a := range actions {
-		if a.Op != api.OpApply || s.st.patch(a.Target) != nil {
-			continue
-		}
-		if off, why := s.Disabled(); off {
+	if off, why := s.Disabled(); off {
+		for _, a := range offers {
+			if a.Level != nil && a.Level.Number <= s.live(s.kernel.Release, s.kernel.BuildID, a.Level.Stream).number() {
+				continue // no newer than the live level: nothing to take
+			}
 			s.st.Pending = append(s.st.Pending, a.Target)
 			s.log().Warn("patch offered but loading is off", "target", a.Target, "why", why)
+		}
+		return acted, nil
+	}
+	// An offer that does not say whether it is a level (a mirror's, an
+	// older server's) is fetched first: its verified manifest says.
+	got := map[string]*fetched{}
+	for i, a := range offers {
+		if a.Level != nil {
 			continue
 		}
-		ok, err := s.fetchAndLoad(ctx, a.Target, a.Name, a.CVEs)
+		f, decided, err := s.fetch(ctx, a)
+		if err != nil {
+			s.st.Pending = append(s.st.Pending, a.Target)
+			return acted, err
+		}
+		if decided {
+			acted = true
+			continue
+		}
+		got[a.Target], offers[i].Level = f, f.b.Manifest.Level
+	}
+	// Levels first, as loading one drops every other livepatch: per
+	// stream the newest offered above the live level, in one transition;
+	// if it fails, the next newest.
+	streams := map[string][]api.Action{}
+	for _, a := range offers {
+		if a.Level != nil && s.st.patch(a.Target) == nil {
+			streams[a.Level.Stream] = append(streams[a.Level.Stream], a)
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(streams)) {
+		cands := streams[name]
+		slices.SortStableFunc(cands, func(a, b api.Action) int { return b.Level.Number - a.Level.Number })
+		for _, a := range cands {
+			if a.Level.Number <= s.live(s.kernel.Release, s.kernel.BuildID, name).number() {
+				break
+			}
+			ok, err := s.takeLevel(ctx, a, got[a.Target])
+			acted = acted || ok
+			if err != nil {
+				s.st.Pending = append(s.st.Pending, a.Target)
+				return acted, err
+			}
+		}
+	}
+	// Then the patches that are no level, stacked (on a live level they
+	// are hot-fixes).
+	for _, a := range offers {
+		if a.Level != nil || s.st.patch(a.Target) != nil {
+			continue
+		}
+		ok, err := s.fetchAndLoad(ctx, a, got[a.Target])
 		acted = acted || ok
 		if err != nil {
 			s.st.Pending = append(s.st.Pending, a.Target)
@@ -782,51 +1119,125 @@ func (s *session) act(ctx context.Context, actions []api.Action) (bool, error) {
 	return acted, nil
 }
 
-// fetchAndLoad fetches a target through TUF and loads it. It reports
-// whether a patch was decided on (applied, refused or failed).
-func (s *session) fetchAndLoad(ctx context.Context, target, name string, cves []string) (bool, error) {
+// fetched is a bundle fetched and verified through TUF, and its cached
+// copy.
+type fetched struct {
+	b      *bundle.Bundle
+	path   string
+	sha256 string
+}
+
+// fetch fetches a target through TUF. A bundle that is signed and intact
+// but malformed is refused, recorded and reported: decided. Repository
+// and network trouble is an error, and the offer stays pending.
+func (s *session) fetch(ctx context.Context, a api.Action) (f *fetched, decided bool, err error) {
 	tc, err := s.tuf()
 	if err != nil {
-		return false, err
+		return nil, false, err
 	}
-	b, path, err := tc.Fetch(ctx, target)
-	// The server offers only patches for this kernel; the manifest says
-	// for sure once it is verified.
-	p := &Patch{Target: target, Name: name, CVEs: cves, Since: s.now(), Release: s.kernel.Release, BuildID: s.kernel.BuildID, Server: s.cfg.Server}
+	b, path, err := tc.Fetch(ctx, a.Target)
 	switch {
 	case err == nil:
 		s.st.RepoError, s.st.RepoErrorAt = "", time.Time{}
 	case ctx.Err() != nil:
-		return false, err
+		return nil, false, err
 	case errors.Is(err, bundle.ErrVerify):
 		// Expired or rolled-back metadata, a bad signature, content not
 		// of its signed hash: the repository's problem (a refresh racing
 		// the fetch, a stale mirror, tampering on the way), not the
 		// patch's. Tried again at the next pass; no failure is reported.
-		s.repoProblem(target, err)
-		return false, fmt.Errorf("%w: %w", ErrRepository, err)
+		s.repoProblem(a.Target, err)
+		return nil, false, fmt.Errorf("%w: %w", ErrRepository, err)
 	case errors.Is(err, bundle.ErrBadBundle), errors.Is(err, contract.ErrBadManifest):
 		// Signed and intact as published, and still no valid bundle: the
 		// patch itself is bad.
+		p := s.newPatch(a, nil)
 		s.st.Patches = append(s.st.Patches, p)
-		s.log().Error("bundle refused", "target", target, "err", err)
+		s.log().Error("bundle refused", "target", a.Target, "err", err)
 		p.set(contract.StateRefused, contract.ReasonVerifyFailed, err.Error(), s.now())
 		s.report(p, contract.CheckApply, false, contract.ReasonVerifyFailed, err.Error())
-		return true, nil
+		return nil, true, nil
 	default:
 		// Network trouble, a missing target: try again later.
-		s.repoProblem(target, err)
-		return false, fmt.Errorf("%w: %w", ErrServer, err)
+		s.repoProblem(a.Target, err)
+		return nil, false, fmt.Errorf("%w: %w", ErrServer, err)
 	}
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return false, err
+		return nil, false, err
 	}
-	p.Name, p.Bundle, p.BundleSHA256 = b.Manifest.Name, path, bundle.SHA256Hex(data)
-	p.Description, p.Release, p.BuildID = b.Manifest.Description, b.Manifest.Kernel.Release, b.Manifest.Kernel.BuildID
-	if len(p.CVEs) == 0 {
-		p.CVEs = b.Manifest.CVEs
+	return &fetched{b: b, path: path, sha256: bundle.SHA256Hex(data)}, false, nil
+}
+
+// newPatch is the record of an offer, filled in from its verified
+// bundle when there is one. The server offers only patches for this
+// kernel; the manifest says for sure.
+func (s *session) newPatch(a api.Action, f *fetched) *Patch {
+	p := &Patch{Target: a.Target, Name: a.Name, CVEs: a.CVEs, Since: s.now(), Release: s.kernel.Release, BuildID: s.kernel.BuildID, Server: s.cfg.Server}
+	if f == nil {
+		return p
 	}
+	m := &f.b.Manifest
+	p.Name, p.Bundle, p.BundleSHA256 = m.Name, f.path, f.sha256
+	p.Description, p.Release, p.BuildID = m.Description, m.Kernel.Release, m.Kernel.BuildID
+	p.Replace, p.Level, p.Fixes = m.Replace, m.Level, fixNames(m)
+	if len(p.CVEs) == 0 || p.Level != nil {
+		// A level's CVEs are its manifest's, all of them.
+		p.CVEs = m.CVEs
+	}
+	return p
+}
+
+// takeLevel fetches an offered level and moves to it in one transition:
+// loading it replaces the live level (and drops the hot-fixes, which
+// afterReplace loads again). It reports whether the level was decided
+// on (applied, refused or failed).
+func (s *session) takeLevel(ctx context.Context, a api.Action, f *fetched) (bool, error) {
+	if f == nil {
+		var decided bool
+		var err error
+		if f, decided, err = s.fetch(ctx, a); err != nil || decided {
+			return decided, err
+		}
+	}
+	m := &f.b.Manifest
+	if m.Level == nil || m.Level.Stream != a.Level.Stream || m.Level.Number != a.Level.Number {
+		// The check-in answer is not signed; the manifest is.
+		s.log().Warn("offered level does not match its signed manifest; not taken", "target", clip(a.Target),
+			"offered", contract.LevelName(a.Level.Stream, a.Level.Number), "manifest", m.Name)
+		return false, nil
+	}
+	p := s.newPatch(a, f)
+	s.st.Patches = append(s.st.Patches, p)
+	if l := s.liveLevel(); l != nil && !l.inStream(m.Level.Stream) {
+		err := fmt.Errorf("%s would replace %s, the live level of stream %s: the kernel runs one cumulative patch, so a machine follows one stream per kernel (revert %s first to change streams)",
+			p.Name, l.Name, l.Level.Stream, l.Name)
+		s.log().Error("level refused", "patch", p.Name, "err", err)
+		p.set(contract.StateRefused, contract.ReasonApplyFailed, err.Error(), s.now())
+		s.report(p, contract.CheckApply, false, contract.ReasonApplyFailed, err.Error())
+		return true, nil
+	}
+	if l := s.live(p.Release, p.BuildID, m.Level.Stream); l != nil {
+		s.log().Info("moving to a new level", "from", l.Name, "to", p.Name)
+	}
+	if err := s.apply(ctx, p, f.b, contract.CheckApply); err != nil {
+		return s.undecided(p), err
+	}
+	return true, nil
+}
+
+// fetchAndLoad fetches a target through TUF (unless f holds it already)
+// and loads it. It reports whether a patch was decided on (applied,
+// refused or failed).
+func (s *session) fetchAndLoad(ctx context.Context, a api.Action, f *fetched) (bool, error) {
+	if f == nil {
+		var decided bool
+		var err error
+		if f, decided, err = s.fetch(ctx, a); err != nil || decided {
+			return decided, err
+		}
+	}
+	p := s.newPatch(a, f)
 	if old := s.st.byName(p.Name); old != nil {
 		// The kernel holds one patch of a name: a rebuilt patch replaces
 		// the old one only after the old is reverted.
@@ -837,11 +1248,22 @@ func (s *session) fetchAndLoad(ctx context.Context, target, name string, cves []
 		return true, nil
 	}
 	s.st.Patches = append(s.st.Patches, p)
-	if err := s.load(ctx, p, b, contract.CheckApply); err != nil {
-		s.st.Patches = s.st.Patches[:len(s.st.Patches)-1]
-		return false, err
+	if err := s.apply(ctx, p, f.b, contract.CheckApply); err != nil {
+		return s.undecided(p), err
 	}
 	return true, nil
+}
+
+// undecided forgets p again when loading it stopped short of a decision
+// (no root, a transition already running), so that it is offered and
+// tried again; it says whether p was decided on after all (the error
+// came later, from a hot-fix loaded again after it).
+func (s *session) undecided(p *Patch) bool {
+	if p.State != "" {
+		return true
+	}
+	s.st.Patches = slices.DeleteFunc(s.st.Patches, func(q *Patch) bool { return q == p })
+	return false
 }
 
 // repoProblem records that the repository could not give a target, for

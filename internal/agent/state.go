@@ -14,14 +14,16 @@ import (
 )
 
 // stateVersion is State.Version as this agent writes it.
-const stateVersion = 1
+const stateVersion = 2
 
 // State is what the agent remembers between runs and boots.
 type State struct {
 	// Version 1 records each patch's server (Patch.Server); 0 did not.
+	// Version 2 records each patch's level (Patch.Level, Replace).
 	Version int `json:"version,omitempty"`
-	// Patches in the order they were first applied, which is the order
-	// they are loaded again at boot.
+	// Patches in the order they were first applied. At boot the live
+	// level of each stream is loaded again first, then the other patches
+	// in this order.
 	Patches     []*Patch  `json:"patches"`
 	LastCheckIn time.Time `json:"last_checkin,omitzero"`
 	// LastAttempt and LastError tell of the last check-in that failed.
@@ -74,6 +76,20 @@ type Patch struct {
 	BootID    string    `json:"boot_id,omitempty"`
 	Taint     uint64    `json:"taint"`
 	Checks    []string  `json:"checks,omitempty"`
+	// Replace marks a cumulative patch (klp atomic replace), Level a
+	// level of a patch stream, both from the verified manifest. The
+	// applied level of a stream is the live one: the only one loaded
+	// again at boot.
+	Replace bool            `json:"replace,omitempty"`
+	Level   *contract.Level `json:"level,omitempty"`
+	// Fixes names the fixes the patch carries (the manifest's).
+	Fixes []string `json:"fixes,omitempty"`
+	// Superseded marks a level a newer level of its stream replaced
+	// while it was good: a level to fall back to. Its bundle is kept.
+	Superseded bool `json:"superseded,omitempty"`
+	// HotFix marks a patch that is no level, loaded on top of a live
+	// level; a level's transition drops it and the agent loads it again.
+	HotFix bool `json:"hot_fix,omitempty"`
 }
 
 func (s *State) patch(target string) *Patch {
@@ -98,7 +114,19 @@ func (s *State) byName(name string) *Patch {
 
 func (p *Patch) set(state, reason, detail string, now time.Time) {
 	p.State, p.Reason, p.Detail, p.Since = state, reason, detail, now
+	p.Superseded = false
 }
+
+// number is p's level, 0 for a patch that is no level.
+func (p *Patch) number() int {
+	if p == nil || p.Level == nil {
+		return 0
+	}
+	return p.Level.Number
+}
+
+// inStream says whether p is a level of stream.
+func (p *Patch) inStream(stream string) bool { return p.Level != nil && p.Level.Stream == stream }
 
 func (p *Patch) checked(name string) bool { return slices.Contains(p.Checks, name) }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/contract"
@@ -29,10 +30,16 @@ type Status struct {
 	Server   string   `json:"server,omitempty"`
 	Repo     string   `json:"repo,omitempty"`
 	Machine  string   `json:"machine_id,omitempty"`
-	// Level counts the agent's patches loaded in the running kernel;
-	// Effective names the kernel with it, e.g. "6.1.0-54-amd64 + stitch level 3".
-	Level       int           `json:"level"`
-	Effective   string        `json:"effective_kernel"`
+	// Level is the live level's number when one is loaded, and
+	// otherwise counts the agent's patches loaded in the running kernel;
+	// Effective names the kernel with it, e.g. "6.1.0-54-amd64 + stitch
+	// level 7 (12 fixes, CVE-2024-1086, ...) + 1 hot-fix".
+	Level     int    `json:"level"`
+	Effective string `json:"effective_kernel"`
+	// LiveLevel is the level of a patch stream loaded now, from its
+	// manifest; HotFixes the patches loaded on top of it.
+	LiveLevel   *LevelStatus  `json:"live_level,omitempty"`
+	HotFixes    []string      `json:"hot_fixes,omitempty"`
 	FixedCVEs   []string      `json:"fixed_cves"`
 	Patches     []PatchStatus `json:"patches"`
 	Pending     []string      `json:"pending,omitempty"`
@@ -46,6 +53,18 @@ type Status struct {
 	RepoErrorAt time.Time `json:"repo_error_at,omitzero"`
 }
 
+// LevelStatus is a live level: its stream, number and what it carries.
+type LevelStatus struct {
+	Stream     string   `json:"stream"`
+	Number     int      `json:"level"`
+	Supersedes int      `json:"supersedes"`
+	Name       string   `json:"name"`
+	Target     string   `json:"target"`
+	Fixes      []string `json:"fixes"`
+	CVEs       []string `json:"cves"`
+	Withdrawn  []string `json:"withdrawn,omitempty"`
+}
+
 // PatchStatus is one of the agent's patches for the running kernel.
 type PatchStatus struct {
 	Name   string    `json:"name"`
@@ -56,6 +75,13 @@ type PatchStatus struct {
 	Since  time.Time `json:"since"`
 	Reason string    `json:"reason,omitempty"`
 	Detail string    `json:"detail,omitempty"`
+	// Stream and Level place a level; Superseded marks one a newer
+	// level replaced (kept to fall back to); HotFix a patch loaded on
+	// top of the live level.
+	Stream     string `json:"stream,omitempty"`
+	Level      int    `json:"level,omitempty"`
+	Superseded bool   `json:"superseded,omitempty"`
+	HotFix     bool   `json:"hot_fix,omitempty"`
 }
 
 // Status reads the agent's state without taking its lock, and judges it
@@ -82,20 +108,34 @@ func (a *Agent) Status(ks *livepatch.Status) (*Status, error) {
 	for _, p := range ks.Patches {
 		loaded[p.Name] = p.Enabled
 	}
+	var live *Patch
+	for _, p := range st.Patches {
+		if p.Level != nil && p.State == contract.StateApplied && loaded[p.Name] && p.Release == ks.Release && p.BuildID == ks.BuildID {
+			live = p
+		}
+	}
 	var failed, missing, halfOut []string
+	count := 0
 	for _, p := range st.Patches {
 		if p.Release != ks.Release || p.BuildID != ks.BuildID {
 			continue
 		}
-		ps := PatchStatus{Name: p.Name, Target: p.Target, CVEs: p.CVEs, State: p.State, Since: p.Since, Reason: p.Reason, Detail: p.Detail}
+		ps := PatchStatus{Name: p.Name, Target: p.Target, CVEs: p.CVEs, State: p.State, Since: p.Since, Reason: p.Reason, Detail: p.Detail, Superseded: p.Superseded}
 		if ps.CVEs == nil {
 			ps.CVEs = []string{}
 		}
+		if p.Level != nil {
+			ps.Stream, ps.Level = p.Level.Stream, p.Level.Number
+		}
 		ps.Loaded = p.State == contract.StateApplied && loaded[p.Name]
+		ps.HotFix = ps.Loaded && live != nil && !p.Replace
+		if ps.HotFix {
+			out.HotFixes = append(out.HotFixes, p.Name)
+		}
 		out.Patches = append(out.Patches, ps)
 		switch {
 		case ps.Loaded:
-			out.Level++
+			count++
 			out.FixedCVEs = append(out.FixedCVEs, p.CVEs...)
 		case p.State == contract.StateApplied:
 			missing = append(missing, p.Name)
@@ -111,7 +151,23 @@ func (a *Agent) Status(ks *livepatch.Status) (*Status, error) {
 	}
 	slices.Sort(out.FixedCVEs)
 	out.FixedCVEs = slices.Compact(out.FixedCVEs)
-	if out.Level > 0 {
+	switch {
+	case live != nil:
+		out.Level = live.Level.Number
+		out.LiveLevel = &LevelStatus{Stream: live.Level.Stream, Number: live.Level.Number, Supersedes: live.Level.Supersedes,
+			Name: live.Name, Target: live.Target, Fixes: live.Fixes, CVEs: live.CVEs, Withdrawn: live.Level.Withdrawn}
+		if out.LiveLevel.Fixes == nil {
+			out.LiveLevel.Fixes = []string{}
+		}
+		if out.LiveLevel.CVEs == nil {
+			out.LiveLevel.CVEs = []string{}
+		}
+		out.Effective = fmt.Sprintf("%s + stitch level %d%s", ks.Release, out.Level, levelNote(out.LiveLevel))
+		if n := len(out.HotFixes); n > 0 {
+			out.Effective += fmt.Sprintf(" + %d hot-fix%s", n, map[bool]string{true: "es"}[n > 1])
+		}
+	case count > 0:
+		out.Level = count
 		out.Effective = fmt.Sprintf("%s + stitch level %d", ks.Release, out.Level)
 	}
 	// Overdue: a whole interval (as last planned) past the next check-in.
@@ -141,4 +197,26 @@ func (a *Agent) Status(ks *livepatch.Status) (*Status, error) {
 		out.Coverage = UpToDate
 	}
 	return out, nil
+}
+
+// levelNote is what a level carries, for the effective kernel's name:
+// " (12 fixes, CVE-2024-1086, CVE-2024-26581, CVE-2024-36971, 4 more CVEs)".
+func levelNote(l *LevelStatus) string {
+	var parts []string
+	switch n := len(l.Fixes); n {
+	case 0:
+	case 1:
+		parts = append(parts, "1 fix")
+	default:
+		parts = append(parts, fmt.Sprintf("%d fixes", n))
+	}
+	const shown = 3
+	parts = append(parts, l.CVEs[:min(len(l.CVEs), shown)]...)
+	if n := len(l.CVEs) - shown; n > 0 {
+		parts = append(parts, fmt.Sprintf("%d more CVE%s", n, map[bool]string{true: "s"}[n > 1]))
+	}
+	if len(parts) == 0 {
+		return ""
+	}
+	return " (" + strings.Join(parts, ", ") + ")"
 }
