@@ -492,3 +492,29 @@ func TestRevertOrderForSupersededLevel(t *testing.T) {
 	m.pass(t)
 	m.onlyLoaded(t, levelName(1))
 }
+
+// Level 2 is blocklisted while the machine runs level 3 (no order names
+// it: the machine does not run it), then level 3 is: the server offers
+// level 1 as the fallback, and the agent goes there, not to the level 2
+// it kept.
+func TestFallbackSkipsLevelBlocklistedWhileSuperseded(t *testing.T) {
+	f, m := enrolled(t)
+	var targets []string
+	for n := 1; n <= 3; n++ {
+		targets = append(targets, f.level(t, n))
+		m.pass(t)
+	}
+	f.operate(targets[1], "blocklist")
+	m.pass(t)
+	m.onlyLoaded(t, levelName(3))
+	before := len(m.loads())
+	f.operate(targets[2], "blocklist")
+	m.pass(t)
+	m.onlyLoaded(t, levelName(1))
+	if loads := m.loads()[before:]; !slices.Equal(loads, []string{levelName(1)}) {
+		t.Errorf("loads after level 3 was blocklisted: %v, want level 1 only", loads)
+	}
+	if p := m.state(t, targets[1]); p.State != contract.StateReverted || p.Superseded {
+		t.Errorf("level 2, blocklisted while superseded: %+v", p)
+	}
+}

@@ -495,6 +495,30 @@ func (s *session) afterReplace(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// dropUnoffered takes off the fallbacks of the live level p, which the
+// server ordered reverted, the kept levels newer than the level of p's
+// stream that the same answer offers below p: the server offers the last
+// good level it knows, and a kept level above that one was blocklisted
+// too (the server orders reverts only of applied patches, so no order
+// named it).
+func (s *session) dropUnoffered(p *Patch, actions []api.Action) {
+	fallback := 0
+	for _, a := range actions {
+		if a.Op == api.OpApply && a.Level != nil && a.Level.Stream == p.Level.Stream && a.Level.Number < p.number() {
+			fallback = max(fallback, a.Level.Number)
+		}
+	}
+	if fallback == 0 {
+		return
+	}
+	for _, c := range s.st.Patches {
+		if c.inStream(p.Level.Stream) && c.Superseded && c.number() > fallback && c.number() < p.number() {
+			s.log().Warn("not falling back to a level the server no longer offers", "patch", c.Name, "server's fallback", contract.LevelName(p.Level.Stream, fallback))
+			c.set(contract.StateReverted, "", fmt.Sprintf("the server falls back to level %d, not to this one", fallback), s.now())
+		}
+	}
+}
+
 // goodBelow is the newest level of p's stream, for p's kernel, below p,
 // that was good when a newer one superseded it, and whose bundle is
 // kept: the level to fall back to.
@@ -1020,6 +1044,7 @@ func (s *session) act(ctx context.Context, actions []api.Action) (bool, error) {
 			continue
 		}
 		if p.Level != nil {
+			s.dropUnoffered(p, actions)
 			q, err := s.fallback(ctx, p, contract.CheckApply)
 			if err != nil {
 				return acted, fmt.Errorf("revert %s as ordered: %w", p.Name, err)
