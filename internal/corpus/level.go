@@ -1,0 +1,179 @@
+package corpus
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/stitchpatch/stitch/internal/build"
+	"github.com/stitchpatch/stitch/internal/contract"
+	"github.com/stitchpatch/stitch/internal/kbuild"
+)
+
+// A cumulative level of a corpus: every fix that applies on its own,
+// combined into one module with klp_patch.replace (see Combine), then a
+// second level without every tenth of them, which replaces the first.
+
+// LevelStream is the patch stream the corpus levels belong to: level N
+// is the module stitch_corpus_lN.
+const LevelStream = "stitch_corpus"
+
+// Attempted is one build Combine asked for.
+type Attempted struct {
+	Fixes   int           `json:"fixes"`
+	Elapsed time.Duration `json:"elapsed_ns"`
+	Error   string        `json:"error,omitempty"`
+}
+
+// LevelBuild is one level as built.
+type LevelBuild struct {
+	Number  int           `json:"number"`
+	Name    string        `json:"name"`
+	Module  string        `json:"module"`
+	Bytes   int64         `json:"ko_bytes"`
+	Objects int           `json:"objects"` // klp objects: vmlinux and modules
+	Modules []string      `json:"modules"` // the klp objects that are modules
+	Funcs   int           `json:"functions"`
+	Fixes   []string      `json:"fixes"`
+	Dropped []Dropped     `json:"dropped,omitempty"`
+	Elapsed time.Duration `json:"elapsed_ns"` // all attempts, compiling included
+	// Compile is the part of Elapsed spent compiling objects (the first
+	// level compiles every fix; a later one finds them in the cache).
+	Compile  time.Duration `json:"compile_ns"`
+	Attempts []Attempted   `json:"attempts"`
+	// Withdrawn: fixes of the previous level this one leaves out.
+	Withdrawn []string `json:"withdrawn,omitempty"`
+	// Files are the source files of its fixes: they pick the workloads.
+	Files []string `json:"-"`
+}
+
+// LevelBuilder builds levels of corpus fixes for one kernel.
+type LevelBuilder struct {
+	Env   *build.Env
+	Cache *PairCache
+	Out   string // levels go to Out/lN
+	// Progress hears of each attempt.
+	Progress func(level int, a Attempted)
+	compile  time.Duration
+}
+
+// NewLevelBuilder compiles in env's tree, caching objects under out/objects.
+func NewLevelBuilder(env *build.Env, out string, progress func(key string, cached bool, elapsed time.Duration, err error)) *LevelBuilder {
+	b := &LevelBuilder{Env: env, Out: out}
+	b.Cache = &PairCache{Dir: filepath.Join(out, "objects")}
+	b.Cache.Compile = func(ctx context.Context, fixes []*build.Fix) ([]build.Pair, error) {
+		scratch := filepath.Join(out, "scratch")
+		defer os.RemoveAll(scratch)
+		src := &build.TreeSource{Tree: env.Tree, HeadersDir: env.Headers, Work: scratch}
+		start := time.Now()
+		pairs, err := src.CompilePair(ctx, fixes)
+		b.compile += time.Since(start)
+		if progress != nil {
+			var names []string
+			for _, f := range fixes {
+				names = append(names, entryName(f))
+			}
+			progress(fmt.Sprint(names), false, time.Since(start), err)
+		}
+		return pairs, err
+	}
+	return b
+}
+
+// Build builds level n of the fixes that combine, out of fixes (in
+// order); prev is the level it supersedes (nil for the first).
+func (b *LevelBuilder) Build(ctx context.Context, n int, fixes []*build.Fix, prev *LevelBuild) (*LevelBuild, error) {
+	byName := map[string]*build.Fix{}
+	for _, f := range fixes {
+		byName[entryName(f)] = f
+	}
+	lv := &LevelBuild{Number: n, Name: contract.LevelName(LevelStream, n)}
+	level := &contract.Level{Stream: LevelStream, Number: n}
+	if prev != nil {
+		level.Supersedes = prev.Number
+		for _, name := range prev.Fixes {
+			if byName[name] == nil {
+				lv.Withdrawn = append(lv.Withdrawn, name)
+				level.Withdrawn = append(level.Withdrawn, name+".patch")
+			}
+		}
+	}
+	out := filepath.Join(b.Out, fmt.Sprintf("l%d", n))
+	var last *build.Result
+	start, compile0 := time.Now(), b.compile
+	src := &LevelSource{Cache: b.Cache, HeadersDir: b.Env.Headers}
+	try := func(ctx context.Context, names []string) error {
+		var set []*build.Fix
+		for _, name := range names {
+			set = append(set, byName[name])
+		}
+		t := time.Now()
+		res, err := build.Build(ctx, src, b.Env.Kernel, set, build.Options{
+			Out: out, Name: lv.Name, Work: filepath.Join(b.Out, "work"), Replace: true, Level: level,
+			Description: fmt.Sprintf("Stitch corpus level %d: %d fixes", n, len(set)),
+		})
+		a := Attempted{Fixes: len(set), Elapsed: time.Since(t)}
+		if err != nil {
+			a.Error = oneLine(err)
+		} else {
+			last = res
+		}
+		lv.Attempts = append(lv.Attempts, a)
+		if b.Progress != nil {
+			b.Progress(n, a)
+		}
+		return err
+	}
+	cr, err := Combine(ctx, CandidatesOf(fixes), try)
+	lv.Elapsed, lv.Compile = time.Since(start), b.compile-compile0
+	if err != nil {
+		return lv, err
+	}
+	lv.Fixes, lv.Dropped = cr.Kept, cr.Dropped
+	if len(cr.Kept) == 0 || last == nil {
+		return lv, fmt.Errorf("level %d: no fix combines", n)
+	}
+	lv.Module = last.Module
+	st, err := os.Stat(last.Module)
+	if err != nil {
+		return lv, err
+	}
+	lv.Bytes = st.Size()
+	for _, o := range last.Manifest.Objects {
+		lv.Objects++
+		lv.Funcs += len(o.Functions)
+		if o.Name != kbuild.Vmlinux {
+			lv.Modules = append(lv.Modules, o.Name)
+		}
+	}
+	for _, name := range cr.Kept {
+		lv.Files = append(lv.Files, byName[name].Files...)
+	}
+	return lv, nil
+}
+
+// WithoutEvery leaves out every k-th fix (the k-th, 2k-th, ...) of names.
+func WithoutEvery(names []string, k int) (kept, left []string) {
+	for i, n := range names {
+		if k > 0 && (i+1)%k == 0 {
+			left = append(left, n)
+		} else {
+			kept = append(kept, n)
+		}
+	}
+	return kept, left
+}
+
+// Pick returns the fixes named, in the order of fixes.
+func Pick(fixes []*build.Fix, names []string) []*build.Fix {
+	var out []*build.Fix
+	for _, f := range fixes {
+		if slices.Contains(names, entryName(f)) {
+			out = append(out, f)
+		}
+	}
+	return out
+}
