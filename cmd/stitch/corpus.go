@@ -32,6 +32,7 @@ func runCorpus(ctx context.Context, st *stdio, args []string) error {
 	fs.StringVar(&lo.from, "from", "", "with --cumulative: take only the fixes this per-fix result CSV (of --csv) says were applied end to end")
 	fs.IntVar(&lo.dropEvery, "drop-every", 10, "with --cumulative: the second level leaves out every N'th fix of the first (0: no second level)")
 	fs.StringVar(&lo.out, "out", "", "with --cumulative: directory for the levels and the compiled objects, reused by a later run (a temporary one if empty)")
+	fs.IntVar(&lo.chunk, "compile-batch", 20, "with --cumulative: fixes of one C file each compiled per make (kbuild.Tree.CompilePairs)")
 	fs.StringVar(&lo.report, "report", "", "with --cumulative: also write the JSON report to this file")
 	if err := parseArgs(fs, args, 1); err != nil {
 		return err

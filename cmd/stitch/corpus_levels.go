@@ -20,6 +20,7 @@ type levelOptions struct {
 	dropEvery  int
 	out        string
 	report     string
+	chunk      int
 	release    string
 	cache      string
 	noVM       bool
@@ -113,6 +114,15 @@ func runCorpusLevels(ctx context.Context, st *stdio, entries []corpus.Entry, o l
 			}
 		}
 	}
+	done := 0
+	lb.Precompile(ctx, fixes, o.chunk, func(k int, elapsed time.Duration, err error) {
+		done += k
+		status := "ok"
+		if err != nil {
+			status = "failed, left to compile one by one: " + trim(strings.Join(strings.Fields(err.Error()), " "), 200)
+		}
+		fmt.Fprintf(st.err, "compiled a batch of %d fixes (%d done) in %.0fs: %s\n", k, done, elapsed.Seconds(), status)
+	})
 	l1, err := lb.Build(ctx, 1, fixes, nil)
 	if l1 != nil {
 		rep.Levels = append(rep.Levels, l1)

@@ -73,14 +73,29 @@ type pairFile struct {
 	Facts     *kbuild.ObjectFacts `json:"facts"`
 }
 
+func (c *PairCache) dir(fixes []*build.Fix) string {
+	var key []string
+	for _, f := range fixes {
+		key = append(key, entryName(f))
+	}
+	return filepath.Join(c.Dir, strings.Join(key, "+"))
+}
+
+// Has reports whether the pairs of fixes (compiled together) are cached.
+func (c *PairCache) Has(fixes []*build.Fix) bool {
+	_, err := os.Stat(filepath.Join(c.dir(fixes), "pairs.json"))
+	return err == nil
+}
+
+// Put caches the pairs of fixes compiled together.
+func (c *PairCache) Put(fixes []*build.Fix, pairs []build.Pair) error {
+	return writePairs(c.dir(fixes), pairs)
+}
+
 // Pairs compiles fixes together (one fix, or the fixes that change one
 // file, in order) or reads them from the cache.
 func (c *PairCache) Pairs(ctx context.Context, fixes []*build.Fix) ([]build.Pair, error) {
-	var key []string
-	for _, f := range fixes {
-		key = append(key, strings.TrimSuffix(f.Name, ".patch"))
-	}
-	dir := filepath.Join(c.Dir, strings.Join(key, "+"))
+	dir := c.dir(fixes)
 	if pairs, err := readPairs(dir); err == nil {
 		c.report(dir, true, nil)
 		return pairs, nil

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/build"
@@ -176,4 +177,75 @@ func Pick(fixes []*build.Fix, names []string) []*build.Fix {
 		}
 	}
 	return out
+}
+
+// Precompile fills the cache for the fixes that change one C file each
+// and nothing else, chunk of them at a time, with one make for all
+// pristine objects of a chunk and one for all patched ones
+// (kbuild.Tree.CompilePairs): on a loaded machine kbuild's start-up costs
+// more than compiling an object. A chunk that fails is left to Build,
+// which compiles its fixes one by one and so learns which failed.
+func (b *LevelBuilder) Precompile(ctx context.Context, fixes []*build.Fix, chunk int, progress func(n int, elapsed time.Duration, err error)) {
+	if chunk <= 0 {
+		chunk = 20
+	}
+	// A file two fixes change is compiled once with both: LevelSource
+	// does that, not the batches.
+	count := map[string]int{}
+	for _, f := range fixes {
+		for _, file := range f.Files {
+			count[file]++
+		}
+	}
+	var todo []*build.Fix
+	for _, f := range fixes {
+		if len(f.Files) == 1 && strings.HasSuffix(f.Files[0], ".c") && count[f.Files[0]] == 1 && !b.Cache.Has([]*build.Fix{f}) {
+			todo = append(todo, f)
+		}
+	}
+	for len(todo) > 0 && ctx.Err() == nil {
+		n := min(chunk, len(todo))
+		start := time.Now()
+		err := b.compileChunk(ctx, todo[:n])
+		b.compile += time.Since(start)
+		if progress != nil {
+			progress(n, time.Since(start), err)
+		}
+		todo = todo[n:]
+	}
+}
+
+func (b *LevelBuilder) compileChunk(ctx context.Context, fixes []*build.Fix) error {
+	tree := b.Env.Tree
+	var jobs []kbuild.PairJob
+	for _, f := range fixes {
+		patched, _, err := tree.PatchedFiles(ctx, f.Diff)
+		if err != nil {
+			return fmt.Errorf("%s: %w", f.Name, err)
+		}
+		src := f.Files[0]
+		jobs = append(jobs, kbuild.PairJob{Object: strings.TrimSuffix(src, ".c") + ".o", Src: src, Patched: patched[src]})
+	}
+	scratch := filepath.Join(b.Out, "scratch")
+	defer os.RemoveAll(scratch)
+	if err := tree.CompilePairs(ctx, jobs, "", scratch); err != nil {
+		return err
+	}
+	for i, j := range jobs {
+		facts, err := tree.ObjectFacts(ctx, j.Object)
+		if err != nil {
+			return err
+		}
+		p := build.Pair{Source: j.Src, Facts: &facts}
+		if p.Pre, err = os.ReadFile(j.Pre); err != nil {
+			return err
+		}
+		if p.Post, err = os.ReadFile(j.Post); err != nil {
+			return err
+		}
+		if err := b.Cache.Put([]*build.Fix{fixes[i]}, []build.Pair{p}); err != nil {
+			return err
+		}
+	}
+	return nil
 }
