@@ -53,9 +53,17 @@ func TestCorpusLevel(t *testing.T) {
 	lb := corpus.NewLevelBuilder(env, t.TempDir(), func(key string, cached bool, elapsed time.Duration, err error) {
 		t.Logf("compiled %s in %.1fs: %v", key, elapsed.Seconds(), err)
 	})
+	// One batch compiles the three (kbuild.Tree.CompilePairs); the
+	// levels then build from the cache.
+	lb.Precompile(ctx, fixes, 0, func(n int, elapsed time.Duration, err error) {
+		t.Logf("compiled %d fixes in one batch in %.1fs: %v", n, elapsed.Seconds(), err)
+	})
 	l1, err := lb.Build(ctx, 1, fixes, nil)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if l1.Compile != 0 {
+		t.Errorf("level 1 compiled again (%v) after the batch", l1.Compile)
 	}
 	t.Logf("level 1: %d fixes, %d functions, %d objects, %d bytes, %.0fs", len(l1.Fixes), l1.Funcs, l1.Objects, l1.Bytes, l1.Elapsed.Seconds())
 	if len(l1.Fixes) != 3 || len(l1.Dropped) != 0 || l1.Objects != 3 || !slices.Equal(l1.Modules, []string{"em_text", "exfat"}) {

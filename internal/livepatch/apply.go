@@ -630,14 +630,18 @@ func (k *Kernel) patchNames() ([]string, error) {
 
 // unloadReplaced unloads the modules of the patches a cumulative patch
 // (klp_patch.replace) took over: once its transition is over the kernel
-// drops them, and their modules can only be unloaded, never enabled
-// again. A patch that is still there was not replaced.
+// disables them and frees them asynchronously, and their modules can only
+// be unloaded, never enabled again. The new patch's "replace" attribute
+// cannot tell, as 6.1 has none: a patch of before that is gone, or
+// disabled though it was enabled before this Apply, was replaced (Apply
+// does not run during another transition, so nothing else disabled it);
+// one still enabled was not. unload waits out the asynchronous free.
 func (k *Kernel) unloadReplaced(ctx context.Context, name string, before []string, opts ApplyOptions, start time.Time) error {
-	if p, err := k.Patch(name); err != nil || !p.Replace {
-		return nil
-	}
 	for _, old := range before {
-		if _, err := k.Patch(old); !errors.Is(err, ErrUnknownPatch) || !k.moduleLoaded(old) {
+		if old == name || !k.moduleLoaded(old) {
+			continue
+		}
+		if p, err := k.Patch(old); err == nil && p.Enabled || err != nil && !errors.Is(err, ErrUnknownPatch) {
 			continue
 		}
 		k.log().Info("unloading the replaced patch's module", "patch", name, "replaced", old)
