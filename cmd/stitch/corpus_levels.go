@@ -192,7 +192,8 @@ func printLevel(st *stdio, l *corpus.LevelBuild) {
 func printRun(st *stdio, r *corpus.LevelRun) {
 	fmt.Fprintf(st.err, "VM: %d modules loaded, %d not\n", len(r.Loaded), len(r.LoadFailed))
 	for _, p := range r.Phases {
-		fmt.Fprintf(st.err, "  %-40s %6.2fs livepatches %v workloads %d failed %v %s\n", p.Name, p.Transition.Seconds(), p.Patches, len(p.Workloads), p.Failed, p.Error)
+		fmt.Fprintf(st.err, "  %-46s %6.1fs (load %.1fs, transition %.1fs, at most %d tasks pending, unload %.1fs); livepatches %v; %d workloads, failed %v %s\n",
+			p.Name, p.Total.Seconds(), p.Load.Seconds(), p.Transition.Seconds(), p.MaxPending, p.Unload.Seconds(), p.Patches, len(p.Workloads), p.Failed, p.Error)
 	}
 	for _, p := range r.Problems {
 		fmt.Fprintf(st.err, "  PROBLEM: %s\n", p)

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 func cands(names ...string) []Candidate {
@@ -203,4 +204,18 @@ func FuzzBlame(f *testing.F) {
 			t.Fatalf("blamed for %q in %q", file, msg)
 		}
 	})
+}
+
+func TestTimingSplit(t *testing.T) {
+	s := time.Unix(100, 0)
+	tm := &timing{start: s, stop: s.Add(10 * time.Second), patching: 3 * time.Second, unload: 8 * time.Second, pending: 4}
+	total, load, tr, unload, pending := tm.split()
+	if total != 10*time.Second || load != 3*time.Second || tr != 5*time.Second || unload != 2*time.Second || pending != 4 {
+		t.Fatalf("split %v %v %v %v %d", total, load, tr, unload, pending)
+	}
+	// A transition over before the first poll: all load.
+	tm = &timing{start: s, stop: s.Add(2 * time.Second)}
+	if total, load, tr, unload, _ := tm.split(); total != load || tr != 0 || unload != 0 {
+		t.Fatalf("quick: %v %v %v %v", total, load, tr, unload)
+	}
 }

@@ -84,7 +84,7 @@ func TestCorpusLevel(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, ph := range run.Phases {
-		t.Logf("%s: %.2fs, livepatches %v, workloads %v, failed %v", ph.Name, ph.Transition.Seconds(), ph.Patches, ph.Workloads, ph.Failed)
+		t.Logf("%s: %.2fs (load %.2fs, transition %.2fs, unload %.2fs), livepatches %v, workloads %v, failed %v", ph.Name, ph.Total.Seconds(), ph.Load.Seconds(), ph.Transition.Seconds(), ph.Unload.Seconds(), ph.Patches, ph.Workloads, ph.Failed)
 	}
 	if !run.OK || len(run.Loaded) != 2 || len(run.Phases) != 4 {
 		t.Fatalf("VM: %+v", run)

@@ -32,14 +32,22 @@ const levelResultPrefix = "CORPUS-LEVEL-RESULT "
 // Phase is one step of the guest's run.
 type Phase struct {
 	Name string `json:"name"` // baseline, apply l1, replace by l2, revert
-	// Transition is how long Apply or Revert took: loading the module,
-	// the transition, and unloading the modules it replaced.
+	// Total is how long Apply or Revert took: Load (loading the module
+	// and livepatch's init of it, up to the transition's start; 0 for a
+	// revert), Transition (until every task runs the new code) and
+	// Unload (the module a replace took over, or the reverted one).
+	Total      time.Duration `json:"total_ns,omitempty"`
+	Load       time.Duration `json:"load_ns,omitempty"`
 	Transition time.Duration `json:"transition_ns,omitempty"`
-	Patches    []string      `json:"livepatches"` // /sys/kernel/livepatch after it
-	Loaded     []string      `json:"level_modules_loaded"`
-	Workloads  []string      `json:"workloads"` // run
-	Failed     []string      `json:"failed,omitempty"`
-	Error      string        `json:"error,omitempty"`
+	Unload     time.Duration `json:"unload_ns,omitempty"`
+	// MaxPending is the most tasks a progress report found not yet
+	// switched during the transition.
+	MaxPending int      `json:"max_pending,omitempty"`
+	Patches    []string `json:"livepatches"` // /sys/kernel/livepatch after it
+	Loaded     []string `json:"level_modules_loaded"`
+	Workloads  []string `json:"workloads"` // run
+	Failed     []string `json:"failed,omitempty"`
+	Error      string   `json:"error,omitempty"`
 }
 
 // LevelRun is what the VM stage of a cumulative level found.
@@ -176,8 +184,11 @@ func guestLevels(ctx context.Context, plan levelPlan) *LevelRun {
 	defer klog.Close()
 	opts := livepatch.ApplyOptions{Timeout: 2 * time.Minute}
 	// phase runs the workloads and records what the kernel holds.
-	phase := func(name string, transition time.Duration, err error) (failed map[string]error) {
-		p := Phase{Name: name, Transition: transition}
+	phase := func(name string, t *timing, err error) (failed map[string]error) {
+		p := Phase{Name: name}
+		if t != nil {
+			p.Total, p.Load, p.Transition, p.Unload, p.MaxPending = t.split()
+		}
 		if err != nil {
 			p.Error = oneLine(err)
 			problem("%s: %s", name, p.Error)
@@ -197,7 +208,7 @@ func guestLevels(ctx context.Context, plan levelPlan) *LevelRun {
 		run.Phases = append(run.Phases, p)
 		return failed
 	}
-	baseline := phase("baseline", 0, nil)
+	baseline := phase("baseline", nil, nil)
 	regressed := func(name string, now map[string]error) {
 		if r := regressions(baseline, now); len(r) > 0 {
 			problem("%s: worked before, failed: %s", name, strings.Join(r, "; "))
@@ -208,9 +219,9 @@ func guestLevels(ctx context.Context, plan levelPlan) *LevelRun {
 		if i > 0 {
 			name = "replace " + names[i-1] + " by " + names[i]
 		}
-		t := time.Now()
-		_, err := k.Apply(ctx, l, opts)
-		failed := phase(name, time.Since(t), err)
+		tm := newTiming()
+		_, err := k.Apply(ctx, l, tm.options(opts))
+		failed := phase(name, tm.end(), err)
 		regressed(name, failed)
 		p := run.Phases[len(run.Phases)-1]
 		if err != nil {
@@ -225,9 +236,9 @@ func guestLevels(ctx context.Context, plan levelPlan) *LevelRun {
 		}
 	}
 	last := names[len(names)-1]
-	t := time.Now()
-	err = k.Revert(ctx, last, opts)
-	failed := phase("revert "+last, time.Since(t), err)
+	tm := newTiming()
+	err = k.Revert(ctx, last, tm.options(opts))
+	failed := phase("revert "+last, tm.end(), err)
 	regressed("revert", failed)
 	p := run.Phases[len(run.Phases)-1]
 	if len(p.Patches) != 0 || len(p.Loaded) != 0 {
@@ -259,4 +270,48 @@ func livepatches() []string {
 func moduleLoaded(name string) bool {
 	_, err := os.Stat(filepath.Join("/sys/module", name))
 	return err == nil
+}
+
+// timing splits an Apply or Revert by its progress reports.
+type timing struct {
+	start, stop time.Time
+	// Since start: the first transition report (the load is over) and
+	// the first unload report (the transition is).
+	patching, unload time.Duration
+	pending          int
+}
+
+func newTiming() *timing { return &timing{start: time.Now()} }
+
+func (t *timing) options(o livepatch.ApplyOptions) livepatch.ApplyOptions {
+	o.Progress = func(p livepatch.Progress) {
+		switch p.Phase {
+		case "patching", "unpatching":
+			if t.patching == 0 {
+				t.patching = time.Since(t.start)
+			}
+			t.pending = max(t.pending, p.Pending)
+		case "unload":
+			if t.unload == 0 {
+				t.unload = time.Since(t.start)
+			}
+		}
+	}
+	return o
+}
+
+func (t *timing) end() *timing { t.stop = time.Now(); return t }
+
+func (t *timing) split() (total, load, transition, unload time.Duration, pending int) {
+	total = t.stop.Sub(t.start)
+	end := t.unload
+	if end == 0 {
+		end = total
+	}
+	if t.patching > 0 {
+		load, transition = t.patching, end-t.patching
+	} else {
+		load = end // over before the first poll
+	}
+	return total, load, transition, total - end, t.pending
 }
