@@ -110,8 +110,10 @@ func Combine(ctx context.Context, cands []Candidate, try Attempt) (*CombineResul
 }
 
 func drop(set []Candidate, blamed []string, how string, err error, res *CombineResult) []Candidate {
-	for _, b := range blamed {
-		res.Dropped = append(res.Dropped, Dropped{Name: b, How: how, Reason: oneLine(err)})
+	for _, c := range set {
+		if slices.Contains(blamed, c.Name) {
+			res.Dropped = append(res.Dropped, Dropped{Name: c.Name, How: how, Reason: reasonFor(err, c)})
+		}
 	}
 	return slices.DeleteFunc(set, func(c Candidate) bool { return slices.Contains(blamed, c.Name) })
 }
@@ -177,4 +179,25 @@ func mentions(s, word string) bool {
 
 func pathChar(b byte) bool {
 	return b == '/' || b == '_' || b == '-' || b == '.' || b >= '0' && b <= '9' || b >= 'a' && b <= 'z' || b >= 'A' && b <= 'Z'
+}
+
+// reasonFor is the part of err that concerns c: an error naming several
+// fixes (objdiff's refusals come one a line, under a heading line) gives
+// each its own lines.
+func reasonFor(err error, c Candidate) string {
+	var fe *FixError
+	if errors.As(err, &fe) {
+		return oneLine(err)
+	}
+	lines := strings.Split(err.Error(), "\n")
+	var mine []string
+	for _, l := range lines[1:] {
+		if mentions(l, c.Name) || slices.ContainsFunc(c.Files, func(f string) bool { return mentions(l, f) }) {
+			mine = append(mine, l)
+		}
+	}
+	if len(mine) == 0 {
+		return oneLine(err)
+	}
+	return strings.Join(strings.Fields(lines[0]+" "+strings.Join(mine, " ")), " ")
 }

@@ -219,3 +219,19 @@ func TestTimingSplit(t *testing.T) {
 		t.Fatalf("quick: %v %v %v %v", total, load, tr, unload)
 	}
 }
+
+func TestCombineGivesEachFixItsLines(t *testing.T) {
+	// objdiff's refusals: a heading, then one line a problem, two fixes.
+	f := &fakeBuild{bad: map[string]func() error{"kernel_trace_blktrace": func() error {
+		return errors.New("fix cannot be live-patched:\n  kernel/trace/blktrace.c: blk_add_driver_data: no __fentry__ call\n  net/smc/af_smc.c: smc_init: init code changed")
+	}}}
+	set := append(cands("kernel_trace_blktrace", "fs_proc_base"), Candidate{Name: "net_smc_af_smc", Files: []string{"net/smc/af_smc.c"}})
+	res, err := Combine(context.Background(), set, f.try)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(res.Kept, []string{"fs_proc_base"}) || len(res.Dropped) != 2 || res.Dropped[0].Reason != "fix cannot be live-patched: kernel/trace/blktrace.c: blk_add_driver_data: no __fentry__ call" ||
+		res.Dropped[1].Reason != "fix cannot be live-patched: net/smc/af_smc.c: smc_init: init code changed" {
+		t.Fatalf("dropped %+v", res.Dropped)
+	}
+}
