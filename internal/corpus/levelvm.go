@@ -33,8 +33,8 @@ const levelResultPrefix = "CORPUS-LEVEL-RESULT "
 type Phase struct {
 	Name string `json:"name"` // baseline, apply l1, replace by l2, revert
 	// Total is how long Apply or Revert took: Load (loading the module
-	// and livepatch's init of it, up to the transition's start; 0 for a
-	// revert), Transition (until every task runs the new code) and
+	// and livepatch's init of it, up to the first transition report; for
+	// a revert, disabling the patch up to that report), Transition (until every task runs the new code) and
 	// Unload (the module a replace took over, or the reverted one).
 	Total      time.Duration `json:"total_ns,omitempty"`
 	Load       time.Duration `json:"load_ns,omitempty"`
