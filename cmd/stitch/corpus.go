@@ -27,6 +27,13 @@ func runCorpus(ctx context.Context, st *stdio, args []string) error {
 	csvPath := fs.String("csv", "", "also write the results as CSV to this file")
 	cache := fs.String("cache", kernel.CacheDir(), "cache directory")
 	jsonOut := fs.Bool("json", false, "print JSON")
+	var lo levelOptions
+	fs.BoolVar(&lo.cumulative, "cumulative", false, "build ONE cumulative level of every fix that combines (see --from), apply it in a VM with the patched modules loaded, replace it by a level without every --drop-every'th fix, revert; report what did not combine and why")
+	fs.StringVar(&lo.from, "from", "", "with --cumulative: take only the fixes this per-fix result CSV (of --csv) says were applied end to end")
+	fs.IntVar(&lo.dropEvery, "drop-every", 10, "with --cumulative: the second level leaves out every N'th fix of the first (0: no second level)")
+	fs.StringVar(&lo.out, "out", "", "with --cumulative: directory for the levels and the compiled objects, reused by a later run (a temporary one if empty)")
+	fs.IntVar(&lo.chunk, "compile-batch", 20, "with --cumulative: fixes of one C file each compiled per make (kbuild.Tree.CompilePairs)")
+	fs.StringVar(&lo.report, "report", "", "with --cumulative: also write the JSON report to this file")
 	if err := parseArgs(fs, args, 1); err != nil {
 		return err
 	}
@@ -37,6 +44,13 @@ func runCorpus(ctx context.Context, st *stdio, args []string) error {
 	entries, err := corpus.Select(all, *filter, *limit)
 	if err != nil {
 		return usageError{err}
+	}
+	lo.release, lo.cache, lo.noVM, lo.json = *release, *cache, *noVM, *jsonOut
+	if lo.cumulative {
+		return runCorpusLevels(ctx, st, entries, lo)
+	}
+	if lo.from != "" {
+		return usageError{fmt.Errorf("--from goes with --cumulative")}
 	}
 	p, err := kernel.Open(ctx, *cache, *release)
 	if err != nil {
@@ -119,8 +133,12 @@ func runCorpus(ctx context.Context, st *stdio, args []string) error {
 
 func runCorpusGuest(ctx context.Context, st *stdio, args []string) error {
 	fs := newFlagSet(st, "corpus-guest", "PLAN.json", "The guest side of 'stitch corpus'.")
+	levels := fs.Bool("levels", false, "the plan is of cumulative levels (stitch corpus --cumulative)")
 	if err := parseArgs(fs, args, 1); err != nil {
 		return err
+	}
+	if *levels {
+		return corpus.GuestLevels(ctx, fs.Arg(0), st.out)
 	}
 	return corpus.Guest(ctx, fs.Arg(0), st.out)
 }

@@ -66,6 +66,44 @@ func runWorkloads(file string) map[string]error {
 	return failed
 }
 
+// fits tells whether the workload fits a fix to any of files.
+func (w workload) fits(files []string) bool {
+	if w.when == nil {
+		return true
+	}
+	for _, f := range files {
+		if w.when(f) {
+			return true
+		}
+	}
+	return false
+}
+
+// runWorkloadsFor runs the workloads that fit any of files (a level's
+// fixes) and returns those that failed, with their errors.
+func runWorkloadsFor(files []string) map[string]error {
+	failed := map[string]error{}
+	for _, w := range workloads {
+		if w.fits(files) {
+			if err := w.run(); err != nil {
+				failed[w.name] = err
+			}
+		}
+	}
+	return failed
+}
+
+// workloadsFor names the workloads that fit any of files.
+func workloadsFor(files []string) []string {
+	var out []string
+	for _, w := range workloads {
+		if w.fits(files) {
+			out = append(out, w.name)
+		}
+	}
+	return out
+}
+
 // regressions are the workloads that failed after but not before.
 func regressions(before, after map[string]error) []string {
 	var out []string

@@ -331,15 +331,21 @@ func (t *Tree) restoreSwapped() error {
 	if err != nil {
 		return err
 	}
-	path := filepath.Join(t.Dir, string(b))
-	if err := os.Rename(path+".stitch-orig", path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("restore %s: %w", path, err)
-	}
-	// Newer than any object built from the patched version, so that make
-	// rebuilds those.
-	now := time.Now()
-	if err := os.Chtimes(path, now, now); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
+	// One file a line: CompilePairs swaps several.
+	for _, src := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		if src == "" {
+			continue
+		}
+		path := filepath.Join(t.Dir, src)
+		if err := os.Rename(path+".stitch-orig", path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("restore %s: %w", path, err)
+		}
+		// Newer than any object built from the patched version, so that
+		// make rebuilds those.
+		now := time.Now()
+		if err := os.Chtimes(path, now, now); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
 	}
 	return os.Remove(journal)
 }
