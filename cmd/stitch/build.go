@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/build"
-	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/kernel"
 )
 
@@ -68,7 +67,6 @@ func runBuild(ctx context.Context, st *stdio, args []string) error {
 		if fixes, opts.Level, err = s.Level(*level); err != nil {
 			return err
 		}
-		opts.Name = contract.LevelName(s.Name, *level)
 		fmt.Fprintf(st.err, "stream %s level %d: %d fix(es)%s\n", s.Name, *level, len(fixes), withdrawnNote(opts.Level.Withdrawn))
 	}
 	for _, p := range fs.Args() {

@@ -66,6 +66,18 @@ func (f *fleet) level(t *testing.T, n int) string {
 	return f.publish(m, testutils.StandInModule(t, m.Name, release, ""))
 }
 
+// levelsTaken publishes levels 1 to n, one at a time, each taken by
+// machine m in a pass.
+func (f *fleet) levelsTaken(t *testing.T, m *machine, n int) []string {
+	t.Helper()
+	var targets []string
+	for i := 1; i <= n; i++ {
+		targets = append(targets, f.level(t, i))
+		m.pass(t)
+	}
+	return targets
+}
+
 func levelName(n int) string { return contract.LevelName(stream, n) }
 
 // onlyLoaded fails unless the kernel holds exactly the patches named.
@@ -205,11 +217,7 @@ func TestOfferedLevelsFetchNewestOnly(t *testing.T) {
 
 func TestBlocklistedLevelFallsBack(t *testing.T) {
 	f, m := enrolled(t)
-	var targets []string
-	for n := 1; n <= 3; n++ {
-		targets = append(targets, f.level(t, n))
-		m.pass(t)
-	}
+	targets := f.levelsTaken(t, m, 3)
 	f.operate(targets[2], "blocklist")
 	m.pass(t)
 	m.onlyLoaded(t, levelName(2))
@@ -474,11 +482,7 @@ func TestRevertOrderForSupersededLevel(t *testing.T) {
 	f, m := newFleet(t), newMachine(t)
 	g := newGateway(t, f)
 	m.enrollVia(t, f, g)
-	var targets []string
-	for n := 1; n <= 3; n++ {
-		targets = append(targets, f.level(t, n))
-		m.pass(t)
-	}
+	targets := f.levelsTaken(t, m, 3)
 	g.set(nil, func(cr *api.CheckInResponse) {
 		cr.Actions = append(cr.Actions, api.Action{Target: targets[1], Name: levelName(2), Op: api.OpRevert})
 	})
@@ -499,11 +503,7 @@ func TestRevertOrderForSupersededLevel(t *testing.T) {
 // it kept.
 func TestFallbackSkipsLevelBlocklistedWhileSuperseded(t *testing.T) {
 	f, m := enrolled(t)
-	var targets []string
-	for n := 1; n <= 3; n++ {
-		targets = append(targets, f.level(t, n))
-		m.pass(t)
-	}
+	targets := f.levelsTaken(t, m, 3)
 	f.operate(targets[1], "blocklist")
 	m.pass(t)
 	m.onlyLoaded(t, levelName(3))

@@ -47,7 +47,7 @@ func buildLevels(t *testing.T, profile *kernel.Profile) []vmLevel {
 			t.Fatal(err)
 		}
 		res, err := build.BuildMany(context.Background(), []*kernel.Profile{profile}, fixes, build.ManyOptions{
-			Options: build.Options{Out: t.TempDir(), Name: contract.LevelName(s.Name, n), Replace: true, Level: l},
+			Options: build.Options{Out: t.TempDir(), Level: l},
 			Cache:   kernel.CacheDir(),
 		})
 		if err == nil && res[0].Err != nil {

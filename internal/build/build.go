@@ -64,7 +64,7 @@ type Options struct {
 	Description string
 	CVEs        []string
 	// Replace builds a cumulative patch (klp_patch.replace); Level, a
-	// level of a patch stream, which is one (Name must be the level's).
+	// level of a patch stream, which is one, named by the level.
 	Replace  bool
 	Level    *contract.Level
 	Progress func(Step)
@@ -96,6 +96,7 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 	if len(fixes) == 0 {
 		return nil, fmt.Errorf("%w: no fix given", ErrBadFix)
 	}
+	o.forLevel()
 	name := o.Name
 	if name == "" {
 		name = moduleName(fixes[0])
@@ -183,7 +184,7 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
-	ko, m, err := assemble(ctx, src.Headers(), dir, name, o.Replace || o.Level != nil, fixes, objs, loc, nil)
+	ko, m, err := assemble(ctx, src.Headers(), dir, name, o.Replace, fixes, objs, loc, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -221,6 +222,14 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 		res.Work = work
 	}
 	return res, nil
+}
+
+// forLevel makes a level's build what every level is: a cumulative
+// patch named contract.LevelName.
+func (o *Options) forLevel() {
+	if o.Level != nil {
+		o.Name, o.Replace = contract.LevelName(o.Level.Stream, o.Level.Number), true
+	}
 }
 
 // functionsOf names the functions an object defines.

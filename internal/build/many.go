@@ -113,6 +113,7 @@ func BuildMany(ctx context.Context, kernels []*kernel.Profile, fixes []*FixVaria
 	if len(kernels) == 0 {
 		return nil, fmt.Errorf("%w: no kernel given", ErrBadFix)
 	}
+	o.forLevel()
 	if o.Name == "" {
 		o.Name = fixes[0].ModuleName()
 	}

@@ -155,7 +155,7 @@ func (e *env) buildLevels(t *testing.T) []vm.File {
 		work := t.TempDir()
 		src := &build.TreeSource{Tree: e.tree, HeadersDir: e.profile.HeadersDir, Work: work}
 		start := time.Now()
-		res, err := build.Build(ctx, src, e.kernel, fixes, build.Options{Out: t.TempDir(), Work: work, Name: contract.LevelName(s.Name, n), Level: level})
+		res, err := build.Build(ctx, src, e.kernel, fixes, build.Options{Out: t.TempDir(), Work: work, Level: level})
 		cancel()
 		if err != nil {
 			t.Fatalf("build level %d: %v", n, err)

@@ -113,7 +113,7 @@ func (b *LevelBuilder) Build(ctx context.Context, n int, fixes []*build.Fix, pre
 		}
 		t := time.Now()
 		res, err := build.Build(ctx, src, b.Env.Kernel, set, build.Options{
-			Out: out, Name: lv.Name, Work: filepath.Join(b.Out, "work"), Replace: true, Level: level,
+			Out: out, Work: filepath.Join(b.Out, "work"), Level: level,
 			Description: fmt.Sprintf("Stitch corpus level %d: %d fixes", n, len(set)),
 		})
 		a := Attempted{Fixes: len(set), Elapsed: time.Since(t)}
