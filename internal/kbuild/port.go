@@ -155,22 +155,11 @@ func (t *Tree) Port(ctx context.Context, diff []byte) (*Port, error) {
 // on top of another one, whose context holds the other's new lines. base
 // must apply; the tree is not changed.
 func (t *Tree) PortOnto(ctx context.Context, base, diff []byte) (*Port, error) {
-	unlock, err := t.lock(ctx)
+	tmp, _, err := t.copySources(ctx, append(append(slices.Clip(base), '\n'), diff...))
 	if err != nil {
-		return nil, err
-	}
-	tmp, err := os.MkdirTemp("", "stitch-port-")
-	if err != nil {
-		unlock()
 		return nil, err
 	}
 	defer os.RemoveAll(tmp)
-	both := append(append(slices.Clip(base), '\n'), diff...)
-	_, err = copySources(t, tmp, both)
-	unlock()
-	if err != nil {
-		return nil, err
-	}
 	secs, err := parseDiff(base)
 	if err != nil {
 		return nil, err
@@ -178,8 +167,7 @@ func (t *Tree) PortOnto(ctx context.Context, base, diff []byte) (*Port, error) {
 	if _, _, err := portCopies(ctx, tmp, t.Release, secs, base, true); err != nil {
 		return nil, fmt.Errorf("the fixes before it: %w", err)
 	}
-	secs, err = parseDiff(diff)
-	if err != nil {
+	if secs, err = parseDiff(diff); err != nil {
 		return nil, err
 	}
 	p, _, err := portCopies(ctx, tmp, t.Release, secs, diff, false)
@@ -205,32 +193,38 @@ func PortDir(ctx context.Context, dir string, diff []byte) (*Port, error) {
 }
 
 func (t *Tree) port(ctx context.Context, diff []byte, apply bool) (*Port, map[string][]byte, error) {
-	// The files are copied under the tree's lock, so that a build in
-	// another process, which swaps a patched file in, is never seen.
-	unlock, err := t.lock(ctx)
+	tmp, secs, err := t.copySources(ctx, diff)
 	if err != nil {
-		return nil, nil, err
-	}
-	tmp, err := os.MkdirTemp("", "stitch-port-")
-	if err != nil {
-		unlock()
 		return nil, nil, err
 	}
 	defer os.RemoveAll(tmp)
-	secs, err := copySources(t, tmp, diff)
-	unlock()
-	if err != nil {
-		return nil, nil, err
-	}
 	return portCopies(ctx, tmp, t.Release, secs, diff, apply)
 }
 
-// copySources copies the files diff touches from the tree into tmp.
-func copySources(t *Tree, tmp string, diff []byte) ([]diffFile, error) {
-	if err := t.restoreSwapped(); err != nil {
-		return nil, err
+// copySources copies the files diff touches from the tree into a new
+// temporary directory, which the caller removes. The files are copied
+// under the tree's lock, so that a build in another process, which swaps
+// a patched file in, is never seen.
+func (t *Tree) copySources(ctx context.Context, diff []byte) (string, []diffFile, error) {
+	unlock, err := t.lock(ctx)
+	if err != nil {
+		return "", nil, err
 	}
-	return copyTouched(t.Dir, tmp, diff)
+	defer unlock()
+	tmp, err := os.MkdirTemp("", "stitch-port-")
+	if err != nil {
+		return "", nil, err
+	}
+	if err := t.restoreSwapped(); err != nil {
+		os.RemoveAll(tmp)
+		return "", nil, err
+	}
+	secs, err := copyTouched(t.Dir, tmp, diff)
+	if err != nil {
+		os.RemoveAll(tmp)
+		return "", nil, err
+	}
+	return tmp, secs, nil
 }
 
 func portFiles(ctx context.Context, dir, release string, diff []byte, apply bool) (*Port, map[string][]byte, error) {
