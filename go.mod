@@ -8,11 +8,16 @@ require (
 )
 
 require (
+	github.com/chromedp/chromedp v0.23.0
+	github.com/klauspost/compress v1.20.4
 	github.com/sigstore/sigstore v1.10.6
 	github.com/ulikunitz/xz v0.5.15
 )
 
-require github.com/klauspost/compress v1.20.4 // indirect
+require (
+	github.com/chromedp/cdproto v0.159.0 // indirect
+	github.com/go-json-experiment/json v0.0.0-20260213210345-44df1a37e875 // indirect
+)
 
 require (
 	github.com/jackc/pgpassfile v1.0.0 // indirect

@@ -14,7 +14,9 @@ apt-get install -y -q --no-install-recommends \
 	qemu-system-x86 \
 	"linux-image-$release" "linux-headers-$release" \
 	gcc-12 make bc flex bison libelf-dev libssl-dev dwarves xz-utils cpio kmod patch \
-	ca-certificates git
+	ca-certificates git \
+	ovmf efitools sbsigntool openssl \
+	chromium
 
 # The running kernel's exact source, for building objects that match it.
 # A plain 'apt-get install linux-source-6.1' would give the newest version.

@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
-	"runtime/debug"
 	"strings"
 	"time"
 
@@ -20,15 +19,12 @@ import (
 // subcommands enroll, install, disable, enable.
 func runAgent(ctx context.Context, st *stdio, args []string) error {
 	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-		sub := map[string]func(context.Context, *stdio, []string) error{
-			"enroll": runAgentEnroll, "install": runAgentInstall,
-			"disable": func(ctx context.Context, st *stdio, a []string) error { return runAgentSwitch(st, a, true) },
-			"enable":  func(ctx context.Context, st *stdio, a []string) error { return runAgentSwitch(st, a, false) },
-		}[args[0]]
-		if sub == nil {
-			return usageError{fmt.Errorf("agent: unknown subcommand %q (enroll, install, disable, enable; or flags)", args[0])}
-		}
-		return sub(ctx, st, args[1:])
+		return runGroup(ctx, st, "agent", []subcommand{
+			{name: "enroll", summary: "register this machine with a patch server or a mirror", run: runAgentEnroll},
+			{name: "install", summary: "install this binary and the agent's systemd units", run: runAgentInstall},
+			{name: "disable", summary: "stop loading patches until enabled", run: func(ctx context.Context, st *stdio, a []string) error { return runAgentSwitch(st, a, true) }},
+			{name: "enable", summary: "allow loading patches again", run: func(ctx context.Context, st *stdio, a []string) error { return runAgentSwitch(st, a, false) }},
+		}, args)
 	}
 	fs := newFlagSet(st, "agent", "", `Keeps this machine patched: checks in with the patch server on its interval, applies the patches it offers for this exact kernel after verifying them (TUF signatures, build-id, vermagic, the running code), watches the kernel and reverts on trouble, reports health, and obeys revert orders. Runs until stopped; --once does one pass; --boot reloads the cached patches without a network.
 
@@ -42,7 +38,7 @@ Subcommands: enroll, install, disable, enable (stitch agent SUB -h).`)
 		return err
 	}
 	if *once && *boot {
-		return usageError{errors.New("agent: --once or --boot, not both")}
+		return usageError{errors.New("--once or --boot, not both")}
 	}
 	level := slog.LevelInfo
 	if !*verbose && (*once || *boot) {
@@ -81,26 +77,6 @@ func newAgent(st *stdio, dir string, level slog.Level) *agent.Agent {
 	return a
 }
 
-// version names the build in check-ins: the module version, or for a
-// build from a checkout "devel+" and the commit, in the characters the
-// server accepts.
-func version() string {
-	bi, ok := debug.ReadBuildInfo()
-	if !ok {
-		return "unknown"
-	}
-	v := bi.Main.Version
-	if v == "" || v == "(devel)" {
-		v = "devel"
-		for _, s := range bi.Settings {
-			if s.Key == "vcs.revision" && len(s.Value) >= 12 {
-				v += "+" + s.Value[:12]
-			}
-		}
-	}
-	return v
-}
-
 func runAgentEnroll(ctx context.Context, st *stdio, args []string) error {
 	fs := newFlagSet(st, "agent enroll", "", "Registers this machine with a patch server (or a mirror) and pins the repository's root of trust. The enrollment key may come from STITCH_ENROLL_KEY instead of --key, to keep it out of ps.")
 	var o agent.EnrollOptions
@@ -112,6 +88,8 @@ func runAgentEnroll(ctx context.Context, st *stdio, args []string) error {
 	fs.StringVar(&o.Proxy, "proxy", "", "HTTP proxy URL (default: HTTPS_PROXY/HTTP_PROXY from the environment)")
 	fs.DurationVar(&o.Interval, "interval", 0, "check-in interval when the server does not set one (default 1h)")
 	root := fs.String("root", "", "the repository's root.json (from `stitch repo root` on the repository's host)")
+	ca := fs.String("ca", "", "PEM bundle of the CA that signed the https server's certificate: the only one trusted for the server and repository, kept as DIR/ca.pem (default: the system's CAs)")
+	mok := fs.Bool("mok-import", false, "under Secure Boot, when the kernel does not trust the fleet's module-signing certificate: request its enrollment as a Machine Owner Key (mokutil --import --root-pw); confirm it on the console at the next boot")
 	jsonOut := fs.Bool("json", false, "print JSON")
 	if err := parseArgs(fs, args, 0); err != nil {
 		return err
@@ -124,17 +102,56 @@ func runAgentEnroll(ctx context.Context, st *stdio, args []string) error {
 		return usageError{fmt.Errorf("--root: %w", err)}
 	}
 	o.Root = b
-	cfg, err := (&agent.Agent{Dir: *dir}).Enroll(ctx, o)
+	if *ca != "" {
+		if o.CA, err = os.ReadFile(*ca); err != nil {
+			return usageError{fmt.Errorf("--ca: %w", err)}
+		}
+		o.CAFile = *ca
+	}
+	a := &agent.Agent{Dir: *dir}
+	cfg, err := a.Enroll(ctx, o)
 	if err != nil {
 		return err
 	}
+	// Under Secure Boot the kernel loads the fleet's patches only once it
+	// trusts the fleet's certificate: say so now, not at the first patch.
+	ks, _ := (&livepatch.Kernel{Logger: st.log}).Signing()
+	sg, err := a.Signing(ks)
+	if err != nil {
+		return err
+	}
+	blocked := sg.Blocked()
+	imported := false
+	if blocked != "" && *mok && len(sg.Keys) > 0 {
+		if err := agent.ImportMOK(ctx, sg.Keys[0].File); err != nil {
+			return err
+		}
+		imported = true
+	}
 	if *jsonOut {
-		return printJSON(st.out, map[string]string{"machine_id": cfg.MachineID, "server": cfg.Server, "repo": cfg.Repo, "dir": *dir})
+		return printJSON(st.out, map[string]any{"machine_id": cfg.MachineID, "server": cfg.Server, "repo": cfg.Repo, "dir": *dir,
+			"module_signing": sg, "blocked": blocked, "mok_import_requested": imported})
 	}
 	if cfg.Server != "" {
 		fmt.Fprintf(st.out, "enrolled as machine %s with %s\n", cfg.MachineID, cfg.Server)
 	} else {
 		fmt.Fprintf(st.out, "set up to follow the mirror %s\n", cfg.Repo)
+	}
+	if blocked != "" {
+		fmt.Fprintf(st.out, "\nSECURE BOOT: %s.\n", blocked)
+		if len(sg.Keys) > 0 {
+			steps := agent.MOKSteps(sg.Keys[0].File)
+			if imported {
+				fmt.Fprintf(st.out, "Its enrollment is requested (mokutil --import, with root's password). To finish, once:\n")
+				steps = steps[1:]
+			} else {
+				fmt.Fprintf(st.out, "Enroll it once on this machine (or run stitch agent enroll with --mok-import to do the first step):\n")
+			}
+			for i, s := range steps {
+				fmt.Fprintf(st.out, "  %d. %s\n", i+1, s)
+			}
+			fmt.Fprintf(st.out, "Machines whose firmware keys you own can take it into db instead (docs/signing.md).\n\n")
+		}
 	}
 	fmt.Fprintf(st.out, "next: stitch agent --once (one pass now), or stitch agent install (run it as a service)\n")
 	return nil
@@ -231,6 +248,27 @@ func printAgentStatus(st *stdio, a *agent.Agent, jsonOut, monitor bool) error {
 	return nil
 }
 
+// signingLine answers "would the kernel load the fleet's signed
+// patches" in a few words.
+func signingLine(s *agent.SigningStatus) string {
+	var names []string
+	for _, k := range s.Keys {
+		if k.Trusted == s.Trusted {
+			names = append(names, k.Subject+" "+k.KeyID)
+		}
+	}
+	switch {
+	case s.Trusted:
+		return "yes (" + strings.Join(names, ", ") + ")"
+	case len(s.Keys) == 0:
+		return "no: the repository signs no modules"
+	case !s.Required:
+		return "no, not needed: this kernel does not require signed modules (" + strings.Join(names, ", ") + " not enrolled)"
+	default:
+		return "no: enroll " + s.Keys[0].File + " (stitch agent enroll explains how)"
+	}
+}
+
 var coverageExit = map[agent.Coverage]int{
 	agent.UpToDate: exitOK, agent.Pending: exitPending, agent.NotCovered: exitNotCovered, agent.Error: exitStatusError,
 }
@@ -265,6 +303,9 @@ func printCoverage(w io.Writer, s *agent.Status) {
 	}
 	if s.Disabled != "" {
 		fmt.Fprintf(w, "loading:   OFF (%s)\n", s.Disabled)
+	}
+	if sg := s.Signing; sg != nil && (sg.Required || len(sg.Keys) > 0) {
+		fmt.Fprintf(w, "signing key trusted: %s\n", signingLine(sg))
 	}
 	if len(s.FixedCVEs) > 0 {
 		fmt.Fprintf(w, "fixed:     %s\n", strings.Join(s.FixedCVEs, " "))

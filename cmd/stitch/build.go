@@ -29,13 +29,14 @@ func runBuild(ctx context.Context, st *stdio, args []string) error {
 	fs.StringVar(&opts.Description, "description", "", "description (default: the first fix's subject)")
 	var cves stringList
 	fs.Var(&cves, "cve", "CVE id the fixes address (repeatable; also read from the fixes' headers)")
+	fs.StringVar(&opts.Hooks, "hooks", "", "C file of hooks compiled into the module: klp callbacks, shadow variables, data updated in place (docs/fix-author.md)")
 	fs.BoolVar(&opts.KeepWork, "keep-tmp", false, "keep the scratch directories and print their paths")
 	fs.BoolVar(&opts.Replace, "cumulative", false, "build a cumulative patch: it replaces every livepatch loaded before it (klp atomic replace)")
 	streamPath := fs.String("stream", "", "build a level of the patch stream in this file (docs/build.md); no FIX arguments")
 	level := fs.Int("level", 0, "with --stream: the level to build (default: the newest)")
 	jsonOut := fs.Bool("json", false, "print a JSON report")
-	if err := fs.Parse(args); err != nil {
-		return usageError{err}
+	if err := parseFlags(fs, args); err != nil {
+		return err
 	}
 	switch {
 	case *streamPath != "" && fs.NArg() > 0:
@@ -223,6 +224,12 @@ func printBuildTable(w io.Writer, results []*build.KernelResult) {
 	for _, r := range results {
 		if len(r.Functions) > 0 {
 			fmt.Fprintf(w, "  %s patches %s\n", r.Release, strings.Join(r.Functions, " "))
+		}
+		if len(r.Callbacks) > 0 {
+			fmt.Fprintf(w, "  %s callbacks %s\n", r.Release, strings.Join(r.Callbacks, " "))
+		}
+		for _, sb := range r.StaticBranches {
+			fmt.Fprintf(w, "  %s static branch %s\n", r.Release, sb)
 		}
 	}
 }

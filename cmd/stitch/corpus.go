@@ -65,8 +65,8 @@ func runCorpus(ctx context.Context, st *stdio, args []string) error {
 		return err
 	}
 	defer os.RemoveAll(work)
-	builder := func(ctx context.Context, fix *build.Fix, out string) (*build.Result, error) {
-		return env.Build(ctx, []*build.Fix{fix}, build.Options{Out: out, Work: filepath.Join(out, "work")})
+	builder := func(ctx context.Context, fix *build.Fix, hooks, out string) (*build.Result, error) {
+		return env.Build(ctx, []*build.Fix{fix}, build.Options{Out: out, Work: filepath.Join(out, "work"), Hooks: hooks})
 	}
 	// A batch is built, then applied in one VM boot, so results come in
 	// as the run goes (the whole corpus takes hours on two cores).
@@ -126,8 +126,8 @@ func runCorpus(ctx context.Context, st *stdio, args []string) error {
 		parts = append(parts, fmt.Sprintf("%s %d", k, v))
 	}
 	sort.Strings(parts)
-	fmt.Fprintf(st.out, "\n%d fixes: %s; live-patched end to end: %.0f%% (%.0f%% of the %d this kernel needs: not contained, changing its code)\n",
-		sum.Total, strings.Join(parts, ", "), 100*sum.Share, 100*sum.ShareNeeded, sum.Total-sum.NotNeeded())
+	fmt.Fprintf(st.out, "\n%d fixes: %s; live-patched end to end: %.0f%% (%.0f%% of the %d this kernel needs: not contained, changing its code); automatically %.0f%%, with the fix author's hooks %d\n",
+		sum.Total, strings.Join(parts, ", "), 100*sum.Share, 100*sum.ShareNeeded, sum.Total-sum.NotNeeded(), 100*sum.ShareAutomatic, sum.WithHooks)
 	return nil
 }
 
@@ -143,11 +143,28 @@ func runCorpusGuest(ctx context.Context, st *stdio, args []string) error {
 	return corpus.Guest(ctx, fs.Arg(0), st.out)
 }
 
-var csvHeader = []string{"fix", "file", "changed_lines", "location", "object", "functions", "build_seconds", "port", "outcome", "reason"}
+var csvHeader = []string{"fix", "file", "changed_lines", "location", "object", "functions", "build_seconds", "port", "outcome", "reason", "hooks"}
 
 func csvRow(r corpus.Result) []string {
 	return []string{r.Name, r.File, strconv.Itoa(r.Lines), r.Location, r.Object, strings.Join(r.Functions, " "),
-		strconv.FormatFloat(r.BuildTime.Seconds(), 'f', 1, 64), r.Port, r.Outcome, r.Reason}
+		strconv.FormatFloat(r.BuildTime.Seconds(), 'f', 1, 64), r.Port, r.Outcome, r.Reason, hooksName(r.Hooks, r.Livepatch)}
+}
+
+// hooksName names for the CSV what the fix author added to a fix, without
+// the corpus's directory: the hooks file (NAME.c) and the livepatch form
+// (livepatch/NAME.patch), space-separated.
+func hooksName(paths ...string) string {
+	var names []string
+	for _, p := range paths {
+		if p != "" {
+			name := filepath.Base(p)
+			if filepath.Base(filepath.Dir(p)) == "livepatch" {
+				name = "livepatch/" + name
+			}
+			names = append(names, name)
+		}
+	}
+	return strings.Join(names, " ")
 }
 
 func trim(s string, n int) string {

@@ -100,7 +100,11 @@ func printDiff(w io.Writer, pre, post string, r *objdiff.Result) {
 	names("removed functions", r.Removed)
 	var data []string
 	for _, d := range r.NewData {
-		data = append(data, fmt.Sprintf("%s (%d bytes in %s)", d.Name, d.Size, d.Section))
+		line := fmt.Sprintf("%s (%d bytes in %s)", d.Name, d.Size, d.Section)
+		if d.Why != "" {
+			line += ": new copy, " + d.Why
+		}
+		data = append(data, line)
 	}
 	names("new data", data)
 	names("unchanged but for __LINE__ constants", r.LineOnly)

@@ -29,7 +29,7 @@ const (
 	exitBusy        = 4 // another livepatch transition is in progress
 	exitRolledBack  = 5 // the transition timed out and was rolled back
 	exitTrouble     = 6 // the kernel warned or oopsed after patching; reverted
-	exitRefused     = 7 // build: the fix cannot be live-patched safely, or was not built for this kernel's code; a repository's signatures do not verify
+	exitRefused     = 7 // build: the fix cannot be live-patched safely, or was not built for this kernel's code; a repository's signatures do not verify; the kernel requires a module signature it cannot accept
 	// stitch status: the machine's coverage, for monitoring checks.
 	exitPending     = 8  // patches offered but not applied yet
 	exitNotCovered  = 9  // no agent, no livepatch, loading off, or a patch failed or is not loaded
@@ -77,7 +77,8 @@ func exitCode(err error) int {
 		errors.Is(err, kbuild.ErrNoPatchTool):
 		return exitUnsupported
 	case errors.Is(err, build.ErrUnpatchable), errors.Is(err, build.ErrRunPre), errors.Is(err, build.ErrNothing),
-		errors.Is(err, klpmod.ErrUnpatchable), errors.Is(err, bundle.ErrVerify):
+		errors.Is(err, klpmod.ErrUnpatchable), errors.Is(err, bundle.ErrVerify), errors.Is(err, livepatch.ErrSignature),
+		errors.Is(err, agent.ErrCertificate):
 		return exitRefused
 	case errors.Is(err, layout.ErrNoLayout): // the kernel cannot say its special sections' formats
 		return exitUnsupported
@@ -99,7 +100,7 @@ func isBadInput(err error) bool {
 		livepatch.ErrUnknownPatch, livepatch.ErrAlreadyLoaded, livepatch.ErrWrongKernel,
 		build.ErrBadFix, build.ErrNoVariant, contract.ErrBadManifest, contract.ErrBadContained,
 		bundle.ErrBadBundle, bundle.ErrExists, bundle.ErrNoRepo, rollout.ErrBadPolicy,
-		api.ErrBadRequest, api.ErrUnauthorized, api.ErrForbidden, agent.ErrNotEnrolled,
+		api.ErrBadRequest, api.ErrUnauthorized, api.ErrForbidden, agent.ErrNotEnrolled, agent.ErrBadCA,
 		kernel.ErrUnknown, kernel.ErrBadRelease, kernel.ErrSystem,
 	} {
 		if errors.Is(err, e) {

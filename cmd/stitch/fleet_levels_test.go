@@ -131,7 +131,7 @@ func TestFleetLevelsCommand(t *testing.T) {
 	if err := json.Unmarshal(out.Bytes(), &ls); err != nil || len(ls) != 1 || ls[0].Streams[0].NoLevel != 1 || ls[0].Streams[0].Levels[1].Machines != 1 {
 		t.Fatalf("fleet levels --json: %v\n%s", err, out.String())
 	}
-	if err := cmd(runFleet, "machines", srv); err != nil || !strings.Contains(out.String(), "mem 2") {
+	if err := cmd(runFleet, "machines", "--coverage", srv); err != nil || !strings.Contains(out.String(), "mem 2") {
 		t.Fatalf("fleet machines: %v\n%s", err, out.String())
 	}
 

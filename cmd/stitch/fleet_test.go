@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -86,6 +87,24 @@ func TestPublishRolloutAndFleetCommands(t *testing.T) {
 	if err := cmd(runFleet, "group", "default", "--channel", "canary", srv); err != nil {
 		t.Fatal(err)
 	}
+	// The server and the token from the environment; flags after the
+	// arguments.
+	t.Setenv("STITCH_ADMIN_TOKEN", "")
+	t.Setenv(envToken, token)
+	t.Setenv(envServer, hs.URL)
+	if err := cmd(runFleet, "channel", "canary", "--delay", "90m"); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd(runFleet, "groups"); err != nil || !regexp.MustCompile(`(?m)^default\s+canary\s+-$`).MatchString(out.String()) {
+		t.Fatalf("fleet groups: %v\n%s", err, out.String())
+	}
+	if err := cmd(runFleet, "channels", "--json"); err != nil || !strings.Contains(out.String(), `"name": "canary",
+    "delay_seconds": 5400`) {
+		t.Fatalf("fleet channels: %v\n%s", err, out.String())
+	}
+	t.Setenv(envToken, "")
+	t.Setenv(envServer, "")
+	t.Setenv("STITCH_ADMIN_TOKEN", token)
 	if err := cmd(runFleet, "key", "--max-machines", "5", "--json", srv); err != nil {
 		t.Fatal(err)
 	}
@@ -117,6 +136,33 @@ func TestPublishRolloutAndFleetCommands(t *testing.T) {
 	if err := cmd(runFleet, "cves", srv); err != nil || !strings.Contains(out.String(), "CVE-2026-12345  0      1") {
 		t.Fatalf("fleet cves: %v\n%s", err, out.String())
 	}
+
+	// A read-only operator reads the reports but may not halt; the
+	// refusal is in the audit log under its name.
+	if err := cmd(runFleet, "operator", "viewer", "--role", "read-only", "--json", srv); err != nil {
+		t.Fatal(err)
+	}
+	var viewer api.OperatorResponse
+	json.Unmarshal(out.Bytes(), &viewer)
+	t.Setenv("STITCH_ADMIN_TOKEN", "")
+	t.Setenv(envToken, viewer.Token)
+	if err := cmd(runFleet, "machines", srv, "--search", "WEB", "--state", "stale"); err != nil || !strings.Contains(out.String(), "no machine on this page (0 in all)") {
+		t.Errorf("read-only operator: fleet machines --search WEB --state stale: %v\n%s", err, out.String())
+	}
+	if err := cmd(runFleet, "machines", srv, "--search", "WEB", "--json"); err != nil || !strings.Contains(out.String(), `"hostname": "web1"`) || !strings.Contains(out.String(), `"total": 1`) {
+		t.Errorf("read-only operator: fleet machines --search WEB: %v\n%s", err, out.String())
+	}
+	if err := cmd(runFleet, "machines", srv, "--state", "asleep"); exitCode(err) != exitUsage || !strings.Contains(err.Error(), "want one of stale") {
+		t.Errorf("fleet machines --state asleep: %v", err)
+	}
+	if err := cmd(runRollout, "halt", "stitch_fix", "--reason", "x", srv); exitCode(err) != exitUsage || !strings.Contains(err.Error(), "may not rollout halt") {
+		t.Errorf("read-only operator: rollout halt: %v", err)
+	}
+	t.Setenv(envToken, token)
+	if err := cmd(runFleet, "audit", "--actor", "viewer", srv); err != nil || !strings.Contains(out.String(), "rollout halt") || !strings.Contains(out.String(), "403 Forbidden") {
+		t.Errorf("fleet audit: %v\n%s", err, out.String())
+	}
+	t.Setenv(envToken, "")
 
 	for name, tc := range map[string]struct {
 		run  func(context.Context, *stdio, []string) error

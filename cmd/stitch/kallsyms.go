@@ -21,8 +21,8 @@ func runKallsyms(ctx context.Context, st *stdio, args []string) error {
 	find := fs.Bool("find", false, "tell which object defines the NAMEd functions")
 	modules := fs.String("modules", "", "modules directory for --find (default /lib/modules/<release of the image>)")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
-	if err := fs.Parse(args); err != nil {
-		return usageError{err}
+	if err := parseFlags(fs, args); err != nil {
+		return err
 	}
 	names := fs.Args()
 

@@ -11,19 +11,11 @@ import (
 )
 
 func runKernel(ctx context.Context, st *stdio, args []string) error {
-	const subs = "add, list, rm"
-	if len(args) == 0 {
-		return usageError{fmt.Errorf("kernel: want a subcommand: %s", subs)}
-	}
-	switch args[0] {
-	case "add":
-		return runKernelAdd(ctx, st, args[1:])
-	case "list", "ls":
-		return runKernelList(ctx, st, args[1:])
-	case "rm", "remove":
-		return runKernelRm(ctx, st, args[1:])
-	}
-	return usageError{fmt.Errorf("kernel: unknown subcommand %q (%s)", args[0], subs)}
+	return runGroup(ctx, st, "kernel", []subcommand{
+		{name: "add", args: "RELEASE...", summary: "fetch kernels from the archive into the cache", run: runKernelAdd},
+		{name: "list", aliases: []string{"ls"}, summary: "kernels ready to build for, and those the archive offers", run: runKernelList},
+		{name: "rm", aliases: []string{"remove"}, args: "RELEASE...", summary: "remove kernels from the cache", run: runKernelRm},
+	}, args)
 }
 
 func runKernelAdd(ctx context.Context, st *stdio, args []string) error {
@@ -31,8 +23,8 @@ func runKernelAdd(ctx context.Context, st *stdio, args []string) error {
 	install := fs.Bool("install", false, "also apt-get install the image and headers on this system (root)")
 	cache := fs.String("cache", kernel.CacheDir(), "cache directory")
 	jsonOut := fs.Bool("json", false, "print a JSON report")
-	if err := fs.Parse(args); err != nil {
-		return usageError{err}
+	if err := parseFlags(fs, args); err != nil {
+		return err
 	}
 	if fs.NArg() == 0 {
 		fs.Usage()
@@ -142,8 +134,8 @@ func runKernelRm(ctx context.Context, st *stdio, args []string) error {
 	purge := fs.Bool("purge", false, "also delete the kernel's .debs (those no other ready kernel uses)")
 	cache := fs.String("cache", kernel.CacheDir(), "cache directory")
 	jsonOut := fs.Bool("json", false, "print JSON")
-	if err := fs.Parse(args); err != nil {
-		return usageError{err}
+	if err := parseFlags(fs, args); err != nil {
+		return err
 	}
 	if fs.NArg() == 0 {
 		fs.Usage()

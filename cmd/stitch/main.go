@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	goruntime "runtime"
 	"sort"
 	"syscall"
 
@@ -54,7 +55,7 @@ func commands() []command {
 		{name: "rollout", summary: "start, halt, resume or blocklist a patch's rollout on a server", run: runRollout},
 		{name: "fleet", summary: "fleet reports (patches with each fix's coverage of the kernels, machines, cves, patch levels, keys), settings (keys, channels, groups) and revocation (revoke a key, delete a machine) on a server", run: runFleet},
 		{name: "agent", summary: "keep this machine patched: enroll, check in, verify, apply, watch, report (enroll, install, disable, enable)", run: runAgent},
-		{name: "keys", summary: "rotate a repository's signing keys, renew its root with the offline root key", run: runKeys},
+		{name: "keys", summary: "rotate a repository's signing keys, renew its root with the offline root key; module-signing keys (keys signing init|rotate|use|retire|list)", run: runKeys},
 		{name: "demo", summary: "patch a real kernel live in a VM, then restore it", run: runDemo},
 		{name: "demo-guest", summary: "the guest side of demo", run: runDemoGuest, hidden: true},
 	}
@@ -70,16 +71,20 @@ func main() {
 	if filepath.Base(os.Args[0]) == "modprobe" {
 		os.Exit(vm.ModprobeMain(os.Args[1:], os.Stderr))
 	}
-	os.Exit(run(os.Args[1:]))
-}
-
-func run(args []string) int {
 	st := &stdio{in: os.Stdin, out: os.Stdout, err: os.Stderr}
 	st.log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	os.Exit(run(st, os.Args[1:]))
+}
 
+// run runs the command args names and returns the process's exit code.
+func run(st *stdio, args []string) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
+	if len(args) > 0 && (args[0] == "--version" || args[0] == "version") {
+		fmt.Fprintf(st.out, "stitch %s (%s)\n", version(), goruntime.Version())
+		return exitOK
+	}
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
 		usage(st.err)
 		if len(args) == 0 {
@@ -101,7 +106,12 @@ func run(args []string) int {
 		code := exitCode(err)
 		var silent silentExit
 		if !errors.As(err, &silent) {
-			fmt.Fprintf(st.err, "stitch %s: %v\n", c.name, err)
+			name := c.name
+			var sub subcommandError
+			if errors.As(err, &sub) {
+				name, err = name+" "+sub.path, sub.err
+			}
+			fmt.Fprintf(st.err, "stitch %s: %v\n", name, err)
 		}
 		return code
 	}

@@ -63,7 +63,7 @@ func TestFleetKeysRevokeAndDelete(t *testing.T) {
 	if err := cmd(runFleet, "keys", srv); err != nil || !strings.Contains(out.String(), key.ID) || !strings.Contains(out.String(), "1 of 1") {
 		t.Fatalf("fleet keys: %v\n%s", err, out.String())
 	}
-	if err := cmd(runFleet, "machines", srv); err != nil || !strings.Contains(out.String(), key.ID) {
+	if err := cmd(runFleet, "machines", "--coverage", srv); err != nil || !strings.Contains(out.String(), key.ID) {
 		t.Fatalf("fleet machines names no key: %v\n%s", err, out.String())
 	}
 	// The command the limit error names frees the slot.

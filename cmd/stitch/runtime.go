@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -15,28 +14,6 @@ import (
 	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/livepatch"
 )
-
-func newFlagSet(st *stdio, name, args, about string) *flag.FlagSet {
-	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(st.err)
-	fs.Usage = func() {
-		fmt.Fprintf(st.err, "usage: stitch %s [flags] %s\n\n%s\n\nflags:\n", name, args, about)
-		fs.PrintDefaults()
-	}
-	return fs
-}
-
-// parseArgs parses flags and insists on exactly n positional arguments.
-func parseArgs(fs *flag.FlagSet, args []string, n int) error {
-	if err := fs.Parse(args); err != nil {
-		return usageError{err}
-	}
-	if fs.NArg() != n {
-		fs.Usage()
-		return usageError{fmt.Errorf("want %d argument(s), got %d", n, fs.NArg())}
-	}
-	return nil
-}
 
 func printJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
@@ -65,9 +42,11 @@ type applyReport struct {
 	Trouble *livepatch.TroubleError    `json:"trouble,omitempty"`
 	// RollbackFailed: the stall or trouble above could not be undone.
 	RollbackFailed *livepatch.RollbackError `json:"rollback_failed,omitempty"`
-	Progress       []livepatch.Progress     `json:"progress"`
-	State          *livepatch.Patch         `json:"state,omitempty"`
-	Elapsed        time.Duration            `json:"elapsed_ns"`
+	// Signature: the kernel requires a module signature it cannot accept.
+	Signature *livepatch.SignatureError `json:"signature,omitempty"`
+	Progress  []livepatch.Progress      `json:"progress"`
+	State     *livepatch.Patch          `json:"state,omitempty"`
+	Elapsed   time.Duration             `json:"elapsed_ns"`
 }
 
 func runApply(ctx context.Context, st *stdio, args []string) error {
@@ -139,6 +118,7 @@ func runTransition(st *stdio, action string, jsonOut bool, opts *livepatch.Apply
 		errors.As(err, &rep.Stalled)
 		errors.As(err, &rep.Trouble)
 		errors.As(err, &rep.RollbackFailed)
+		errors.As(err, &rep.Signature)
 	} else if action == "apply" {
 		rep.State, _ = k.Patch(name)
 	}
@@ -177,6 +157,13 @@ func printKernelStatus(w io.Writer, s *livepatch.Status) {
 	for _, f := range s.Taint.Flags {
 		if f.Relevant {
 			fmt.Fprintf(w, "           %s: %s\n", f.Letter, f.Means)
+		}
+	}
+	if sg := s.Signing; sg != nil {
+		if sg.Required() {
+			fmt.Fprintf(w, "signing:   required (%s); the kernel holds %d keys\n", sg.Policy(), len(sg.Keys))
+		} else {
+			fmt.Fprintln(w, "signing:   not required (no lockdown, no module.sig_enforce)")
 		}
 	}
 	if len(s.Patches) == 0 {

@@ -11,6 +11,7 @@
 //
 //	config.json   server, repository, machine id and token (mode 0600)
 //	root.json     the TUF root pinned at enrollment
+//	ca.pem        the CA pinned for https (enroll --ca), if any
 //	state.json    the patches and what became of them, last check-in, unsent reports
 //	tuf/          verified metadata and bundles (bundle.Client's cache)
 //	modules/      the module files loaded from those bundles
@@ -22,7 +23,10 @@ import (
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -61,6 +65,11 @@ var (
 	// ErrRedirect means the server or repository redirected elsewhere
 	// than the scheme and host the agent was configured with.
 	ErrRedirect = errors.New("redirect refused")
+	// ErrCertificate means an https server's certificate was not signed
+	// by the CA the agent trusts (the pinned one, or the system's).
+	ErrCertificate = errors.New("server certificate not trusted")
+	// ErrBadCA is a CA file (enroll --ca) that is not PEM certificates.
+	ErrBadCA = errors.New("bad CA file")
 )
 
 // Kernel is what the agent needs of the running kernel: *livepatch.Kernel.
@@ -147,6 +156,10 @@ type Config struct {
 	// Interval between check-ins when the server does not say (and in
 	// mirror mode); an hour when zero.
 	IntervalSeconds int `json:"interval_seconds,omitempty"`
+	// CA is a PEM file of the only CA certificates trusted for the
+	// server and the repository over https (Dir/ca.pem, from enroll
+	// --ca); empty means the system's roots.
+	CA string `json:"ca,omitempty"`
 }
 
 func (c *Config) interval() time.Duration {
@@ -156,20 +169,80 @@ func (c *Config) interval() time.Duration {
 	return time.Hour
 }
 
-// httpClient honours Proxy, follows no redirect that changes scheme or
-// host (see sameOrigin), and serves file:// URLs from the local disk, so
-// that a mirror can be a directory.
+// httpClient honours Proxy, trusts only the CA in the CA file when there
+// is one, follows no redirect that changes scheme or host (see
+// sameOrigin), and serves file:// URLs from the local disk, so that a
+// mirror can be a directory.
 func (c *Config) httpClient() (*http.Client, error) {
+	var ca *x509.CertPool
+	if c.CA != "" {
+		b, err := os.ReadFile(c.CA)
+		if err != nil {
+			return nil, fmt.Errorf("pinned CA: %w (enroll again with --ca, or remove \"ca\" from config.json to trust the system's CAs)", err)
+		}
+		if ca, err = parseCA(b, c.CA); err != nil {
+			return nil, err
+		}
+	}
+	return newHTTPClient(c.Proxy, ca)
+}
+
+func newHTTPClient(proxy string, ca *x509.CertPool) (*http.Client, error) {
 	tr := http.DefaultTransport.(*http.Transport).Clone()
-	if c.Proxy != "" {
-		u, err := url.Parse(c.Proxy)
+	if proxy != "" {
+		u, err := url.Parse(proxy)
 		if err != nil || u.Host == "" {
-			return nil, fmt.Errorf("proxy %q: want a URL such as http://proxy:3128", c.Proxy)
+			return nil, fmt.Errorf("proxy %q: want a URL such as http://proxy:3128", proxy)
 		}
 		tr.Proxy = http.ProxyURL(u)
 	}
+	tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: ca} // nil: the system's roots
 	tr.RegisterProtocol("file", http.NewFileTransport(http.Dir("/")))
 	return &http.Client{Transport: tr, Timeout: 5 * time.Minute, CheckRedirect: sameOrigin}, nil
+}
+
+// parseCA reads a PEM bundle of CA certificates (name is its file, for
+// errors): nothing but certificates, at least one.
+func parseCA(b []byte, name string) (*x509.CertPool, error) {
+	pool := x509.NewCertPool()
+	n := 0
+	for rest := b; ; {
+		var blk *pem.Block
+		blk, rest = pem.Decode(rest)
+		if blk == nil {
+			if strings.TrimSpace(string(rest)) != "" {
+				return nil, fmt.Errorf("%w %s: text that is not PEM: want PEM certificates (-----BEGIN CERTIFICATE-----)", ErrBadCA, name)
+			}
+			break
+		}
+		if blk.Type != "CERTIFICATE" {
+			return nil, fmt.Errorf("%w %s: a PEM %q block: want certificates only, never a key", ErrBadCA, name, blk.Type)
+		}
+		cert, err := x509.ParseCertificate(blk.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("%w %s: certificate %d: %v", ErrBadCA, name, n+1, err)
+		}
+		pool.AddCert(cert)
+		n++
+	}
+	if n == 0 {
+		return nil, fmt.Errorf("%w %s: no PEM certificate in it", ErrBadCA, name)
+	}
+	return pool, nil
+}
+
+// certHint explains a certificate the agent refused: which CA it trusts
+// (caFile; empty for the system's) and what to do.
+func certHint(err error, caFile string) error {
+	var verr *tls.CertificateVerificationError
+	var unknown x509.UnknownAuthorityError
+	if !errors.As(err, &verr) && !errors.As(err, &unknown) {
+		return err
+	}
+	if caFile != "" {
+		return fmt.Errorf("%w: %v: the server's certificate is not signed by the CA in %s (--ca); give --ca the CA that issued the server's certificate (what `stitch server --tls-cert` serves), or check that --server names the right server", ErrCertificate, err, caFile)
+	}
+	return fmt.Errorf("%w: %v: the system's CAs do not trust the server's certificate; give --ca FILE with the CA that issued it (a PEM bundle)", ErrCertificate, err)
 }
 
 // sameOrigin refuses a redirect to another scheme or host than the
@@ -195,9 +268,26 @@ type EnrollOptions struct {
 	Repo   string // default Server + "/v1/repo"
 	Proxy  string
 	Root   []byte // the repository's root.json, from its operator
+	// CA, when set, is a PEM bundle of the only CAs trusted for the
+	// server and the repository over https, kept as Dir/ca.pem; CAFile
+	// names where it came from, for errors. Empty: the system's roots.
+	CA     []byte
+	CAFile string
 	// Hostname reported to the server; os.Hostname when empty.
 	Hostname string
 	Interval time.Duration
+}
+
+// RepoURL is a repository's URL as given (http://, https://, file://), or
+// for an absolute path the file:// URL of that directory.
+func RepoURL(s string) (string, error) {
+	switch {
+	case s == "" || strings.HasPrefix(s, "http://") || strings.HasPrefix(s, "https://") || strings.HasPrefix(s, "file:///"):
+		return s, nil
+	case filepath.IsAbs(s):
+		return "file://" + filepath.Clean(s), nil
+	}
+	return "", fmt.Errorf("repository %q: want an http://, https:// or file:/// URL, or an absolute path", s)
 }
 
 // Enroll registers the machine with the server (when there is one) and
@@ -213,11 +303,32 @@ func (a *Agent) Enroll(ctx context.Context, o EnrollOptions) (*Config, error) {
 	if o.Server == "" && o.Repo == "" {
 		return nil, errors.New("enroll: give a server URL, or a mirror's repository URL")
 	}
-	cfg := &Config{Server: strings.TrimRight(o.Server, "/"), Repo: strings.TrimRight(o.Repo, "/"), Proxy: o.Proxy, IntervalSeconds: int(o.Interval / time.Second)}
+	repo, err := RepoURL(o.Repo)
+	if err != nil {
+		return nil, fmt.Errorf("enroll: %w", err)
+	}
+	if o.Server != "" && !strings.HasPrefix(o.Server, "http://") && !strings.HasPrefix(o.Server, "https://") {
+		return nil, fmt.Errorf("enroll: server %q: want an http:// or https:// URL", o.Server)
+	}
+	cfg := &Config{Server: strings.TrimRight(o.Server, "/"), Repo: strings.TrimRight(repo, "/"), Proxy: o.Proxy, IntervalSeconds: int(o.Interval / time.Second)}
 	if cfg.Repo == "" {
 		cfg.Repo = cfg.Server + "/v1/repo"
 	}
-	hc, err := cfg.httpClient()
+	var ca *x509.CertPool
+	caName := "" // for certHint: empty means the system's roots
+	if len(o.CA) > 0 {
+		caName = o.CAFile
+		if caName == "" {
+			caName = "the pinned CA"
+		}
+		if !strings.HasPrefix(cfg.Server, "https://") && !strings.HasPrefix(cfg.Repo, "https://") {
+			return nil, fmt.Errorf("enroll: %w: --ca %s pins a CA for https, but neither the server nor the repository is an https:// URL", ErrBadCA, o.CAFile)
+		}
+		if ca, err = parseCA(o.CA, o.CAFile); err != nil {
+			return nil, fmt.Errorf("enroll: %w", err)
+		}
+	}
+	hc, err := newHTTPClient(cfg.Proxy, ca)
 	if err != nil {
 		return nil, fmt.Errorf("enroll: %w", err)
 	}
@@ -229,7 +340,12 @@ func (a *Agent) Enroll(ctx context.Context, o EnrollOptions) (*Config, error) {
 	tc := &bundle.Client{BaseURL: cfg.Repo, TrustedRoot: o.Root, CacheDir: a.path("tuf"), HTTP: hc}
 	if _, err := tc.Targets(ctx); err != nil {
 		os.RemoveAll(a.path("tuf"))
-		return nil, fmt.Errorf("enroll: repository %s: %w", cfg.Repo, err)
+		return nil, fmt.Errorf("enroll: repository %s: %w", cfg.Repo, certHint(err, caName))
+	}
+	certs, err := tc.SigningCerts(ctx)
+	if err != nil {
+		os.RemoveAll(a.path("tuf"))
+		return nil, fmt.Errorf("enroll: repository %s: %w", cfg.Repo, certHint(err, caName))
 	}
 	if cfg.Server != "" {
 		// The server keeps one record per host and key: enrolling again
@@ -246,11 +362,26 @@ func (a *Agent) Enroll(ctx context.Context, o EnrollOptions) (*Config, error) {
 		r, err := c.Enroll(ctx, api.EnrollRequest{Key: o.Key, Hostname: host, Group: o.Group, HostID: hostID})
 		if err != nil {
 			os.RemoveAll(a.path("tuf"))
-			return nil, fmt.Errorf("enroll with %s: %w", cfg.Server, err)
+			return nil, fmt.Errorf("enroll with %s: %w", cfg.Server, certHint(err, caName))
 		}
 		cfg.MachineID, cfg.Token = r.MachineID, r.Token
 	}
+	if ca != nil {
+		// Kept beside the root, by absolute path, since the agent runs
+		// from anywhere.
+		p, err := filepath.Abs(a.path("ca.pem"))
+		if err == nil {
+			err = writeFile(p, o.CA, 0o644)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("enroll: %w", err)
+		}
+		cfg.CA = p
+	}
 	if err := writeFile(a.path("root.json"), o.Root, 0o644); err != nil {
+		return nil, fmt.Errorf("enroll: %w", err)
+	}
+	if err := a.keepSigningCerts(certs); err != nil {
 		return nil, fmt.Errorf("enroll: %w", err)
 	}
 	if err := writeJSON(a.path("config.json"), cfg, 0o600); err != nil {

@@ -53,6 +53,8 @@ type fakeKernel struct {
 	stallBoth map[string]bool
 	revertErr map[string]error
 	order     []string // the modules loaded, in order
+	// noLivepatch is a kernel built without CONFIG_LIVEPATCH.
+	noLivepatch bool
 }
 
 func newKernel() *fakeKernel {
@@ -62,7 +64,7 @@ func newKernel() *fakeKernel {
 func (k *fakeKernel) Status() (*livepatch.Status, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	s := &livepatch.Status{Release: release, BuildID: buildID, Livepatch: true}
+	s := &livepatch.Status{Release: release, BuildID: buildID, Livepatch: !k.noLivepatch}
 	for n := range k.loaded {
 		s.Patches = append(s.Patches, livepatch.Patch{Name: n, Enabled: true})
 	}
@@ -574,7 +576,8 @@ func TestMirrorWithoutServer(t *testing.T) {
 	}
 	m := newMachine(t)
 	m.Checks = fastChecks // no server to tell the schedule
-	if _, err := m.Enroll(context.Background(), agent.EnrollOptions{Repo: "file://" + mirror.Dir, Root: f.root()}); err != nil {
+	// A plain absolute path is the mirror's directory (file://).
+	if _, err := m.Enroll(context.Background(), agent.EnrollOptions{Repo: mirror.Dir, Root: f.root()}); err != nil {
 		t.Fatal(err)
 	}
 	m.pass(t)
@@ -604,6 +607,12 @@ func TestEnrollRefusals(t *testing.T) {
 	}
 	if err := m.Once(context.Background()); !errors.Is(err, agent.ErrNotEnrolled) {
 		t.Fatalf("Once unenrolled: %v", err)
+	}
+	for _, o := range []agent.EnrollOptions{{Repo: "stitch-repo"}, {Server: strings.TrimPrefix(f.srv.URL, "http://")}} {
+		o.Key, o.Root = f.key(), f.root()
+		if _, err := m.Enroll(context.Background(), o); err == nil || !strings.Contains(err.Error(), "want an http") {
+			t.Errorf("enroll with server %q, repository %q: %v; want a refusal naming the URL forms", o.Server, o.Repo, err)
+		}
 	}
 	m.enroll(t, f)
 	if _, err := m.Enroll(context.Background(), agent.EnrollOptions{Server: f.srv.URL, Key: f.key(), Root: f.root()}); err == nil {
@@ -706,5 +715,49 @@ func TestInstall(t *testing.T) {
 	}
 	if err := agent.Install(self, "relative/stitch", units, "/var/lib/stitch", &log); err == nil {
 		t.Error("a relative binary path was accepted")
+	}
+}
+
+// A machine whose kernel cannot live-patch enrolls, checks in as
+// unsupported, is offered nothing and counts as no rollout's eligible
+// machine; its status says "not covered" and why, not "error". Its
+// agent keeps checking in, so it stays visible.
+func TestUnsupportedKernel(t *testing.T) {
+	f := newFleet(t)
+	target := f.fix(t, "fix_one")
+	ok, no := newMachine(t), newMachine(t)
+	no.k.noLivepatch = true
+	for _, m := range []*machine{ok, no} {
+		m.enroll(t, f)
+		m.pass(t)
+	}
+	if !ok.k.isLoaded("fix_one") || len(no.k.order) != 0 {
+		t.Fatalf("loaded: supported %v, unsupported %v", ok.k.order, no.k.order)
+	}
+	s := no.status(t)
+	if s.Coverage != agent.NotCovered || !strings.Contains(s.Why, "no livepatch support") {
+		t.Errorf("unsupported machine's status: %s (%s), want not covered, saying why", s.Coverage, s.Why)
+	}
+	var ms []api.MachineReport
+	if err := f.admin.Do(context.Background(), "GET", "/v1/admin/reports/machines", nil, &ms); err != nil {
+		t.Fatal(err)
+	}
+	unsupported := 0
+	for _, m := range ms {
+		if m.Unsupported != "" {
+			unsupported++
+			if m.KernelRelease != release || m.LastCheckIn.IsZero() {
+				t.Errorf("unsupported machine %+v: want its kernel and check-in recorded", m)
+			}
+		}
+	}
+	if len(ms) != 2 || unsupported != 1 {
+		t.Errorf("machines report: %d machines, %d unsupported; want 2 and 1", len(ms), unsupported)
+	}
+	if p := f.patch(target); p.Eligible != 1 || p.Pending != 0 {
+		t.Errorf("rollout: eligible %d, pending %d; want 1 and 0 (the unsupported machine is neither)", p.Eligible, p.Pending)
+	}
+	if err := no.Boot(context.Background()); err != nil {
+		t.Errorf("boot pass on an unsupported kernel: %v", err)
 	}
 }

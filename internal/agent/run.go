@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net/http"
 	"os"
 	"slices"
 	"strings"
@@ -16,6 +17,7 @@ import (
 	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/kmod"
 	"github.com/stitchpatch/stitch/internal/livepatch"
+	"github.com/stitchpatch/stitch/internal/modsign"
 	"github.com/stitchpatch/stitch/internal/server/api"
 )
 
@@ -68,10 +70,6 @@ func (a *Agent) open() (*session, error) {
 	if err != nil {
 		f.Close()
 		return nil, err
-	}
-	if !ks.Livepatch {
-		f.Close()
-		return nil, fmt.Errorf("%w: this kernel has no /sys/kernel/livepatch (CONFIG_LIVEPATCH)", livepatch.ErrUnsupported)
 	}
 	s := &session{Agent: a, cfg: cfg, root: root, st: st, boot: a.bootID(), kernel: ks, unlock: func() { f.Close() }}
 	if st.Version < 1 {
@@ -175,6 +173,9 @@ func (a *Agent) Boot(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if !s.kernel.Livepatch {
+		return s.close() // nothing was applied, nothing to reload
+	}
 	s.recover()
 	err = s.reload(ctx)
 	return errors.Join(err, errors.Join(s.alarms...), s.close())
@@ -189,6 +190,12 @@ func (a *Agent) Once(ctx context.Context) error {
 	s, err := a.open()
 	if err != nil {
 		return err
+	}
+	if !s.kernel.Livepatch {
+		// The machine stays visible to its server, as unsupported, and
+		// its status says why it is not covered.
+		err := s.reportUnsupported(ctx)
+		return errors.Join(err, s.close())
 	}
 	s.recover()
 	err = s.reload(ctx)
@@ -904,8 +911,22 @@ func (s *session) flush(ctx context.Context) error {
 }
 
 func (s *session) client() *api.Client {
-	hc, _ := s.cfg.httpClient() // the proxy was checked at enrollment
+	hc, err := s.cfg.httpClient()
+	if err != nil {
+		// An unreadable pinned CA must not fall back to the system's
+		// roots: every request fails with the reason.
+		hc = &http.Client{Transport: failingTransport{err}}
+	}
 	return &api.Client{BaseURL: s.cfg.Server, Token: s.cfg.Token, HTTP: hc}
+}
+
+type failingTransport struct{ err error }
+
+func (f failingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	if r.Body != nil {
+		r.Body.Close()
+	}
+	return nil, f.err
 }
 
 func (s *session) tuf() (*bundle.Client, error) {
@@ -984,12 +1005,29 @@ func (s *session) nextInterval(secs int) time.Duration {
 	return d
 }
 
+// unsupportedReason is why this kernel cannot be live-patched, for the
+// server and for status.
+const unsupportedReason = "the kernel has no livepatch support (no /sys/kernel/livepatch: CONFIG_LIVEPATCH)"
+
+// reportUnsupported checks in as a machine that cannot be live-patched:
+// no orders are asked for or obeyed.
+func (s *session) reportUnsupported(ctx context.Context) error {
+	if s.cfg.Server == "" {
+		return nil
+	}
+	_, err := s.checkIn(ctx)
+	return err
+}
+
 // checkInReport lists every patch with what the kernel actually holds: a
 // patch the agent wants applied but that is not loaded (loading is off)
 // is reported reverted, so the server never counts it as protection.
 func (s *session) checkInReport() api.CheckIn {
 	loaded := s.loaded()
 	ci := api.CheckIn{KernelRelease: s.kernel.Release, KernelBuildID: s.kernel.BuildID, AgentVersion: s.Version, Patches: []api.PatchState{}}
+	if !s.kernel.Livepatch {
+		ci.Unsupported = unsupportedReason
+	}
 	for _, p := range s.st.Patches {
 		if p.Release != "" && !s.forKernel(p) {
 			continue
@@ -1187,11 +1225,64 @@ func (s *session) fetch(ctx context.Context, a api.Action) (f *fetched, decided 
 		s.repoProblem(a.Target, err)
 		return nil, false, fmt.Errorf("%w: %w", ErrServer, err)
 	}
+	if decided, err := s.checkSigner(ctx, tc, a, b); err != nil || decided {
+		return nil, decided, err
+	}
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, false, err
 	}
 	return &fetched{b: b, path: path, sha256: bundle.SHA256Hex(data)}, false, nil
+}
+
+// checkSigner holds a fetched bundle's module to the fleet's
+// module-signing certificates, which the repository publishes as signed
+// targets: when there are any, a module that none of them signed is
+// refused, recorded and reported (decided), and nothing is loaded; a
+// kernel under Secure Boot would refuse it anyway, with no more than an
+// errno. A repository that publishes no certificate signs no modules,
+// and nothing is checked.
+func (s *session) checkSigner(ctx context.Context, tc *bundle.Client, a api.Action, b *bundle.Bundle) (decided bool, err error) {
+	certs, err := tc.SigningCerts(ctx)
+	switch {
+	case err == nil:
+	case ctx.Err() != nil:
+		return false, err
+	case errors.Is(err, bundle.ErrVerify):
+		s.repoProblem(a.Target, err)
+		return false, fmt.Errorf("%w: %w", ErrRepository, err)
+	default:
+		s.repoProblem(a.Target, err)
+		return false, fmt.Errorf("%w: %w", ErrServer, err)
+	}
+	if err := s.keepSigningCerts(certs); err != nil {
+		s.log().Warn("keep the fleet's module-signing certificates", "err", err)
+	}
+	if len(certs) == 0 {
+		return false, nil
+	}
+	signer, err := modsign.Verify(b.Module, certs)
+	if err == nil {
+		s.log().Info("module signer verified", "target", a.Target, "key", modsign.KeyDescription(signer))
+		return false, nil
+	}
+	var fix string
+	switch {
+	case errors.Is(err, modsign.ErrUnsigned):
+		fix = "the repository signs modules but this one is not signed: publish it again (`stitch publish` signs it with the repository's current key)"
+	case errors.Is(err, modsign.ErrUntrusted):
+		fix = "it is not signed by any of the fleet's module-signing certificates (`stitch keys signing list`; a retired key's bundles are refused): publish it again, which signs it with the current key"
+	default:
+		fix = "the module or its signature was changed after signing: rebuild and publish it again"
+	}
+	err = fmt.Errorf("%w: module %s: %w; %s", bundle.ErrVerify, b.Manifest.Module, err, fix)
+	p := s.newPatch(a, nil)
+	p.Name = b.Manifest.Name
+	s.st.Patches = append(s.st.Patches, p)
+	s.log().Error("module signer refused", "target", a.Target, "err", err)
+	p.set(contract.StateRefused, contract.ReasonVerifyFailed, err.Error(), s.now())
+	s.report(p, contract.CheckApply, false, contract.ReasonVerifyFailed, err.Error())
+	return true, nil
 }
 
 // newPatch is the record of an offer, filled in from its verified

@@ -49,8 +49,10 @@ type Status struct {
 	LastError   string        `json:"last_error,omitempty"`
 	// RepoError is the last refusal of the patch repository (TUF) or
 	// failed download; the patches it held back are pending.
-	RepoError   string    `json:"repo_error,omitempty"`
-	RepoErrorAt time.Time `json:"repo_error_at,omitzero"`
+	// Signing: would the kernel load the fleet's signed patches.
+	Signing     *SigningStatus `json:"module_signing,omitempty"`
+	RepoError   string         `json:"repo_error,omitempty"`
+	RepoErrorAt time.Time      `json:"repo_error_at,omitzero"`
 }
 
 // LevelStatus is a live level: its stream, number and what it carries.
@@ -104,6 +106,9 @@ func (a *Agent) Status(ks *livepatch.Status) (*Status, error) {
 	out.LastCheckIn, out.NextCheckIn, out.LastError, out.Pending = st.LastCheckIn, st.NextCheckIn, st.LastError, st.Pending
 	out.RepoError, out.RepoErrorAt = st.RepoError, st.RepoErrorAt
 	_, out.Disabled = a.Disabled()
+	if out.Signing, err = a.Signing(ks.Signing); err != nil {
+		return nil, err
+	}
 	loaded := map[string]bool{}
 	for _, p := range ks.Patches {
 		loaded[p.Name] = p.Enabled
@@ -175,6 +180,8 @@ func (a *Agent) Status(ks *livepatch.Status) (*Status, error) {
 	switch {
 	case len(halfOut) > 0:
 		out.Coverage, out.Why = NotCovered, fmt.Sprintf("could not take out %v after it failed: the kernel may hold it partly applied (see its detail, and dmesg; `stitch revert NAME` once its transition is over, or reboot)", halfOut)
+	case !ks.Livepatch: // whatever else holds, this machine cannot be covered
+		out.Coverage, out.Why = NotCovered, unsupportedReason
 	case st.LastError != "" && st.LastAttempt.After(st.LastCheckIn):
 		out.Coverage, out.Why = Error, "last check-in failed: "+st.LastError
 	case st.LastCheckIn.IsZero():
@@ -183,10 +190,10 @@ func (a *Agent) Status(ks *livepatch.Status) (*Status, error) {
 		out.Coverage, out.Why = Error, fmt.Sprintf("no check-in since %s (is the agent running? systemctl status stitch-agent)", st.LastCheckIn.Format(time.RFC3339))
 	case st.RepoError != "":
 		out.Coverage, out.Why = Error, "the patch repository was refused (retrying; no patch is failed for it): "+st.RepoError
-	case !ks.Livepatch:
-		out.Coverage, out.Why = NotCovered, "the kernel has no livepatch support"
 	case out.Disabled != "":
 		out.Coverage, out.Why = NotCovered, "loading is off: "+out.Disabled
+	case out.Signing.Blocked() != "":
+		out.Coverage, out.Why = NotCovered, out.Signing.Blocked()
 	case len(missing) > 0:
 		out.Coverage, out.Why = NotCovered, fmt.Sprintf("applied but not loaded: %v (run stitch agent --boot, or check the boot log)", missing)
 	case len(failed) > 0:

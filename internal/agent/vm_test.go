@@ -19,6 +19,7 @@ import (
 	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/livepatch"
+	"github.com/stitchpatch/stitch/internal/modsign"
 	"github.com/stitchpatch/stitch/internal/server/api"
 	"github.com/stitchpatch/stitch/internal/testutils"
 	"github.com/stitchpatch/stitch/internal/vm"
@@ -101,7 +102,36 @@ func TestAgentInVM(t *testing.T) {
 		p := buildPatches(t, profile)
 		t.Run("rollout", func(t *testing.T) { testRollout(t, profile, p) })
 		t.Run("crash-loop", func(t *testing.T) { testCrashLoop(t, profile, p) })
+		if profile.Release == testutils.Release {
+			t.Run("secure-boot-rollout", func(t *testing.T) { testSecureBootRollout(t, profile, p) })
+		}
 	})
+}
+
+// testSecureBootRollout is testRollout on a machine that boots with UEFI
+// Secure Boot on and so loads only signed modules: the repository signs
+// every module it publishes with its module-signing key, whose
+// certificate the machine's firmware holds in db. The guest checks too
+// that status sees the fleet's key trusted.
+func testSecureBootRollout(t *testing.T, k *kernel.Profile, p *vmPatches) {
+	f := newFleetWith(t, policy(vmChecks...))
+	key, err := f.repo.InitSigning(modsign.RSA, "Stitch fleet test", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := guestOptions(t, k, f)
+	sb := testutils.SecureBoot(t, k, key.Cert)
+	opts.Kernel, opts.UEFI = sb.Kernel, sb.UEFI
+	opts.Env = append(opts.Env, "STITCH_TEST_SECURE_BOOT=1")
+	story := make(chan error, 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { story <- driveStory(ctx, t, f, p) }()
+	testutils.RunGuest(t, "^TestGuestAgent$", opts)
+	cancel()
+	if err := <-story; err != nil {
+		t.Fatal(err)
+	}
 }
 
 // guestOptions are the VM options of a guest agent of the kernel k
@@ -258,8 +288,12 @@ func driveStory(ctx context.Context, t *testing.T, f *fleet, p *vmPatches) error
 func TestGuestAgent(t *testing.T) {
 	testutils.RequireGuest(t)
 	dir := "/var/lib/stitch"
-	if out, err := exec.Command("stitch", "agent", "enroll", "--server", guestServer, "--root", "/root.json", "--dir", dir).CombinedOutput(); err != nil {
+	out, err := exec.Command("stitch", "agent", "enroll", "--server", guestServer, "--root", "/root.json", "--dir", dir).CombinedOutput()
+	if err != nil {
 		t.Fatalf("stitch agent enroll: %v\n%s", err, out)
+	}
+	if os.Getenv("STITCH_TEST_SECURE_BOOT") == "1" {
+		checkSecureBootTrusted(t, dir, string(out))
 	}
 	before := readCmdline(t)
 	var sawPatched atomic.Bool
@@ -332,7 +366,7 @@ func TestGuestAgent(t *testing.T) {
 
 	// One more pass by the command: nothing to do, and it says so.
 	once := exec.Command("stitch", "agent", "--once", "--json", "--dir", dir)
-	out, err := once.Output()
+	out, err = once.Output()
 	var after struct {
 		Agent agent.Status `json:"agent"`
 	}
@@ -349,6 +383,32 @@ func TestGuestAgent(t *testing.T) {
 	}
 	if err := json.Unmarshal(out, &rep); err != nil || cmd.ProcessState.ExitCode() != 9 || rep.Agent.Coverage != agent.NotCovered || rep.Agent.Level != 0 {
 		t.Errorf("stitch status: exit %d, %v, %+v", cmd.ProcessState.ExitCode(), err, rep.Agent)
+	}
+}
+
+// checkSecureBootTrusted: the kernel is locked down under Secure Boot,
+// and enrolling found the fleet's certificate trusted (db holds it), so
+// it asked the operator for nothing.
+func checkSecureBootTrusted(t *testing.T, dir, enrollOut string) {
+	t.Helper()
+	if strings.Contains(enrollOut, "SECURE BOOT") {
+		t.Errorf("enroll asks to enroll a certificate the kernel trusts:\n%s", enrollOut)
+	}
+	out, _ := exec.Command("stitch", "status", "--json", "--dir", dir).Output()
+	var rep struct {
+		Signing *livepatch.Signing `json:"module_signing"`
+		Agent   agent.Status       `json:"agent"`
+	}
+	if err := json.Unmarshal(out, &rep); err != nil {
+		t.Fatalf("stitch status --json: %v\n%s", err, out)
+	}
+	sg := rep.Agent.Signing
+	if rep.Signing == nil || !rep.Signing.SecureBoot || !rep.Signing.Required() || sg == nil || !sg.Required || !sg.Trusted || len(sg.Keys) != 1 {
+		t.Errorf("status under Secure Boot: kernel %+v, agent %+v", rep.Signing, sg)
+	}
+	text, _ := exec.Command("stitch", "status", "--dir", dir).Output()
+	if !strings.Contains(string(text), "signing key trusted: yes") {
+		t.Errorf("stitch status does not say the key is trusted:\n%s", text)
 	}
 }
 

@@ -1,6 +1,7 @@
 package build
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -50,6 +51,9 @@ type Target interface {
 	Code(object, name string, sympos int) ([]byte, error)
 	// Defines reports whether object has a symbol called name.
 	Defines(object, name string) bool
+	// Statics names object's data symbols that are base plus
+	// compiler-made numbers (xstats.0, xstats.3 for xstats).
+	Statics(object, base string) []string
 	// Layout is the kernel's special-section layout.
 	Layout() *layout.Layout
 }
@@ -63,18 +67,67 @@ type compiled struct {
 	Post   []byte
 	Diff   *objdiff.Result
 	Funcs  []string // the functions the pre-fix object defines
+	// Kit is what the post-fix object declares with the fix author's
+	// kit (kpatch-style callbacks, shadow variables), if anything.
+	Kit *klpmod.Kit
+	// Export are symbols new in the fix that this object defines and
+	// other objects of the fix use: the patch module carries them, and
+	// the others reach them inside it.
+	Export []string
 }
 
 // assemble checks the compiled objects against the target (run-pre),
 // writes the diff objects and the registration into dir, links the module
-// and returns it with its manifest.
-func assemble(ctx context.Context, headers, dir, name string, replace bool, fixes []*Fix, objs []compiled, t Target, progress io.Writer) (string, *contract.Manifest, error) {
+// and returns it with its manifest. What it decided on its own on the way
+// goes into decided, if not nil.
+func assemble(ctx context.Context, headers, dir, name string, replace bool, fixes []*Fix, objs []compiled, t Target, hooks *Hooks, progress io.Writer, decided *Decisions) (string, *contract.Manifest, error) {
+	// The hooks are compiled first: what they declare (callbacks, data
+	// they update) decides what the registration holds and what the
+	// fix may change.
+	var ch *klpmod.CompiledHooks
+	if hooks != nil {
+		var err error
+		if ch, err = klpmod.CompileHooks(ctx, headers, dir, name, hooks.Source, progress); err != nil {
+			return "", nil, fmt.Errorf("%w: %s: %w", ErrUnpatchable, hooks.Name, err)
+		}
+	}
+	internal := map[string]bool{}
+	for _, c := range objs {
+		for _, n := range c.Export {
+			internal[n] = true
+		}
+	}
 	var problems []string
 	for _, c := range objs {
 		for _, p := range c.Diff.Unsafe {
+			if redirected(ch, p) {
+				continue // the hooks re-point the data (STITCH_REDIRECTS)
+			}
+			if builtinExit(c, p) {
+				if progress != nil {
+					fmt.Fprintf(progress, "%s: %s: built-in __exit code that no code calls: vmlinux never runs it, so its change needs nothing live\n", c.Source, p.Symbol)
+				}
+				continue
+			}
+			if ch != nil {
+				carried, err := initCarried(c, p, ch.Carries)
+				if err != nil {
+					return "", nil, err
+				}
+				if carried {
+					continue
+				}
+			}
+			if ch != nil && slices.Contains(ch.Updates, p.Symbol) {
+				if err := updatable(c, p); err != nil {
+					problems = append(problems, fmt.Sprintf("%s: %s: the hooks update it in place (STITCH_UPDATES_DATA), but %v", c.Source, p.Symbol, err))
+				}
+				continue
+			}
 			problems = append(problems, fmt.Sprintf("%s: %s: %s", c.Source, p.Symbol, p.Reason))
 		}
 	}
+	problems = append(problems, unusedRedirects(ch, objs)...)
 	if len(problems) > 0 {
 		return "", nil, fmt.Errorf("%w:\n  %s", ErrUnpatchable, strings.Join(problems, "\n  "))
 	}
@@ -94,20 +147,46 @@ func assemble(ctx context.Context, headers, dir, name string, replace bool, fixe
 	}
 
 	mod := &klpmod.Module{Name: name, Description: m.Description, Replace: replace}
-	hooks := map[string]*klpmod.HookObject{} // by klp object
+	regs := map[string]*klpmod.HookObject{} // by klp object
 	manifestObjs := map[string]*contract.Object{}
 	var order []string
+	object := func(name string) (*klpmod.HookObject, *contract.Object) {
+		if regs[name] == nil {
+			regs[name] = &klpmod.HookObject{Name: name, Callbacks: map[string]string{}}
+			manifestObjs[name] = &contract.Object{Name: name, Functions: []contract.Function{}}
+			order = append(order, name)
+		}
+		return regs[name], manifestObjs[name]
+	}
+	cbs := callbacks{}
 	for i, c := range objs {
-		if len(c.Diff.Changed) == 0 {
+		if len(c.Diff.Changed) == 0 && len(c.Export) == 0 && (c.Kit == nil || len(c.Kit.Callbacks) == 0) {
 			continue
 		}
 		near := definedFuncs(c.Diff)
-		in := &klpmod.ObjectInput{Object: c.Object, Post: c.Post, Layout: t.Layout(), Resolve: resolver(t, c, near)}
+		in := &klpmod.ObjectInput{
+			Object: c.Object, Post: c.Post, Layout: t.Layout(), Resolve: resolver(t, c, near, internal),
+			Export: c.Export, PreNames: c.Diff.Renamed,
+		}
 		for _, d := range c.Diff.NewData {
+			if klpmod.KitSection(d.Section) {
+				continue // the kit's records: read here, not carried
+			}
 			in.NewData = append(in.NewData, d.Name)
 		}
+		var kitCallbacks []klpmod.Callback
+		if c.Kit != nil {
+			kitCallbacks = c.Kit.Callbacks
+			mod.Shadows = appendMissing(mod.Shadows, c.Kit.Shadows...)
+		}
+		for _, cb := range kitCallbacks {
+			in.Funcs = append(in.Funcs, klpmod.Func{Name: cb.Func, New: true, Entry: true})
+		}
 		for _, fn := range c.Diff.New {
-			in.Funcs = append(in.Funcs, klpmod.Func{Name: fn.Name, New: true})
+			if initSection(fn.Section) {
+				continue // new init/exit code: carried by the hooks, or refused above
+			}
+			in.Funcs = append(in.Funcs, newFunc(ch, fn))
 		}
 		type patched struct {
 			name   string // in the kernel
@@ -117,6 +196,11 @@ func assemble(ctx context.Context, headers, dir, name string, replace bool, fixe
 		}
 		var fns []patched
 		for _, fn := range c.Diff.Changed {
+			if initSection(fn.Section) {
+				// Carried by the hooks (STITCH_CARRIES_INIT), or the
+				// build was refused above: nothing to redirect.
+				continue
+			}
 			old := fn.Name
 			if fn.PreName != "" {
 				old = fn.PreName
@@ -136,35 +220,84 @@ func assemble(ctx context.Context, headers, dir, name string, replace bool, fixe
 			in.Funcs = append(in.Funcs, klpmod.Func{Name: fn.Name, Sympos: pos})
 			fns = append(fns, patched{old, fn.Name, pos, fp})
 		}
-		diffObj, alias, err := klpmod.WriteObject(in, fmt.Sprintf("__stitch_fn_%d_", i))
+		w, err := klpmod.Write(in, fmt.Sprintf("__stitch_fn_%d_", i))
 		if err != nil {
 			return "", nil, fmt.Errorf("%s: %w", c.Source, err)
 		}
-		mod.DiffObjects = append(mod.DiffObjects, diffObj)
-		if hooks[c.Object] == nil {
-			hooks[c.Object] = &klpmod.HookObject{Name: c.Object}
-			manifestObjs[c.Object] = &contract.Object{Name: c.Object}
-			order = append(order, c.Object)
+		diffObj, alias := w.Object, w.Alias
+		if decided != nil {
+			decided.StaticBranches = append(decided.StaticBranches, w.Branches...)
 		}
-		h, mo := hooks[c.Object], manifestObjs[c.Object]
-		for _, f := range fns {
-			h.Funcs = append(h.Funcs, klpmod.HookFunc{OldName: f.name, Sympos: f.sympos, Alias: alias[f.post]})
-			mo.Functions = append(mo.Functions, contract.Function{Name: f.name, Sympos: f.sympos, Fingerprint: f.fp})
+		mod.DiffObjects = append(mod.DiffObjects, diffObj)
+		// Only new code that reaches nothing of its object's through
+		// klp relocations needs no klp_object (callbacks, if any,
+		// register theirs below).
+		if len(fns) > 0 || bytes.Contains(diffObj, []byte(klpmod.KlpSymPrefix+c.Object+".")) {
+			h, mo := object(c.Object)
+			mo.Notrace = append(mo.Notrace, notraceReport(c.Diff)...)
+			for _, f := range fns {
+				h.Funcs = append(h.Funcs, klpmod.HookFunc{OldName: f.name, Sympos: f.sympos, Alias: alias[f.post]})
+				mo.Functions = append(mo.Functions, contract.Function{Name: f.name, Sympos: f.sympos, Fingerprint: f.fp})
+			}
+		}
+		for _, cb := range kitCallbacks {
+			obj := cb.Object
+			if obj == "" {
+				obj = c.Object // kpatch's: the object the file is linked into
+			}
+			if err := cbs.add(obj, cb.Kind, alias[cb.Func], fmt.Sprintf("%s in %s", cb.Func, c.Source)); err != nil {
+				return "", nil, err
+			}
 		}
 	}
-	if len(mod.DiffObjects) == 0 {
+	var rename map[string]string
+	if ch != nil {
+		mod.Hooks = hooks.Source
+		mod.Shadows = appendMissing(mod.Shadows, ch.Shadows...)
+		m.Hooks = &contract.Hooks{Name: hooks.Name, Hash: hooks.Hash}
+		for _, cb := range ch.Callbacks {
+			if err := checkObject(t, cb.Object); err != nil {
+				return "", nil, fmt.Errorf("%w: %s: %s callback %s: %w", ErrUnpatchable, hooks.Name, cb.Kind, cb.Func, err)
+			}
+			if err := cbs.add(cb.Object, cb.Kind, cb.Func, fmt.Sprintf("%s in %s", cb.Func, hooks.Name)); err != nil {
+				return "", nil, err
+			}
+		}
+	}
+	for _, k := range sortedKeys(cbs) {
+		h, mo := object(k.object)
+		h.Callbacks[k.kind] = cbs[k].fn
+		mo.Callbacks = append(mo.Callbacks, k.kind)
+	}
+	if ch != nil {
+		var err error
+		if rename, err = resolveHooks(t, ch, order); err != nil {
+			return "", nil, fmt.Errorf("%w: %s: %w", ErrUnpatchable, hooks.Name, err)
+		}
+	}
+	if len(mod.DiffObjects) == 0 && len(cbs) == 0 {
 		return "", nil, ErrNothing
 	}
 	sort.Strings(order)
 	for _, o := range order {
-		mod.Objects = append(mod.Objects, *hooks[o])
+		mod.Objects = append(mod.Objects, *regs[o])
 		m.Objects = append(m.Objects, *manifestObjs[o])
+	}
+	if len(mod.Shadows) > 0 && !slices.Contains(order, "vmlinux") {
+		// The registration adds vmlinux for the shadow variables' release.
+		m.Objects = append([]contract.Object{{Name: "vmlinux", Callbacks: []string{klpmod.PostUnpatch}}}, m.Objects...)
+	} else if len(mod.Shadows) > 0 {
+		for i := range m.Objects {
+			if m.Objects[i].Name == "vmlinux" && !slices.Contains(m.Objects[i].Callbacks, klpmod.PostUnpatch) {
+				m.Objects[i].Callbacks = append(m.Objects[i].Callbacks, klpmod.PostUnpatch)
+			}
+		}
 	}
 
 	if err := klpmod.Generate(dir, mod); err != nil {
 		return "", nil, err
 	}
-	ko, _, err := klpmod.Link(ctx, headers, dir, name, nil, progress)
+	ko, _, err := klpmod.Link(ctx, headers, dir, name, rename, progress)
 	if err != nil {
 		return "", nil, err
 	}
@@ -225,9 +358,12 @@ func (p *preCode) MatchPadded(code []byte) error {
 // through the module loader if the kernel exports it (and it does not
 // belong to the patched module itself, which may load after the patch),
 // else through a klp relocation to the object that defines it.
-func resolver(t Target, c compiled, near []string) klpmod.Resolver {
+func resolver(t Target, c compiled, near []string, internal map[string]bool) klpmod.Resolver {
 	object := c.Object
 	return func(name string, local bool) (klpmod.Ref, error) {
+		if !local && internal[name] {
+			return klpmod.Ref{Internal: true}, nil
+		}
 		if !local {
 			if exp, ok := t.Exported(name); ok && (object == "vmlinux" || exp != object) {
 				return klpmod.Ref{Exported: true}, nil
@@ -237,10 +373,17 @@ func resolver(t Target, c compiled, near []string) klpmod.Resolver {
 		if !local && object != "vmlinux" && !t.Defines(object, name) {
 			owner = "vmlinux" // an external of a module: the kernel's
 		}
+		target := name
 		if local && !t.Defines(object, name) {
-			// A static function the kernel's build inlined everywhere:
-			// the patch needs its own copy.
-			return klpmod.Ref{Carry: true}, nil
+			var err error
+			if target, err = renumberedStatic(t, object, name); err != nil {
+				return klpmod.Ref{}, err
+			}
+			if target == "" {
+				// A static function the kernel's build inlined
+				// everywhere: the patch needs its own copy.
+				return klpmod.Ref{Carry: true}, nil
+			}
 		}
 		// A function of this object: its code in the pre-fix object
 		// tells which of several of its name it is.
@@ -248,11 +391,35 @@ func resolver(t Target, c compiled, near []string) klpmod.Resolver {
 		if owner == object && slices.Contains(c.Funcs, name) {
 			pre = &preCode{raw: c.Pre, name: name, layout: t.Layout()}
 		}
-		pos, err := t.Sympos(owner, name, near, pre)
+		pos, err := t.Sympos(owner, target, near, pre)
 		if err != nil {
-			return klpmod.Ref{}, fmt.Errorf("locate %s in %s: %w", name, owner, err)
+			return klpmod.Ref{}, fmt.Errorf("locate %s in %s: %w", target, owner, err)
 		}
-		return klpmod.Ref{Object: owner, Sympos: pos}, nil
+		ref := klpmod.Ref{Object: owner, Sympos: pos}
+		if target != name {
+			ref.Name = target
+		}
+		return ref, nil
+	}
+}
+
+// renumberedStatic finds in object the function-local static that the
+// pre-fix object calls name (xstats.0) when the target numbered it
+// otherwise: the only data symbol of object with that base name. It
+// returns "" when there is none, and an error when there are several:
+// nothing in a symbol table says which function each belongs to.
+func renumberedStatic(t Target, object, name string) (string, error) {
+	base := objdiff.BaseName(name)
+	if base == name {
+		return "", nil
+	}
+	switch cands := t.Statics(object, base); len(cands) {
+	case 0:
+		return "", nil
+	case 1:
+		return cands[0], nil
+	default:
+		return "", fmt.Errorf("%w: the pre-fix object's static %s is not in %s under that name, and %s has %d statics named %s (%s): which one the fix's code uses cannot be told (was the kernel built by another compiler or from other source?)", ErrNoSymbol, name, object, object, len(cands), base, strings.Join(head(cands, 6), ", "))
 	}
 }
 

@@ -8,12 +8,14 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"sort"
 	"strings"
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/elfobj"
 	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/klpmod"
 	"github.com/stitchpatch/stitch/internal/objdiff"
 )
 
@@ -65,8 +67,11 @@ type Options struct {
 	CVEs        []string
 	// Replace builds a cumulative patch (klp_patch.replace); Level, a
 	// level of a patch stream, which is one, named by the level.
-	Replace  bool
-	Level    *contract.Level
+	Replace bool
+	Level   *contract.Level
+	// Hooks is the path of the fix author's hooks file (C, with
+	// stitch/hooks.h), compiled into the module; none if empty.
+	Hooks    string
 	Progress func(Step)
 	Logger   *slog.Logger
 }
@@ -79,6 +84,15 @@ type Result struct {
 	Work         string             `json:"work,omitempty"` // kept scratch directory
 	// Port is how the fixes fitted the kernel's source (Env.Build).
 	Port *kbuild.Port `json:"port,omitempty"`
+	// Decisions the build took on its own, for the report.
+	Decisions Decisions `json:"decisions"`
+}
+
+// Decisions are what the build changed on its own to carry the fixes.
+type Decisions struct {
+	// StaticBranches are jump labels on keys the kernel does not export,
+	// rewritten into tests of the key (docs/build.md).
+	StaticBranches []klpmod.StaticBranch `json:"static_branches,omitempty"`
 }
 
 // Build turns fixes into a livepatch module for the target.
@@ -106,6 +120,17 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 	if err := contract.CheckLabels(name, o.CVEs); err != nil {
 		return nil, err
 	}
+	for _, f := range fixes {
+		if err := f.changesCode(); err != nil {
+			return nil, err
+		}
+	}
+	var hooks *Hooks
+	if o.Hooks != "" {
+		if hooks, err = LoadHooks(o.Hooks); err != nil {
+			return nil, err
+		}
+	}
 	work := o.Work
 	if work == "" {
 		if work, err = os.MkdirTemp("", "stitch-build-"); err != nil {
@@ -129,8 +154,13 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 	}
 	done()
 
-	var objs []compiled
-	var same []string // sources whose objects did not change
+	type diffed struct {
+		p         Pair
+		pre, post *elfobj.Object
+		d         *objdiff.Result
+		kit       *klpmod.Kit
+	}
+	var ds []diffed
 	for _, p := range pairs {
 		if p.Facts == nil {
 			return nil, fmt.Errorf("%s: %w: the build has no kbuild facts for its object (vmlinux or which module)", p.Source, ErrNotInKernel)
@@ -144,19 +174,42 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 		if err != nil {
 			return nil, fmt.Errorf("%s: post-fix object: %w", p.Source, err)
 		}
-		d := objdiff.Diff(pre, post, loc.Layout())
+		kit, err := klpmod.FindKit(p.Post)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", p.Source, err)
+		}
+		ds = append(ds, diffed{p, pre, post, objdiff.Diff(pre, post, loc.Layout()), kit})
 		done()
-		if len(d.Changed) == 0 {
+		reportNotrace(report, p.Source, ds[len(ds)-1].d)
+	}
+	posts := make([]*elfobj.Object, len(ds))
+	pres := make([]*elfobj.Object, len(ds))
+	results := make([]*objdiff.Result, len(ds))
+	for i, x := range ds {
+		pres[i], posts[i], results[i] = x.pre, x.post, x.d
+	}
+	exports := newGlobalsUsed(pres, posts, results)
+
+	var objs []compiled
+	var same []string // sources whose objects did not change
+	for i, x := range ds {
+		p, pre, d, kit := x.p, x.pre, x.d, x.kit
+		if len(d.Changed) == 0 && len(exports[i]) == 0 && len(kit.Callbacks) == 0 {
 			if len(d.Unsafe) > 0 {
-				objs = append(objs, compiled{Source: p.Source, Diff: d}) // for its refusals
+				objs = append(objs, compiled{Source: p.Source, Pre: p.Pre, Post: p.Post, Diff: d}) // for its refusals
 			} else if len(d.New) > 0 {
 				same = append(same, p.Source+" (only adds functions nothing in it calls)")
+			} else if len(d.LineOnly) > 0 {
+				// The running code keeps the old line numbers in its
+				// WARN entries and messages: they name the old source,
+				// which is what it runs.
+				same = append(same, fmt.Sprintf("%s (only line numbers moved, in %s)", p.Source, strings.Join(d.LineOnly, ", ")))
 			} else {
 				same = append(same, p.Source)
 			}
 			continue
 		}
-		done = step("locate", p.Source)
+		done := step("locate", p.Source)
 		funcs := functionsOf(pre)
 		objects, err := loc.Locate(*p.Facts, funcs)
 		if err != nil && p.ViaHeader {
@@ -167,16 +220,20 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 			return nil, fmt.Errorf("%s: %w", p.Source, err)
 		}
 		done()
+		if len(exports[i]) > 0 && len(objects) > 1 {
+			// Its new symbols would be defined once per module.
+			return nil, fmt.Errorf("%w: %s defines %s, new in the fix and used by other files of it, but is linked into %d modules (%s): the patch module can carry one copy only; move the new code into the file that uses it", ErrUnpatchable, p.Source, strings.Join(exports[i], ", "), len(objects), strings.Join(objects, ", "))
+		}
 		// An object linked into several modules is patched in each.
 		for _, object := range objects {
-			objs = append(objs, compiled{Source: p.Source, Object: object, Pre: p.Pre, Post: p.Post, Diff: d, Funcs: funcs})
+			objs = append(objs, compiled{Source: p.Source, Object: object, Pre: p.Pre, Post: p.Post, Diff: d, Funcs: funcs, Kit: kit, Export: exports[i]})
 		}
 	}
-	if len(objs) == 0 {
+	if len(objs) == 0 && hooks == nil {
 		if len(same) == 0 {
 			same = []string{"the sources the fixes touch"}
 		}
-		return nil, fmt.Errorf("%w: %s compile to the same functions before and after the fix in this kernel's configuration (the changed lines are compiled out, or do not change code): this kernel needs no patch for it", ErrNothing, strings.Join(same, ", "))
+		return nil, fmt.Errorf("%w: %s compile to the same functions before and after the fix in this kernel's configuration (the changed lines are compiled out, do not change code, or only move the lines below them): this kernel needs no patch for it", ErrNothing, strings.Join(same, ", "))
 	}
 
 	done = step("module", name)
@@ -184,7 +241,8 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
-	ko, m, err := assemble(ctx, src.Headers(), dir, name, o.Replace, fixes, objs, loc, nil)
+	var decided Decisions
+	ko, m, err := assemble(ctx, src.Headers(), dir, name, o.Replace, fixes, objs, loc, hooks, nil, &decided)
 	if err != nil {
 		return nil, err
 	}
@@ -198,7 +256,7 @@ func Build(ctx context.Context, src Source, loc Locator, fixes []*Fix, o Options
 	if err := os.MkdirAll(o.Out, 0o755); err != nil {
 		return nil, err
 	}
-	res := &Result{Module: filepath.Join(o.Out, filepath.Base(ko)), ManifestPath: filepath.Join(o.Out, name+".json"), Manifest: m}
+	res := &Result{Module: filepath.Join(o.Out, filepath.Base(ko)), ManifestPath: filepath.Join(o.Out, name+".json"), Manifest: m, Decisions: decided}
 	b, err := os.ReadFile(ko)
 	if err != nil {
 		return nil, err
@@ -230,6 +288,67 @@ func (o *Options) forLevel() {
 	if o.Level != nil {
 		o.Name, o.Replace = contract.LevelName(o.Level.Stream, o.Level.Number), true
 	}
+}
+
+// newGlobalsUsed finds, for each object of the fix, the global symbols
+// new in the fix (defined in its post object, in no pre object) that
+// another object of the fix uses, directly or through other such
+// symbols, starting from the objects whose functions changed. The patch
+// module carries them: the running kernel has no copy to link to.
+func newGlobalsUsed(pres, posts []*elfobj.Object, ds []*objdiff.Result) [][]string {
+	before := map[string]bool{}
+	for _, o := range pres {
+		for _, s := range o.Symbols {
+			if s.Defined() && !s.Local() && s.Name != "" {
+				before[s.Name] = true
+			}
+		}
+	}
+	defining := map[string]int{} // new global -> object
+	for i, d := range ds {
+		for _, f := range d.New {
+			if !f.Local && !before[f.Name] {
+				defining[f.Name] = i
+			}
+		}
+		for _, nd := range d.NewData {
+			if !nd.Local && nd.Replaces == "" && !before[nd.Name] {
+				defining[nd.Name] = i
+			}
+		}
+	}
+	out := make([][]string, len(ds))
+	if len(defining) == 0 {
+		return out
+	}
+	needed := map[int]bool{}
+	var queue []int
+	for i, d := range ds {
+		if len(d.Changed) > 0 {
+			needed[i] = true
+			queue = append(queue, i)
+		}
+	}
+	exported := map[string]bool{}
+	for ; len(queue) > 0; queue = queue[1:] {
+		i := queue[0]
+		for _, s := range posts[i].Symbols {
+			j, ok := defining[s.Name]
+			if s.Defined() || !ok || j == i || exported[s.Name] {
+				continue
+			}
+			exported[s.Name] = true
+			out[j] = append(out[j], s.Name)
+			if !needed[j] {
+				needed[j] = true
+				queue = append(queue, j)
+			}
+		}
+	}
+	for i := range out {
+		sort.Strings(out[i])
+	}
+	return out
 }
 
 // functionsOf names the functions an object defines.

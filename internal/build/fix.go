@@ -6,8 +6,6 @@
 package build
 
 import (
-	"bufio"
-	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -18,7 +16,7 @@ import (
 	"strings"
 
 	"github.com/stitchpatch/stitch/internal/contract"
-	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/udiff"
 )
 
 // ErrBadFix means the fix is not a usable unified diff.
@@ -32,43 +30,23 @@ type Fix struct {
 	Diff []byte
 }
 
-// ParseFix reads a unified diff. The description is taken from a
-// "Subject:" line (git format-patch) or else the first line of the text
-// before the diff; CVE ids from anywhere in that text; the upstream
-// commit from that text too (see upstreamCommit).
+// ParseFix reads a unified diff (any diff patch -p1 takes: internal/udiff
+// says which). The description is taken from a "Subject:" line (git
+// format-patch) or else the first line of the text before the diff; CVE
+// ids from anywhere in that text; the upstream commit from that text too
+// (see upstreamCommit).
 func ParseFix(name string, diff []byte) (*Fix, error) {
 	sum := sha256.Sum256(diff)
 	f := &Fix{Fix: contract.Fix{Name: name, Hash: hex.EncodeToString(sum[:])}, Diff: diff}
-	seen := map[string]bool{}
-	var header []string
-	inHeader := true
-	sc := bufio.NewScanner(bytes.NewReader(diff))
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		switch {
-		case strings.HasPrefix(line, "--- "):
-			inHeader = false
-		case strings.HasPrefix(line, "+++ "):
-			p, err := kbuild.DiffPath(strings.TrimPrefix(line, "+++ "))
-			if err != nil {
-				return nil, fmt.Errorf("%w: %s: %v", ErrBadFix, name, err)
-			}
-			if p != "" && !seen[p] {
-				seen[p] = true
-				f.Files = append(f.Files, p)
-			}
-		case inHeader && strings.HasPrefix(line, "diff --git "):
-			inHeader = false
-		case inHeader:
-			header = append(header, line)
+	d, err := udiff.Parse(diff)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s: %w", ErrBadFix, name, err)
+	}
+	header := d.Preamble
+	for _, file := range d.Files {
+		if p := file.Path(); !slices.Contains(f.Files, p) {
+			f.Files = append(f.Files, p)
 		}
-	}
-	if err := sc.Err(); err != nil {
-		return nil, fmt.Errorf("%w: %s: %v", ErrBadFix, name, err)
-	}
-	if len(f.Files) == 0 {
-		return nil, fmt.Errorf("%w: %s has no '+++ b/<file>' lines: not a unified diff", ErrBadFix, name)
 	}
 	sort.Strings(f.Files)
 	text := strings.Join(header, "\n")
@@ -99,6 +77,38 @@ var (
 	mboxFrom = regexp.MustCompile(`^From ([0-9a-f]{40}) `)
 )
 
+// changesCode refuses a fix whose diff changes a file in a way no
+// livepatch carries: it deletes, renames or copies a file, changes only
+// its mode, or changes a binary file. Only text changes to existing
+// files become new code.
+func (f *Fix) changesCode() error {
+	d, err := udiff.Parse(f.Diff)
+	if err != nil {
+		return fmt.Errorf("%w: %s: %w", ErrBadFix, f.Name, err)
+	}
+	for _, file := range d.Files {
+		var what string
+		switch {
+		case file.Binary:
+			what = "changes binary file " + file.Path()
+		case file.Rename:
+			what = fmt.Sprintf("renames %s to %s", file.Old, file.New)
+		case file.Copy:
+			what = fmt.Sprintf("copies %s to %s", file.Old, file.New)
+		case file.New == "":
+			what = "deletes " + file.Old
+		case len(file.Hunks) == 0 && file.Old == "":
+			what = "creates the empty file " + file.New
+		case len(file.Hunks) == 0:
+			what = fmt.Sprintf("changes only the mode of %s (%s to %s)", file.Path(), file.OldMode, file.NewMode)
+		default:
+			continue
+		}
+		return fmt.Errorf("%w: %s %s: a livepatch replaces functions of the running kernel's code; drop that part of the fix", ErrUnpatchable, f.Name, what)
+	}
+	return nil
+}
+
 // upstreamCommit finds the upstream commit a fix names in its header:
 // a stable backport's "commit <sha> upstream" or "[ Upstream commit
 // <sha> ]", or else the commit of a format-patch mail ("From <sha>"),
@@ -118,7 +128,7 @@ func upstreamCommit(header []string) string {
 
 // appendMissing appends to ss those of add that it lacks, in their order:
 // CVE ids gathered from several fixes and options, each once.
-func appendMissing(ss []string, add ...string) []string {
+func appendMissing[T comparable](ss []T, add ...T) []T {
 	for _, s := range add {
 		if !slices.Contains(ss, s) {
 			ss = append(ss, s)

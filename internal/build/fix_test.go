@@ -11,6 +11,7 @@ import (
 
 	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/testutils"
+	"github.com/stitchpatch/stitch/internal/udiff"
 )
 
 func TestParseFixFormatPatch(t *testing.T) {
@@ -50,6 +51,87 @@ diff --git a/fs/proc/cmdline.c b/fs/proc/cmdline.c
 	}
 }
 
+// kpatch's integration patches are `diff -Nupr` output (src.orig/ and
+// src/, timestamps, a "diff -Nupr" line per file) but module.patch, a git
+// diff: each names its files as patch -p1 finds them, every hunk read.
+func TestParseFixKpatch(t *testing.T) {
+	want := map[string][]string{
+		"data-new":                  {"fs/proc/meminfo.c"},
+		"gcc-static-local-var-6":    {"net/ipv6/netfilter.c"},
+		"macro-callbacks":           {"drivers/input/joydev.c", "drivers/input/misc/pcspkr.c", "fs/aio.c"},
+		"module":                    {"fs/xfs/xfs_stats.c", "net/netlink/af_netlink.c"},
+		"new-function":              {"drivers/tty/n_tty.c"},
+		"new-globals":               {"fs/proc/cmdline.c", "fs/proc/meminfo.c"},
+		"shadow-newpid":             {"fs/proc/array.c", "kernel/exit.c", "kernel/fork.c"},
+		"special-static":            {"kernel/fork.c"},
+		"symvers-disagreement-FAIL": {"drivers/base/core.c", "drivers/usb/core/usb.c"},
+		"syscall":                   {"kernel/sys.c"},
+		"warn-detect-FAIL":          {"arch/x86/kvm/x86.c"},
+	}
+	paths, err := filepath.Glob(filepath.Join("testdata", "kpatch-linux-6.2.0", "*.patch"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := 0
+	for _, path := range paths {
+		name := strings.TrimSuffix(filepath.Base(path), ".patch")
+		files, ok := want[name]
+		if !ok {
+			continue // an adjusted copy (NAME.6.1.patch)
+		}
+		seen++
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := ParseFix(filepath.Base(path), b)
+		if err != nil {
+			t.Errorf("%s: %v", name, err)
+			continue
+		}
+		if !reflect.DeepEqual(f.Files, files) {
+			t.Errorf("%s: files %v, want %v", name, f.Files, files)
+		}
+		if err := f.changesCode(); err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+		d, err := udiff.Parse(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		hunks := 0
+		for _, file := range d.Files {
+			hunks += len(file.Hunks)
+		}
+		if n := strings.Count("\n"+string(b), "\n@@ -"); hunks != n {
+			t.Errorf("%s: %d hunks read, the text has %d", name, hunks, n)
+		}
+	}
+	if seen != len(want) {
+		t.Errorf("%d of kpatch's %d patches found", seen, len(want))
+	}
+}
+
+// A fix that deletes, renames or mode-changes a file, or changes a
+// binary one, is read but refused before anything is compiled.
+func TestBuildRefusesNonTextChanges(t *testing.T) {
+	for name, diff := range map[string]string{
+		"deletes": "--- a/fs/x.c\n+++ /dev/null\n@@ -1 +0,0 @@\n-a\n",
+		"renames": "diff --git a/fs/x.c b/fs/y.c\nsimilarity index 100%\nrename from fs/x.c\nrename to fs/y.c\n",
+		"mode":    "diff --git a/fs/x.c b/fs/x.c\nold mode 100644\nnew mode 100755\n",
+		"binary":  "diff --git a/fw.bin b/fw.bin\nindex 1..2 100644\nBinary files a/fw.bin and b/fw.bin differ\n",
+	} {
+		f, err := ParseFix(name+".patch", []byte(diff))
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		_, err = Build(context.Background(), nil, nil, []*Fix{f}, Options{Work: t.TempDir()})
+		if !errors.Is(err, ErrUnpatchable) || !strings.Contains(err.Error(), name[:4]) {
+			t.Errorf("%s: %v, want ErrUnpatchable naming it", name, err)
+		}
+	}
+}
+
 func TestParseFixCorpus(t *testing.T) {
 	dir := filepath.Join(testutils.Corpus(t), "fixes")
 	ents, err := os.ReadDir(dir)
@@ -79,7 +161,9 @@ func TestParseFixBad(t *testing.T) {
 		"empty":        "",
 		"no diff":      "just some text\n",
 		"escapes tree": "--- a/../etc/passwd\n+++ b/../etc/passwd\n",
-		"no prefix":    "--- x.c\n+++ x.c\n",
+		"no prefix":    "--- x.c\n+++ x.c\n@@ -1 +1 @@\n-a\n+b\n",
+		"absolute":     "--- /usr/src/linux/x.c\n+++ /usr/src/linux/x.c\n@@ -1 +1 @@\n-a\n+b\n",
+		"truncated":    "--- a/x.c\n+++ b/x.c\n@@ -1,3 +1,2 @@\n-a\n+b\n",
 	} {
 		if _, err := ParseFix(name, []byte(diff)); !errors.Is(err, ErrBadFix) {
 			t.Errorf("%s: err = %v, want ErrBadFix", name, err)

@@ -50,10 +50,15 @@ type KernelResult struct {
 	Manifest  string        `json:"manifest,omitempty"`
 	Contained string        `json:"contained,omitempty"` // the NAME.contained.json written
 	Functions []string      `json:"functions,omitempty"` // patched, as OBJECT:FUNCTION
+	Callbacks []string      `json:"callbacks,omitempty"` // klp callbacks, as OBJECT:KIND
 	Reason    string        `json:"reason,omitempty"`
 	Elapsed   time.Duration `json:"elapsed_ns"`
 	// Err is the error of a kernel that was not built or contained.
 	Err error `json:"-"`
+
+	// StaticBranches are the jump labels rewritten into tests of their
+	// keys (keys the kernel does not export), one line each.
+	StaticBranches []string `json:"static_branches,omitempty"`
 }
 
 // PortSummary is the port column of a summary table: each fix's port in
@@ -236,6 +241,12 @@ func buildOne(ctx context.Context, p *kernel.Profile, fixes []*FixVariants, o Ma
 		for _, fn := range obj.Functions {
 			r.Functions = append(r.Functions, obj.Name+":"+fn.Name)
 		}
+		for _, cb := range obj.Callbacks {
+			r.Callbacks = append(r.Callbacks, obj.Name+":"+cb)
+		}
+	}
+	for _, sb := range res.Decisions.StaticBranches {
+		r.StaticBranches = append(r.StaticBranches, sb.String())
 	}
 	if len(contained) > 0 {
 		var names []string

@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/stitchpatch/stitch/internal/kbuild"
+	"github.com/stitchpatch/stitch/internal/klpmod"
 )
 
 // TreeSource compiles fixes in a kernel tree prepared like the target's.
@@ -72,14 +73,25 @@ func (s *TreeSource) CompilePair(ctx context.Context, fixes []*Fix) ([]Pair, err
 			jobs = append(jobs, job{u, h})
 		}
 	}
+	// The fix author's kit (stitch/hooks.h, and the adapters for
+	// kpatch's macros) is on the include path: a fix may use it. An
+	// include directory changes no code generation.
+	kit, err := filepath.Abs(filepath.Join(s.Work, "kit-include"))
+	if err != nil {
+		return nil, err
+	}
+	if err := klpmod.WriteIncludes(kit); err != nil {
+		return nil, err
+	}
+	flags := s.KCFLAGS
+	if flags == "" {
+		flags = kbuild.DiffCFlags
+	}
+	flags += " -I" + kit
 	var pairs []Pair
 	for _, j := range jobs {
 		obj := strings.TrimSuffix(j.object, ".c") + ".o"
 		out := filepath.Join(s.Work, strings.ReplaceAll(strings.TrimSuffix(j.object, ".c"), "/", "_"))
-		flags := s.KCFLAGS
-		if flags == "" {
-			flags = kbuild.DiffCFlags
-		}
 		pre, post, err := s.Tree.CompilePair(ctx, obj, j.swapped, patched[j.swapped], flags, out)
 		if err != nil {
 			if j.object != j.swapped && errors.Is(err, kbuild.ErrBuild) {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -15,6 +16,7 @@ import (
 	"github.com/stitchpatch/stitch/internal/kernel"
 	"github.com/stitchpatch/stitch/internal/kmod"
 	"github.com/stitchpatch/stitch/internal/layout"
+	"github.com/stitchpatch/stitch/internal/objdiff"
 )
 
 // ErrNoSymbol means a symbol the patch needs is not in the target kernel,
@@ -89,10 +91,14 @@ func (k *Kernel) BuildID() string { return k.buildID }
 // Layout is the kernel's special-section layout, read from its BTF.
 func (k *Kernel) Layout() *layout.Layout { return k.layout }
 
-// Exported tells which object exports name.
+// Exported tells which object exports name, by its klp object name
+// (Module.symvers names a module by its build path, drivers/hv/hv_vmbus).
 func (k *Kernel) Exported(name string) (string, bool) {
 	e, ok := k.symvers[name]
-	return e.Module, ok
+	if !ok {
+		return "", false
+	}
+	return kmod.ModuleName(e.Module), true
 }
 
 // table returns the symbols of object: the image's for vmlinux, the .ko's
@@ -124,6 +130,25 @@ func (k *Kernel) module(name string) (*kallsyms.Module, error) {
 func (k *Kernel) Defines(object, name string) bool {
 	t, err := k.table(object)
 	return err == nil && len(t.Lookup(object, name)) > 0
+}
+
+// Statics names object's data symbols (not code) whose names are base
+// plus compiler-made numbers (xstats.0 for xstats): the candidates for a
+// function-local static whose number in the target differs from the
+// pre-fix object's.
+func (k *Kernel) Statics(object, base string) []string {
+	t, err := k.table(object)
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, sy := range t.Symbols() {
+		if sy.Object == object && !sy.IsText() && sy.Name != base && strings.HasPrefix(sy.Name, base+".") &&
+			objdiff.BaseName(sy.Name) == base && !slices.Contains(out, sy.Name) {
+			out = append(out, sy.Name)
+		}
+	}
+	return out
 }
 
 // CodeMatcher tells whether code, a function's bytes in the target

@@ -66,3 +66,31 @@ func TestKernelLayout(t *testing.T) {
 		t.Errorf("layout of the test kernel: .altinstructions = %+v, %v", s, ok)
 	}
 }
+
+// Exported names the exporting module as a klp object, not by the build
+// path Module.symvers gives: the resolver compares it with the patched
+// object, so that the patch reaches a module's own exports through klp
+// relocations and does not depend on (nor force-load) the module it
+// patches.
+func TestExportedByObjectName(t *testing.T) {
+	k := openTestKernel(t)
+	for name, want := range map[string]string{
+		"nf_conntrack_find_get": "nf_conntrack",   // net/netfilter/nf_conntrack
+		"_printk":               "vmlinux",        // vmlinux
+		"twofish_enc_blk":       "twofish_x86_64", // arch/x86/crypto/twofish-x86_64
+	} {
+		if got, ok := k.Exported(name); !ok || got != want {
+			t.Errorf("Exported(%s) = %q, %v; want %q", name, got, ok, want)
+		}
+	}
+	if got, ok := k.Exported("no_such_symbol_here"); ok {
+		t.Errorf("Exported(no_such_symbol_here) = %q, true", got)
+	}
+	ref, err := resolver(k, compiled{Object: "nf_conntrack"}, nil, nil)("nf_conntrack_find_get", false)
+	if err != nil || ref.Exported || ref.Object != "nf_conntrack" {
+		t.Errorf("nf_conntrack's own export, from a patch to nf_conntrack: %+v, %v; want a klp relocation to nf_conntrack", ref, err)
+	}
+	if ref, err := resolver(k, compiled{Object: "openvswitch"}, nil, nil)("nf_conntrack_find_get", false); err != nil || !ref.Exported {
+		t.Errorf("nf_conntrack's export, from a patch to openvswitch: %+v, %v; want it linked by name", ref, err)
+	}
+}

@@ -55,6 +55,11 @@ func (c *Client) download(ctx context.Context, target string) ([]byte, string, e
 	if err != nil {
 		return nil, "", fmt.Errorf("fetch %s: %w", target, err)
 	}
+	return c.downloadWith(up, target)
+}
+
+// downloadWith is download with metadata up has refreshed already.
+func (c *Client) downloadWith(up *updater.Updater, target string) ([]byte, string, error) {
 	info, err := up.GetTargetInfo(target)
 	if err != nil {
 		// Metadata is already verified by updater; what fails here is the

@@ -1,11 +1,14 @@
 package bundle
 
 import (
+	"crypto"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"strings"
 
 	"github.com/stitchpatch/stitch/internal/contract"
+	"github.com/stitchpatch/stitch/internal/modsign"
 	"github.com/theupdateframework/go-tuf/v2/metadata"
 )
 
@@ -32,6 +35,9 @@ type Published struct {
 	SHA256  string `json:"sha256"`
 	// New is false when the same bytes were published before.
 	New bool `json:"new"`
+	// Signer is the key id of the module-signing key that signed a
+	// bundle's module; empty when the repository signs no modules.
+	Signer string `json:"signer,omitempty"`
 }
 
 // EncodeContained checks a contained record and gives its canonical
@@ -60,19 +66,43 @@ func ContainedTargetName(c *contract.Contained, data []byte) string {
 // metadata (one targets version), so an agent or a server sees all or
 // none. Targets already published (the same bytes) are kept as they are.
 // The result lists the bundles first, then the records, in their order.
+//
+// When the repository has a module-signing key (InitSigning), every
+// bundle's module is signed with the current key first (an old signature
+// replaced), and the bundle published is the signed one: its manifest's
+// module_sha256, its hash and its target name are the signed module's.
 func (r *Repo) PublishAll(bundles [][]byte, contained []*contract.Contained) ([]Published, error) {
 	type item struct {
 		Published
 		data []byte
 	}
 	var items []item
+	var key crypto.Signer
+	var cert *x509.Certificate
+	if len(bundles) > 0 {
+		var err error
+		if key, cert, err = r.moduleSigner(); err != nil {
+			return nil, fmt.Errorf("publish: %w", err)
+		}
+	}
 	for _, data := range bundles {
 		b, err := Open(data)
 		if err != nil {
 			return nil, fmt.Errorf("publish: %w", err)
 		}
+		signer := ""
+		if key != nil {
+			if data, err = signBundle(b, key, cert); err != nil {
+				return nil, fmt.Errorf("publish %s: %w", b.Manifest.Name, err)
+			}
+			name := b.Manifest.Name
+			if b, err = Open(data); err != nil {
+				return nil, fmt.Errorf("publish %s: signed: %w", name, err)
+			}
+			signer = modsign.KeyID(cert)
+		}
 		m := &b.Manifest
-		items = append(items, item{Published{Target: TargetName(m, data), Kind: KindPatch, Name: m.Name, Release: m.Kernel.Release, SHA256: SHA256Hex(data)}, data})
+		items = append(items, item{Published{Target: TargetName(m, data), Kind: KindPatch, Name: m.Name, Release: m.Kernel.Release, SHA256: SHA256Hex(data), Signer: signer}, data})
 	}
 	for _, c := range contained {
 		data, err := EncodeContained(c)

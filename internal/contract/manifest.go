@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"unicode"
 
@@ -47,7 +48,22 @@ type Manifest struct {
 	// withdrawn. Supersedes is the level it follows (0 for the first);
 	// Withdrawn names the fixes that level carried and this one does not.
 	Level *Level `json:"level,omitempty"`
+	// Hooks is the fix author's hooks file compiled into the module
+	// (stitch build --hooks), if any.
+	Hooks *Hooks `json:"hooks,omitempty"`
 }
+
+// Hooks records the fix author's hooks file: its name and SHA-256, so
+// that a manifest names exactly what went into the module besides the
+// fixes.
+type Hooks struct {
+	Name string `json:"name"`
+	Hash string `json:"sha256"`
+}
+
+// CallbackKinds are the klp callbacks an object may have, in the order
+// the kernel runs them (struct klp_callbacks).
+var CallbackKinds = []string{"pre_patch", "post_patch", "pre_unpatch", "post_unpatch"}
 
 // Level is where a cumulative patch stands in its stream.
 type Level struct {
@@ -99,6 +115,23 @@ type Fix struct {
 type Object struct {
 	Name      string     `json:"name"`
 	Functions []Function `json:"functions"`
+	// Callbacks are the klp callbacks the module gives the object
+	// (CallbackKinds), from the hooks file or the fix's own code.
+	Callbacks []string `json:"callbacks,omitempty"`
+	// Notrace are the changed functions ftrace cannot redirect (no
+	// __fentry__ call) that the module carries as new copies, with the
+	// way the running kernel reaches each copy instead of the old code.
+	Notrace []Notrace `json:"notrace,omitempty"`
+}
+
+// Notrace is a changed function without a __fentry__ call carried as a
+// copy: Via are the functions the module replaces so that they call it
+// (every direct caller in its file), Data the pointers to it that the
+// hooks re-point.
+type Notrace struct {
+	Function string   `json:"function"`
+	Via      []string `json:"via"`
+	Data     []string `json:"data,omitempty"`
 }
 
 // Function is one replaced function, with the fingerprint of the code it
@@ -209,9 +242,22 @@ func (m *Manifest) Validate() error {
 			return bad("fix %q: upstream %q: want a git commit id, 7 to 64 lower-case hex digits", f.Name, f.Upstream)
 		}
 	}
+	if h := m.Hooks; h != nil {
+		switch {
+		case h.Name == "" || len(h.Name) > 255 || strings.ContainsAny(h.Name, "/\\") || strings.ContainsFunc(h.Name, unicode.IsControl):
+			return bad("hooks name %q: want the hooks file's name, without a directory", h.Name)
+		case !validSHA256(h.Hash):
+			return bad("hooks %q: sha256 %q: want 64 lower-case hex digits", h.Name, h.Hash)
+		}
+	}
 	for _, o := range m.Objects {
 		if !validSymbol(o.Name) {
 			return bad("object name %q: want a module name or vmlinux", o.Name)
+		}
+		for i, c := range o.Callbacks {
+			if !slices.Contains(CallbackKinds, c) || slices.Contains(o.Callbacks[:i], c) {
+				return bad("object %s: callback %q: want each of %s at most once", o.Name, c, strings.Join(CallbackKinds, ", "))
+			}
 		}
 		for _, f := range o.Functions {
 			switch {

@@ -37,6 +37,31 @@ func TestManifestRoundTrip(t *testing.T) {
 	}
 }
 
+// A manifest with hooks keeps them; one from before hooks existed (no
+// hooks field, no callbacks) still reads.
+func TestManifestHooks(t *testing.T) {
+	m := validManifest()
+	m.Hooks = &Hooks{Name: "pipe-hooks.c", Hash: strings.Repeat("0f", 32)}
+	m.Objects[0].Callbacks = []string{"pre_patch", "post_unpatch"}
+	b, err := json.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := ParseManifest(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if *got.Hooks != *m.Hooks || strings.Join(got.Objects[0].Callbacks, ",") != "pre_patch,post_unpatch" {
+		t.Errorf("round trip: hooks %+v, callbacks %v", got.Hooks, got.Objects[0].Callbacks)
+	}
+	old := `{"version":1,"name":"fix_cmdline","module":"fix_cmdline.ko","module_sha256":"` + strings.Repeat("ab", 32) +
+		`","kernel":{"release":"6.1.0-54-amd64","build_id":"887cd47f03581c5baf735611814b0308637cd7f2"},"fixes":[],` +
+		`"objects":[{"name":"vmlinux","functions":[{"name":"f","sympos":0,"pre_fingerprint":{"size":4,"sha256":"` + strings.Repeat("ef", 32) + `"}}]}],"built":"2026-01-01T00:00:00Z"}`
+	if m, err := ParseManifest([]byte(old)); err != nil || m.Hooks != nil {
+		t.Errorf("manifest without hooks: %v, hooks %v", err, m)
+	}
+}
+
 func TestManifestRefusesIncomplete(t *testing.T) {
 	for name, mutate := range map[string]func(*Manifest){
 		"version":        func(m *Manifest) { m.Version = 99 },
@@ -50,6 +75,11 @@ func TestManifestRefusesIncomplete(t *testing.T) {
 		"bad fix":        func(m *Manifest) { m.Fixes[0].Hash = "nope" },
 		"bad upstream":   func(m *Manifest) { m.Fixes[0].Upstream = "0123456789AB" },
 		"short upstream": func(m *Manifest) { m.Fixes[0].Upstream = "0123" },
+		"hooks hash":     func(m *Manifest) { m.Hooks = &Hooks{Name: "hooks.c", Hash: "abc"} },
+		"hooks dir":      func(m *Manifest) { m.Hooks = &Hooks{Name: "a/hooks.c", Hash: strings.Repeat("ab", 32)} },
+		"hooks no name":  func(m *Manifest) { m.Hooks = &Hooks{Hash: strings.Repeat("ab", 32)} },
+		"bad callback":   func(m *Manifest) { m.Objects[0].Callbacks = []string{"pre_load"} },
+		"twice callback": func(m *Manifest) { m.Objects[0].Callbacks = []string{"pre_patch", "pre_patch"} },
 		"no fingerprint": func(m *Manifest) {
 			m.Objects[0].Functions[0].Fingerprint = fingerprint.Fingerprint{}
 		},

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"regexp"
 	"slices"
+	"strings"
 )
 
 // The shapes of the names every stage checks. Each is anchored: a name is
@@ -77,3 +78,21 @@ func TargetName(m *Manifest, bundleHash string) string {
 
 // ValidTarget says whether s is a well-formed target name.
 func ValidTarget(s string) bool { return targetRe.MatchString(s) }
+
+// TargetsNamed are the targets among ts that query names: the target
+// itself, RELEASE/NAME (the patch NAME built for RELEASE) or NAME (the
+// patch NAME for any kernel). More than one means query is ambiguous.
+func TargetsNamed(ts []string, query string) []string {
+	var out []string
+	for _, t := range ts {
+		if !ValidTarget(t) {
+			continue
+		}
+		release, file, _ := strings.Cut(t, "/")
+		name := file[:strings.LastIndexByte(file, '-')]
+		if t == query || query == release+"/"+name || query == name {
+			out = append(out, t)
+		}
+	}
+	return out
+}

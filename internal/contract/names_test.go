@@ -71,3 +71,25 @@ func TestSchedule(t *testing.T) {
 		t.Error("ValidCheck")
 	}
 }
+
+func TestTargetsNamed(t *testing.T) {
+	ts := []string{
+		"6.1.0-54-amd64/stitch_fix-0123456789abcdef.stitch",
+		"6.12.117+deb12-amd64/stitch_fix-00112233445566ff.stitch",
+		"6.1.0-54-amd64/stitch_other-fedcba9876543210.stitch",
+		"contained/6.1.0-54-amd64/stitch_fix-0123456789abcdef.json",
+	}
+	for query, want := range map[string]int{
+		"stitch_fix":                2, // two kernels: ambiguous
+		"6.1.0-54-amd64/stitch_fix": 1,
+		"stitch_other":              1,
+		"6.12.117+deb12-amd64/stitch_fix-00112233445566ff.stitch": 1,
+		"stitch": 0,
+		"6.1.0-54-amd64/stitch_fix-0123456789abcdef": 0,
+		"6.1.0-54-amd64": 0,
+	} {
+		if got := TargetsNamed(ts, query); len(got) != want {
+			t.Errorf("TargetsNamed(%q) = %v, want %d", query, got, want)
+		}
+	}
+}

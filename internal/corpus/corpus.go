@@ -44,6 +44,15 @@ type Entry struct {
 	Lines    int    `json:"changed_lines"`
 	Location string `json:"location"` // vmlinux or a module, as the corpus says
 	Patch    string `json:"-"`
+	// Hooks is the fix author's hooks for the fix (DIR/hooks/NAME.c,
+	// docs/fix-author.md), empty if the fix needs none.
+	Hooks string `json:"hooks,omitempty"`
+	// Livepatch is the fix author's livepatch form of the fix
+	// (DIR/livepatch/NAME.patch), built instead of the upstream diff;
+	// AuthorRefusal is the author's reason why the fix cannot be carried
+	// (DIR/livepatch/NAME.refused). See livepatch.go.
+	Livepatch     string `json:"livepatch,omitempty"`
+	AuthorRefusal string `json:"author_refusal,omitempty"`
 }
 
 // Result is what happened to one fix.
@@ -59,7 +68,9 @@ type Result struct {
 }
 
 // ReadIndex reads DIR/index.tsv (name, file, changed lines, location) and
-// checks that each fix is in DIR/fixes/NAME.patch.
+// checks that each fix is in DIR/fixes/NAME.patch. A fix that needs the
+// fix author's hooks has them in DIR/hooks/NAME.c; its livepatch form, if
+// it needs one, is DIR/livepatch/NAME.patch (livepatch.go).
 func ReadIndex(dir string) ([]Entry, error) {
 	f, err := os.Open(filepath.Join(dir, "index.tsv"))
 	if err != nil {
@@ -85,6 +96,12 @@ func ReadIndex(dir string) ([]Entry, error) {
 		if _, err := os.Stat(e.Patch); err != nil {
 			return nil, fmt.Errorf("corpus index line %d: %w", n, err)
 		}
+		if hooks := filepath.Join(dir, "hooks", fs[0]+".c"); fileExists(hooks) {
+			e.Hooks = hooks
+		}
+		if err := livepatchForm(dir, &e); err != nil {
+			return nil, fmt.Errorf("corpus index line %d: %w", n, err)
+		}
 		out = append(out, e)
 	}
 	return out, sc.Err()
@@ -106,9 +123,15 @@ func Select(entries []Entry, filter string, limit int) ([]Entry, error) {
 	return out, nil
 }
 
-// Builder builds one fix; build.Build with the target's source and
-// kernel, in production.
-type Builder func(ctx context.Context, fix *build.Fix, out string) (*build.Result, error)
+// fileExists tells whether path names a regular file.
+func fileExists(path string) bool {
+	fi, err := os.Stat(path)
+	return err == nil && fi.Mode().IsRegular()
+}
+
+// Builder builds one fix, with the fix author's hooks file if hooks is not
+// empty; build.Build with the target's source and kernel, in production.
+type Builder func(ctx context.Context, fix *build.Fix, hooks, out string) (*build.Result, error)
 
 // BuildAll builds every entry, one at a time, into out/NAME. progress is
 // called after each.
@@ -146,6 +169,7 @@ func BuildAll(ctx context.Context, entries []Entry, b Builder, out string, progr
 		default:
 			r.Outcome, r.Reason = BuildFailed, oneLine(err)
 		}
+		authorRefuses(&r)
 		if progress != nil {
 			progress(r)
 		}
@@ -166,7 +190,7 @@ func buildOne(ctx context.Context, e Entry, b Builder, out string) (*build.Resul
 	if err != nil {
 		return nil, err
 	}
-	return b(ctx, fix, out)
+	return b(ctx, fix, e.Hooks, out)
 }
 
 // refusal tells an honest refusal (the reason names what a livepatch
@@ -189,6 +213,11 @@ type Summary struct {
 	// change no code in it and those its source already contains.
 	Share       float64 `json:"share_applied"`
 	ShareNeeded float64 `json:"share_applied_of_needed"`
+	// WithHooks counts the applied fixes that needed the fix author's
+	// hooks or livepatch form; ShareAutomatic is the share applied
+	// without them.
+	WithHooks      int     `json:"applied_with_hooks"`
+	ShareAutomatic float64 `json:"share_applied_automatically"`
 }
 
 // NotNeeded counts the fixes the kernel needs no patch for.
@@ -199,10 +228,14 @@ func Summarize(rs []Result) Summary {
 	s := Summary{Total: len(rs), Outcomes: map[string]int{}}
 	for _, r := range rs {
 		s.Outcomes[r.Outcome]++
+		if r.Outcome == Applied && (r.Hooks != "" || r.Livepatch != "") {
+			s.WithHooks++
+		}
 	}
 	applied := float64(s.Outcomes[Applied])
 	if s.Total > 0 {
 		s.Share = applied / float64(s.Total)
+		s.ShareAutomatic = (applied - float64(s.WithHooks)) / float64(s.Total)
 	}
 	if needed := s.Total - s.NotNeeded(); needed > 0 {
 		s.ShareNeeded = applied / float64(needed)

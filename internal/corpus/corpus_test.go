@@ -2,7 +2,10 @@ package corpus
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -48,8 +51,8 @@ func TestReadIndexBad(t *testing.T) {
 }
 
 func TestSummarize(t *testing.T) {
-	s := Summarize([]Result{{Outcome: Applied}, {Outcome: Refused}, {Outcome: Applied}, {Outcome: BuildFailed}, {Outcome: NoChange}})
-	if s.Total != 5 || s.Outcomes[Applied] != 2 || s.Share != 0.4 || s.ShareNeeded != 0.5 {
+	s := Summarize([]Result{{Outcome: Applied}, {Outcome: Refused}, {Outcome: Applied, Entry: Entry{Hooks: "hooks/x.c"}}, {Outcome: BuildFailed}, {Outcome: NoChange}, {Outcome: Refused, Entry: Entry{Hooks: "hooks/y.c"}}})
+	if s.Total != 6 || s.Outcomes[Applied] != 2 || s.WithHooks != 1 || s.Share != 2.0/6 || s.ShareAutomatic != 1.0/6 || s.ShareNeeded != 0.4 {
 		t.Errorf("Summarize = %+v", s)
 	}
 }
@@ -67,7 +70,7 @@ func TestBuildAllPortOutcomes(t *testing.T) {
 		entries[0].Name: {Status: kbuild.PortContained},
 		entries[1].Name: {Status: kbuild.PortFails, Reason: "hunk #1 FAILED at 373"},
 	}
-	b := func(_ context.Context, fix *build.Fix, _ string) (*build.Result, error) {
+	b := func(_ context.Context, fix *build.Fix, _, _ string) (*build.Result, error) {
 		if p := ports[strings.TrimSuffix(fix.Name, ".patch")]; p != nil {
 			return nil, fmt.Errorf("build %s: %w", fix.Name, &kbuild.PortError{Release: "6.1.0-57-amd64", Port: p})
 		}
@@ -86,5 +89,43 @@ func TestBuildAllPortOutcomes(t *testing.T) {
 	s := Summarize(rs)
 	if s.NotNeeded() != 2 || s.ShareNeeded != 0 {
 		t.Errorf("summary %+v: want 2 not needed", s)
+	}
+}
+
+// A fix with DIR/hooks/NAME.c is built with those hooks; the others
+// without.
+func TestReadIndexHooks(t *testing.T) {
+	dir := t.TempDir()
+	const patch = "--- a/kernel/b.c\n+++ b/kernel/b.c\n@@ -1 +1 @@\n-x\n+y\n"
+	for name, body := range map[string]string{
+		"index.tsv":     "# name\tfile\tlines\tlocation\na\tkernel/a.c\t1\tvmlinux\nb\tkernel/b.c\t2\tvmlinux\n",
+		"fixes/a.patch": patch, "fixes/b.patch": patch, "hooks/b.c": "/* hooks */",
+		"hooks/c.c": "/* a fix not in the index: ignored */",
+	} {
+		path := filepath.Join(dir, name)
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	es, err := ReadIndex(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(es) != 2 || es[0].Hooks != "" || es[1].Hooks != filepath.Join(dir, "hooks", "b.c") {
+		t.Fatalf("entries %+v: want hooks for b only", es)
+	}
+	got := map[string]string{}
+	b := func(_ context.Context, fix *build.Fix, hooks, _ string) (*build.Result, error) {
+		got[fix.Name] = hooks
+		return nil, build.ErrNothing
+	}
+	if _, err := buildOne(context.Background(), es[1], b, t.TempDir()); !errors.Is(err, build.ErrNothing) {
+		t.Fatalf("buildOne: %v", err)
+	}
+	if got["b.patch"] != es[1].Hooks {
+		t.Errorf("builder got hooks %q for b, want %q", got["b.patch"], es[1].Hooks)
 	}
 }

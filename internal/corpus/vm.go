@@ -11,6 +11,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/stitchpatch/stitch/internal/kmod"
 	"github.com/stitchpatch/stitch/internal/livepatch"
 	"github.com/stitchpatch/stitch/internal/vm"
@@ -167,9 +169,17 @@ func guestStep(ctx context.Context, k *livepatch.Kernel, s step) outcome {
 		oc.Outcome, oc.Reason = kind, fmt.Sprintf(format, args...)
 		return oc
 	}
+	absent := ""
 	if s.Load != "" {
 		if err := vm.Modprobe(s.Load); err != nil {
-			return fail(ApplyFailed, "%v", err)
+			if !noDevice(err) {
+				return fail(ApplyFailed, "%v", err)
+			}
+			// The module's init refused: its hardware or hypervisor is
+			// not in this VM. The patch still applies, and livepatch
+			// patches the module when it loads; loading it again with
+			// the patch on resolves the patch's relocations against it.
+			absent = strings.Join(strings.Fields(err.Error()), " ")
 		}
 	}
 	before, err := k.Taint()
@@ -182,6 +192,13 @@ func guestStep(ctx context.Context, k *livepatch.Kernel, s step) outcome {
 	m, err := k.Apply(ctx, s.Module, livepatch.ApplyOptions{Timeout: 30 * time.Second})
 	if err != nil {
 		return fail(ApplyFailed, "%s", strings.Join(strings.Fields(err.Error()), " "))
+	}
+	if absent != "" {
+		if err := vm.Modprobe(s.Load); err == nil || !noDevice(err) {
+			k.Revert(ctx, m.Name, livepatch.ApplyOptions{Timeout: 30 * time.Second})
+			return fail(ApplyFailed, "%s cannot load here (%s); with the patch applied, loading it gave %v", s.Load, absent, err)
+		}
+		oc.Reason = fmt.Sprintf("applied with %s not loaded: %s; livepatch patches it when it loads (its load with the patch on failed the same way, no kernel warning)", s.Load, absent)
 	}
 	patched := runWorkloads(s.File)
 	after, _ := k.Taint()
@@ -196,4 +213,11 @@ func guestStep(ctx context.Context, k *livepatch.Kernel, s step) outcome {
 		return fail(Regressed, "worked before the patch, failed with it: %s", strings.Join(r, "; "))
 	}
 	return oc
+}
+
+// noDevice tells a module whose init refused because what it drives is
+// not there (ENODEV, ENXIO): a Xen front end outside Xen, a driver
+// without its hardware.
+func noDevice(err error) bool {
+	return errors.Is(err, unix.ENODEV) || errors.Is(err, unix.ENXIO)
 }

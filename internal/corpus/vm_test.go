@@ -30,10 +30,11 @@ func TestCorpusSubset(t *testing.T) {
 		"block_blk-mq":                corpus.Applied, // a tracepoint and a static call in the block layer's hot path
 		"crypto_af_alg":               corpus.Applied, // a module
 		"drivers_block_loop":          corpus.Applied, // a module
-		"drivers_block_null_blk_main": corpus.Refused, // init code changed
+		"drivers_block_null_blk_main": corpus.Applied, // init code changed on a failure path: carried with its hooks
+		"net_rds_tcp":                 corpus.Refused, // a sysctl table the kernel registered, and a handler's parameters changed
 		"fs_xfs_xfs_iops":             corpus.Applied, // loading xfs makes the kernel ask modprobe for crc32c
 	}
-	entries, err := corpus.Select(all, "^(block_blk-mq|crypto_af_alg|drivers_block_loop|drivers_block_null_blk_main|fs_xfs_xfs_iops)$", 0)
+	entries, err := corpus.Select(all, "^(block_blk-mq|crypto_af_alg|drivers_block_loop|drivers_block_null_blk_main|fs_xfs_xfs_iops|net_rds_tcp)$", 0)
 	if err != nil || len(entries) != len(want) {
 		t.Fatalf("select: %v (%d)", err, len(entries))
 	}
@@ -45,8 +46,8 @@ func TestCorpusSubset(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	builder := func(ctx context.Context, fix *build.Fix, out string) (*build.Result, error) {
-		return env.Build(ctx, []*build.Fix{fix}, build.Options{Out: out, Work: filepath.Join(out, "work")})
+	builder := func(ctx context.Context, fix *build.Fix, hooks, out string) (*build.Result, error) {
+		return env.Build(ctx, []*build.Fix{fix}, build.Options{Out: out, Work: filepath.Join(out, "work"), Hooks: hooks})
 	}
 	results := corpus.BuildAll(ctx, entries, builder, t.TempDir(), func(r corpus.Result) {
 		t.Logf("built %s: %s %s (%.1fs)", r.Name, r.Outcome, r.Reason, r.BuildTime.Seconds())

@@ -127,6 +127,11 @@ func (s *Section) Strings() bool {
 	return s.Flags&(elf.SHF_MERGE|elf.SHF_STRINGS) == elf.SHF_MERGE|elf.SHF_STRINGS
 }
 
+// OnceFlags tells whether the section holds the kernel's "done once"
+// flags of WARN_ONCE and printk_once (include/linux/once_lite.h):
+// .data.once up to 6.2, .data..once since.
+func (s *Section) OnceFlags() bool { return s.Name == ".data.once" || s.Name == ".data..once" }
+
 // SizeOf is the width in bytes of the field a relocation type patches,
 // or 0 for types this reader does not know.
 func SizeOf(t elf.R_X86_64) int {

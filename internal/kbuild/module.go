@@ -21,29 +21,39 @@ var ErrNoHeaders = errors.New("kernel headers not installed")
 // KBUILD_MODPOST_WARN=1). kbuild's output goes to progress as it runs; on
 // failure the error quotes the compiler's last lines.
 func BuildModule(ctx context.Context, headers, dir, name string, progress io.Writer, makeVars ...string) (string, error) {
-	if _, err := os.Stat(filepath.Join(headers, "Makefile")); err != nil {
-		return "", fmt.Errorf("%w: %s (`stitch kernel add RELEASE` fetches the headers of a kernel)", ErrNoHeaders, headers)
-	}
-	abs, err := filepath.Abs(dir)
+	abs, out, err := makeExternal(ctx, headers, dir, progress, append(makeVars, "modules")...)
 	if err != nil {
-		return "", err
-	}
-	if progress == nil {
-		progress = io.Discard
-	}
-	var out bytes.Buffer
-	args := append([]string{"-C", headers, "M=" + abs}, makeVars...)
-	cmd := exec.CommandContext(ctx, "make", append(args, "modules")...)
-	cmd.Stdout = io.MultiWriter(&out, progress)
-	cmd.Stderr = cmd.Stdout
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("build module %s in %s: %w\n%s", name, dir, err, lastLines(out.String(), 20))
+		return "", fmt.Errorf("build module %s in %s: %w%s", name, dir, err, out)
 	}
 	ko := filepath.Join(abs, name+".ko")
 	if _, err := os.Stat(ko); err != nil {
 		return "", fmt.Errorf("build module %s: kbuild succeeded but made no %s", name, ko)
 	}
 	return ko, nil
+}
+
+// makeExternal runs kbuild for the external module in dir against the
+// headers tree with targets (and make variables), streaming its output to
+// progress. It returns dir's absolute path and, on failure, the output's
+// last lines on lines of their own.
+func makeExternal(ctx context.Context, headers, dir string, progress io.Writer, targets ...string) (abs, tail string, err error) {
+	if _, err := os.Stat(filepath.Join(headers, "Makefile")); err != nil {
+		return "", "", fmt.Errorf("%w: %s (`stitch kernel add RELEASE` fetches the headers of a kernel)", ErrNoHeaders, headers)
+	}
+	if abs, err = filepath.Abs(dir); err != nil {
+		return "", "", err
+	}
+	if progress == nil {
+		progress = io.Discard
+	}
+	var out bytes.Buffer
+	cmd := exec.CommandContext(ctx, "make", append([]string{"-C", headers, "M=" + abs}, targets...)...)
+	cmd.Stdout = io.MultiWriter(&out, progress)
+	cmd.Stderr = cmd.Stdout
+	if err := cmd.Run(); err != nil {
+		return abs, "\n" + lastLines(out.String(), 20), err
+	}
+	return abs, "", nil
 }
 
 func lastLines(s string, n int) string {
@@ -90,4 +100,22 @@ func ReadSymvers(headers string) (Symvers, error) {
 		sv[f[1]] = e
 	}
 	return sv, nil
+}
+
+// CompileModuleObject compiles one object (obj, like hooks.o, relative
+// to dir) of the external module in dir against the headers tree, as
+// kbuild would for the module, and returns its path.
+func CompileModuleObject(ctx context.Context, headers, dir, obj string, progress io.Writer) (string, error) {
+	abs, out, err := makeExternal(ctx, headers, dir, progress, obj)
+	if errors.Is(err, ErrNoHeaders) {
+		return "", err
+	}
+	if err != nil {
+		return "", fmt.Errorf("%w: compile %s in %s: %w%s", ErrBuild, obj, dir, err, out)
+	}
+	path := filepath.Join(abs, obj)
+	if _, err := os.Stat(path); err != nil {
+		return "", fmt.Errorf("%w: compile %s: kbuild succeeded but made no %s", ErrBuild, obj, path)
+	}
+	return path, nil
 }

@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+
+	"github.com/stitchpatch/stitch/internal/udiff"
 )
 
 // Porting a fix to a kernel's source: GNU patch decides, twice. A dry run
@@ -27,8 +29,9 @@ var (
 	// ErrContained means the kernel's source already contains the fix
 	// (it reverse-applies): there is nothing to patch.
 	ErrContained = errors.New("this kernel already contains the fix")
-	// ErrBadDiff means patch could not read the fix at all.
-	ErrBadDiff = errors.New("not a usable unified diff")
+	// ErrBadDiff means the fix is not a diff patch -p1 can apply: the
+	// parser (udiff) or patch itself could not read it.
+	ErrBadDiff = udiff.ErrBadDiff
 )
 
 // PortStatus says how a fix fits one kernel's source.
@@ -205,7 +208,7 @@ func (t *Tree) port(ctx context.Context, diff []byte, apply bool) (*Port, map[st
 // temporary directory, which the caller removes. The files are copied
 // under the tree's lock, so that a build in another process, which swaps
 // a patched file in, is never seen.
-func (t *Tree) copySources(ctx context.Context, diff []byte) (string, []diffFile, error) {
+func (t *Tree) copySources(ctx context.Context, diff []byte) (string, []udiff.File, error) {
 	unlock, err := t.lock(ctx)
 	if err != nil {
 		return "", nil, err
@@ -242,7 +245,7 @@ func portFiles(ctx context.Context, dir, release string, diff []byte, apply bool
 
 // copyTouched parses diff and copies the files it touches (those that
 // exist) from dir into tmp.
-func copyTouched(dir, tmp string, diff []byte) ([]diffFile, error) {
+func copyTouched(dir, tmp string, diff []byte) ([]udiff.File, error) {
 	secs, err := parseDiff(diff)
 	if err != nil {
 		return nil, err
@@ -266,7 +269,7 @@ func copyTouched(dir, tmp string, diff []byte) ([]diffFile, error) {
 
 // portCopies runs patch in tmp: in reverse (dry) on the pristine copies,
 // then forward (for real when apply, to read the result).
-func portCopies(ctx context.Context, tmp, release string, secs []diffFile, diff []byte, apply bool) (*Port, map[string][]byte, error) {
+func portCopies(ctx context.Context, tmp, release string, secs []udiff.File, diff []byte, apply bool) (*Port, map[string][]byte, error) {
 	rev, err := runPatch(ctx, tmp, diff, true, true)
 	if err != nil {
 		return nil, nil, err
@@ -284,8 +287,8 @@ func portCopies(ctx context.Context, tmp, release string, secs []diffFile, diff 
 	}
 	out := map[string][]byte{}
 	for _, s := range secs {
-		if s.New == "" {
-			continue // deleted
+		if s.New == "" || len(s.Hunks) == 0 {
+			continue // deleted, or no text change (mode, rename, binary)
 		}
 		b, err := os.ReadFile(filepath.Join(tmp, s.New))
 		if err != nil {
@@ -351,7 +354,7 @@ func (d direction) quality() int {
 // outcomes matches patch's report to the diff's hunks. Patch reports the
 // files in the diff's order and says nothing of a hunk that applied at
 // its own line.
-func outcomes(secs []diffFile, files []patchedFile, reverse bool) [][]direction {
+func outcomes(secs []udiff.File, files []patchedFile, reverse bool) [][]direction {
 	res := make([][]direction, len(secs))
 	next := 0
 	reports := make([]*patchedFile, len(secs))
@@ -405,7 +408,7 @@ func outcomes(secs []diffFile, files []patchedFile, reverse bool) [][]direction 
 const maxHunkText = 4096
 
 // decide applies Port's rule to patch's reports of both runs.
-func decide(secs []diffFile, fwdFiles, revFiles []patchedFile) *Port {
+func decide(secs []udiff.File, fwdFiles, revFiles []patchedFile) *Port {
 	fwd := outcomes(secs, fwdFiles, false)
 	rev := outcomes(secs, revFiles, true)
 	fq, rq := 0, 0
@@ -461,7 +464,7 @@ func decide(secs []diffFile, fwdFiles, revFiles []patchedFile) *Port {
 			contained = append(contained, h.Name())
 		default:
 			h = with(a.h, HunkFails, a.fwd)
-			h.Text = secs[a.file].hunkText(a.h.Number - 1)
+			h.Text = hunkText(secs[a.file], a.h.Number-1)
 			s := fmt.Sprintf("%s (%s) FAILED", h.Name(), h.Header)
 			if h.MissingFile {
 				s = fmt.Sprintf("%s: no such file in this kernel's source", h.Name())

@@ -29,6 +29,7 @@ No file to patch.  Skipping patch.
 1 out of 1 hunk ignored
 checking file fs/x.c
 Hunk #1 ignored at 12.
+checking file fs/y.c (renamed from fs/old y.c)
 `
 	got := parsePatchOutput(out)
 	want := []patchedFile{
@@ -42,6 +43,7 @@ Hunk #1 ignored at 12.
 		{Name: "net/a b.c", Hunks: map[int]hunkOutcome{}},
 		{Name: "fs/gone.c", Missing: true, Hunks: map[int]hunkOutcome{}},
 		{Name: "fs/x.c", Hunks: map[int]hunkOutcome{1: {Line: 12, Failed: true}}},
+		{Name: "fs/y.c", Hunks: map[int]hunkOutcome{}},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("parsed\n%+v\nwant\n%+v", got, want)
@@ -51,9 +53,12 @@ Hunk #1 ignored at 12.
 	}
 }
 
+// What the port needs of the shared parser (internal/udiff tests the
+// parser itself): -p1 paths, /dev/null as "", hunks by their counts, and
+// a failing hunk's text.
 func TestParseDiff(t *testing.T) {
 	diff := "From 0123 Mon Sep 17 00:00:00 2001\nSubject: x\n\n--- a/x\n" + // a mail header's "--- a/x" without +++ is text
-		"diff --git a/fs/x.c b/fs/x.c\n--- a/fs/x.c\t2024-01-01\n+++ b/fs/x.c\t2024-01-01\n" +
+		"diff -Nupr src.orig/fs/x.c src/fs/x.c\n--- src.orig/fs/x.c\t2024-01-01\n+++ src/fs/x.c\t2024-01-01\n" +
 		"@@ -1,4 +1,3 @@ func\n one\n--- removed line starting with dashes\n\n three\n" +
 		"@@ -10 +9,2 @@\n ten\n+eleven\n\\ No newline at end of file\n" +
 		"--- /dev/null\n+++ b/fs/new.c\n@@ -0,0 +1 @@\n+new\n" +
@@ -69,13 +74,10 @@ func TestParseDiff(t *testing.T) {
 	if x.Old != "fs/x.c" || x.New != "fs/x.c" || len(x.Hunks) != 2 {
 		t.Fatalf("fs/x.c: %+v", x)
 	}
-	if h := x.Hunks[0]; h.OldStart != 1 || h.NewStart != 1 || h.Header != "@@ -1,4 +1,3 @@ func" {
-		t.Errorf("hunk 1: %+v", h)
-	}
 	if h := x.Hunks[1]; h.OldStart != 10 || h.NewStart != 9 {
 		t.Errorf("hunk 2: %+v", h)
 	}
-	if txt := x.hunkText(0); !strings.Contains(txt, "--- removed line") || strings.Contains(txt, "@@ -10") {
+	if txt := hunkText(x, 0); !strings.Contains(txt, "--- removed line") || strings.Contains(txt, "@@ -10") {
 		t.Errorf("hunk 1 text %q", txt)
 	}
 	if files[1].Old != "" || files[1].New != "fs/new.c" || files[2].Old != "fs/old.c" || files[2].New != "" {
@@ -83,11 +85,9 @@ func TestParseDiff(t *testing.T) {
 	}
 	for name, bad := range map[string]string{
 		"empty":     "",
-		"no hunks":  "--- a/x.c\n+++ b/x.c\n",
 		"truncated": "--- a/x.c\n+++ b/x.c\n@@ -1,3 +1,3 @@\n a\n-b\n",
-		"garbage":   "--- a/x.c\n+++ b/x.c\n@@ -1,2 +1,2 @@\n a\n?b\n+c\n",
 		"escapes":   "--- a/../x.c\n+++ b/../x.c\n@@ -1 +1 @@\n-a\n+b\n",
-		"absolute":  "--- x.c\n+++ x.c\n@@ -1 +1 @@\n-a\n+b\n",
+		"absolute":  "--- /x.c\n+++ /x.c\n@@ -1 +1 @@\n-a\n+b\n",
 	} {
 		if _, err := parseDiff([]byte(bad)); !errors.Is(err, ErrBadDiff) {
 			t.Errorf("%s: err = %v, want ErrBadDiff", name, err)
@@ -168,35 +168,6 @@ func FuzzParsePatchOutput(f *testing.F) {
 			for n, h := range pf.Hunks {
 				if n < 0 || h.Fuzz < 0 || h.Line < 0 {
 					t.Fatalf("negative figures from %q: %d %+v", out, n, h)
-				}
-			}
-		}
-	})
-}
-
-func FuzzParseDiff(f *testing.F) {
-	f.Add([]byte("--- a/f.c\n+++ b/f.c\n@@ -10,3 +10,3 @@\n a\n-b\n+B\n c\n"))
-	f.Add([]byte("--- /dev/null\n+++ b/n.c\n@@ -0,0 +1 @@\n+x\n\\ No newline at end of file\n"))
-	f.Fuzz(func(t *testing.T, diff []byte) {
-		files, err := parseDiff(diff)
-		if err != nil {
-			if !errors.Is(err, ErrBadDiff) {
-				t.Fatalf("error %v is not ErrBadDiff", err)
-			}
-			return
-		}
-		for _, fl := range files {
-			if len(fl.Hunks) == 0 {
-				t.Fatalf("file %+v without hunks", fl)
-			}
-			for _, p := range []string{fl.Old, fl.New} {
-				if strings.HasPrefix(p, "/") || p == ".." || strings.HasPrefix(p, "../") {
-					t.Fatalf("path %q leaves the tree", p)
-				}
-			}
-			for k := range fl.Hunks {
-				if !strings.HasPrefix(fl.hunkText(k), "@@ ") {
-					t.Fatalf("hunk %d text %q", k, fl.hunkText(k))
 				}
 			}
 		}

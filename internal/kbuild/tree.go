@@ -206,13 +206,31 @@ func (t *Tree) unpack(ctx context.Context, deb string, src kernel.Package) error
 
 // make runs kbuild in the tree and returns its output.
 func (t *Tree) make(ctx context.Context, args ...string) (string, error) {
-	all := append([]string{"-C", t.Dir, "CC=" + t.CC, fmt.Sprintf("-j%d", t.opts.Jobs)}, args...)
+	out, err := t.makeJobs(ctx, t.opts.Jobs, args)
+	if err != nil && t.opts.Jobs > 1 && strings.Contains(out, descentRace) {
+		// Some directories are listed by two Makefiles (drivers/Makefile
+		// names char/ipmi/ and block/aoe/ for link order, as
+		// drivers/char and drivers/block do), so a parallel make
+		// descends into them twice and two compilers race on one
+		// object's dependency file. One job cannot race.
+		t.opts.Log.Warn("kbuild raced with itself on an object; building again with one job", "targets", args)
+		out, err = t.makeJobs(ctx, 1, args)
+	}
+	return out, err
+}
+
+// descentRace is what kbuild prints when two of its sub-makes build one
+// object at once.
+const descentRace = "fixdep: error opening file"
+
+func (t *Tree) makeJobs(ctx context.Context, jobs int, args []string) (string, error) {
+	all := append([]string{"-C", t.Dir, "CC=" + t.CC, fmt.Sprintf("-j%d", jobs)}, args...)
 	var out bytes.Buffer
 	cmd := exec.CommandContext(ctx, "make", all...)
 	cmd.Stdout = io.MultiWriter(&out, t.opts.Progress)
 	cmd.Stderr = cmd.Stdout
 	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("%w: make %s: %w\n%s", ErrBuild, strings.Join(args, " "), err, lastLines(out.String(), 20))
+		return out.String(), fmt.Errorf("%w: make %s: %w\n%s", ErrBuild, strings.Join(args, " "), err, lastLines(out.String(), 20))
 	}
 	return out.String(), nil
 }

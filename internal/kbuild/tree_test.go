@@ -4,8 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -177,4 +181,45 @@ func TestPatchedFiles(t *testing.T) {
 			t.Errorf("without GNU patch: %v", err)
 		}
 	})
+}
+
+// A parallel make that races with itself (6.12 compiles an object of
+// drivers/block/aoe/ twice at once, as "CC [M]" and "CC", because
+// drivers/Makefile lists the directory as drivers/block's Makefile does)
+// is run again with one job; other failures are not. make is a script
+// here that fails as kbuild does when given -j2.
+func TestMakeRetriesDescentRace(t *testing.T) {
+	bin := t.TempDir()
+	calls := filepath.Join(t.TempDir(), "calls")
+	script := `#!/bin/sh
+echo "$*" >> ` + calls + `
+case "$*" in
+*-j2*race*) echo "fixdep: error opening file: drivers/block/aoe/.aoenet.o.d: No such file or directory"; exit 2 ;;
+*-j2*other*) echo "aoenet.c:1: error: expected ';'"; exit 2 ;;
+*-j1*other*) exit 2 ;;
+esac
+`
+	if err := os.WriteFile(filepath.Join(bin, "make"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", bin+string(os.PathListSeparator)+os.Getenv("PATH"))
+	tree := &Tree{Dir: t.TempDir(), CC: "gcc", opts: TreeOptions{Jobs: 2, Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Progress: io.Discard}}
+	if _, err := tree.make(context.Background(), "race"); err != nil {
+		t.Errorf("a race, then one job: %v", err)
+	}
+	if _, err := tree.make(context.Background(), "other"); !errors.Is(err, ErrBuild) {
+		t.Errorf("a compile error: %v, want ErrBuild", err)
+	}
+	b, _ := os.ReadFile(calls)
+	var jobs []string
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		for _, f := range strings.Fields(l) {
+			if strings.HasPrefix(f, "-j") {
+				jobs = append(jobs, f+" "+strings.Fields(l)[len(strings.Fields(l))-1])
+			}
+		}
+	}
+	if want := []string{"-j2 race", "-j1 race", "-j2 other"}; !slices.Equal(jobs, want) {
+		t.Errorf("make ran %q, want %q", jobs, want)
+	}
 }

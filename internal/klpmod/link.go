@@ -87,6 +87,10 @@ func importNamespaces(dir string, symvers kbuild.Symvers) error {
 	if err != nil {
 		return err
 	}
+	// The hooks file's object, compiled already (CompileHooks).
+	if hooks := filepath.Join(dir, strings.TrimSuffix(HooksSource, ".c")+".o"); fileExists(hooks) {
+		objs = append(objs, hooks)
+	}
 	seen := map[string]bool{}
 	var ns []string
 	for _, path := range objs {
@@ -118,4 +122,9 @@ func importNamespaces(dir string, symvers kbuild.Symvers) error {
 		fmt.Fprintf(hook, "MODULE_INFO(import_ns, %q);\n", n)
 	}
 	return hook.Close()
+}
+
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
 }

@@ -25,6 +25,12 @@ type Func struct {
 	Name   string `json:"name"`
 	Sympos int    `json:"sympos"` // of the original, for klp_func.old_sympos
 	New    bool   `json:"new"`
+	// Entry: the registration refers to this new function (a klp
+	// callback), so it gets a global alias too.
+	Entry bool `json:"entry,omitempty"`
+	// Alias, if set, is the name of that global alias: one the fix
+	// author's hooks refer to (STITCH_NEW).
+	Alias string `json:"alias,omitempty"`
 }
 
 // Ref says how the patch reaches a symbol it does not carry.
@@ -39,6 +45,12 @@ type Ref struct {
 	// patched file (its build inlined it everywhere), so the patch
 	// carries one.
 	Carry bool
+	// Name is the target's name of the symbol when it is not the one
+	// asked for (a static local its build numbered otherwise).
+	Name string
+	// Internal: another object of the patch defines the symbol (new in
+	// the fix): the module's own link resolves it, by its name.
+	Internal bool
 }
 
 // Resolver tells how to reach name, a symbol of the patched object
@@ -55,7 +67,23 @@ type ObjectInput struct {
 	Layout  *layout.Layout
 	Funcs   []Func
 	NewData []string // static data the fix adds: carried, not referenced
-	Resolve Resolver
+	// Export names carried symbols, new in the fix, that other objects
+	// of the patch use: they stay global in the diff object.
+	Export []string
+	// PreNames maps a local symbol of the post object to its name in
+	// the pre object where the two differ (a renumbered static local,
+	// xstats.2 for xstats.0): the running kernel has the pre-fix name,
+	// so references to it are resolved by that name.
+	PreNames map[string]string
+	Resolve  Resolver
+}
+
+// preName is the running kernel's name of a symbol of the post object.
+func (in *ObjectInput) preName(name string) string {
+	if n, ok := in.PreNames[name]; ok {
+		return n
+	}
+	return name
 }
 
 // symbolAt returns the named function or object symbol of sec that a
@@ -105,6 +133,8 @@ type builder struct {
 	order []*elfobj.Section
 	undef map[string]bool // undefined symbols the output needs
 	alias map[string]string
+	// branches are the jump labels rewritten into tests of their keys.
+	branches []StaticBranch
 }
 
 // WriteObject writes the diff object for one compiled object of a fix:
@@ -114,9 +144,28 @@ type builder struct {
 // returns the object and, for each changed function, the global alias
 // the generated klp_func registration names as new_func.
 func WriteObject(in *ObjectInput, aliasPrefix string) ([]byte, map[string]string, error) {
+	w, err := Write(in, aliasPrefix)
+	if err != nil {
+		return nil, nil, err
+	}
+	return w.Object, w.Alias, nil
+}
+
+// Written is a diff object (see WriteObject) and what was decided on
+// the way that the build report shows.
+type Written struct {
+	Object []byte
+	Alias  map[string]string
+	// Branches are the jump labels on keys the kernel does not export,
+	// rewritten into tests of the key (see stubJumpLabels).
+	Branches []StaticBranch
+}
+
+// Write is WriteObject, with its decisions.
+func Write(in *ObjectInput, aliasPrefix string) (*Written, error) {
 	o, err := elfobj.Parse(in.Post)
 	if err != nil {
-		return nil, nil, fmt.Errorf("read post-fix object: %w", err)
+		return nil, fmt.Errorf("read post-fix object: %w", err)
 	}
 	var names []string
 	for _, sec := range o.Sections {
@@ -124,57 +173,81 @@ func WriteObject(in *ObjectInput, aliasPrefix string) ([]byte, map[string]string
 	}
 	if err := in.Layout.Check(names); err != nil {
 		// Its entries for the carried code could not be cut out.
-		return nil, nil, fmt.Errorf("%w: %w", ErrUnpatchable, err)
+		return nil, fmt.Errorf("%w: %w", ErrUnpatchable, err)
 	}
 	b := &builder{in: in, o: o, keep: map[*elfobj.Section]bool{}, undef: map[string]bool{}, alias: map[string]string{}}
 	for _, fn := range in.Funcs {
 		s := o.Symbol(fn.Name)
 		if s == nil || !s.Func() || !s.Defined() {
-			return nil, nil, fmt.Errorf("%w: %s is not a function of the post-fix object", ErrUnpatchable, fn.Name)
+			return nil, fmt.Errorf("%w: %s is not a function of the post-fix object", ErrUnpatchable, fn.Name)
 		}
 		b.carry(s.Section)
-		if !fn.New {
+		if _, ok := b.alias[fn.Name]; !ok && (!fn.New || fn.Entry) {
 			b.alias[fn.Name] = fmt.Sprintf("%s%d", aliasPrefix, len(b.alias))
+			if fn.Alias != "" {
+				b.alias[fn.Name] = fn.Alias
+			}
 		}
 	}
 	for _, name := range in.NewData {
 		s := o.Symbol(name)
 		if s == nil || !s.Defined() {
-			return nil, nil, fmt.Errorf("%w: new data %s is not in the post-fix object", ErrUnpatchable, name)
+			return nil, fmt.Errorf("%w: new data %s is not in the post-fix object", ErrUnpatchable, name)
 		}
 		b.carry(s.Section)
 	}
-	// Carrying a section can make others needed (string literals, a .cold
-	// part, an alternative's replacement code, ...), and brings its
-	// special-section entries: go on until nothing changes.
+	for _, name := range in.Export {
+		if s := o.Symbol(name); s == nil || !s.Defined() || s.Local() || !b.keep[s.Section] {
+			return nil, fmt.Errorf("%w: %s, which other objects of the patch use, is not a global the diff object carries", ErrUnpatchable, name)
+		}
+	}
+	if err := b.close(); err != nil {
+		return nil, err
+	}
+	// Jump labels on keys the kernel does not export become tests of the
+	// key; what the rewritten code refers to is resolved again.
+	if err := b.stubJumpLabels(); err != nil {
+		return nil, err
+	}
+	if err := b.close(); err != nil {
+		return nil, err
+	}
+	if err := b.checkKeys(); err != nil {
+		return nil, err
+	}
+	out, err := b.write()
+	if err != nil {
+		return nil, err
+	}
+	return &Written{Object: out, Alias: b.alias, Branches: b.branches}, nil
+}
+
+// close resolves every relocation of the carried sections and of their
+// special-section entries. Carrying a section can make others needed
+// (string literals, a .cold part, an alternative's replacement code,
+// ...), and brings its special-section entries: it goes on until
+// nothing changes.
+func (b *builder) close() error {
 	done := 0
 	for {
 		for ; done < len(b.order); done++ {
 			for _, r := range b.order[done].Relocs {
 				if _, err := b.resolve(r); err != nil {
-					return nil, nil, fmt.Errorf("%s+%#x: %w", b.order[done].Name, r.Offset, err)
+					return fmt.Errorf("%s+%#x: %w", b.order[done].Name, r.Offset, err)
 				}
 			}
 		}
 		for _, sp := range b.specials() {
 			for _, r := range sp.rels {
 				if _, err := b.resolve(r); err != nil {
-					return nil, nil, fmt.Errorf("%s entry: %w", sp.sec.Name, err)
+					return fmt.Errorf("%s entry: %w", sp.sec.Name, err)
 				}
 			}
 		}
 		if done == len(b.order) {
-			break
+			return nil
 		}
 	}
-	if err := b.checkKeys(); err != nil {
-		return nil, nil, err
-	}
-	out, err := b.write()
-	if err != nil {
-		return nil, nil, err
-	}
-	return out, b.alias, nil
 }
 
 func (b *builder) carry(sec *elfobj.Section) {
@@ -232,18 +305,19 @@ func (b *builder) resolve(r elfobj.Reloc) (target, error) {
 		// (often "__func__.0") could not be found reliably anyway.
 		b.carry(sec)
 		return target{sec: sec, addend: secAddend}, nil
-	case sec.Name == ".data.once", sec.Name == "__dyndbg", s.Local() && s.Size == 0:
-		// State with no identity worth keeping: WARN_ONCE flags (a fresh
-		// copy means one more warning), dynamic debug descriptors (the
-		// patch's pr_debug sites register under the patch module's name),
-		// and empty objects such as lockdep class keys without lockdep.
+	case sec.OnceFlags(), sec.Name == "__dyndbg", s.Local() && s.Size == 0:
+		// State with no identity worth keeping: WARN_ONCE flags (a
+		// fresh copy means one more warning), dynamic debug descriptors
+		// (the patch's pr_debug sites register under the patch module's
+		// name), and empty objects such as lockdep class keys without
+		// lockdep.
 		b.carry(sec)
 		return target{sec: sec, addend: secAddend}, nil
 	case strings.HasPrefix(sec.Name, ".init") || strings.HasPrefix(sec.Name, ".exit"):
 		return target{}, fmt.Errorf("%w: changed code refers to %s in %s, which the kernel frees after boot", ErrUnpatchable, s.Name, sec.Name)
 	}
 	if s.Func() && s.Local() {
-		ref, err := b.in.Resolve(s.Name, true)
+		ref, err := b.in.Resolve(b.in.preName(s.Name), true)
 		if err != nil {
 			return target{}, err
 		}
@@ -264,8 +338,12 @@ func anonymousData(sec string) bool {
 	return strings.HasPrefix(sec, ".rodata") || sec == ".altinstr_replacement" || sec == ".altinstr_aux"
 }
 
-// external makes a reference to a symbol the patch does not carry.
+// external makes a reference to a symbol the patch does not carry. A
+// local one is the running kernel's, under its pre-fix name.
 func (b *builder) external(name string, local bool, addend int64) (target, error) {
+	if local {
+		name = b.in.preName(name)
+	}
 	ref, err := b.in.Resolve(name, local)
 	if err != nil {
 		return target{}, err
@@ -273,13 +351,38 @@ func (b *builder) external(name string, local bool, addend int64) (target, error
 	if ref.Carry {
 		return target{}, fmt.Errorf("%w: the changed code uses %s, which the target kernel does not have", ErrUnpatchable, name)
 	}
-	if ref.Exported {
+	if ref.Exported || ref.Internal {
 		b.undef[name] = true
+		b.nameStaticCallKey(name)
 		return target{name: name, addend: addend}, nil
+	}
+	if ref.Name != "" {
+		name = ref.Name
 	}
 	klp := KlpSymName(ref.Object, name, ref.Sympos)
 	b.undef[klp] = true
 	return target{name: klp, addend: addend}, nil
+}
+
+// nameStaticCallKey adds, next to a reference to a static call's
+// trampoline, the static call's key when that is linkable too. Where
+// kbuild runs objtool on the whole module (kernels that delay objtool to
+// link time, as 6.12 with IBT does), objtool registers each call to a
+// trampoline as a static call site, keyed by the key if the object names
+// it and by the trampoline if not; the module loader takes a trampoline
+// only for a static call whose key the kernel keeps private
+// (EXPORT_STATIC_CALL_TRAMP) and refuses the module for the others
+// ("Failed to fixup __raw_static_call() usage"). The original object
+// named the key in .discard.addressable, which the patch does not carry.
+func (b *builder) nameStaticCallKey(tramp string) {
+	call, ok := strings.CutPrefix(tramp, "__SCT__")
+	if !ok {
+		return
+	}
+	key := "__SCK__" + call
+	if ref, err := b.in.Resolve(key, false); err == nil && (ref.Exported || ref.Internal) {
+		b.undef[key] = true
+	}
 }
 
 // special is a special section cut down to the entries of carried code.
@@ -359,8 +462,12 @@ func (b *builder) droppedSite(sec *elfobj.Section, entry []elfobj.Reloc) bool {
 	if sec.Name == "__jump_table" && !strings.HasPrefix(key.Name, "__tracepoint_") {
 		return false
 	}
-	ref, err := b.in.Resolve(key.Name, key.Local())
-	return err == nil && !ref.Exported
+	name := key.Name
+	if key.Local() {
+		name = b.in.preName(name)
+	}
+	ref, err := b.in.Resolve(name, key.Local())
+	return err == nil && !ref.Exported && !ref.Internal
 }
 
 // checkKeys refuses jump labels and static calls whose key the kernel does
@@ -444,15 +551,25 @@ func (b *builder) write() ([]byte, error) {
 	for _, sec := range outOrder {
 		secSym[sec] = addSym("", elf.ST_INFO(elf.STB_LOCAL, elf.STT_SECTION), outIdx[sec], 0, 0)
 	}
+	var exported []*elfobj.Symbol
 	for _, s := range b.o.Symbols {
 		if s.Name == "" || s.Section == nil || (s.Type != elf.STT_FUNC && s.Type != elf.STT_OBJECT) {
 			continue
 		}
-		if out, ok := outIdx[s.Section]; ok {
-			addSym(s.Name, elf.ST_INFO(elf.STB_LOCAL, s.Type), out, s.Value, s.Size)
+		out, ok := outIdx[s.Section]
+		if !ok {
+			continue
 		}
+		if !s.Local() && slices.Contains(b.in.Export, s.Name) {
+			exported = append(exported, s)
+			continue
+		}
+		addSym(s.Name, elf.ST_INFO(elf.STB_LOCAL, s.Type), out, s.Value, s.Size)
 	}
 	firstGlobal := len(syms)
+	for _, s := range exported {
+		addSym(s.Name, elf.ST_INFO(elf.STB_GLOBAL, s.Type), outIdx[s.Section], s.Value, s.Size)
+	}
 	fns := make([]string, 0, len(b.alias))
 	for fn := range b.alias {
 		fns = append(fns, fn)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"debug/elf"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -132,7 +133,7 @@ func TestWriteObjectUnknownFunction(t *testing.T) {
 
 // A tracepoint's jump label whose key is not exported is dropped (the
 // site stays a NOP: no tracing in the patched function); any other
-// unexported key is refused.
+// unexported key's is rewritten into a test of the key.
 func TestWriteObjectJumpLabels(t *testing.T) {
 	post := compile(t, "testdata/writer/jump.c")
 	in := &ObjectInput{Object: "vmlinux", Layout: testlayout.Real(t), Post: post, Funcs: []Func{{Name: "traced"}}, Resolve: exportedOnly("__fentry__")}
@@ -148,8 +149,8 @@ func TestWriteObjectJumpLabels(t *testing.T) {
 		t.Errorf("the tracepoint's jump table entry was carried (%d bytes)", s.Size)
 	}
 	in.Funcs = []Func{{Name: "featured"}}
-	if _, _, err := WriteObject(in, "__stitch_fn_0_"); !errors.Is(err, ErrUnpatchable) || !strings.Contains(err.Error(), "feature_key") {
-		t.Errorf("jump label on an unexported key: %v, want ErrUnpatchable naming feature_key", err)
+	if w, err := Write(in, "__stitch_fn_0_"); err != nil || len(w.Branches) != 1 || w.Branches[0].Key != "feature_key" {
+		t.Errorf("jump label on an unexported key: %+v, %v; want it rewritten into a test of feature_key (TestWriteObjectStubsJumpLabels)", w, err)
 	}
 	in.Resolve = exportedOnly("__fentry__", "feature_key")
 	out, _, err = WriteObject(in, "__stitch_fn_0_")
@@ -183,6 +184,72 @@ func TestWriteObjectStaticCall(t *testing.T) {
 		}
 		if want := map[bool]uint64{false: 0, true: 8}[exported]; size != want {
 			t.Errorf("exported=%v: .static_call_sites has %d bytes, want %d", exported, size, want)
+		}
+	}
+}
+
+// Where objtool registers static call sites only when the module is
+// linked (6.12), the diff object names the key of a call to an exported
+// static call, so that objtool keys the site by it and not by the
+// trampoline, which the module loader refuses for such a static call. A
+// key kept private is not named (the trampoline is then the key), and a
+// trampoline not exported is reached through a klp relocation, no site.
+func TestWriteObjectNamesStaticCallKey(t *testing.T) {
+	post := compile(t, "testdata/writer/jump.c")
+	for _, c := range []struct {
+		exported []string
+		want     []string // undefined symbols, of those named __SC*
+	}{
+		{[]string{"__SCK__stitch_call", "__SCT__stitch_call"}, []string{"__SCK__stitch_call", "__SCT__stitch_call"}},
+		{[]string{"__SCT__stitch_call"}, []string{"__SCT__stitch_call"}},
+		{nil, []string{".klp.sym.vmlinux.__SCT__stitch_call,0"}},
+	} {
+		in := &ObjectInput{Object: "vmlinux", Layout: testlayout.Real(t), Post: post, Funcs: []Func{{Name: "called_late"}},
+			Resolve: exportedOnly(append(c.exported, "__fentry__")...)}
+		out, _, err := WriteObject(in, "__stitch_fn_0_")
+		if err != nil {
+			t.Fatalf("exported %v: %v", c.exported, err)
+		}
+		f, err := elf.NewFile(bytes.NewReader(out))
+		if err != nil {
+			t.Fatal(err)
+		}
+		syms, _ := f.Symbols()
+		var got []string
+		for _, s := range syms {
+			if s.Section == elf.SHN_UNDEF && strings.Contains(s.Name, "__SC") {
+				got = append(got, s.Name)
+			}
+		}
+		slices.Sort(got)
+		if !slices.Equal(got, c.want) {
+			t.Errorf("exported %v: undefined static call symbols %q, want %q", c.exported, got, c.want)
+		}
+	}
+}
+
+// A WARN_ONCE flag is carried as a fresh copy under either kernel's
+// section name, never looked up (a file has several of one name).
+func TestWriteObjectCarriesOnceFlags(t *testing.T) {
+	post := compile(t, "testdata/writer/once.c")
+	notFound := func(name string, local bool) (Ref, error) {
+		if name == "printk" || name == "__fentry__" {
+			return Ref{Exported: true}, nil
+		}
+		return Ref{}, fmt.Errorf("%s: looked up", name)
+	}
+	for _, fn := range []string{"old_once", "new_once"} {
+		in := &ObjectInput{Object: "vmlinux", Layout: testlayout.Real(t), Post: post, Funcs: []Func{{Name: fn}}, Resolve: notFound}
+		out, _, err := WriteObject(in, "__stitch_fn_0_")
+		if err != nil {
+			t.Fatalf("%s: %v", fn, err)
+		}
+		f, err := elf.NewFile(bytes.NewReader(out))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if f.Section(".data.once") == nil && f.Section(".data..once") == nil {
+			t.Errorf("%s: the flag's section was not carried", fn)
 		}
 	}
 }
@@ -288,4 +355,78 @@ func TestWriteObjectSpecialSections(t *testing.T) {
 	if _, _, err := WriteObject(in, "__stitch_fn_0_"); !errors.Is(err, ErrUnpatchable) || !errors.Is(err, layout.ErrUnknownSection) {
 		t.Errorf("without a layout of .parainstructions: %v", err)
 	}
+}
+
+// References to the running kernel's statics use their pre-fix names
+// (and the target's own name where it differs); a new global that other
+// objects of the patch use stays global, and one they define is reached
+// by name, inside the module.
+func TestWriteObjectSymbolsOfTheFix(t *testing.T) {
+	post := compile(t, "testdata/symbols/fix.c")
+	var asked []string
+	in := &ObjectInput{
+		Object: "vmlinux",
+		Layout: testlayout.Real(t),
+		Post:   post,
+		Funcs:  []Func{{Name: "stats_format"}, {Name: "new_helper", New: true}},
+		Export: []string{"new_helper"},
+		// gcc numbers the statics of fix.c xstats.0 and calls.1; the
+		// pre-fix object had them as xstats.3 and calls.0.
+		PreNames: map[string]string{"xstats.0": "xstats.3", "calls.1": "calls.0"},
+		Resolve: func(name string, local bool) (Ref, error) {
+			asked = append(asked, name)
+			switch {
+			case !local && name == "other_new":
+				return Ref{Internal: true}, nil
+			case !local:
+				return Ref{Exported: true}, nil
+			case name == "calls.0":
+				return Ref{Object: "vmlinux", Name: "calls.7"}, nil
+			}
+			return Ref{Object: "vmlinux"}, nil
+		},
+	}
+	out, _, err := WriteObject(in, "__stitch_fn_0_")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range asked {
+		if n == "xstats.0" || n == "calls.1" {
+			t.Errorf("resolved %s by its post-fix name", n)
+		}
+	}
+	f, err := elf.NewFile(bytes.NewReader(out))
+	if err != nil {
+		t.Fatal(err)
+	}
+	syms, _ := f.Symbols()
+	got := map[string]elf.Symbol{}
+	for _, s := range syms {
+		got[s.Name] = s
+	}
+	for _, want := range []string{".klp.sym.vmlinux.xstats.3,0", ".klp.sym.vmlinux.calls.7,0", "other_new", "printf"} {
+		if s, ok := got[want]; !ok || s.Section != elf.SHN_UNDEF {
+			t.Errorf("no undefined %s; symbols %v", want, keys(got))
+		}
+	}
+	if s, ok := got["new_helper"]; !ok || s.Section == elf.SHN_UNDEF || elf.ST_BIND(s.Info) != elf.STB_GLOBAL {
+		t.Errorf("new_helper = %+v, want a defined global", s)
+	}
+	if s := got["stats_format"]; elf.ST_BIND(s.Info) != elf.STB_LOCAL {
+		t.Errorf("stats_format = %+v, want local (it replaces the kernel's, through its alias)", s)
+	}
+
+	in.Export = []string{"stats_format_missing"}
+	if _, _, err := WriteObject(in, "__stitch_fn_0_"); !errors.Is(err, ErrUnpatchable) {
+		t.Errorf("export of a symbol the object does not carry: %v", err)
+	}
+}
+
+func keys[V any](m map[string]V) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
 }

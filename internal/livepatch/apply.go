@@ -139,6 +139,7 @@ func (e *TransitionError) Error() string {
 	for _, t := range e.Holders {
 		b.WriteString("\n    " + t.String())
 	}
+	b.WriteString(kthreadHint(e.Holders))
 	switch {
 	case e.Forced:
 		b.WriteString("\n  transition FORCED complete: the module can never be unloaded")
@@ -275,6 +276,9 @@ func (k *Kernel) checkModule(path string, data []byte) (*kmod.Module, error) {
 	if err := m.CheckRelease(rel); err != nil {
 		return nil, err
 	}
+	if err := k.checkSignature(path, data); err != nil {
+		return nil, err
+	}
 	if k.moduleLoaded(m.Name) {
 		return nil, fmt.Errorf("%w: %s is loaded already (revert it first: stitch revert %s)", ErrAlreadyLoaded, m.Name, m.Name)
 	}
@@ -321,7 +325,7 @@ func (k *Kernel) Apply(ctx context.Context, path string, opts ApplyOptions) (*km
 	kmsg := OpenKernelLog()
 	defer kmsg.Close()
 	opts.report(Progress{Patch: m.Name, Phase: "load"})
-	if err := k.load(f, path, kmsg); err != nil {
+	if err := k.load(f, path, data, kmsg); err != nil {
 		return nil, err
 	}
 	k.log().Info("module loaded", "module", m.Name, "elapsed", time.Since(start))
@@ -543,11 +547,11 @@ func readStack(path string) []string {
 	return out
 }
 
-// load asks the kernel to load the module open as f (path names it in
-// messages); module init calls klp_enable_patch, which starts the
+// load asks the kernel to load the module open as f (data, path names it
+// in messages); module init calls klp_enable_patch, which starts the
 // transition. On failure the error quotes what the kernel logged since
-// kmsg was opened.
-func (k *Kernel) load(f *os.File, path string, kmsg *KernelLog) error {
+// kmsg was opened; a refused signature is a *SignatureError.
+func (k *Kernel) load(f *os.File, path string, data []byte, kmsg *KernelLog) error {
 	finit := k.finit
 	if finit == nil {
 		finit = func(f *os.File) error { return unix.FinitModule(int(f.Fd()), "", 0) }
@@ -556,10 +560,22 @@ func (k *Kernel) load(f *os.File, path string, kmsg *KernelLog) error {
 	if err == nil {
 		return nil
 	}
+	if errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("%w: %s", ErrAlreadyLoaded, path)
+	}
+	msg := kmsg.ReadNew()
+	obj := refusingCallback(msg)
+	if obj == "" {
+		if serr := k.explainRefusal(path, data, err, msg); serr != nil {
+			return serr
+		}
+	}
 	hint := ""
 	switch {
-	case errors.Is(err, unix.EEXIST):
-		return fmt.Errorf("%w: %s", ErrAlreadyLoaded, path)
+	case obj != "":
+		// The module's own pre-patch callback said no (its error is
+		// what finit_module returns): nothing was patched.
+		hint = fmt.Sprintf(" (the patch's pre-patch callback for %s refused it; the kernel patched nothing)", obj)
 	case errors.Is(err, unix.EKEYREJECTED), errors.Is(err, unix.ENOKEY), errors.Is(err, unix.EPERM):
 		hint = " (module signature required: sign it with a key the kernel trusts, or check lockdown)"
 	case errors.Is(err, unix.ENOEXEC):
@@ -567,11 +583,26 @@ func (k *Kernel) load(f *os.File, path string, kmsg *KernelLog) error {
 	case errors.Is(err, unix.ENOENT):
 		hint = " (a symbol or object the patch needs is missing)"
 	}
-	msg := kmsg.ReadNew()
 	if msg != "" {
 		hint += "\n  kernel log:\n    " + strings.ReplaceAll(strings.TrimSpace(msg), "\n", "\n    ")
 	}
 	return fmt.Errorf("%w: load %s: %v%s", ErrLoad, path, err, hint)
+}
+
+// refusingCallback returns the object whose pre-patch callback failed,
+// if the kernel log says so ("livepatch: pre-patch callback failed for
+// object 'vmlinux'"), else "".
+func refusingCallback(log string) string {
+	const marker = "pre-patch callback failed for object '"
+	i := strings.LastIndex(log, marker)
+	if i < 0 {
+		return ""
+	}
+	obj, _, ok := strings.Cut(log[i+len(marker):], "'")
+	if !ok {
+		return ""
+	}
+	return obj
 }
 
 // TroubleTaint are the taint bits that tell of a kernel in trouble:

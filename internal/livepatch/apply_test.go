@@ -225,3 +225,15 @@ func TestApplyRollbackFails(t *testing.T) {
 		t.Errorf("a failed rollback claims the kernel is as it was:\n%v", err)
 	}
 }
+
+// A module whose pre-patch callback fails is refused by its own callback,
+// not for its signature: the kernel log names the object.
+func TestRefusingCallback(t *testing.T) {
+	log := "livepatch: enabling patch 'p'\nlivepatch: pre-patch callback failed for object 'joydev'\nlivepatch: failed to enable patch 'p'\n"
+	if got := refusingCallback(log); got != "joydev" {
+		t.Errorf("refusingCallback = %q, want joydev", got)
+	}
+	if got := refusingCallback("livepatch: enabling patch 'p'\n"); got != "" {
+		t.Errorf("refusingCallback without the line = %q", got)
+	}
+}

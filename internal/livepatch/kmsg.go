@@ -59,7 +59,7 @@ func (k *KernelLog) Close() {
 
 // troubleMarkers start the kernel log lines of warnings, oopses and
 // lockups.
-var troubleMarkers = []string{"WARNING:", "BUG:", "Oops", "general protection fault", "soft lockup", "Kernel panic"}
+var troubleMarkers = []string{"WARNING:", "BUG:", "Oops", "general protection fault", "invalid opcode", "soft lockup", "Kernel panic"}
 
 // TroubleLines picks from kernel log text the lines that tell of a
 // warning, an oops or a lockup.

@@ -42,6 +42,9 @@ type Status struct {
 	Livepatch bool    `json:"livepatch_supported"`
 	Patches   []Patch `json:"patches"`
 	Taint     Taint   `json:"taint"`
+	// Signing is the kernel's module signature policy; nil if /proc/keys
+	// could not be read.
+	Signing *Signing `json:"module_signing,omitempty"`
 }
 
 // Patch is one entry of /sys/kernel/livepatch.
@@ -124,6 +127,7 @@ func (k *Kernel) Status() (*Status, error) {
 	if st.BuildID, err = k.BuildID(); err != nil {
 		return nil, err
 	}
+	st.Signing, _ = k.Signing()
 	if k.Supported() != nil {
 		return st, nil
 	}

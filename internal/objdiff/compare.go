@@ -17,6 +17,8 @@ type side struct {
 	obj  *elfobj.Object
 	c    *correlation
 	post bool
+	// lines is the evidence of moved source lines, shared by both sides.
+	lines *lineShifts
 }
 
 // counterpart returns the symbol on the other side, or nil.
@@ -32,16 +34,26 @@ func (s side) counterpart(sym *elfobj.Symbol) *elfobj.Symbol {
 // place in the string section moves whenever another literal of the file
 // is added or removed.
 func literal(r elfobj.Reloc) (string, bool) {
+	str, rel, ok := literalText(r)
+	if !ok {
+		return "", false
+	}
+	return "str:" + strconv.Quote(str) + "+" + strconv.FormatInt(rel, 10), true
+}
+
+// literalText is the string literal a relocation points into and the
+// offset of the pointer from the literal's place.
+func literalText(r elfobj.Reloc) (string, int64, bool) {
 	t, off := r.Target()
 	if t == nil || t.Section == nil || !t.Section.Strings() {
-		return "", false
+		return "", 0, false
 	}
 	place := int64(t.Value) + off + r.Place() - r.Addend
 	str, ok := t.Section.String(place)
 	if !ok {
-		return "", false
+		return "", 0, false
 	}
-	return "str:" + strconv.Quote(str) + "+" + strconv.FormatInt(int64(t.Value)+off-place, 10), true
+	return str, int64(t.Value) + off - place, true
 }
 
 // ident names what a relocation points to in terms that mean the same in
@@ -121,6 +133,32 @@ func sameRelocs(a side, ra []elfobj.Reloc, baseA uint64, b side, rb []elfobj.Rel
 	return true
 }
 
+// funcRelocs compares two functions' relocations like sameRelocs; a pair
+// that points to string literals differing only in "FILE:LINE" line
+// numbers that moved with their code (see lineShifts) counts as the same
+// and sets lines.
+func funcRelocs(a side, ra []elfobj.Reloc, baseA uint64, b side, rb []elfobj.Reloc, baseB uint64) (same, lines bool) {
+	if len(ra) != len(rb) {
+		return false, false
+	}
+	for i := range ra {
+		x, y := ra[i], rb[i]
+		if x.Offset-baseA != y.Offset-baseB || x.Type != y.Type {
+			return false, false
+		}
+		if a.ident(x) == b.ident(y) {
+			continue
+		}
+		sx, ox, okx := literalText(x)
+		sy, oy, oky := literalText(y)
+		if !okx || !oky || ox != oy || !b.lines.literalLinesOnly(sx, sy) {
+			return false, false
+		}
+		lines = true
+	}
+	return true, lines
+}
+
 // funcDiff is the outcome of comparing one pair of functions.
 type funcDiff int
 
@@ -137,14 +175,17 @@ func compareFunc(a side, fa *elfobj.Symbol, b side, fb *elfobj.Symbol) funcDiff 
 	}
 	ra := fa.Section.RelocsIn(fa.Value, fa.Value+fa.Size)
 	rb := fb.Section.RelocsIn(fb.Value, fb.Value+fb.Size)
-	if !sameRelocs(a, ra, fa.Value, b, rb, fb.Value) {
+	sameR, literalLines := funcRelocs(a, ra, fa.Value, b, rb, fb.Value)
+	if !sameR {
 		return changed
 	}
 	ma, mb := masked(da, ra, fa.Value), masked(db, rb, fb.Value)
-	if bytes.Equal(ma, mb) {
+	switch {
+	case bytes.Equal(ma, mb) && literalLines:
+		return lineOnly
+	case bytes.Equal(ma, mb):
 		return same
-	}
-	if onlyLines(fa, ma, mb) {
+	case onlyLines(fa, ma, mb, b.lines):
 		return lineOnly
 	}
 	return changed
@@ -168,8 +209,11 @@ var argRegs32 = map[x86asm.Reg]bool{
 // onlyLines tells whether two function bodies of the same length, with
 // equal relocations, differ only in __LINE__ immediates: `mov $line, %reg`
 // into an argument register in a call sequence that also passes a source
-// file name or calls a function known to take a line number.
-func onlyLines(f *elfobj.Symbol, a, b []byte) bool {
+// file name or calls a function known to take a line number, where the
+// line table shows the code of the old value's line now at the new
+// value's line (lineShifts). A constant that changed for any other reason
+// does not pass: no code at its old value's line moved to its new one.
+func onlyLines(f *elfobj.Symbol, a, b []byte, lines *lineShifts) bool {
 	type insn struct{ off, end int }
 	var insns []insn
 	var diffs []int
@@ -181,7 +225,7 @@ func onlyLines(f *elfobj.Symbol, a, b []byte) bool {
 		}
 		in := insn{off: off, end: off + x.Len}
 		if !bytes.Equal(a[off:in.end], b[off:in.end]) {
-			if !isLineMov(x) || !isLineMov(y) {
+			if !isLineMov(x) || !isLineMov(y) || !lines.movedTo("", int(x.Args[1].(x86asm.Imm)), int(y.Args[1].(x86asm.Imm))) {
 				return false
 			}
 			diffs = append(diffs, len(insns))

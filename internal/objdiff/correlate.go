@@ -3,6 +3,7 @@ package objdiff
 import (
 	"debug/elf"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 
@@ -13,6 +14,11 @@ import (
 type correlation struct {
 	pre2post map[*elfobj.Symbol]*elfobj.Symbol
 	post2pre map[*elfobj.Symbol]*elfobj.Symbol
+	// ambiguous are post-object static variables with state left
+	// unpaired because their function(s) define several of that name:
+	// the value names the function(s); ambiguousCount, how many.
+	ambiguous      map[*elfobj.Symbol]string
+	ambiguousCount map[*elfobj.Symbol]int
 }
 
 func (c *correlation) pair(a, b *elfobj.Symbol) {
@@ -66,10 +72,17 @@ func baseName(name string) string {
 	return b
 }
 
+// BaseName is a symbol's name without the numbers the compiler puts in
+// it (see baseName): the name a renumbered static local keeps.
+func BaseName(name string) string { return baseName(name) }
+
 // correlate pairs symbols: first those whose unnumbered names are unique
 // on both sides, then each group of the same base name (see pairGroup).
 func correlate(pre, post *elfobj.Object) *correlation {
-	c := &correlation{pre2post: map[*elfobj.Symbol]*elfobj.Symbol{}, post2pre: map[*elfobj.Symbol]*elfobj.Symbol{}}
+	c := &correlation{
+		pre2post: map[*elfobj.Symbol]*elfobj.Symbol{}, post2pre: map[*elfobj.Symbol]*elfobj.Symbol{},
+		ambiguous: map[*elfobj.Symbol]string{}, ambiguousCount: map[*elfobj.Symbol]int{},
+	}
 	byName := func(o *elfobj.Object) map[string][]*elfobj.Symbol {
 		m := map[string][]*elfobj.Symbol{}
 		for _, s := range o.Symbols {
@@ -127,7 +140,13 @@ func correlate(pre, post *elfobj.Object) *correlation {
 // pairGroup pairs symbols of the same base name (count.1, count.2, ...):
 // constant data by contents, then by the functions that use them, then by
 // equal names, and last (functions only) by order of appearance when the
-// rest of the groups have the same size.
+// rest of the groups have the same size. Variables with state that the
+// same function(s) use, several of one name (two blocks of a function
+// each with its own `static int count`), are not paired by order unless
+// their names are the same on both sides (nothing renumbered them): the
+// fix may have added or removed one, and pairing the wrong ones would
+// hand one variable's state to the other. They stay unpaired, marked
+// ambiguous, and the diff refuses them.
 func pairGroup(c *correlation, funcs bool, as, bs []*elfobj.Symbol, usersA, usersB map[*elfobj.Symbol]string) {
 	if !funcs {
 		// Constant data (__func__.N, say) is what it holds.
@@ -150,7 +169,18 @@ func pairGroup(c *correlation, funcs bool, as, bs []*elfobj.Symbol, usersA, user
 		sb[usersB[s]] = append(sb[usersB[s]], s)
 	}
 	for sig, x := range sa {
-		if y := sb[sig]; len(x) == len(y) {
+		y := sb[sig]
+		if !funcs && sig != "" && (len(x) > 1 || len(y) > 1) && !sameNames(x, y) && (slices.ContainsFunc(x, hasState) || slices.ContainsFunc(y, hasState)) {
+			for _, s := range y {
+				c.ambiguous[s] = sig
+				c.ambiguousCount[s] = max(len(x), len(y))
+			}
+			continue
+		}
+		if len(x) > 1 && sameNames(x, y) {
+			continue // paired by name below
+		}
+		if len(x) == len(y) {
 			// Same users, same count: the order of definition is the
 			// order in the source, which an unrelated edit keeps.
 			for i := range x {
@@ -160,7 +190,7 @@ func pairGroup(c *correlation, funcs bool, as, bs []*elfobj.Symbol, usersA, user
 	}
 	for _, x := range unpaired(as, c.pre2post) {
 		for _, y := range unpaired(bs, c.post2pre) {
-			if x.Name == y.Name {
+			if _, amb := c.ambiguous[y]; !amb && x.Name == y.Name {
 				c.pair(x, y)
 				break
 			}
@@ -172,6 +202,28 @@ func pairGroup(c *correlation, funcs bool, as, bs []*elfobj.Symbol, usersA, user
 			c.pair(restA[i], restB[i])
 		}
 	}
+}
+
+// hasState tells a variable the running kernel may have changed: not a
+// constant, a dynamic debug record, or an empty object (a lockdep class
+// key without lockdep), whose address is all there is.
+func hasState(s *elfobj.Symbol) bool { return !stateless(s) && s.Size > 0 }
+
+// sameNames tells whether two groups of symbols have the same names.
+func sameNames(x, y []*elfobj.Symbol) bool {
+	if len(x) != len(y) {
+		return false
+	}
+	names := map[string]bool{}
+	for _, s := range x {
+		names[s.Name] = true
+	}
+	for _, s := range y {
+		if !names[s.Name] {
+			return false
+		}
+	}
+	return true
 }
 
 // users maps each defined symbol to a canonical list of the functions

@@ -30,8 +30,9 @@ func DiffFiles(prePath, postPath string, lay *layout.Layout) (*Result, error) {
 // describe is a problem of the result: the change cannot be judged.
 func Diff(pre, post *elfobj.Object, lay *layout.Layout) *Result {
 	c := correlate(pre, post)
+	lines := newLineShifts(pre, post)
 	d := &differ{
-		c: c, a: side{obj: pre, c: c}, b: side{obj: post, c: c, post: true},
+		c: c, a: side{obj: pre, c: c, lines: lines}, b: side{obj: post, c: c, post: true, lines: lines},
 		lay:       lay,
 		res:       &Result{},
 		unchanged: map[*elfobj.Symbol]bool{},
@@ -45,6 +46,7 @@ func Diff(pre, post *elfobj.Object, lay *layout.Layout) *Result {
 	d.data()
 	d.notraceInCallers()
 	d.coldParents()
+	markExitOnly(d.res, post)
 	for _, f := range d.changed {
 		d.res.Changed = append(d.res.Changed, describe(d.b, f, c.post2pre[f], d.carried))
 	}
@@ -52,6 +54,14 @@ func Diff(pre, post *elfobj.Object, lay *layout.Layout) *Result {
 		fn := describe(d.b, f, nil, d.carried)
 		fn.Notrace = d.notrace[f]
 		d.res.New = append(d.res.New, fn)
+	}
+	for b, a := range c.post2pre {
+		if a.Name != b.Name && b.Local() {
+			if d.res.Renamed == nil {
+				d.res.Renamed = map[string]string{}
+			}
+			d.res.Renamed[b.Name] = a.Name
+		}
 	}
 	if len(d.res.Changed)+len(d.res.New)+len(d.res.Unsafe) > 0 {
 		dwarfChecks(pre, post, d.res, d.changed, d.unchanged)
@@ -123,40 +133,6 @@ func (d *differ) functions() {
 	}
 }
 
-// notraceInCallers handles changed static functions that ftrace cannot
-// redirect because they have no __fentry__ call: the kernel's inline
-// functions are notrace, and the compiler may still emit them out of line
-// (the __do_sys_* body of every SYSCALL_DEFINE). When only functions use
-// one, the patch carries a new copy of it and replaces those functions,
-// which then call the copy. A caller that is itself notrace is handled
-// the same way in turn; one used from data (an ops table) stays refused.
-func (d *differ) notraceInCallers() {
-	var refs map[*elfobj.Symbol][]*elfobj.Symbol
-	for i := 0; i < len(d.changed); i++ {
-		f := d.changed[i]
-		if hasFentry(f) || coldParent(f.Name) != "" || isInit(f) || !f.Local() {
-			continue
-		}
-		if refs == nil {
-			refs = referrers(d.b.obj)
-		}
-		users := refs[f]
-		if len(users) == 0 || slices.ContainsFunc(users, func(u *elfobj.Symbol) bool { return u.Type != elf.STT_FUNC || isInit(u) }) {
-			continue
-		}
-		d.changed = slices.Delete(d.changed, i, i+1)
-		i--
-		d.news = append(d.news, f)
-		d.notrace[f] = true
-		d.res.Unsafe = slices.DeleteFunc(d.res.Unsafe, func(p Problem) bool { return p.Kind == KindNoFentry && p.Symbol == f.Name })
-		for _, u := range users {
-			if d.unchanged[u] {
-				d.replace(u)
-			}
-		}
-	}
-}
-
 // coldParents replaces the parent of every changed split-out part: the
 // part is entered by a jump from its parent, so a new part needs a new
 // parent.
@@ -183,7 +159,17 @@ func (d *differ) data() {
 		if !candidate(db) || class(db) != "d:" || db.Type == elf.STT_NOTYPE {
 			continue
 		}
+		if db.Section.OnceFlags() {
+			// WARN_ONCE's flags: the patch carries fresh ones (one more
+			// warning at most), so which of the running kernel's each
+			// one is does not matter.
+			continue
+		}
 		da := d.c.post2pre[db]
+		if fn, ok := d.c.ambiguous[db]; ok {
+			d.res.unsafe(KindUncorrelated, db.Name, fmt.Sprintf("static variable %s: %s has %d static variables named %s, and which of the running kernel's each one is cannot be told from the objects (gcc numbers them per file, and the fix may have added, removed or moved one); give them distinct names in the fix", db.Name, fn, d.c.ambiguousCount[db], baseName(db.Name)))
+			continue
+		}
 		if da == nil {
 			d.res.NewData = append(d.res.NewData, Data{Name: db.Name, Section: db.Section.Name, Local: db.Local(), Size: db.Size})
 			// A new copy of data without state (a constant, a dynamic
@@ -210,6 +196,20 @@ func (d *differ) data() {
 			d.res.NewData = append(d.res.NewData, Data{Name: db.Name, Section: db.Section.Name, Local: db.Local(), Size: db.Size, Replaces: da.Name})
 			continue
 		}
+		users, why := readOnlyUsers(db, referrers)
+		if why == "" && db.Section.Flags&elf.SHF_WRITE != 0 {
+			// Writable data that only functions read, and the patch
+			// replaces them all: carried like a constant.
+			d.carried[db] = true
+			for _, f := range users {
+				if d.unchanged[f] {
+					d.replace(f)
+				}
+			}
+			d.res.NewData = append(d.res.NewData, Data{Name: db.Name, Section: db.Section.Name, Local: db.Local(), Size: db.Size, Replaces: da.Name,
+				Why: fmt.Sprintf("only %s read it, through memory operands: the patch replaces them, and they use the new copy", funcNames(users))})
+			continue
+		}
 		if db.Section.Flags&elf.SHF_WRITE == 0 {
 			var from []string
 			for _, r := range referrers[db] {
@@ -230,7 +230,7 @@ func (d *differ) data() {
 		case kind == KindStaticLocal:
 			d.res.unsafe(kind, db.Name, fmt.Sprintf("%s %s has a new initial value: the running kernel's copy holds state the patch would not reproduce; keep the initialiser, or use a shadow variable", what, db.Name))
 		default:
-			d.res.unsafe(kind, db.Name, fmt.Sprintf("initialised data %s (section %s) changed: a livepatch replaces functions, not data already in memory; change it from code (a callback) or leave it alone", db.Name, db.Section.Name))
+			d.res.unsafe(kind, db.Name, fmt.Sprintf("initialised data %s (section %s) changed and the running kernel's copy stays in use (%s), so a new copy would not reach it: a livepatch replaces functions, not data already in memory; update it in place from a callback (STITCH_UPDATES_DATA) or leave it alone", db.Name, db.Section.Name, why))
 		}
 	}
 }
@@ -254,7 +254,7 @@ func (d *differ) specialEntries() {
 func checkReplaceable(res *Result, f *elfobj.Symbol) {
 	switch {
 	case isInit(f):
-		res.unsafe(KindInit, f.Name, fmt.Sprintf("%s is %s code (section %s): it has already run or runs only at unload, so patching it has no effect; move the fix out of init/exit code or handle the state it sets up in a callback", f.Name, initKind(f), f.Section.Name))
+		res.Unsafe = append(res.Unsafe, initProblem(f))
 	case !hasFentry(f) && coldParent(f.Name) == "":
 		res.unsafe(KindNoFentry, f.Name, fmt.Sprintf("%s changed but has no __fentry__ call (notrace, or the compiler built it without ftrace instrumentation), so ftrace cannot redirect it; patch its callers instead", f.Name))
 	}
@@ -279,6 +279,7 @@ func (r *Result) sort() {
 	slices.SortFunc(r.NewData, func(x, y Data) int { return strings.Compare(x.Name, y.Name) })
 	sort.Strings(r.Removed)
 	sort.Strings(r.LineOnly)
+	slices.SortFunc(r.Notrace, func(x, y NotraceRoute) int { return strings.Compare(x.Func, y.Func) })
 	slices.SortFunc(r.Unsafe, func(x, y Problem) int {
 		if c := strings.Compare(x.Kind, y.Kind); c != 0 {
 			return c
@@ -344,10 +345,13 @@ func referrers(o *elfobj.Object) map[*elfobj.Symbol][]*elfobj.Symbol {
 }
 
 // stateless tells whether a data object holds nothing the running kernel
-// changes: constants, and dynamic debug records, whose only state is
-// whether someone enabled the message (the patch's copy starts off).
+// changes: constants, dynamic debug records, whose only state is
+// whether someone enabled the message (the patch's copy starts off), and
+// empty objects.
 func stateless(s *elfobj.Symbol) bool {
-	return s.Section.Flags&elf.SHF_WRITE == 0 || s.Section.Name == "__dyndbg"
+	// An empty object (a lockdep class key without lockdep, as
+	// mutex_init and init_completion make one) has no state to lose.
+	return s.Section.Flags&elf.SHF_WRITE == 0 || s.Section.Name == "__dyndbg" || s.Size == 0
 }
 
 // funcUsers finds the functions that use s, directly or through other

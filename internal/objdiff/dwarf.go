@@ -46,6 +46,8 @@ func dwarfChecks(pre, post *elfobj.Object, res *Result, changed []*elfobj.Symbol
 		}
 	}
 
+	signatureChecks(pre, post, dpre, dpost, res, changed, unchanged)
+
 	var ch, un []string
 	for _, f := range changed {
 		ch = append(ch, sourceName(f.Name))

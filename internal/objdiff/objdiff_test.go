@@ -111,9 +111,25 @@ func TestFixtures(t *testing.T) {
 		// which renumbers them all (counter's calls.1 becomes calls.2);
 		// counter changes but keeps its own.
 		{name: "staticlocal", changed: []string{"counter", "first"}, new: []string{"last"}, newData: []string{"calls.0", "seen.3"}},
+		// Two statics of one name in one function, and the fix adds a
+		// third: which is which cannot be told, so each is refused.
+		{name: "staticlocal_twin", changed: []string{"twin"}, unsafe: []string{KindUncorrelated + ":count.0", KindUncorrelated + ":count.1", KindUncorrelated + ":count.2"}},
+		// WARN_ONCE flags renumbered the same way are not refused: the
+		// patch carries fresh ones.
+		{name: "once_flags", changed: []string{"tcon"}},
 		{name: "staticlocal_init", unsafe: []string{KindStaticLocal + ":calls.0"}},
 		{name: "constprop", changed: []string{"scale.constprop.0"}},
+		// An edit above moves every __LINE__ (bug table, dynamic debug,
+		// immediates the line table shows moved): nothing to patch.
 		{name: "line", lineOnly: []string{"checked"}},
+		// A "FILE:LINE" string literal that moved with its code.
+		{name: "line_string", lineOnly: []string{"fill"}},
+		// A real constant change next to moved lines still counts: no
+		// code at line 64 moved to 65.
+		{name: "line_constant", changed: []string{"checked"}},
+		// Without debugging information there is no evidence that an
+		// immediate is a line number: the function is replaced.
+		{name: "line_nodebug", changed: []string{"checked"}},
 		{name: "init", changed: []string{"setup"}, unsafe: []string{KindInit + ":setup"}},
 		{name: "data", changed: []string{"count"}, newData: []string{"limit"}, unsafe: []string{KindData + ":table"}},
 		// Constant data holds no state: its user is replaced (though its
@@ -289,6 +305,10 @@ func TestStaticLocalCorrelation(t *testing.T) {
 			if r.Name == "calls.2" {
 				if r.New || !r.Local {
 					t.Errorf("counter's calls.2 = %+v, want a local that is not new", r)
+				}
+				// The running kernel has it by its pre-fix name.
+				if got := res.PreName("calls.2"); got != "calls.1" {
+					t.Errorf("PreName(calls.2) = %q, want calls.1 (renamed %v)", got, res.Renamed)
 				}
 				return
 			}

@@ -31,6 +31,35 @@ type Result struct {
 	// Unsafe lists every change a livepatch cannot carry.
 	Unsafe       []Problem     `json:"unsafe"`
 	Explanations []Explanation `json:"explanations"`
+	// Renamed maps a file-local symbol of the post object to its
+	// counterpart in the pre object where the names differ: gcc numbers
+	// function-local statics (count.1) and clones (foo.constprop.0) per
+	// file, so an edit elsewhere renumbers them. The running kernel has
+	// the pre-fix name.
+	Renamed map[string]string `json:"renamed,omitempty"`
+	// Notrace lists the changed functions without a __fentry__ call that
+	// the patch carries as new copies, and how the running kernel will
+	// reach the copies instead of the old code.
+	Notrace []NotraceRoute `json:"notrace,omitempty"`
+}
+
+// NotraceRoute is a changed function that ftrace cannot redirect (no
+// __fentry__ call), carried as a new copy: every path to it in the
+// running kernel goes through Callers, which the patch replaces so that
+// they call the copy, or through the pointers in Data, which the fix's
+// hooks must re-point (the build refuses it otherwise).
+type NotraceRoute struct {
+	Func    string   `json:"func"`
+	Callers []string `json:"callers"`
+	Data    []string `json:"data,omitempty"`
+}
+
+// PreName is the pre object's name of a post object's symbol.
+func (r *Result) PreName(post string) string {
+	if n, ok := r.Renamed[post]; ok {
+		return n
+	}
+	return post
 }
 
 // Patchable tells whether every change can be live-patched.
@@ -86,14 +115,20 @@ type Data struct {
 	// Replaces names the pre object's version of changed constant data
 	// that only replaced functions use: they get the new copy.
 	Replaces string `json:"replaces,omitempty"`
+	// Why says why changed writable data may be carried as a new copy.
+	Why string `json:"why,omitempty"`
 }
 
 // Kinds of unsafe change.
 const (
-	KindData         = "changed-data" // initialised data or a variable's size changed
-	KindStaticLocal  = "static-local" // a function's static variable changed
-	KindInit         = "init-code"    // __init or __exit code changed
-	KindNoFentry     = "no-fentry"    // changed function without a __fentry__ call
+	KindData        = "changed-data" // initialised data or a variable's size changed
+	KindStaticLocal = "static-local" // a function's static variable changed
+	KindInit        = "init-code"    // __init or __exit code changed
+	KindNoFentry    = "no-fentry"    // changed function without a __fentry__ call
+	// KindNoFentryData: a changed function without a __fentry__ call
+	// that writable data points to; hooks that re-point the data
+	// (STITCH_REDIRECTS) make it patchable.
+	KindNoFentryData = "no-fentry-data"
 	KindTypeLayout   = "type-layout"  // a struct or union changed layout
 	KindUncorrelated = "uncorrelated" // a symbol could not be matched with certainty
 	// KindSpecialSection: the object has a special section its kernel's
@@ -106,6 +141,10 @@ type Problem struct {
 	Kind   string `json:"kind"`
 	Symbol string `json:"symbol"`
 	Reason string `json:"reason"`
+	// ExitOnly marks a changed __exit function that no code of the
+	// object calls (only its module_exit record points to it): built
+	// into vmlinux it never runs, so the change needs nothing live.
+	ExitOnly bool `json:"exit_only,omitempty"`
 }
 
 // Explanation says that changed functions changed because a function

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/stitchpatch/stitch/internal/bundle"
@@ -26,8 +27,15 @@ func (s *Server) registerPatch(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if !contract.ValidTarget(req.Target) {
-		fail(w, http.StatusBadRequest, fmt.Sprintf("target %q: want a published target name (RELEASE/NAME-HASH.stitch, see `stitch repo list`)", req.Target))
-		return
+		published, err := s.Repo.Targets()
+		if err != nil {
+			s.internal(w, "list targets", err)
+			return
+		}
+		var ok bool
+		if req.Target, ok = resolveTarget(w, published, req.Target, "published (see `stitch repo list`)"); !ok {
+			return
+		}
 	}
 	b, err := s.Repo.Open(req.Target)
 	switch {
@@ -73,6 +81,24 @@ func (s *Server) registerPatch(w http.ResponseWriter, r *http.Request) {
 // operate is the operator's halt, resume and blocklist.
 func (s *Server) operate(w http.ResponseWriter, r *http.Request) {
 	target, op := r.PathValue("release")+"/"+r.PathValue("file"), rollout.Op(r.PathValue("op"))
+	if r.PathValue("release") == "" { // a patch named by its NAME alone
+		target = r.PathValue("name")
+	}
+	if !contract.ValidTarget(target) {
+		ps, err := s.Store.Patches(r.Context())
+		if err != nil {
+			s.internal(w, "list patches", err)
+			return
+		}
+		registered := make([]string, len(ps))
+		for i, p := range ps {
+			registered[i] = p.Target
+		}
+		var ok bool
+		if target, ok = resolveTarget(w, registered, target, "registered (see `stitch fleet patches`)"); !ok {
+			return
+		}
+	}
 	var req api.RolloutRequest
 	if r.ContentLength != 0 && !decode(w, r, &req) { // the reason is optional, and so is the body
 		return
@@ -125,7 +151,7 @@ func (s *Server) operate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.metrics.event(event)
-	s.log().Warn("rollout "+string(op)+" by the operator", "target", target, "reason", req.Reason)
+	s.log().Warn("rollout "+string(op)+" by the operator", "target", target, "reason", req.Reason, "operator", actorOf(r.Context()).Name)
 	reply(w, http.StatusOK, s.patchReport(out, nil, nil, nil, nil))
 }
 
@@ -144,6 +170,29 @@ func opEvent(op rollout.Op) string {
 }
 
 var errConflict = errors.New("conflict")
+
+// resolveTarget finds the one target among ts that query names (the
+// target, RELEASE/NAME or NAME), or answers why not: none (404), several
+// (409, listing them). which says what ts are, for the answer.
+func resolveTarget(w http.ResponseWriter, ts []string, query, which string) (string, bool) {
+	release, name, two := strings.Cut(query, "/")
+	if !two {
+		name = release
+	}
+	if !contract.ValidName(name) || two && !contract.ValidRelease(release) {
+		fail(w, http.StatusBadRequest, fmt.Sprintf("patch %q: want a target (RELEASE/NAME-HASH.stitch), RELEASE/NAME or NAME", query))
+		return "", false
+	}
+	switch m := contract.TargetsNamed(ts, query); len(m) {
+	case 1:
+		return m[0], true
+	case 0:
+		fail(w, http.StatusNotFound, fmt.Sprintf("no target %s is named %q: give the target (RELEASE/NAME-HASH.stitch), RELEASE/NAME or NAME", which, query))
+	default:
+		fail(w, http.StatusConflict, fmt.Sprintf("%q names %d targets: %s; give RELEASE/NAME or the whole target", query, len(m), strings.Join(m, ", ")))
+	}
+	return "", false
+}
 
 func (s *Server) channels(w http.ResponseWriter, r *http.Request) {
 	cs, err := s.Store.Channels(r.Context())
@@ -235,7 +284,7 @@ func (s *Server) setGroup(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "set group", err)
 		return
 	}
-	s.log().Info("machine moved", "machine", id, "group", req.Group)
+	s.log().Info("machine moved", "machine", id, "group", req.Group, "operator", actorOf(r.Context()).Name)
 	reply(w, http.StatusOK, req)
 }
 
@@ -285,7 +334,7 @@ func (s *Server) revokeKey(w http.ResponseWriter, r *http.Request) {
 			out.Key = keyInfo(k)
 		}
 	}
-	s.log().Warn("enrollment key revoked", "key", id, "machines_deleted", n)
+	s.log().Warn("enrollment key revoked", "key", id, "group", out.Key.Group, "machines_deleted", n, "operator", actorOf(r.Context()).Name, "remote", remoteHost(r))
 	reply(w, http.StatusOK, out)
 }
 
@@ -302,6 +351,6 @@ func (s *Server) deleteMachine(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "delete machine", err)
 		return
 	}
-	s.log().Warn("machine deleted", "machine", id)
+	s.log().Warn("machine deleted", "machine", id, "operator", actorOf(r.Context()).Name, "remote", remoteHost(r))
 	w.WriteHeader(http.StatusNoContent)
 }

@@ -300,14 +300,14 @@ func parseTime(v string) time.Time {
 	return t.UTC()
 }
 
-// coverageInputs reads what the coverage reports need, the contained
-// records learned first.
-func (s *Server) coverageInputs(r *http.Request) (*fleet, []store.Contained, error) {
+// coverageInputs reads what the coverage reports need over ms (as
+// readFleet), the contained records learned first.
+func (s *Server) coverageInputs(r *http.Request, ms []store.Machine) (*fleet, []store.Contained, error) {
 	if err := s.learnContained(r.Context()); err != nil {
 		// The records learned before still count: report with them.
 		s.log().Warn("contained records not read from the repository", "err", err)
 	}
-	f, err := s.readFleet(r)
+	f, err := s.readFleet(r.Context(), ms)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -319,7 +319,7 @@ func (s *Server) coverageInputs(r *http.Request) (*fleet, []store.Contained, err
 }
 
 func (s *Server) reportFixes(w http.ResponseWriter, r *http.Request) {
-	f, cs, err := s.coverageInputs(r)
+	f, cs, err := s.coverageInputs(r, nil)
 	if err != nil {
 		s.internal(w, "report", err)
 		return

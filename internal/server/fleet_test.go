@@ -5,6 +5,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -128,7 +130,8 @@ func TestMachineAPIAuthAndBadRequests(t *testing.T) {
 		body         any
 		code         int
 	}{
-		"bad target":        {"POST", "/v1/admin/patches", api.PatchRequest{Target: "x"}, 400},
+		"bad target":        {"POST", "/v1/admin/patches", api.PatchRequest{Target: "../x"}, 400},
+		"unknown name":      {"POST", "/v1/admin/patches", api.PatchRequest{Target: "stitch_x"}, 404},
 		"unpublished":       {"POST", "/v1/admin/patches", api.PatchRequest{Target: simRelease + "/stitch_x-0123456789abcdef.stitch"}, 404},
 		"registered twice":  {"POST", "/v1/admin/patches", api.PatchRequest{Target: other}, 409},
 		"unknown rollout":   {"POST", "/v1/admin/rollouts/" + simRelease + "/stitch_x-0123456789abcdef.stitch/halt", api.RolloutRequest{}, 404},
@@ -173,6 +176,16 @@ func TestChannelsDelayCutoffAndPin(t *testing.T) {
 	if !offered(canary) || offered(main) || offered(pinned) || offered(slow) {
 		t.Fatal("at once: only the canary channel (no delay) may get the patch")
 	}
+	// The report says why the others are not pending: main and
+	// stable wait for their delays (main's is first, a day on), the
+	// pinned group never gets it.
+	var reps []api.PatchReport
+	if err := admin.Do(ctx, "GET", "/v1/admin/reports/patches", nil, &reps); err != nil {
+		t.Fatal(err)
+	}
+	if r := reps[0]; r.Pending != 1 || r.Waiting != 2 || !r.WaitingUntil.Equal(t0.Add(24*time.Hour)) || r.Held != 1 {
+		t.Errorf("report: pending %d, waiting %d until %v, held %d; want 1 (the canary), 2 until %v, 1", r.Pending, r.Waiting, r.WaitingUntil, r.Held, t0.Add(24*time.Hour))
+	}
 	clk.Add(25 * time.Hour)
 	if !offered(main) || offered(pinned) || offered(slow) {
 		t.Fatal("after a day: main (1 day delay) gets it; the pinned group and stable (7 days) do not")
@@ -202,12 +215,35 @@ func TestOperatorHaltResumeBlocklist(t *testing.T) {
 	admin := &api.Client{BaseURL: e.srv.URL, Token: e.admin}
 	ms := e.enroll(t, 2, "")
 	admin.Do(ctx, "PUT", "/v1/admin/groups/default", api.Group{Channel: "canary"}, nil)
-	target := publish(t, e.repo, "stitch_fix", simBuildID)
-	admin.Do(ctx, "POST", "/v1/admin/patches", api.PatchRequest{Target: target}, nil)
+	target := publish(t, e.repo, "stitch_fix", simBuildID, "CVE-2026-4242")
+	// The patch is named by its NAME alone, by RELEASE/NAME, or whole.
+	var reg api.PatchReport
+	if err := admin.Do(ctx, "POST", "/v1/admin/patches", api.PatchRequest{Target: "stitch_fix"}, &reg); err != nil || reg.Target != target {
+		t.Fatalf("register stitch_fix: %v, %s; want %s", err, reg.Target, target)
+	}
+	names := map[string]string{"halt": "stitch_fix", "resume": simRelease + "/stitch_fix", "blocklist": target}
 	op := func(name string) {
 		t.Helper()
-		if err := admin.Do(ctx, "POST", "/v1/admin/rollouts/"+target+"/"+name, api.RolloutRequest{Reason: "test"}, nil); err != nil {
+		if err := admin.Do(ctx, "POST", "/v1/admin/rollouts/"+names[name]+"/"+name, api.RolloutRequest{Reason: "test"}, nil); err != nil {
 			t.Fatal(err)
+		}
+	}
+	// Names that fit no target, or several, are refused with the reason.
+	publish(t, e.repo, "stitch_fix", "ab"+simBuildID[2:]) // another build: two targets named stitch_fix
+	for _, c := range []struct {
+		method, path string
+		body         any
+		code         int
+		want         string
+	}{
+		{"POST", "/v1/admin/patches", api.PatchRequest{Target: "stitch_fix"}, http.StatusConflict, "names 2 targets"},
+		{"POST", "/v1/admin/patches", api.PatchRequest{Target: "stitch_nope"}, http.StatusNotFound, "no target published"},
+		{"POST", "/v1/admin/rollouts/stitch_nope/halt", api.RolloutRequest{}, http.StatusNotFound, "no target registered"},
+	} {
+		err := admin.Do(ctx, c.method, c.path, c.body, nil)
+		var se *api.StatusError
+		if !errors.As(err, &se) || se.Code != c.code || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s %s %+v: %v; want %d, %q", c.method, c.path, c.body, err, c.code, c.want)
 		}
 	}
 	if acts := checkIn(t, ms[0]); len(acts) != 1 || acts[0].Op != api.OpApply {
@@ -234,6 +270,26 @@ func TestOperatorHaltResumeBlocklist(t *testing.T) {
 	}
 	if acts := checkIn(t, ms[1]); len(acts) != 0 {
 		t.Fatalf("blocklisted patch offered: %+v", acts)
+	}
+	// The machines report and the CVE report agree after a blocklist:
+	// nothing is missing, and the machines are exposed to its CVE.
+	var reps []api.MachineReport
+	var cves []api.CVEReport
+	if err := admin.Do(ctx, "GET", "/v1/admin/reports/machines", nil, &reps); err != nil {
+		t.Fatal(err)
+	}
+	if err := admin.Do(ctx, "GET", "/v1/admin/reports/cves", nil, &cves); err != nil {
+		t.Fatal(err)
+	}
+	exposed := 0
+	for _, r := range reps {
+		if len(r.Missing) != 0 {
+			t.Errorf("machine %s misses %v after the blocklist", r.ID, r.Missing)
+		}
+		exposed += len(r.ExposedCVEs)
+	}
+	if len(cves) != 1 || exposed != len(cves[0].Exposed) || exposed == 0 {
+		t.Errorf("after the blocklist: machines report %d exposures, CVE report %+v", exposed, cves)
 	}
 }
 

@@ -242,7 +242,7 @@ func (s *Server) levelReports(f *fleet, live map[string]map[string]store.Patch) 
 }
 
 func (s *Server) reportLevels(w http.ResponseWriter, r *http.Request) {
-	f, err := s.readFleet(r)
+	f, err := s.readFleet(r.Context(), nil)
 	if err != nil {
 		s.internal(w, "report", err)
 		return

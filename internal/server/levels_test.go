@@ -231,11 +231,11 @@ func testPatchLevels(t *testing.T, e *env) {
 		return v.ID
 	}
 	mr := machines()
-	if r := mr[id(m0)]; !reflect.DeepEqual(r.Levels, []api.MachineLevel{{Stream: "mem", Number: 3, Target: l3, State: "running"}}) || len(r.Missing) != 0 {
-		t.Fatalf("m0's report: levels %+v, missing %v", r.Levels, r.Missing)
+	if r := mr[id(m0)]; !reflect.DeepEqual(r.Levels, []api.MachineLevel{{Stream: "mem", Number: 3, Target: l3, State: "running"}}) || len(r.Missing) != 0 || r.Level != 3 {
+		t.Fatalf("m0's report: levels %+v, missing %v, level %d (want 3, as its status says)", r.Levels, r.Missing, r.Level)
 	}
-	if r := mr[id(m1)]; len(r.Levels) != 0 || !reflect.DeepEqual(r.Missing, []string{l3}) {
-		t.Fatalf("m1's report: levels %+v, missing %v", r.Levels, r.Missing)
+	if r := mr[id(m1)]; len(r.Levels) != 0 || !reflect.DeepEqual(r.Missing, []string{l3}) || r.Level != len(r.Applied) {
+		t.Fatalf("m1's report: levels %+v, missing %v, level %d with %d applied", r.Levels, r.Missing, r.Level, len(r.Applied))
 	}
 
 	// A second build of level 3 is refused, naming the first; the level

@@ -76,7 +76,7 @@ func (s *Server) checkIn(w http.ResponseWriter, r *http.Request, m store.Machine
 		return
 	}
 	now := s.now()
-	ci := store.CheckIn{KernelRelease: req.KernelRelease, KernelBuildID: req.KernelBuildID, AgentVersion: req.AgentVersion}
+	ci := store.CheckIn{KernelRelease: req.KernelRelease, KernelBuildID: req.KernelBuildID, AgentVersion: req.AgentVersion, Unsupported: req.Unsupported}
 	reported := map[string]string{} // target → state
 	for _, p := range req.Patches {
 		if _, dup := reported[p.Target]; dup {
@@ -91,6 +91,10 @@ func (s *Server) checkIn(w http.ResponseWriter, r *http.Request, m store.Machine
 		return
 	}
 	m.KernelRelease, m.KernelBuildID = req.KernelRelease, req.KernelBuildID
+	if req.Unsupported != "" { // nothing to offer a kernel that cannot take it
+		reply(w, http.StatusOK, api.CheckInResponse{Actions: []api.Action{}, NextCheckinSeconds: int(s.checkInEvery().Seconds()), Checks: s.schedule()})
+		return
+	}
 	patches, err := s.Store.PatchesForKernel(r.Context(), m.KernelRelease, m.KernelBuildID)
 	if err != nil {
 		s.internal(w, "check-in", err)

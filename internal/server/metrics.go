@@ -10,6 +10,9 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/stitchpatch/stitch/internal/server/rollout"
+	"github.com/stitchpatch/stitch/internal/server/store"
 )
 
 // metrics are the server's counters, written in Prometheus's text
@@ -24,6 +27,7 @@ type metrics struct {
 	requests map[string]*histogram // by route pattern
 	codes    map[[2]string]int64   // by route and status code
 	expires  map[string]time.Time  // repository metadata expiry by TUF role
+	refused  map[string]int64      // refused enrollments by reason
 }
 
 // buckets of the request latency histogram, in seconds.
@@ -36,7 +40,14 @@ type histogram struct {
 }
 
 func newMetrics() *metrics {
-	return &metrics{events: map[string]int64{}, requests: map[string]*histogram{}, codes: map[[2]string]int64{}}
+	return &metrics{events: map[string]int64{}, requests: map[string]*histogram{}, codes: map[[2]string]int64{}, refused: map[string]int64{}}
+}
+
+// refusedEnrollment counts an enrollment refused for reason.
+func (m *metrics) refusedEnrollment(reason string) {
+	m.mu.Lock()
+	m.refused[reason]++
+	m.mu.Unlock()
 }
 
 // repoExpiry records when each role's repository metadata expires (what
@@ -99,8 +110,13 @@ func (m *metrics) instrument(h http.Handler) http.Handler {
 	})
 }
 
-// write prints every series; rollouts counts patches by rollout state.
-func (m *metrics) write(w io.Writer, rollouts map[string]int) {
+// write prints every series; rollouts counts patches by rollout state,
+// fleet the machines.
+// exposure counts the CVEs a registered patch fixes that some machine is
+// still exposed to, and those machines.
+type exposure struct{ CVEs, Machines int }
+
+func (m *metrics) write(w io.Writer, rollouts map[string]int, fleet store.MachineCounts, exp exposure) {
 	fmt.Fprintf(w, "# HELP stitch_checkins_total Machine check-ins accepted.\n# TYPE stitch_checkins_total counter\nstitch_checkins_total %d\n", m.checkins.Load())
 	fmt.Fprintf(w, "# HELP stitch_health_reports_total Health reports accepted, by result.\n# TYPE stitch_health_reports_total counter\n")
 	fmt.Fprintf(w, "stitch_health_reports_total{result=\"healthy\"} %d\nstitch_health_reports_total{result=\"unhealthy\"} %d\n", m.healthy.Load(), m.failed.Load())
@@ -108,8 +124,18 @@ func (m *metrics) write(w io.Writer, rollouts map[string]int) {
 	for _, st := range sortedKeys(rollouts) {
 		fmt.Fprintf(w, "stitch_rollouts{state=%q} %d\n", st, rollouts[st])
 	}
+	fmt.Fprintf(w, "# HELP stitch_machines Machines enrolled.\n# TYPE stitch_machines gauge\nstitch_machines %d\n", fleet.Enrolled)
+	fmt.Fprintf(w, "# HELP stitch_machines_stale Machines whose last check-in is more than %d check-in intervals old.\n# TYPE stitch_machines_stale gauge\nstitch_machines_stale %d\n", rollout.SilentIntervals, fleet.Stale)
+	fmt.Fprintf(w, "# HELP stitch_machines_never_checked_in Machines enrolled that never checked in.\n# TYPE stitch_machines_never_checked_in gauge\nstitch_machines_never_checked_in %d\n", fleet.Never)
+	fmt.Fprintf(w, "# HELP stitch_machines_unsupported Machines whose kernel cannot live-patch, as they last reported.\n# TYPE stitch_machines_unsupported gauge\nstitch_machines_unsupported %d\n", fleet.Unsupported)
+	fmt.Fprintf(w, "# HELP stitch_cves_exposed CVEs a registered patch fixes that at least one machine is still exposed to (at most 15 s old).\n# TYPE stitch_cves_exposed gauge\nstitch_cves_exposed %d\n", exp.CVEs)
+	fmt.Fprintf(w, "# HELP stitch_machines_exposed Machines exposed to at least one CVE a registered patch fixes (at most 15 s old).\n# TYPE stitch_machines_exposed gauge\nstitch_machines_exposed %d\n", exp.Machines)
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	fmt.Fprintf(w, "# HELP stitch_enrollments_refused_total Enrollments refused, by reason.\n# TYPE stitch_enrollments_refused_total counter\n")
+	for _, r := range sortedKeys(m.refused) {
+		fmt.Fprintf(w, "stitch_enrollments_refused_total{reason=%q} %d\n", r, m.refused[r])
+	}
 	fmt.Fprintf(w, "# HELP stitch_rollout_events_total Rollout transitions (started, advanced, completed, halted, blocklisted, resumed).\n# TYPE stitch_rollout_events_total counter\n")
 	for _, e := range sortedKeys(m.events) {
 		fmt.Fprintf(w, "stitch_rollout_events_total{event=%q} %d\n", e, m.events[e])

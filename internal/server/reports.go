@@ -2,11 +2,11 @@ package server
 
 import (
 	"cmp"
+	"context"
 	"maps"
 	"net/http"
 	"slices"
 
-	"github.com/stitchpatch/stitch/internal/contract"
 	"github.com/stitchpatch/stitch/internal/server/api"
 	"github.com/stitchpatch/stitch/internal/server/rollout"
 	"github.com/stitchpatch/stitch/internal/server/store"
@@ -30,27 +30,50 @@ func (s *Server) patchReport(p store.Patch, machines []store.Machine, rms []stor
 		took[rm.MachineID] = true
 	}
 	for _, m := range machines {
-		if m.KernelRelease != p.KernelRelease || m.KernelBuildID != p.KernelBuildID {
+		if m.KernelRelease != p.KernelRelease || m.KernelBuildID != p.KernelBuildID || m.Unsupported != "" {
 			continue
 		}
 		rep.Eligible++
-		if !took[m.ID] && s.offered(p, m) && !slices.ContainsFunc(newer, func(q store.Patch) bool { return s.offered(q, m) }) {
-			rep.Pending++
+		if took[m.ID] {
+			continue
+		}
+		switch {
+		case s.offered(p, m):
+			if !slices.ContainsFunc(newer, func(q store.Patch) bool { return s.offered(q, m) }) {
+				rep.Pending++
+			}
+		case !m.Cutoff.IsZero() && p.RegisteredAt.After(m.Cutoff), !m.Pin.IsZero() && p.RegisteredAt.After(m.Pin):
+			rep.Held++
+		case rollout.State(p.State).Offers() && s.stageAt(p, s.now().Add(-m.Delay)) < 0:
+			rep.Waiting++
+			if at := p.RegisteredAt.Add(m.Delay); rep.WaitingUntil.IsZero() || at.Before(rep.WaitingUntil) {
+				rep.WaitingUntil = at
+			}
 		}
 	}
 	return rep
 }
 
 func (s *Server) reportPatches(w http.ResponseWriter, r *http.Request) {
-	ps, err := s.Store.Patches(r.Context())
+	out, err := s.patchReports(r.Context(), nil)
 	if err != nil {
 		s.internal(w, "report", err)
 		return
 	}
-	ms, err := s.Store.Machines(r.Context())
+	reply(w, http.StatusOK, out)
+}
+
+// patchReports is every registered patch's rollout over ms, the fleet
+// (read here if nil).
+func (s *Server) patchReports(ctx context.Context, ms []store.Machine) ([]api.PatchReport, error) {
+	ps, err := s.Store.Patches(ctx)
 	if err != nil {
-		s.internal(w, "report", err)
-		return
+		return nil, err
+	}
+	if ms == nil {
+		if ms, err = s.Store.FleetMachines(ctx); err != nil {
+			return nil, err
+		}
 	}
 	checks, silent := len(s.policy().Checks), s.silentBefore(s.now())
 	out := []api.PatchReport{}
@@ -63,19 +86,17 @@ func (s *Server) reportPatches(w http.ResponseWriter, r *http.Request) {
 				}
 			}
 		}
-		rms, err := s.Store.RolloutMachines(r.Context(), p.Target)
+		rms, err := s.Store.RolloutMachines(ctx, p.Target)
 		if err != nil {
-			s.internal(w, "report", err)
-			return
+			return nil, err
 		}
-		keys, err := s.Store.RolloutCounts(r.Context(), p.Target, checks, silent)
+		keys, err := s.Store.RolloutCounts(ctx, p.Target, checks, silent)
 		if err != nil {
-			s.internal(w, "report", err)
-			return
+			return nil, err
 		}
 		out = append(out, s.patchReport(p, ms, rms, keys, newer))
 	}
-	reply(w, http.StatusOK, out)
+	return out, nil
 }
 
 // fleet is what the machine and CVE reports need.
@@ -85,27 +106,21 @@ type fleet struct {
 	applied  map[string]map[string]bool // machine → targets it reports applied
 }
 
-func (s *Server) readFleet(r *http.Request) (*fleet, error) {
-	f := &fleet{applied: map[string]map[string]bool{}}
+// readFleet reads what fleet-wide reports need, over ms, the fleet (read
+// here, without what only the machines report shows, if nil).
+func (s *Server) readFleet(ctx context.Context, ms []store.Machine) (*fleet, error) {
+	f := &fleet{machines: ms}
 	var err error
-	if f.machines, err = s.Store.Machines(r.Context()); err != nil {
-		return nil, err
-	}
-	if f.patches, err = s.Store.Patches(r.Context()); err != nil {
-		return nil, err
-	}
-	mps, err := s.Store.AllMachinePatches(r.Context())
-	if err != nil {
-		return nil, err
-	}
-	for _, mp := range mps {
-		if mp.State != contract.StateApplied {
-			continue
+	if f.machines == nil {
+		if f.machines, err = s.Store.FleetMachines(ctx); err != nil {
+			return nil, err
 		}
-		if f.applied[mp.MachineID] == nil {
-			f.applied[mp.MachineID] = map[string]bool{}
-		}
-		f.applied[mp.MachineID][mp.Target] = true
+	}
+	if f.patches, err = s.Store.Patches(ctx); err != nil {
+		return nil, err
+	}
+	if f.applied, err = s.Store.AppliedTargets(ctx); err != nil {
+		return nil, err
 	}
 	return f, nil
 }
@@ -122,7 +137,12 @@ func (f *fleet) forKernel(m store.Machine) []store.Patch {
 }
 
 func (s *Server) reportMachines(w http.ResponseWriter, r *http.Request) {
-	f, cs, err := s.coverageInputs(r)
+	ms, err := s.Store.Machines(r.Context())
+	if err != nil {
+		s.internal(w, "report", err)
+		return
+	}
+	f, cs, err := s.coverageInputs(r, ms)
 	if err != nil {
 		s.internal(w, "report", err)
 		return
@@ -143,10 +163,17 @@ func (s *Server) reportMachines(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	live := liveLevels(f, offers)
+	exposed := map[string][]string{} // machine → CVEs, as the CVE report has them
+	for _, c := range cveReports(f.patches, cs, f.machines, f.applied) {
+		for _, id := range c.Exposed {
+			exposed[id] = append(exposed[id], c.CVE)
+		}
+	}
 	out := []api.MachineReport{}
 	for _, m := range f.machines {
 		rep := api.MachineReport{ID: m.ID, Hostname: m.Hostname, KeyID: m.KeyID, Group: m.Group, Channel: m.Channel, KernelRelease: m.KernelRelease,
-			KernelBuildID: m.KernelBuildID, LastCheckIn: m.LastCheckIn, Applied: []string{}, FixedCVEs: []string{}, Missing: []string{}, Levels: []api.MachineLevel{}}
+			KernelBuildID: m.KernelBuildID, Unsupported: m.Unsupported, AgentVersion: m.AgentVersion, LastCheckIn: m.LastCheckIn, Applied: []string{}, FixedCVEs: []string{}, Missing: []string{}, Levels: []api.MachineLevel{},
+			ExposedCVEs: append([]string{}, exposed[m.ID]...)}
 		for stream, p := range live[m.ID] {
 			rep.Levels = append(rep.Levels, api.MachineLevel{Stream: stream, Number: p.Level.Number, Target: p.Target, State: p.State})
 		}
@@ -185,6 +212,10 @@ func (s *Server) reportMachines(w http.ResponseWriter, r *http.Request) {
 				break
 			}
 		}
+		rep.Level = len(rep.Applied)
+		if len(rep.Levels) > 0 {
+			rep.Level = rep.Levels[0].Number
+		}
 		slices.Sort(rep.Applied)
 		slices.Sort(rep.FixedCVEs)
 		rep.FixedCVEs = slices.Compact(rep.FixedCVEs)
@@ -194,7 +225,7 @@ func (s *Server) reportMachines(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) reportCVEs(w http.ResponseWriter, r *http.Request) {
-	f, cs, err := s.coverageInputs(r)
+	f, cs, err := s.coverageInputs(r, nil)
 	if err != nil {
 		s.internal(w, "report", err)
 		return
@@ -215,6 +246,29 @@ func (s *Server) writeMetrics(w http.ResponseWriter, r *http.Request) {
 	for _, p := range ps {
 		states[p.State]++
 	}
+	fleet, err := s.Store.MachineCounts(r.Context(), s.silentBefore(s.now()))
+	if err != nil {
+		s.internal(w, "metrics", err)
+		return
+	}
+	// Exposure comes from the CVE report, shared with the console and
+	// at most consoleFresh old: it reads every machine.
+	f, err := s.figures(r)
+	if err != nil {
+		s.internal(w, "metrics", err)
+		return
+	}
+	var exp exposure
+	machines := map[string]bool{}
+	for _, c := range f.CVEs {
+		if len(c.Exposed) > 0 {
+			exp.CVEs++
+		}
+		for _, m := range c.Exposed {
+			machines[m] = true
+		}
+	}
+	exp.Machines = len(machines)
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-	s.metrics.write(w, states)
+	s.metrics.write(w, states, fleet, exp)
 }

@@ -13,10 +13,12 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"html/template"
 	"io/fs"
 	"log/slog"
 	"net"
@@ -50,14 +52,71 @@ type Server struct {
 	// Limits bound connections, their timeouts and each machine's
 	// reports; DefaultLimits for zero fields.
 	Limits Limits
+	// TLS, when set, makes ServeListener serve HTTPS (HTTP/1.1, TLS 1.2
+	// at least) with it: CertReloader.TLSConfig. Without it the server
+	// speaks plain HTTP and warns when that is not on loopback.
+	TLS *tls.Config
 
-	once     sync.Once
-	metrics  *metrics
-	limiter  *reportLimiter
-	adminSum [sha256.Size]byte // of AdminToken, read by Handler
+	once         sync.Once
+	metrics      *metrics
+	limiter      *reportLimiter
+	adminSum     [sha256.Size]byte             // of AdminToken, read by Handler
+	pages        map[string]*template.Template // the console's, parsed by Handler
+	figuresCache figuresCache                  // the console's fleet-wide figures
 
 	mu      sync.Mutex
 	refused map[string]bool // contained records that did not verify, logged once
+	// Refused enrollments are logged at most refusedLogMax a minute.
+	refusedWindow                time.Time
+	refusedLogged, refusedHidden int
+}
+
+// refusedLogMax bounds the refused enrollments logged a minute: anyone
+// can send them, and the log must grow with events, not with a flood.
+const refusedLogMax = 60
+
+// refusedEnrollment counts a refused enrollment by reason and logs it
+// (the key's id when the key is known, never its secret; the remote
+// address; why), within refusedLogMax a minute; the lines left out are
+// counted in the next window's first.
+func (s *Server) refusedEnrollment(r *http.Request, reason, keyID, hostname, why string) {
+	s.metrics.refusedEnrollment(reason)
+	now := s.now()
+	s.mu.Lock()
+	hidden := 0
+	if now.Sub(s.refusedWindow) >= time.Minute || now.Before(s.refusedWindow) {
+		s.refusedWindow, s.refusedLogged, hidden, s.refusedHidden = now, 0, s.refusedHidden, 0
+	}
+	ok := s.refusedLogged < refusedLogMax
+	if ok {
+		s.refusedLogged++
+	} else {
+		s.refusedHidden++
+	}
+	s.mu.Unlock()
+	if hidden > 0 {
+		s.log().Warn("refused enrollments not logged (over the log limit)", "count", hidden, "limit_per_minute", refusedLogMax)
+	}
+	if !ok {
+		return
+	}
+	attrs := []any{"reason", reason, "remote", remoteHost(r), "why", why}
+	if keyID != "" {
+		attrs = append(attrs, "key", keyID)
+	}
+	if hostname != "" {
+		attrs = append(attrs, "hostname", hostname)
+	}
+	s.log().Warn("enrollment refused", attrs...)
+}
+
+// remoteHost is the client's address without its port (a proxy's, when
+// there is one: forwarded headers are not trusted).
+func remoteHost(r *http.Request) string {
+	if h, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
+		return h
+	}
+	return r.RemoteAddr
 }
 
 // FreeTierMachines is the machine limit of a key created without one.
@@ -84,6 +143,10 @@ func (s *Server) Handler() http.Handler {
 		s.metrics = newMetrics()
 		s.limiter = newReportLimiter(lim.ReportRate, lim.ReportBurst, maxBuckets)
 		s.adminSum = sha256.Sum256([]byte(s.AdminToken))
+		var err error
+		if s.pages, err = consolePages(); err != nil {
+			panic(err) // the embedded templates are part of the build
+		}
 	})
 	mux := http.NewServeMux()
 	mux.Handle("GET /v1/repo/metadata/", s.files("/v1/repo/metadata/", s.Repo.MetadataDir()))
@@ -92,24 +155,38 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET "+api.PathSelf, s.machineOnly(s.self))
 	mux.HandleFunc("POST "+api.PathCheckIn, s.machineOnly(s.throttled(s.checkIn)))
 	mux.HandleFunc("POST "+api.PathHealth, s.machineOnly(s.throttled(s.health)))
-	mux.HandleFunc("GET "+api.PathAdminKeys, s.adminOnly(s.listKeys))
-	mux.HandleFunc("POST "+api.PathAdminKeys+"/{id}/revoke", s.adminOnly(s.revokeKey))
-	mux.HandleFunc("DELETE "+api.PathAdminMachines+"{id}", s.adminOnly(s.deleteMachine))
-	mux.HandleFunc("POST "+api.PathAdminKeys, s.adminOnly(s.createKey))
-	mux.HandleFunc("POST /v1/admin/patches", s.adminOnly(s.registerPatch))
-	mux.HandleFunc("POST /v1/admin/rollouts/{release}/{file}/{op}", s.adminOnly(s.operate))
-	mux.HandleFunc("GET /v1/admin/channels", s.adminOnly(s.channels))
-	mux.HandleFunc("PUT /v1/admin/channels/{name}", s.adminOnly(s.putChannel))
-	mux.HandleFunc("GET /v1/admin/groups", s.adminOnly(s.groups))
-	mux.HandleFunc("PUT /v1/admin/groups/{name}", s.adminOnly(s.putGroup))
-	mux.HandleFunc("PUT /v1/admin/machines/{id}/group", s.adminOnly(s.setGroup))
-	mux.HandleFunc("GET /v1/admin/reports/patches", s.adminOnly(s.reportPatches))
-	mux.HandleFunc("GET /v1/admin/reports/machines", s.adminOnly(s.reportMachines))
-	mux.HandleFunc("GET /v1/admin/reports/cves", s.adminOnly(s.reportCVEs))
-	mux.HandleFunc("GET "+api.PathAdminFixes, s.adminOnly(s.reportFixes))
-	mux.HandleFunc("GET "+api.PathAdminLevels, s.adminOnly(s.reportLevels))
-	mux.HandleFunc("GET /metrics", s.adminOnly(s.writeMetrics))
-	return s.metrics.instrument(mux)
+	// Each admin route: the least role allowed, and the action's name in
+	// the audit log.
+	admin := func(pattern, min, action string, h http.HandlerFunc) {
+		mux.HandleFunc(pattern, s.authorize(min, action, h))
+	}
+	ro, op, ad := api.RoleReadOnly, api.RoleOperator, api.RoleAdmin
+	admin("GET "+api.PathAdminKeys, ro, "list keys", s.listKeys)
+	admin("POST "+api.PathAdminKeys, ad, "create key", s.createKey)
+	admin("POST "+api.PathAdminKeys+"/{id}/revoke", ad, "revoke key", s.revokeKey)
+	admin("GET /v1/admin/machines", ro, "list machines", s.listMachines)
+	admin("DELETE "+api.PathAdminMachines+"{id}", ad, "delete machine", s.deleteMachine)
+	admin("PUT /v1/admin/machines/{id}/group", op, "move machine", s.setGroup)
+	admin("POST /v1/admin/patches", op, "rollout start", s.registerPatch)
+	admin("POST /v1/admin/rollouts/{release}/{file}/{op}", op, "rollout", s.operate)
+	admin("POST /v1/admin/rollouts/{name}/{op}", op, "rollout", s.operate)
+	admin("GET /v1/admin/channels", ro, "list channels", s.channels)
+	admin("PUT /v1/admin/channels/{name}", op, "set channel", s.putChannel)
+	admin("GET /v1/admin/groups", ro, "list groups", s.groups)
+	admin("PUT /v1/admin/groups/{name}", op, "set group", s.putGroup)
+	admin("GET /v1/admin/reports/patches", ro, "report patches", s.reportPatches)
+	admin("GET /v1/admin/reports/machines", ro, "report machines", s.reportMachines)
+	admin("GET /v1/admin/reports/cves", ro, "report cves", s.reportCVEs)
+	admin("GET "+api.PathAdminFixes, ro, "report fixes", s.reportFixes)
+	admin("GET "+api.PathAdminLevels, ro, "report levels", s.reportLevels)
+	admin("GET "+api.PathAdminOperators, ad, "list operators", s.listOperators)
+	admin("POST "+api.PathAdminOperators, ad, "create operator", s.createOperator)
+	admin("POST "+api.PathAdminOperators+"/{name}/revoke", ad, "revoke operator", s.revokeOperator)
+	admin("GET "+api.PathAdminAudit, op, "read audit log", s.auditLog)
+	admin("GET "+api.PathAdminWhoAmI, api.RoleMetrics, "who am I", s.whoAmI)
+	admin("GET /metrics", api.RoleMetrics, "metrics", s.writeMetrics)
+	s.consoleRoutes(mux)
+	return s.metrics.instrument(jsonErrors(mux))
 }
 
 func hash(secret string) string { return bundle.SHA256Hex([]byte(secret)) }
@@ -158,29 +235,41 @@ var (
 func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 	var req api.EnrollRequest
 	if !decode(w, r, &req) {
+		s.refusedEnrollment(r, "bad_request", "", "", "malformed request")
 		return
 	}
 	if req.Key == "" || !hostnameRe.MatchString(req.Hostname) || (req.Group != "" && !nameRe.MatchString(req.Group)) || (req.HostID != "" && !api.ValidHostID(req.HostID)) {
+		s.refusedEnrollment(r, "bad_request", "", "", "a field is missing or malformed")
 		fail(w, http.StatusBadRequest, `want {"key": enrollment key, "hostname": host name, "group": optional, the key's group, "host_id": optional, 32 to 64 lower-case hex digits}`)
 		return
 	}
 	token := randomHex(32)
 	m := store.Machine{ID: "m-" + randomHex(8), TokenHash: hash(token), Hostname: req.Hostname, Group: req.Group, HostID: req.HostID}
 	k, err := s.Store.Enroll(r.Context(), hash(req.Key), m, s.now())
+	refused := func(reason string) { s.refusedEnrollment(r, reason, k.ID, req.Hostname, err.Error()) }
 	switch {
 	case errors.Is(err, store.ErrGroupMismatch):
+		refused("group")
 		fail(w, http.StatusForbidden, fmt.Sprintf("%v: enroll without a group to join group %q, or ask the operator for a key of group %q", err, k.Group, req.Group))
 		return
 	case errors.Is(err, store.ErrUnknownGroup):
+		refused("unknown_group")
 		fail(w, http.StatusBadRequest, fmt.Sprintf("%v: the key's group no longer exists; ask the operator", err))
 		return
 	case errors.Is(err, store.ErrNotFound):
+		refused("unknown_key")
 		fail(w, http.StatusUnauthorized, "unknown enrollment key: check the key you were given")
 		return
 	case errors.Is(err, store.ErrLimit):
+		refused("limit")
 		fail(w, http.StatusForbidden, err.Error()+": the operator can delete a machine (`stitch fleet machines`, then `stitch fleet delete MACHINE`) or give you a key with a higher limit")
 		return
 	case errors.Is(err, store.ErrExpired), errors.Is(err, store.ErrRevoked):
+		if errors.Is(err, store.ErrExpired) {
+			refused("expired")
+		} else {
+			refused("revoked")
+		}
 		fail(w, http.StatusForbidden, err.Error()+": ask the operator for a new key")
 		return
 	case err != nil:
@@ -227,6 +316,11 @@ func (s *Server) createKey(w http.ResponseWriter, r *http.Request) {
 		s.internal(w, "create key", err)
 		return
 	}
+	log := []any{"key", k.ID, "group", k.Group, "max_machines", k.MaxMachines, "operator", actorOf(r.Context()).Name, "remote", remoteHost(r)}
+	if !k.ExpiresAt.IsZero() {
+		log = append(log, "expires_at", k.ExpiresAt.UTC().Format(time.RFC3339))
+	}
+	s.log().Info("enrollment key created", log...)
 	reply(w, http.StatusCreated, api.KeyResponse{ID: k.ID, Key: secret, MaxMachines: k.MaxMachines, Group: k.Group})
 }
 
@@ -236,16 +330,6 @@ func bearer(r *http.Request) string {
 		return ""
 	}
 	return t
-}
-
-func (s *Server) adminOnly(h http.HandlerFunc) http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		if s.AdminToken == "" || !sameSecret(bearer(r), s.adminSum) {
-			fail(w, http.StatusUnauthorized, "admin token required (Authorization: Bearer TOKEN)")
-			return
-		}
-		h(w, r)
-	}
 }
 
 // sameSecret says whether got hashes to want, in a time that depends on
@@ -370,7 +454,25 @@ func (s *Server) ServeListener(ctx context.Context, l net.Listener) error {
 		srv.Shutdown(sctx)
 	}()
 	addr := l.Addr().String()
-	if err := srv.Serve(newLimitListener(l, lim.MaxConns)); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	ll := newLimitListener(l, lim.MaxConns)
+	var err error
+	if s.TLS != nil {
+		// HTTP/1.1 only: with HTTP/2 one connection would carry hundreds
+		// of requests at once, past what --max-conns bounds.
+		var protos http.Protocols
+		protos.SetHTTP1(true)
+		srv.Protocols = &protos
+		srv.TLSConfig = s.TLS.Clone()
+		srv.TLSConfig.MinVersion = max(srv.TLSConfig.MinVersion, tls.VersionTLS12)
+		srv.TLSConfig.NextProtos = []string{"http/1.1"}
+		err = srv.ServeTLS(ll, "", "")
+	} else {
+		if !loopback(l.Addr()) {
+			s.log().Warn("serving plain HTTP on a non-loopback address: tokens travel in clear; serve TLS (stitch server --tls-cert FILE --tls-key FILE) or put a TLS proxy in front", "listen", addr)
+		}
+		err = srv.Serve(ll)
+	}
+	if err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return fmt.Errorf("serve %s: %w", addr, err)
 	}
 	return nil

@@ -94,7 +94,7 @@ func newEnvOn(t testing.TB, st store.Store, opts ...func(*Server)) *env {
 	return &env{srv: hs, st: st, repo: repo, admin: "admin-secret", s: s}
 }
 
-func (e *env) call(t *testing.T, method, path, token string, body []byte, out any) int {
+func (e *env) call(t testing.TB, method, path, token string, body []byte, out any) int {
 	t.Helper()
 	req, _ := http.NewRequest(method, e.srv.URL+path, bytes.NewReader(body))
 	if token != "" {

@@ -180,7 +180,7 @@ func (f *simFleet) run(ctx context.Context, t *testing.T, d time.Duration, done 
 	t.Fatalf("simulation did not settle in %s", d)
 }
 
-func publish(t *testing.T, repo *bundle.Repo, name, buildID string, cves ...string) string {
+func publish(t testing.TB, repo *bundle.Repo, name, buildID string, cves ...string) string {
 	t.Helper()
 	data, err := bundle.Pack(testManifest(name, simRelease, buildID, cves...), testutils.StandInModule(t, name, simRelease, buildID))
 	if err != nil {

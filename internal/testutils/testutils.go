@@ -7,6 +7,9 @@ package testutils
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -21,6 +24,7 @@ import (
 
 	"github.com/stitchpatch/stitch/internal/kbuild"
 	"github.com/stitchpatch/stitch/internal/kernel"
+	"github.com/stitchpatch/stitch/internal/modsign"
 	"github.com/stitchpatch/stitch/internal/vm"
 )
 
@@ -413,4 +417,104 @@ __attribute__((section(".ballast"), used)) static const char ballast[] = %q;
 		t.Fatal(err)
 	}
 	return b
+}
+
+// SecureBoot prepares p's kernel to boot with UEFI Secure Boot on under
+// the test's own PK, KEK and db, with the certificates db (PEM or DER
+// files) enrolled in db as well, and returns VM options that boot it:
+// Kernel, Modules and UEFI, with a private copy of the variable store.
+// The enrolled store and the signed kernel are kept in the cache for the
+// next test with the same inputs, since enrolling costs a boot.
+func SecureBoot(t testing.TB, p *kernel.Profile, db ...string) vm.Options {
+	t.Helper()
+	requireQEMU(t)
+	h := sha256.New()
+	for _, c := range db {
+		data, err := os.ReadFile(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h.Write(data)
+	}
+	sb := &vm.SecureBoot{
+		Dir:     filepath.Join(kernel.CacheDir(), "secureboot", p.Release, hex.EncodeToString(h.Sum(nil))[:16]),
+		Kernel:  p.BootImage,
+		Modules: p.Modules,
+		DB:      db,
+		Init:    StitchBinary(t),
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	start := time.Now()
+	out, err := sb.Prepare(ctx)
+	if errors.Is(err, vm.ErrSecureBootTools) {
+		Unavailable(t, "%v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("secure boot: store and signed kernel ready in %s (%s)", sb.Dir, time.Since(start).Round(time.Second))
+	vars := filepath.Join(t.TempDir(), "vars.fd")
+	data, err := os.ReadFile(out.UEFI.Vars)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(vars, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return vm.Options{Kernel: out.Kernel, Modules: p.Modules, UEFI: &vm.UEFI{Code: out.UEFI.Code, Vars: vars}}
+}
+
+// ModuleSigningKey is the tests' module-signing key and certificate
+// (PKCS#8 PEM, DER), made once and kept in the cache, so that the Secure
+// Boot variable store that enrolls the certificate is made once too.
+func ModuleSigningKey(t testing.TB) (keyFile, certFile string) {
+	t.Helper()
+	dir := filepath.Join(kernel.CacheDir(), "secureboot", "test-module-signing")
+	keyFile, certFile = filepath.Join(dir, "signing.key"), filepath.Join(dir, "signing.der")
+	if _, err := os.Stat(certFile); err == nil {
+		return keyFile, certFile
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	key, cert, err := modsign.NewKey("rsa", "Stitch test module signing", time.Now().AddDate(10, 0, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(keyFile)
+	if err := modsign.WriteKey(keyFile, key); err != nil {
+		t.Fatal(err)
+	}
+	if err := modsign.WriteCert(certFile, cert); err != nil {
+		t.Fatal(err)
+	}
+	return keyFile, certFile
+}
+
+// SignModule writes a copy of the module file src signed with the key
+// and certificate files, and returns its path.
+func SignModule(t testing.TB, src, keyFile, certFile string) string {
+	t.Helper()
+	data, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := modsign.ReadKey(keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := modsign.ReadCert(certFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signed, err := modsign.Sign(data, key, cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), filepath.Base(src))
+	if err := os.WriteFile(out, signed, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return out
 }

@@ -31,6 +31,10 @@ type guestConfig struct {
 	Load        []string     `json:"load,omitempty"`
 	Network     bool         `json:"network,omitempty"`
 	Shares      []guestShare `json:"shares,omitempty"`
+	// EFIVars mounts efivarfs and writes Enroll before the command; a
+	// guest that only enrolls has no command.
+	EFIVars bool     `json:"efivars,omitempty"`
+	Enroll  []EFIVar `json:"enroll,omitempty"`
 }
 
 // GuestInit is the guest's /init: it mounts the pseudo filesystems, runs
@@ -62,7 +66,7 @@ func guestRun(out *os.File) int {
 		return 125
 	}
 	var cfg guestConfig
-	if err := json.Unmarshal(raw, &cfg); err != nil || len(cfg.Args) == 0 {
+	if err := json.Unmarshal(raw, &cfg); err != nil || (len(cfg.Args) == 0 && len(cfg.Enroll) == 0) {
 		fmt.Fprintf(out, "stitch init: bad %s: %v\n", guestConfigPath, err)
 		return 125
 	}
@@ -82,6 +86,15 @@ func guestRun(out *os.File) int {
 		if err := guestNetUp(); err != nil {
 			fmt.Fprintf(out, "stitch init: network: %v\n", err)
 			return 125
+		}
+	}
+	if cfg.EFIVars {
+		if err := guestEFIVars(cfg.Enroll); err != nil {
+			fmt.Fprintf(out, "stitch init: %v\n", err)
+			return 125
+		}
+		if len(cfg.Args) == 0 {
+			return 0
 		}
 	}
 	os.Setenv("PATH", "/bin:/sbin")
@@ -115,6 +128,7 @@ func mountPseudoFS() error {
 		{"devtmpfs", "/dev"},
 		{"tmpfs", "/tmp"},
 		{"tracefs", "/sys/kernel/tracing"},
+		{"securityfs", "/sys/kernel/security"}, // lockdown state
 	}
 	for _, m := range mounts {
 		if err := os.MkdirAll(m.target, 0o755); err != nil {

@@ -74,6 +74,10 @@ type Options struct {
 	// across a reboot. They need Modules (for 9p).
 	Shares []Share
 
+	// UEFI, if set, boots through UEFI firmware instead of SeaBIOS (see
+	// UEFI); it needs Modules (for efivarfs).
+	UEFI *UEFI
+
 	Output  io.Writer // receives the command's output as it arrives
 	Console io.Writer // receives the kernel console as it arrives
 	Logger  *slog.Logger
@@ -93,7 +97,7 @@ type Result struct {
 // error: it is in Result.ExitCode.
 func Run(ctx context.Context, opts Options) (*Result, error) {
 	opts = withDefaults(opts)
-	if len(opts.Args) == 0 {
+	if len(opts.Args) == 0 && (opts.UEFI == nil || len(opts.UEFI.Enroll) == 0) {
 		return nil, fmt.Errorf("%w: no command to run in the guest", ErrSetup)
 	}
 	if opts.Kernel == "" {
@@ -137,8 +141,12 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		"-accel", accel,
 		"-m", strconv.Itoa(opts.Memory), "-smp", strconv.Itoa(opts.CPUs),
 		"-kernel", opts.Kernel, "-initrd", initrd,
-		"-append", strings.TrimSpace("console=ttyS0 quiet panic=-1 " + opts.Append),
-		"-serial", "stdio",
+		// sysrq_always_enabled: a guest that hangs is asked, over the
+		// console, what its CPUs and blocked tasks are doing (dumpGuest).
+		"-append", strings.TrimSpace("console=ttyS0 quiet panic=-1 sysrq_always_enabled " + opts.Append),
+		// mon: multiplexes the console with QEMU's monitor, whose escape
+		// (Ctrl-A b) sends the serial break that starts a sysrq.
+		"-serial", "mon:stdio",
 		"-chardev", "socket,id=out,path=" + sock,
 		"-serial", "chardev:out",
 	}
@@ -150,6 +158,13 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	}
 	for i, sh := range opts.Shares {
 		args = append(args, sh.qemuArgs(i)...)
+	}
+	if opts.UEFI != nil {
+		uefiArgs, err := opts.UEFI.qemuArgs()
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrSetup, err)
+		}
+		args = append(args, uefiArgs...)
 	}
 	if opts.Network != nil {
 		netArgs, err := opts.Network.qemuArgs(opts.Init)
@@ -166,6 +181,11 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrSetup, err)
 	}
+	keys, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrSetup, err)
+	}
+	defer keys.Close()
 	var qemuErr bytes.Buffer
 	cmd.Stderr = &qemuErr
 	opts.Logger.Debug("starting qemu", "args", args)
@@ -204,6 +224,9 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	case waitErr = <-exited:
 		exited <- waitErr // for the deferred kill
 	case <-ctx.Done():
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			dumpGuest(keys, exited)
+		}
 	}
 	ln.Close()
 	cmd.Process.Kill()
@@ -217,7 +240,8 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 	case ok:
 		return res, nil
 	case ctx.Err() != nil:
-		return res, fmt.Errorf("%w after %s (the guest's last console lines:\n%s)", ErrTimeout, opts.Timeout, tail(res.Console, 15))
+		// The tail holds what dumpGuest asked the kernel for.
+		return res, fmt.Errorf("%w after %s (the guest's last console lines:\n%s)", ErrTimeout, opts.Timeout, tail(res.Console, 150))
 	default:
 		return res, fmt.Errorf("%w: qemu: %v %s; last console lines:\n%s", ErrNoExit, waitErr, strings.TrimSpace(qemuErr.String()), tail(res.Console, 15))
 	}
@@ -286,6 +310,10 @@ func writeInitramfs(path string, opts Options) error {
 		return err
 	}
 	gc := guestConfig{Args: opts.Args, Env: opts.Env, UID: opts.UID, Load: opts.Load, Network: opts.Network != nil}
+	if opts.UEFI != nil {
+		gc.EFIVars = true
+		gc.Enroll = opts.UEFI.Enroll
+	}
 	for i, sh := range opts.Shares {
 		if err := sh.check(); err != nil {
 			return err
@@ -307,8 +335,8 @@ func writeInitramfs(path string, opts Options) error {
 		if err := r.AddSymlink(guestModprobe, guestBinPath); err != nil {
 			return err
 		}
-	} else if len(opts.Load) > 0 || opts.Network != nil || len(opts.Shares) > 0 {
-		return errors.New("Load, Network and Shares need Modules, the directory to load modules from")
+	} else if len(opts.Load) > 0 || opts.Network != nil || len(opts.Shares) > 0 || opts.UEFI != nil {
+		return errors.New("Load, Network, Shares and UEFI need Modules, the directory to load modules from")
 	}
 	cfg, err := json.Marshal(gc)
 	if err != nil {
@@ -373,6 +401,25 @@ func splitExit(raw string) (output string, code int, ok bool) {
 		return raw, -1, false
 	}
 	return raw[:i], code, true
+}
+
+// dumpGuest asks the kernel of a guest that ran out of time what it is
+// doing, so that a hang in CI leaves its stacks in the log: through the
+// console's serial break, sysrq 8 lets every message reach the console,
+// w lists the blocked tasks and l the active CPUs' backtraces. A kernel
+// that no longer takes interrupts answers nothing, which tells too.
+func dumpGuest(console io.Writer, exited chan error) {
+	for _, key := range []string{"8", "w", "l"} {
+		if _, err := io.WriteString(console, "\x01b"+key); err != nil {
+			return
+		}
+		select {
+		case err := <-exited:
+			exited <- err // for the deferred kill
+			return
+		case <-time.After(1500 * time.Millisecond):
+		}
+	}
 }
 
 func tail(s string, n int) string {

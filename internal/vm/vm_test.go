@@ -158,13 +158,42 @@ func TestBootTimeoutKillsQEMU(t *testing.T) {
 	if !errors.Is(err, vm.ErrTimeout) {
 		t.Fatalf("Run = %v, want ErrTimeout", err)
 	}
-	if d := time.Since(start); d > 10*time.Second {
+	if d := time.Since(start); d > 15*time.Second {
 		t.Errorf("timeout of 2s took %s", d)
 	}
 	out, _ := exec.Command("pgrep", "-f", marker).Output()
 	if len(strings.TrimSpace(string(out))) > 0 {
 		t.Errorf("QEMU still running after Run returned: pids %s", out)
 	}
+}
+
+// TestBootTimeoutDumpsGuest lets a guest hang past its timeout: the
+// error carries what the guest's kernel said when asked, through sysrq
+// on the console, for its blocked tasks and its CPUs' backtraces.
+func TestBootTimeoutDumpsGuest(t *testing.T) {
+	kernel := testutils.RequireVM(t)
+	res, err := vm.Run(context.Background(), vm.Options{
+		Kernel: kernel, Init: testutils.StitchBinary(t), Timeout: 45 * time.Second,
+		Files: []vm.File{{Src: testutils.TestBinary(t), Dst: "/guest.test"}},
+		Args:  []string{"/guest.test", "-test.v", "-test.run", "^TestGuestHang$"},
+	})
+	if !errors.Is(err, vm.ErrTimeout) {
+		t.Fatalf("Run = %v, want ErrTimeout", err)
+	}
+	if !strings.Contains(res.Output, "=== RUN   TestGuestHang") {
+		t.Fatalf("the guest did not reach its hang in 45s (output %q); the dump would come from boot", res.Output)
+	}
+	for _, want := range []string{"Show Blocked State", "Show backtrace of all active CPUs"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("the timeout error lacks the kernel's %q:\n%v", want, err)
+		}
+	}
+}
+
+// TestGuestHang never returns: TestBootTimeoutDumpsGuest's guest.
+func TestGuestHang(t *testing.T) {
+	testutils.RequireGuest(t)
+	time.Sleep(time.Hour)
 }
 
 // TestBootWithModules shares the kernel's module directory with the guest:
@@ -306,4 +335,33 @@ func TestGuestShare(t *testing.T) {
 	default:
 		t.Fatal("STITCH_TEST_BOOT unset")
 	}
+}
+
+// TestBootSecureBoot enrolls the test's own keys in an empty OVMF
+// variable store, signs the kernel for them, and boots it with Secure
+// Boot on: the guest must see Secure Boot enabled and the kernel locked
+// down, which is what makes it refuse unsigned modules.
+func TestBootSecureBoot(t *testing.T) {
+	opts := testutils.SecureBoot(t, testutils.DefaultProfile(t))
+	testutils.RunGuest(t, "^TestGuestSecureBoot$", opts)
+}
+
+func TestGuestSecureBoot(t *testing.T) {
+	testutils.RequireGuest(t)
+	sb, err := os.ReadFile("/sys/firmware/efi/efivars/SecureBoot-" + vm.GUIDGlobalVariable)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Four bytes of attributes, then the value.
+	if len(sb) != 5 || sb[4] != 1 {
+		t.Errorf("SecureBoot variable = %x, want value 1", sb)
+	}
+	lockdown, err := os.ReadFile("/sys/kernel/security/lockdown")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(lockdown), "[integrity]") {
+		t.Errorf("lockdown = %q, want [integrity]", lockdown)
+	}
+	t.Logf("SecureBoot=%d, lockdown: %s", sb[len(sb)-1], strings.TrimSpace(string(lockdown)))
 }

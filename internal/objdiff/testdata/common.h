@@ -20,3 +20,12 @@ extern void debug_print(struct ddebug *);
 #define pr_debug(fmt) do { static struct ddebug __attribute__((section("__dyndbg"))) \
 	descriptor = { "m", __func__, __FILE__, fmt, __LINE__, 0, 0 }; \
 	debug_print(&descriptor); } while (0)
+
+/* WARN_ONCE's flag (include/linux/once_lite.h; .data..once since 6.3). */
+#define ONCE(x) ({							\
+	static _Bool __attribute__((section(".data..once"))) __already_done; \
+	if ((x) && !__already_done) {					\
+		__already_done = 1;					\
+		sink(0);						\
+	}								\
+})

@@ -136,28 +136,49 @@ type PatchReport struct {
 	// Counted: the failures the rollout's thresholds count, at most a
 	// bounded number per enrollment key.
 	Counted int `json:"counted"`
+	// Waiting are eligible machines not offered the patch yet because
+	// their channel's deploy delay has not passed since its registration;
+	// the first of them is offered it at WaitingUntil (by stage).
+	Waiting      int       `json:"waiting"`
+	WaitingUntil time.Time `json:"waiting_until,omitzero"`
+	// Held are eligible machines never offered it: their channel's
+	// cutoff or their group's pin is before its registration.
+	Held int `json:"held"`
 }
 
 // MachineReport is one machine's patch level.
 type MachineReport struct {
-	ID            string    `json:"id"`
-	Hostname      string    `json:"hostname"`
-	KeyID         string    `json:"key_id"` // the key it enrolled with
-	Group         string    `json:"group"`
-	Channel       string    `json:"channel"`
-	KernelRelease string    `json:"kernel_release"`
-	KernelBuildID string    `json:"kernel_build_id"`
-	LastCheckIn   time.Time `json:"last_checkin,omitzero"`
-	Applied       []string  `json:"applied"` // targets
+	ID            string `json:"id"`
+	Hostname      string `json:"hostname"`
+	KeyID         string `json:"key_id"` // the key it enrolled with
+	Group         string `json:"group"`
+	Channel       string `json:"channel"`
+	KernelRelease string `json:"kernel_release"`
+	KernelBuildID string `json:"kernel_build_id"`
+	// Unsupported says why the machine's kernel cannot be live-patched,
+	// as its agent reported; empty for a machine that can.
+	Unsupported  string    `json:"unsupported,omitempty"`
+	AgentVersion string    `json:"agent_version,omitempty"`
+	LastCheckIn  time.Time `json:"last_checkin,omitzero"`
+	Applied      []string  `json:"applied"` // targets
 	// PatchLevel is the registration time of the newest applied patch:
 	// the machine has every fix for its kernel published until then that
 	// it was offered.
 	PatchLevel time.Time `json:"patch_level,omitzero"`
-	FixedCVEs  []string  `json:"fixed_cves"`
+	// Level is the patch level as the machine's own status counts it:
+	// the number of the level it runs of a patch stream, or else how many
+	// patches it holds applied.
+	Level     int      `json:"level"`
+	FixedCVEs []string `json:"fixed_cves"`
 	// Missing are patches for its kernel it has not applied; of a patch
 	// stream, the newest level not blocklisted when the machine runs an
 	// older one or none (the levels below it are not missing).
 	Missing []string `json:"missing"`
+	// ExposedCVEs are the CVEs a registered patch for its kernel fixes
+	// that the machine is still exposed to, as the CVE report counts
+	// them: also those of a blocklisted patch, which is no longer
+	// missing but fixed nothing.
+	ExposedCVEs []string `json:"exposed_cves"`
 	// Levels are the levels the machine runs, one per stream: it reports
 	// the level applied, and the server offered it that level.
 	Levels []MachineLevel `json:"levels"`
@@ -303,4 +324,81 @@ func (c *Client) Levels(ctx context.Context) ([]KernelLevels, error) {
 	var out []KernelLevels
 	err := c.Do(ctx, http.MethodGet, PathAdminLevels, nil, &out)
 	return out, err
+}
+
+// Operator roles, each allowed what the ones before it are: metrics
+// reads /metrics only (for Prometheus); read-only reads every report;
+// operator also runs rollouts and sets channels, groups and machines'
+// groups; admin also manages enrollment keys, machines and operators.
+const (
+	RoleMetrics  = "metrics"
+	RoleReadOnly = "read-only"
+	RoleOperator = "operator"
+	RoleAdmin    = "admin"
+)
+
+// Roles are the roles, least allowed first.
+var Roles = []string{RoleMetrics, RoleReadOnly, RoleOperator, RoleAdmin}
+
+// OperatorRequest creates a named operator token.
+type OperatorRequest struct {
+	Name string `json:"name"`
+	Role string `json:"role"`
+}
+
+// Operator is a named operator token (without its secret).
+type Operator struct {
+	Name      string    `json:"name"`
+	Role      string    `json:"role"`
+	CreatedAt time.Time `json:"created_at"`
+	RevokedAt time.Time `json:"revoked_at,omitzero"`
+}
+
+// OperatorResponse returns a new operator's token once; only its hash
+// is stored.
+type OperatorResponse struct {
+	Operator
+	Token string `json:"token"`
+}
+
+// AuditEntry is one operator action, done or refused.
+type AuditEntry struct {
+	At     time.Time `json:"at"`
+	Actor  string    `json:"actor"`
+	Action string    `json:"action"`
+	Target string    `json:"target"`
+	Detail string    `json:"detail,omitempty"`
+	Remote string    `json:"remote"`
+	Status int       `json:"status"`
+}
+
+// PathAdminOperators and PathAdminAudit are the operator routes.
+const (
+	PathAdminOperators = "/v1/admin/operators"
+	PathAdminAudit     = "/v1/admin/audit"
+	PathAdminWhoAmI    = "/v1/admin/whoami"
+)
+
+// MachinePage is one page of machines (GET /v1/admin/machines?q=&kernel=
+// &group=&state=&sort=&desc=1&limit=&offset=): the machines the filters
+// select, in order, and how many they select in all.
+type MachinePage struct {
+	Total    int              `json:"total"`
+	Offset   int              `json:"offset"`
+	Machines []MachineSummary `json:"machines"`
+}
+
+// MachineSummary is a machine as the machine list shows it.
+type MachineSummary struct {
+	ID            string    `json:"id"`
+	Hostname      string    `json:"hostname"`
+	KeyID         string    `json:"key_id"`
+	Group         string    `json:"group"`
+	Channel       string    `json:"channel"`
+	KernelRelease string    `json:"kernel_release"`
+	KernelBuildID string    `json:"kernel_build_id"`
+	AgentVersion  string    `json:"agent_version"`
+	LastCheckIn   time.Time `json:"last_checkin,omitzero"`
+	Stale         bool      `json:"stale"`
+	Unsupported   string    `json:"unsupported,omitempty"`
 }

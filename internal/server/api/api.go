@@ -67,6 +67,10 @@ type CheckIn struct {
 	KernelBuildID string       `json:"kernel_build_id"`
 	AgentVersion  string       `json:"agent_version"`
 	Patches       []PatchState `json:"patches"`
+	// Unsupported, when set, says why this machine's kernel cannot be
+	// live-patched (no CONFIG_LIVEPATCH, ...): it is offered nothing and
+	// shown as unsupported, not as missing its patches.
+	Unsupported string `json:"unsupported,omitempty"`
 }
 
 // Operations the server orders.
@@ -146,6 +150,8 @@ func (c *CheckIn) Validate() error {
 		return fmt.Errorf("agent_version %q: want at most 64 characters of A-Z, a-z, 0-9, ._+~-", c.AgentVersion)
 	case len(c.Patches) > MaxPatches:
 		return fmt.Errorf("patches: %d listed, at most %d", len(c.Patches), MaxPatches)
+	case len(c.Unsupported) > 256:
+		return fmt.Errorf("unsupported: %d bytes, at most 256", len(c.Unsupported))
 	}
 	for i, p := range c.Patches {
 		switch {

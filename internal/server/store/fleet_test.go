@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -306,5 +308,57 @@ func TestMigrationKeepsRolloutsOfBefore(t *testing.T) {
 			}
 			return s
 		})
+	})
+}
+
+// FleetMachines carries what Machines has in the fields fleet-wide
+// figures use, the group's channel rules included, and AppliedTargets
+// only what machines report applied.
+func TestFleetMachinesAndAppliedTargets(t *testing.T) {
+	both(t, func(t *testing.T, s *SQL) {
+		ctx := context.Background()
+		now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+		must := func(err error) {
+			t.Helper()
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		must(s.PutChannel(ctx, Channel{Name: "slow", Delay: 48 * time.Hour, Cutoff: now.Add(-time.Hour)}))
+		must(s.PutGroup(ctx, Group{Name: "db", Channel: "slow", Pin: now.Add(-2 * time.Hour)}))
+		must(s.CreateKey(ctx, Key{ID: "k1", SecretHash: "h1", MaxMachines: 10, CreatedAt: now, Group: "db"}))
+		must(s.CreateKey(ctx, Key{ID: "k2", SecretHash: "h2", MaxMachines: 10, CreatedAt: now}))
+		for i, key := range []string{"h1", "h1", "h2"} {
+			_, err := s.Enroll(ctx, key, Machine{ID: fmt.Sprintf("m%d", i), TokenHash: fmt.Sprintf("t%d", i), Hostname: "host"}, now)
+			must(err)
+		}
+		must(s.CheckIn(ctx, "m0", CheckIn{KernelRelease: "6.1.0", KernelBuildID: "ab", Patches: []MachinePatch{
+			{Target: "a", Name: "a", State: "applied", Since: now}, {Target: "b", Name: "b", State: "failed", Since: now}}}, now))
+		must(s.CheckIn(ctx, "m2", CheckIn{KernelRelease: "6.12.0", KernelBuildID: "cd", Unsupported: "no livepatch", Patches: []MachinePatch{
+			{Target: "c", Name: "c", State: "applied", Since: now}}}, now.Add(time.Minute)))
+
+		full, err := s.Machines(ctx)
+		must(err)
+		lean, err := s.FleetMachines(ctx)
+		must(err)
+		if len(full) != 3 || len(lean) != len(full) {
+			t.Fatalf("Machines has %d, FleetMachines %d, want 3", len(full), len(lean))
+		}
+		slices.SortFunc(lean, func(a, b Machine) int { return strings.Compare(a.ID, b.ID) }) // in no order
+		for i, m := range full {
+			want := Machine{ID: m.ID, Group: m.Group, KernelRelease: m.KernelRelease, KernelBuildID: m.KernelBuildID, Unsupported: m.Unsupported,
+				LastCheckIn: m.LastCheckIn, Channel: m.Channel, Delay: m.Delay, Cutoff: m.Cutoff, Pin: m.Pin}
+			if lean[i] != want {
+				t.Errorf("FleetMachines[%d] = %+v, want %+v", i, lean[i], want)
+			}
+		}
+		if m := lean[0]; m.Channel != "slow" || m.Delay != 48*time.Hour || !m.Cutoff.Equal(now.Add(-time.Hour)) || !m.Pin.Equal(now.Add(-2*time.Hour)) {
+			t.Errorf("m0's rules = %+v, want channel slow's and group db's", m)
+		}
+		applied, err := s.AppliedTargets(ctx)
+		must(err)
+		if len(applied) != 2 || !applied["m0"]["a"] || applied["m0"]["b"] || !applied["m2"]["c"] {
+			t.Errorf("AppliedTargets = %v, want m0: a, m2: c", applied)
+		}
 	})
 }

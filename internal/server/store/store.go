@@ -64,6 +64,7 @@ type Machine struct {
 	Group                          string
 	KernelRelease, KernelBuildID   string
 	AgentVersion                   string
+	Unsupported                    string // why its kernel cannot live-patch, as last reported
 	LastCheckIn                    time.Time
 	// From the machine's group and channel (read-only here).
 	Channel     string
@@ -100,6 +101,7 @@ type Store interface {
 	// counts.
 	DeleteMachine(ctx context.Context, id string) error
 	Fleet
+	Console
 	Close() error
 }
 
@@ -433,14 +435,14 @@ func (s *SQL) deleteMachines(ctx context.Context, tx *sql.Tx, where string, arg 
 
 // machineSelect reads a machine with its group's channel settings.
 const machineSelect = `SELECT m.id, m.key_id, m.token_hash, m.hostname, m.host_id, m.enrolled_at, m.group_name,
-	m.kernel_release, m.kernel_build_id, m.agent_version, m.last_checkin, g.channel, c.delay_seconds, c.cutoff, g.pin
+	m.kernel_release, m.kernel_build_id, m.agent_version, m.unsupported, m.last_checkin, g.channel, c.delay_seconds, c.cutoff, g.pin
 	FROM machines m JOIN machine_groups g ON g.name = m.group_name JOIN channels c ON c.name = g.channel`
 
 func scanMachine(row interface{ Scan(...any) error }) (Machine, error) {
 	var m Machine
 	var at, last, delay, cutoff, pin int64
 	err := row.Scan(&m.ID, &m.KeyID, &m.TokenHash, &m.Hostname, &m.HostID, &at, &m.Group,
-		&m.KernelRelease, &m.KernelBuildID, &m.AgentVersion, &last, &m.Channel, &delay, &cutoff, &pin)
+		&m.KernelRelease, &m.KernelBuildID, &m.AgentVersion, &m.Unsupported, &last, &m.Channel, &delay, &cutoff, &pin)
 	m.EnrolledAt, m.LastCheckIn = fromUnix(at), fromUnix(last)
 	m.Delay, m.Cutoff, m.Pin = time.Duration(delay)*time.Second, fromUnix(cutoff), fromUnix(pin)
 	return m, err

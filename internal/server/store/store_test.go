@@ -101,7 +101,7 @@ func testEnroll(t *testing.T, s *SQL, path string) {
 }
 
 // tables are every table the migrations create, dependents first.
-var tables = []string{"contained", "health_reports", "patch_offers", "rollout_machines", "patches", "machine_patches", "machines", "machine_groups", "channels", "enrollment_keys", "schema_migrations"}
+var tables = []string{"audit_log", "console_sessions", "operators", "contained", "health_reports", "patch_offers", "rollout_machines", "patches", "machine_patches", "machines", "machine_groups", "channels", "enrollment_keys", "schema_migrations"}
 
 // dropAll drops every table of the fleet schema, leaving the test
 // database empty.

@@ -41,3 +41,18 @@ int called(int x)
 		     ".popsection");
 	return x;
 }
+
+/*
+ * The same call where objtool runs at link time (6.12 with IBT): the object
+ * has no .static_call_sites, only the call and, from static_call()'s
+ * __STATIC_CALL_ADDRESSABLE, a reference to the key that the kernel's
+ * build discards.
+ */
+int called_late(int x)
+{
+	asm volatile("call __SCT__stitch_call\n\t"
+		     ".pushsection .discard.addressable, \"aw\"\n\t"
+		     ".quad __SCK__stitch_call\n\t"
+		     ".popsection");
+	return x;
+}

@@ -1,0 +1,1 @@
+ALTER TABLE machines ADD COLUMN unsupported TEXT NOT NULL DEFAULT ''
