@@ -243,7 +243,9 @@ func Run(ctx context.Context, opts Options) (*Result, error) {
 		// The tail holds what dumpGuest asked the kernel for.
 		return res, fmt.Errorf("%w after %s (the guest's last console lines:\n%s)", ErrTimeout, opts.Timeout, tail(res.Console, 150))
 	default:
-		return res, fmt.Errorf("%w: qemu: %v %s; last console lines:\n%s", ErrNoExit, waitErr, strings.TrimSpace(qemuErr.String()), tail(res.Console, 15))
+		// A crashed guest's report ends the error, where a CI log that
+		// shows only an output's head and tail keeps it.
+		return res, fmt.Errorf("%w: qemu: %v %s; last console lines:\n%s%s", ErrNoExit, waitErr, strings.TrimSpace(qemuErr.String()), tail(res.Console, 150), crashSummary(res.Console))
 	}
 }
 
@@ -420,6 +422,66 @@ func dumpGuest(console io.Writer, exited chan error) {
 		case <-time.After(1500 * time.Millisecond):
 		}
 	}
+}
+
+// crashSummary picks out of a console the lines of the last kernel
+// crash report that say what failed and where: the report's headers,
+// RIP and the first frames of its call trace; "" if there is none.
+func crashSummary(console string) string {
+	lines := strings.Split(strings.TrimRight(console, "\n"), "\n")
+	end := -1
+	for i := len(lines) - 1; i >= 0; i-- {
+		if strings.Contains(lines[i], "Kernel panic - not syncing") {
+			end = i
+			break
+		}
+	}
+	if end < 0 {
+		return ""
+	}
+	// The report starts at the last header before the panic that follows
+	// an unrelated line; headers stack (BUG, #PF, Oops), so walk back
+	// over the whole report and keep its first header.
+	start := end
+	for i := end - 1; i >= 0 && end-i < 200; i-- {
+		if crashHeader(lines[i]) {
+			start = i
+		}
+	}
+	var out []string
+	frames := 0
+	// A panic without an oops (panic() called directly) prints its own
+	// call trace after its line.
+	for _, l := range lines[start:] {
+		msg := l
+		if j := strings.Index(l, "] "); j >= 0 && strings.HasPrefix(strings.TrimSpace(l), "[") {
+			msg = l[j+2:]
+		}
+		switch {
+		case crashHeader(l), strings.HasPrefix(msg, "RIP:"), strings.HasPrefix(msg, "Call Trace:"), strings.HasPrefix(msg, "Kernel panic"):
+			out = append(out, msg)
+			if strings.HasPrefix(msg, "Call Trace:") {
+				frames = 10
+			}
+		case frames > 0 && strings.HasPrefix(msg, " "):
+			out = append(out, msg)
+			frames--
+		default:
+			frames = 0
+		}
+	}
+	return "\nthe guest's kernel crashed:\n" + strings.Join(out, "\n")
+}
+
+var crashHeaders = []string{"BUG:", "Oops:", "general protection fault", "kernel BUG at", "WARNING:", "int3:", "#PF:", "invalid opcode:", "double fault:", "stack segment:"}
+
+func crashHeader(line string) bool {
+	for _, h := range crashHeaders {
+		if strings.Contains(line, h) {
+			return true
+		}
+	}
+	return false
 }
 
 func tail(s string, n int) string {

@@ -196,6 +196,77 @@ func TestGuestHang(t *testing.T) {
 	time.Sleep(time.Hour)
 }
 
+// TestBootCrashEndsError crashes a guest's kernel: the error ends with
+// the crash's panic line and call trace, where a log cut to its head and
+// tail still shows them.
+func TestBootCrashEndsError(t *testing.T) {
+	kernel := testutils.RequireVM(t)
+	_, err := vm.Run(context.Background(), vm.Options{
+		Kernel: kernel, Init: testutils.StitchBinary(t), Timeout: 5 * time.Minute,
+		Files: []vm.File{{Src: testutils.TestBinary(t), Dst: "/guest.test"}},
+		Args:  []string{"/guest.test", "-test.v", "-test.run", "^TestGuestCrash$"},
+	})
+	if !errors.Is(err, vm.ErrNoExit) {
+		t.Fatalf("Run = %v, want ErrNoExit", err)
+	}
+	msg := err.Error()
+	i := strings.LastIndex(msg, "the guest's kernel crashed:")
+	if i < 0 {
+		t.Fatalf("the error has no crash summary:\n%s", msg)
+	}
+	summary := msg[i:]
+	for _, want := range []string{"Kernel panic - not syncing: sysrq triggered crash", "Call Trace:", "sysrq_handle_crash"} {
+		if !strings.Contains(summary, want) {
+			t.Errorf("the crash summary lacks %q:\n%s", want, summary)
+		}
+	}
+}
+
+// TestRunGuestRetriesCrash: testutils.RunGuest boots an emulated guest
+// whose kernel crashed once more, and passes when the second boot does.
+// The guest crashes only on its first boot, which leaves a mark in a
+// share.
+func TestRunGuestRetriesCrash(t *testing.T) {
+	testutils.RequireVM(t)
+	if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err == nil {
+		f.Close()
+		t.Skip("RunGuest retries emulated guests only, and this machine has KVM")
+	}
+	dir := t.TempDir()
+	testutils.RunGuest(t, "^TestGuestCrashOnce$", vm.Options{Modules: testutils.ModulesDir, Shares: []vm.Share{{Host: dir, Guest: "/var/lib/kept"}}})
+	if _, err := os.Stat(filepath.Join(dir, "crashed")); err != nil {
+		t.Errorf("the guest passed without crashing first: %v", err)
+	}
+}
+
+// TestGuestCrashOnce crashes the kernel unless the share says it did.
+func TestGuestCrashOnce(t *testing.T) {
+	testutils.RequireGuest(t)
+	mark := "/var/lib/kept/crashed"
+	if _, err := os.Stat(mark); err == nil {
+		return
+	}
+	f, err := os.Create(mark)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	unix.Sync()
+	TestGuestCrash(t)
+}
+
+// TestGuestCrash crashes the kernel: TestBootCrashEndsError's guest.
+func TestGuestCrash(t *testing.T) {
+	testutils.RequireGuest(t)
+	if err := os.WriteFile("/proc/sysrq-trigger", []byte("c"), 0); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Hour)
+}
+
 // TestBootWithModules shares the kernel's module directory with the guest:
 // a module named in Load is loaded at boot, and the kernel's own
 // request_module (mounting a filesystem whose module is not loaded) runs
